@@ -38,6 +38,7 @@ setup(
         "torch>=2.2",
         "torchvision>=0.17",
         "monai[fire]>=1.4",
+        "pytorch-ignite>=0.4.11",
         "numpy>=1.24",
         "scipy>=1.10",
         "scikit-learn>=1.3",

@@ -1,0 +1,17 @@
+"""Networks: frozen teachers, the skip-connected student decoder and the Skip-TS model."""
+
+from .skipts import STUDENT_PRESETS, EncoderStudent, SkipTS
+from .student import SKIP_MODES, BasicBlock, Bottleneck, SkipStudent, UpBasicBlock, UpBottleneck
+from .teacher import (
+    OFFLINE_DEFAULT_TEACHER,
+    TEACHERS,
+    EfficientNetLiteTeacher,
+    ResNetTeacher,
+    TeacherEncoder,
+    TeacherWeightsNotFound,
+    build_teacher,
+    feature_shapes,
+    list_teachers,
+    resolve_teacher_name,
+    teacher_weights_available,
+)

@@ -1,0 +1,134 @@
+"""The Skip-TS model: frozen teacher + skip-connected student decoder."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .student import SkipStudent
+from .teacher import TeacherEncoder, build_teacher
+
+__all__ = ["SkipTS", "EncoderStudent", "STUDENT_PRESETS"]
+
+#: default student decoder per teacher (kind, blocks per D3/D2/D1, bottleneck widths)
+STUDENT_PRESETS: dict[str, dict[str, Any]] = {
+    "wide_resnet50_2": {
+        "kind": "bottleneck", "blocks": (6, 4, 3), "widths": (512, 256, 128), "up_widths": (1024, 512, 256)
+    },
+    "resnet50": {"kind": "bottleneck", "blocks": (6, 4, 3), "widths": (256, 128, 64), "up_widths": (512, 256, 128)},
+    "resnet18": {"kind": "basic", "blocks": (2, 2, 2)},
+}
+_GENERIC_STUDENT = {"kind": "basic", "blocks": (2, 2, 2)}
+
+
+class EncoderStudent(nn.Module):
+    """Ablation "traditional KD": a randomly initialised copy of the teacher's architecture fed the
+    image, whose E1..E3 are matched to the teacher's. Input ``(B, 3, H, W)``."""
+
+    def __init__(self, teacher_name: str):
+        super().__init__()
+        self.encoder = build_teacher(teacher_name, pretrained=False)
+        for p in self.encoder.parameters():
+            p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "EncoderStudent":
+        for m in self.modules():  # the encoder class pins itself to eval; a student must train
+            m.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.encoder(x)[:3]
+
+
+class SkipTS(nn.Module):
+    """Skip-TS (Liu et al., IEEE TIM 2024).
+
+    Args:
+        teacher: registered teacher name or ``"auto"`` (see :mod:`monai_skipts.networks.teacher`).
+        pretrained: ImageNet teacher weights (``False`` only for tests/ablations).
+        teacher_weights: a weights file for the teacher instead of the default location.
+        student: ``"decoder"`` (Skip-TS) or ``"encoder"`` (ablation: traditional KD).
+        skip: ``"add"`` (paper), ``"add_relu"`` (official code) or ``"none"`` (ablation DRKD w/o SC).
+        upsample_kernel: 3 (paper) or 2 (official code).
+        student_blocks, student_widths, student_kind: override the student preset for the teacher.
+
+    ``forward(x)`` with ``x`` of shape ``(B, 3, H, W)`` returns ``(teacher_feats, student_feats)``,
+    two lists ``[F^1, F^2, F^3]`` of shapes ``(B, C_l, H/2^(l+1), W/2^(l+1))``. The teacher runs
+    without autograd and in eval mode whatever the model's mode. :meth:`predict` gives the anomaly
+    map and score.
+    """
+
+    def __init__(
+        self,
+        teacher: str | TeacherEncoder = "auto",
+        pretrained: bool = True,
+        teacher_weights: str | os.PathLike | None = None,
+        student: str = "decoder",
+        skip: str = "add",
+        upsample_kernel: int = 3,
+        student_kind: str | None = None,
+        student_blocks: Sequence[int] | None = None,
+        student_widths: Sequence[int] | None = None,
+        download: bool = True,
+    ):
+        super().__init__()
+        self.teacher = teacher if isinstance(teacher, TeacherEncoder) else build_teacher(
+            teacher, pretrained=pretrained, weights=teacher_weights, download=download
+        )
+        name = self.teacher.name
+        preset = dict(STUDENT_PRESETS.get(name, _GENERIC_STUDENT))
+        if student_kind is not None:
+            preset["kind"] = student_kind
+        if student_blocks is not None:
+            preset["blocks"] = tuple(student_blocks)
+        if student_widths is not None:
+            preset["widths"] = tuple(student_widths)
+        if student == "decoder":
+            self.student: nn.Module = SkipStudent(
+                self.teacher.out_channels, upsample_kernel=upsample_kernel, skip=skip, **preset
+            )
+        elif student == "encoder":
+            self.student = EncoderStudent(name)
+        else:
+            raise ValueError(f"student must be 'decoder' or 'encoder', got '{student}'")
+        self.config: dict[str, Any] = {
+            "teacher": name,
+            "teacher_pretrained": bool(pretrained),
+            "teacher_weights_sha256": self.teacher.weights_sha256,
+            "student": student,
+            "skip": skip,
+            "upsample_kernel": int(upsample_kernel),
+            "student_kind": preset["kind"],
+            "student_blocks": list(preset["blocks"]),
+            "student_widths": list(preset["widths"]) if "widths" in preset else None,
+            "student_up_widths": list(preset["up_widths"]) if "up_widths" in preset else None,
+        }
+
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[E1, E2, E3, E4]`` of the frozen teacher, computed without autograd."""
+        with torch.no_grad():
+            return [f.detach() for f in self.teacher(x)]
+
+    def student_features(self, t_feats: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``[F_s^1, F_s^2, F_s^3]`` from the teacher's ``[E1..E4]`` (or from ``x`` for the encoder student)."""
+        if isinstance(self.student, EncoderStudent):
+            if x is None:
+                raise ValueError("the encoder student (traditional KD) needs the image")
+            return self.student(x)
+        return self.student(t_feats)
+
+    def forward(
+        self, x: torch.Tensor, teacher_feats: Sequence[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        t_all = list(teacher_feats) if teacher_feats is not None else self.teacher_features(x)
+        return t_all[:3], self.student_features(t_all, x)
+
+    def predict(self, x: torch.Tensor, sigma: float = 4.0, layers: Sequence[int] | None = None):
+        """Anomaly map ``(B, 1, H, W)`` and image score ``(B,)`` (paper eq 7-8)."""
+        from ..inferers import anomaly_map_and_score
+
+        t, s = self(x)
+        return anomaly_map_and_score(t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers)

