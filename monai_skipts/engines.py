@@ -1,0 +1,147 @@
+"""Trainer and evaluator for Skip-TS, built on :mod:`monai.engines` so every MONAI/ignite handler
+(StatsHandler, ValidationHandler, TensorBoard, MLflowHandler, checkpoints, LR schedulers) plugs in.
+
+- :class:`SkipTSTrainer` is a :class:`monai.engines.SupervisedTrainer` whose network is a
+  :class:`~monai_skipts.networks.SkipTS`, whose optimizer holds only the student's parameters
+  (Adam, lr 0.005, betas (0.5, 0.999): the paper's), and whose loss is
+  :class:`~monai_skipts.losses.DRKDLoss`. The teacher runs without autograd; AMP is used on CUDA.
+- :class:`SkipTSEvaluator` is a :class:`monai.engines.SupervisedEvaluator` whose inferer gives the
+  anomaly map; each iteration's output also holds ``"score"`` (B,) and the batch's ``"id"`` list.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import default_prepare_batch
+
+from .inferers import SkipTSInferer
+from .losses import DRKDLoss
+
+__all__ = ["SkipTSTrainer", "SkipTSEvaluator", "build_optimizer", "resolve_device", "PAPER_HPARAMS"]
+
+logger = logging.getLogger(__name__)
+
+#: the paper's training hyper-parameters
+PAPER_HPARAMS = {"lr": 0.005, "betas": (0.5, 0.999), "batch_size": 16, "max_epochs": 200, "spatial_size": 256}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA (this process's local rank under torchrun) when present, else CPU."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            import os
+
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _student(network: torch.nn.Module) -> torch.nn.Module:
+    net = getattr(network, "module", network)  # DistributedDataParallel wraps the model
+    return net.student
+
+
+def build_optimizer(network: torch.nn.Module, lr: float = 0.005, betas: Sequence[float] = (0.5, 0.999)) -> torch.optim.Adam:
+    """Adam over the student's parameters only (the teacher is frozen)."""
+    return torch.optim.Adam(_student(network).parameters(), lr=lr, betas=tuple(betas))
+
+
+def _uses_cuda(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+class SkipTSTrainer(SupervisedTrainer):
+    """Skip-TS trainer.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
+        max_epochs: epochs (paper 200; the last epoch's model is the result, no early stopping).
+        train_data_loader: batches of dicts with ``"image"`` ``(B, 3, H, W)``.
+        network: :class:`~monai_skipts.networks.SkipTS` (optionally wrapped in DDP).
+        optimizer: default :func:`build_optimizer` with ``lr`` and ``betas``.
+        loss_function: default :class:`~monai_skipts.losses.DRKDLoss` (beta 0.05).
+        amp: mixed precision; honoured on CUDA only (on CPU it is switched off with a log line).
+        prepare_batch: e.g. :class:`~monai_skipts.data.TeacherFeatureCache` to feed cached teacher
+            features; default: MONAI's ``(image, label)``.
+        kwargs: passed to :class:`monai.engines.SupervisedTrainer` (``train_handlers``,
+            ``epoch_length``, ``iteration_update``, ...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_function: Callable | None = None,
+        lr: float = PAPER_HPARAMS["lr"],
+        betas: Sequence[float] = PAPER_HPARAMS["betas"],
+        amp: bool = True,
+        prepare_batch: Callable = default_prepare_batch,
+        **kwargs: Any,
+    ):
+        device = resolve_device(device)
+        if amp and not _uses_cuda(device):
+            logger.info("AMP requested but the device is %s: training in fp32", device)
+            amp = False
+        network = network.to(device)
+        kwargs.setdefault("decollate", False)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer if optimizer is not None else build_optimizer(network, lr, betas),
+            loss_function=loss_function if loss_function is not None else DRKDLoss(),
+            amp=amp,
+            prepare_batch=prepare_batch,
+            **kwargs,
+        )
+
+
+class SkipTSEvaluator(SupervisedEvaluator):
+    """Skip-TS evaluator: output ``"pred"`` is the anomaly map ``(B, 1, H, W)``, ``"score"`` its max
+    ``(B,)``, ``"label"`` the batch labels (when present) and ``"id"`` the batch's ids (when present).
+
+    Args:
+        device: as for :class:`SkipTSTrainer`.
+        val_data_loader: batches of dicts with ``"image"`` and optional ``"label"``, ``"id"``.
+        network: :class:`~monai_skipts.networks.SkipTS`.
+        inferer: default :class:`~monai_skipts.inferers.SkipTSInferer` (sigma 4).
+        amp: honoured on CUDA only.
+        kwargs: passed to :class:`monai.engines.SupervisedEvaluator` (``val_handlers``, ...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: Iterable,
+        network: torch.nn.Module,
+        inferer: SkipTSInferer | None = None,
+        amp: bool = True,
+        **kwargs: Any,
+    ):
+        device = resolve_device(device)
+        amp = bool(amp and _uses_cuda(device))
+        kwargs.setdefault("decollate", False)
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            network=network.to(device),
+            inferer=inferer if inferer is not None else SkipTSInferer(),
+            amp=amp,
+            **kwargs,
+        )
+
+    def _iteration(self, engine: SupervisedEvaluator, batchdata: dict[str, Any]) -> dict:
+        output = super()._iteration(engine, batchdata)
+        output["pred"] = output["pred"].float()
+        output["score"] = SkipTSInferer.score(output["pred"])
+        if isinstance(batchdata, dict) and "id" in batchdata:
+            output["id"] = list(batchdata["id"])
+        return output
