@@ -1,0 +1,521 @@
+"""Evaluation metrics for anomaly detection: image level, pixel level, and the decision threshold.
+
+Image level (one anomaly score per image, label 0 = normal, 1 = anomalous):
+
+* :func:`image_metrics`: AUROC, AUPR (average precision) and the threshold-dependent numbers at
+  the Youden threshold of the given data (the paper's reporting protocol).
+* :func:`metrics_at_threshold`: the same threshold-dependent numbers at a given threshold, e.g. the
+  one from :func:`calibrate_threshold`.
+
+Decision threshold (what the product uses):
+
+* :func:`calibrate_threshold`: the threshold from held-out *normal* scores that keeps the false
+  positive rate at or below a target.
+* :func:`normalize_score`: a monotone map of raw scores to (0, 1) with the threshold at 0.5.
+
+Pixel level (anomaly maps against binary ground-truth masks):
+
+* :func:`pixel_auroc`: AUROC over all pixels pooled.
+* :func:`aupro`: area under the per-region-overlap curve up to an FPR limit (MVTec AD definition).
+* :func:`pixel_metrics`: both, as a dict.
+
+Conventions everywhere: a higher score means more anomalous, and ``score >= threshold`` is
+classified anomalous. Dicts hold plain Python ``float``/``int`` so they JSON-serialise and can be
+logged as metrics directly. Inputs may be anything :func:`numpy.asarray` accepts, or torch tensors
+(on any device). Bad inputs raise ``ValueError``; no metric is ever returned as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import expit
+from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_auc_score, roc_curve
+
+__all__ = [
+    "CalibrationWarning",
+    "image_metrics",
+    "metrics_at_threshold",
+    "calibrate_threshold",
+    "normalize_score",
+    "pixel_auroc",
+    "aupro",
+    "pixel_metrics",
+]
+
+
+class CalibrationWarning(UserWarning):
+    """Too few normal scores to resolve the requested false positive rate."""
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """``x`` as a numpy array; torch tensors are detached and moved to the CPU first."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ValueError(f"{name} contain {bad} non-finite value(s) (NaN or inf) out of {x.size}")
+
+
+def _as_float(x: Any, name: str) -> np.ndarray:
+    """Real-valued array of ``x``, kept in float32/float64 when already floating, else float64."""
+    a = _to_numpy(x)
+    if a.dtype.kind == "b" or a.dtype.kind in "iu":
+        a = a.astype(np.float64)
+    elif a.dtype.kind != "f":
+        try:
+            a = a.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be real numbers; got dtype {a.dtype}") from e
+    _check_finite(a, name)
+    return a
+
+
+def _as_binary(x: Any, name: str) -> np.ndarray:
+    """Boolean array of ``x``, which must hold only 0/1 (or False/True)."""
+    a = _to_numpy(x)
+    if a.dtype.kind == "b":
+        return a
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be 0/1 or boolean; got dtype {a.dtype}")
+    is_one = a == 1
+    if not np.all(is_one | (a == 0)):
+        extra = np.unique(a[~(is_one | (a == 0))])
+        shown = ", ".join(repr(v.item()) for v in extra[:5])
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (or False/True); also found {shown}"
+            + (" ..." if extra.size > 5 else "")
+            + (" (binarise e.g. with `mask > 0`)" if name == "masks" else "")
+        )
+    return is_one
+
+
+def _image_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Checked ``(scores as float64 (N,), labels as bool (N,))`` with both classes present."""
+    s = _to_numpy(scores)
+    y = _to_numpy(labels)
+    if s.ndim != 1 or y.ndim != 1:
+        raise ValueError(
+            f"scores and labels must be 1-D (one value per image); got shapes {s.shape} and {y.shape}"
+        )
+    if s.shape[0] != y.shape[0]:
+        raise ValueError(f"scores and labels differ in length: {s.shape[0]} scores, {y.shape[0]} labels")
+    s = _as_float(s, "scores").astype(np.float64, copy=False)
+    y = _as_binary(y, "labels")
+    n_abnormal = int(np.count_nonzero(y))
+    n_normal = int(y.size - n_abnormal)
+    if n_normal == 0 or n_abnormal == 0:
+        if y.size == 0:
+            got = "no images at all"
+        elif n_abnormal == 0:
+            got = f"only normal images ({n_normal} with label 0, none with label 1)"
+        else:
+            got = f"only anomalous images ({n_abnormal} with label 1, none with label 0)"
+        raise ValueError(
+            f"the test set needs both normal (label 0) and anomalous (label 1) images; got {got}"
+        )
+    return s, y
+
+
+# --------------------------------------------------------------------------------------------
+# image level
+# --------------------------------------------------------------------------------------------
+
+
+def _threshold_metrics(s: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float | int]:
+    pred = s >= threshold
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[False, True]).ravel())
+    n = tn + fp + fn + tp
+    return {
+        "threshold": float(threshold),
+        "sensitivity": tp / (tp + fn),  # recall, TPR; tp + fn > 0 is checked by the caller
+        "specificity": tn / (tn + fp),  # TNR = 1 - FPR; tn + fp > 0 likewise
+        "precision": tp / (tp + fp) if tp + fp else 0.0,  # nothing flagged: 0 (sklearn zero_division=0)
+        "f1": 2 * tp / (2 * tp + fp + fn),  # > 0 denominator since tp + fn > 0
+        "accuracy": (tp + tn) / n,
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
+        "tp": tp,
+        "n_normal": tn + fp,
+        "n_abnormal": tp + fn,
+    }
+
+
+def metrics_at_threshold(scores: Any, labels: Any, threshold: float) -> dict[str, float | int]:
+    """Threshold-dependent image-level metrics at a given threshold.
+
+    Use this with the product's decision threshold (from :func:`calibrate_threshold`).
+
+    Args:
+        scores: anomaly scores, shape ``(N,)``; finite; higher = more anomalous.
+        labels: ground truth, shape ``(N,)``; 0 (normal) or 1 (anomalous), or booleans.
+        threshold: an image is classified anomalous when ``score >= threshold``.
+
+    Returns:
+        ``{"threshold", "sensitivity", "specificity", "precision", "f1", "accuracy",
+        "tn", "fp", "fn", "tp", "n_normal", "n_abnormal"}``: floats, and ints for the counts.
+        ``tn, fp, fn, tp`` is the confusion matrix with label 1 (anomalous) as the positive class.
+        ``precision`` is 0.0 when no image is flagged.
+
+    Raises:
+        ValueError: shapes or lengths differ, scores are not finite, labels are not 0/1, only one
+            class is present, or the threshold is NaN.
+    """
+    s, y = _image_inputs(scores, labels)
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    return _threshold_metrics(s, y, threshold)
+
+
+def image_metrics(scores: Any, labels: Any) -> dict[str, float | int]:
+    """Image-level AUROC and AUPR, and the threshold-dependent metrics at the Youden threshold.
+
+    The Youden threshold maximises ``TPR - FPR`` (sensitivity + specificity - 1) *on the given
+    data*: it is the test-set-optimal threshold the paper reports at, an optimistic number meant
+    for comparison with published results only. The product's decision threshold must come from
+    held-out normal data via :func:`calibrate_threshold`; evaluate it with
+    :func:`metrics_at_threshold`.
+
+    The threshold is always one of the observed scores (the lowest score still flagged, since
+    ``score >= threshold`` is anomalous). When several thresholds reach the same maximum, the
+    highest (fewest images flagged) is taken.
+
+    Args:
+        scores: anomaly scores, shape ``(N,)``; finite; higher = more anomalous.
+        labels: ground truth, shape ``(N,)``; 0 (normal) or 1 (anomalous), or booleans.
+            Both classes must be present.
+
+    Returns:
+        ``{"auroc", "aupr"}`` (sklearn ``roc_auc_score`` and ``average_precision_score`` with
+        label 1 positive) merged with the dict of :func:`metrics_at_threshold` at the Youden
+        threshold. All values are plain Python floats/ints.
+
+    Raises:
+        ValueError: see :func:`metrics_at_threshold`; a one-class test set is an error rather
+            than an undefined (NaN) AUROC.
+    """
+    s, y = _image_inputs(scores, labels)
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    # thresholds[0] is sklearn's "flag nothing" sentinel (inf): skip it. The last point flags
+    # everything (TPR = FPR = 1, J = 0), so the maximum over the rest is always >= 0.
+    # J = tp/P - fp/N, compared exactly as the integer tp*N - fp*P so that ties are real ties
+    n_pos = int(np.count_nonzero(y))
+    n_neg = int(y.size - n_pos)
+    tp = np.rint(tpr[1:] * n_pos).astype(np.int64)
+    fp = np.rint(fpr[1:] * n_neg).astype(np.int64)
+    j = tp * n_neg - fp * n_pos
+    youden = float(thresholds[1:][int(np.argmax(j))])  # argmax: first maximum = highest threshold
+    out: dict[str, float | int] = {
+        "auroc": float(roc_auc_score(y, s)),
+        "aupr": float(average_precision_score(y, s)),
+    }
+    out.update(_threshold_metrics(s, y, youden))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# decision threshold
+# --------------------------------------------------------------------------------------------
+
+
+def calibrate_threshold(normal_scores: Any, target_fpr: float = 0.05, *, strict: bool = False) -> float:
+    """Decision threshold from held-out normal scores with false positive rate <= ``target_fpr``.
+
+    Returns the *smallest* threshold ``t`` for which the fraction of the given normal scores with
+    ``score >= t`` is at most ``target_fpr``, i.e. the empirical quantile with no interpolation:
+    with the scores sorted ascending ``s[0] <= ... <= s[n-1]`` and ``k = floor(target_fpr * n)``
+    normals allowed above threshold, ``t`` is the smallest score strictly greater than
+    ``s[n-k-1]``. So ``t`` is always an observed score, at most ``k`` normals are flagged (fewer
+    when ties at the boundary force ``t`` higher), and any lower threshold would flag more than
+    ``k``. (numpy's default linear interpolation would instead place ``t`` between two scores and
+    can exceed the target.)
+
+    When no observed score qualifies (``k = 0``, i.e. fewer than ``1 / target_fpr`` normals, or all
+    top scores tied) the threshold is the next representable number above the highest normal
+    score, in the scores' own float precision, so that no given normal is flagged.
+
+    Args:
+        normal_scores: scores of held-out normal images (not the training set), shape ``(n,)``;
+            finite; at least one.
+        target_fpr: the false positive rate to stay at or below, in ``(0, 1)``.
+        strict: raise instead of warning when there are too few normals (see Warns).
+
+    Returns:
+        The threshold, a Python float; classify ``score >= threshold`` as anomalous.
+
+    Warns:
+        CalibrationWarning: ``n < 1 / target_fpr``: the target cannot be resolved; the threshold
+            sits just above the highest normal score and the true FPR is unknown. As a rule of
+            thumb ``n >= 10 / target_fpr`` normals give a stable estimate.
+
+    Raises:
+        ValueError: no scores, non-finite scores, not 1-D, ``target_fpr`` outside ``(0, 1)``,
+            or too few normals with ``strict=True``.
+    """
+    target_fpr = float(target_fpr)
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
+    s = _to_numpy(normal_scores)
+    if s.ndim != 1:
+        raise ValueError(f"normal_scores must be 1-D (one score per image); got shape {s.shape}")
+    if s.size == 0:
+        raise ValueError("calibrate_threshold needs at least one normal score; got none")
+    s = np.sort(_as_float(s, "normal_scores"))
+    n = s.size
+    k = int(math.floor(target_fpr * n + 1e-9))  # normals allowed at or above the threshold
+    if k == 0:
+        needed = math.ceil(1.0 / target_fpr - 1e-9)
+        msg = (
+            f"only {n} normal score(s): cannot resolve target_fpr={target_fpr:g} "
+            f"(needs at least {needed}); the threshold is set just above the highest normal score"
+        )
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, CalibrationWarning, stacklevel=2)
+    boundary = s[n - k - 1]  # the highest score that must stay below the threshold
+    i = int(np.searchsorted(s, boundary, side="right"))  # first score strictly above it
+    if i < n:
+        return float(s[i])
+    return float(np.nextafter(s[-1], np.array(np.inf, dtype=s.dtype)))
+
+
+def normalize_score(score: Any, threshold: float, scale: float) -> float | np.ndarray:
+    """Map raw scores to (0, 1) with a logistic centred on the decision threshold.
+
+    ``normalized = 1 / (1 + exp(-(score - threshold) / scale))``: strictly increasing (up to
+    float saturation at 0 and 1 far from the threshold), exactly 0.5 at the threshold, and a score
+    ``scale`` above (below) the threshold reads 0.73 (0.27). It preserves the decision exactly:
+    ``normalized >= 0.5`` if and only if ``score >= threshold`` (scores below the threshold that
+    would round to 0.5 are nudged just below it). Use it to display scores, or anomaly maps, on a
+    common scale; make decisions on either side consistently.
+
+    ``scale`` sets how fast the normalised score saturates. Store it with the threshold; a natural
+    choice is the spread of the same held-out normal scores used for calibration, e.g.
+    ``np.std(normal_scores)``, or ``(threshold - np.median(normal_scores)) / np.log(9)`` so that
+    the median normal reads 0.1.
+
+    Args:
+        score: a scalar or an array of any shape (e.g. ``(N,)`` scores or ``(N, H, W)`` maps).
+        threshold: the decision threshold (maps to 0.5); finite.
+        scale: positive, finite, in score units.
+
+    Returns:
+        A Python float for a scalar input, else a float64 array of the input's shape.
+
+    Raises:
+        ValueError: non-finite scores or threshold, or ``scale <= 0``.
+    """
+    threshold = float(threshold)
+    scale = float(scale)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite; got {threshold}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite; got {scale}")
+    s = _as_float(score, "score").astype(np.float64, copy=False)
+    out = expit((s - threshold) / scale)
+    # keep the decision exact where the logistic rounds to 0.5 (|score - threshold| << scale)
+    out = np.where(s < threshold, np.minimum(out, np.nextafter(0.5, 0.0)), out)
+    return float(out) if out.ndim == 0 else out
+
+
+# --------------------------------------------------------------------------------------------
+# pixel level
+# --------------------------------------------------------------------------------------------
+
+
+def _pixel_inputs(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Checked ``(maps float (N, *spatial), masks bool (N, *spatial))`` with both classes present.
+
+    A singleton channel axis (``(N, 1, *spatial)`` with 2 or 3 spatial dims) is dropped.
+    """
+    m = _to_numpy(maps)
+    g = _to_numpy(masks)
+    if m.shape != g.shape:
+        raise ValueError(f"maps and masks differ in shape: {m.shape} and {g.shape}")
+    if m.ndim not in (3, 4, 5):
+        raise ValueError(
+            "maps and masks must be (N, H, W), (N, D, H, W) or with a channel axis of size 1 "
+            f"(N, 1, H, W) / (N, 1, D, H, W); got shape {m.shape}"
+        )
+    if m.ndim >= 4 and m.shape[1] == 1:
+        m, g = m[:, 0], g[:, 0]
+    m = _as_float(m, "maps")
+    g = _as_binary(g, "masks")
+    n_pos = int(np.count_nonzero(g))
+    if n_pos == 0:
+        raise ValueError(
+            "masks contain no anomalous pixels (no pixel is 1): pixel-level metrics need at least "
+            "one annotated anomaly; evaluate image-level metrics only"
+        )
+    if n_pos == g.size:
+        raise ValueError("masks contain no normal pixels (every pixel is 1): pixel-level metrics need both")
+    return m, g
+
+
+def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of each mask, numbered 1..R across the whole batch (0 = normal).
+
+    Full connectivity within each sample (8-neighbourhood in 2D, 26 in 3D, as MVTec AD's
+    evaluation code); none across the sample axis.
+    """
+    spatial = masks.ndim - 1
+    structure = np.zeros((3,) * masks.ndim, dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(spatial, spatial)
+    labels, n_regions = ndimage.label(masks, structure=structure)
+    return labels, int(n_regions)
+
+
+def _partial_auc(fprs: np.ndarray, pros: np.ndarray, fpr_limit: float) -> float:
+    """Trapezoidal area under ``(fprs, pros)`` on ``[0, fpr_limit]``, divided by ``fpr_limit``.
+
+    ``fprs`` is non-decreasing, starts at 0 and ends at 1. The value at ``fpr_limit`` is
+    interpolated linearly between its neighbouring points (as MVTec AD's ``trapezoid``).
+    """
+    ins = int(np.searchsorted(fprs, fpr_limit, side="right"))  # points [0, ins) have fpr <= limit
+    area = auc(fprs[:ins], pros[:ins]) if ins >= 2 else 0.0
+    x0, y0 = fprs[ins - 1], pros[ins - 1]
+    if x0 < fpr_limit:  # then ins < len(fprs) because fprs[-1] = 1 >= limit
+        x1, y1 = fprs[ins], pros[ins]
+        y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+        area += 0.5 * (y0 + y_lim) * (fpr_limit - x0)
+    return float(area / fpr_limit)
+
+
+def _check_aupro_args(fpr_limit: float, num_thresholds: int | None) -> tuple[float, int | None]:
+    fpr_limit = float(fpr_limit)
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1]; got {fpr_limit}")
+    if num_thresholds is not None:
+        if isinstance(num_thresholds, bool) or int(num_thresholds) != num_thresholds or num_thresholds < 2:
+            raise ValueError(f"num_thresholds must be None or an integer >= 2; got {num_thresholds!r}")
+        num_thresholds = int(num_thresholds)
+    return fpr_limit, num_thresholds
+
+
+def _pixel_auroc(m: np.ndarray, g: np.ndarray) -> float:
+    return float(roc_auc_score(g.ravel(), m.ravel()))
+
+
+def _aupro(m: np.ndarray, g: np.ndarray, fpr_limit: float, num_thresholds: int | None) -> float:
+    """:func:`aupro` on checked inputs: ``m`` float and ``g`` bool, both ``(N, *spatial)``."""
+    labels, n_regions = _label_regions(g)
+    scores = m.ravel()
+    labels = labels.ravel()
+    normal = labels == 0
+    n_normal = int(np.count_nonzero(normal))
+    # each region adds 1/size per flagged pixel, so its total is the overlap fraction
+    inv_size = 1.0 / np.bincount(labels, minlength=n_regions + 1).astype(np.float64)
+    inv_size[0] = 0.0
+
+    if num_thresholds is None:
+        # Points with FPR <= limit, plus the first beyond it (for the interpolation), come from
+        # thresholds >= the c-th highest normal score, c = floor(limit * n_normal) + 2 (one spare
+        # against rounding); pixels below it cannot change those points, so they are not sorted.
+        c = int(math.floor(fpr_limit * n_normal)) + 2
+        if c <= n_normal:
+            normal_scores = scores[normal]
+            cut = np.partition(normal_scores, n_normal - c)[n_normal - c]
+            del normal_scores
+            keep = np.flatnonzero(scores >= cut)
+            sub_scores, sub_labels = scores[keep], labels[keep]
+        else:
+            sub_scores, sub_labels = scores, labels
+        order = np.argsort(sub_scores)[::-1]
+        sub_scores = sub_scores[order]
+        sub_labels = sub_labels[order]
+        fp = np.cumsum(sub_labels == 0)
+        pro = np.cumsum(inv_size[sub_labels])
+        last_of_tie = np.append(sub_scores[1:] != sub_scores[:-1], True)  # descending order
+        fp, pro = fp[last_of_tie], pro[last_of_tie]
+    else:
+        k = num_thresholds
+        grid = np.linspace(scores.min(), scores.max(), k)
+        # bin b holds the scores in [grid[b], grid[b + 1]); a pixel is flagged at grid[j] iff b >= j
+        bins = np.searchsorted(grid, scores, side="right") - 1
+        fp = np.bincount(bins, weights=normal, minlength=k)[::-1].cumsum()
+        pro = np.bincount(bins, weights=inv_size[labels], minlength=k)[::-1].cumsum()
+
+    fprs = np.minimum(np.concatenate(([0.0], fp / n_normal, [1.0])), 1.0)
+    pros = np.minimum(np.concatenate(([0.0], pro / n_regions, [1.0])), 1.0)
+    return _partial_auc(fprs, pros, fpr_limit)
+
+
+def pixel_auroc(maps: Any, masks: Any) -> float:
+    """Pixel-level AUROC: all pixels of all maps pooled (sklearn ``roc_auc_score``).
+
+    Args:
+        maps: anomaly maps, shape ``(N, H, W)``, ``(N, D, H, W)`` or with a size-1 channel axis
+            ``(N, 1, ...)``; finite; higher = more anomalous.
+        masks: ground truth of the same shape; 0/1 or boolean. Normal images have all-zero masks
+            and contribute normal pixels.
+
+    Raises:
+        ValueError: shapes differ, maps are not finite, masks are not binary, or the masks have
+            no anomalous (or no normal) pixel at all.
+    """
+    m, g = _pixel_inputs(maps, masks)
+    return _pixel_auroc(m, g)
+
+
+def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int | None = None) -> float:
+    """Normalised area under the per-region-overlap (PRO) curve up to ``fpr_limit`` (MVTec AD).
+
+    Each connected component of each mask is a region (8-connectivity in 2D, 26 in 3D). At a
+    threshold ``t`` (pixels with ``map >= t`` are flagged), PRO is the mean over all regions of
+    the fraction of the region flagged, and FPR is the fraction of all normal pixels (mask 0, in
+    every image) flagged. The curve runs from (0, 0) to (1, 1); its trapezoidal area on
+    ``[0, fpr_limit]`` (PRO at the limit interpolated linearly) divided by ``fpr_limit`` is
+    returned, so a perfect map scores 1 (up to float rounding, ~1e-16) and a random one about
+    ``fpr_limit / 2``.
+
+    With ``num_thresholds=None`` every distinct score is a threshold: the exact curve, as in the
+    MVTec AD evaluation code. Only the pixels scoring at or above the point where FPR passes the
+    limit are sorted: about 1.3 s for 200 maps of 256x256 on one CPU core. With an integer, the
+    curve is evaluated only at that many thresholds evenly spaced between the lowest and highest
+    score, like the threshold-grid implementations in other code bases: an approximation (poor
+    when a few extreme scores stretch the range), no faster, meant for comparing with those.
+
+    Args:
+        maps: anomaly maps, shape ``(N, H, W)``, ``(N, D, H, W)`` or with a size-1 channel axis
+            ``(N, 1, ...)``; finite; higher = more anomalous.
+        masks: ground truth of the same shape; 0/1 or boolean. All-zero masks (normal images)
+            add normal pixels only.
+        fpr_limit: upper end of the FPR integration range, in ``(0, 1]``.
+        num_thresholds: ``None`` for the exact curve, or the number of thresholds (>= 2).
+
+    Raises:
+        ValueError: see :func:`pixel_auroc`; also ``fpr_limit`` or ``num_thresholds`` out of range.
+    """
+    fpr_limit, num_thresholds = _check_aupro_args(fpr_limit, num_thresholds)
+    m, g = _pixel_inputs(maps, masks)
+    return _aupro(m, g, fpr_limit, num_thresholds)
+
+
+def pixel_metrics(
+    maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int | None = None
+) -> dict[str, float]:
+    """Pixel-level metrics as a dict: ``{"pixel_auroc", "aupro"}`` (see :func:`pixel_auroc`, :func:`aupro`).
+
+    Args:
+        maps: anomaly maps, shape ``(N, H, W)``, ``(N, D, H, W)`` or ``(N, 1, ...)``.
+        masks: binary ground truth of the same shape.
+        fpr_limit, num_thresholds: passed to :func:`aupro`.
+    """
+    fpr_limit, num_thresholds = _check_aupro_args(fpr_limit, num_thresholds)
+    m, g = _pixel_inputs(maps, masks)  # checked once for both
+    return {"pixel_auroc": _pixel_auroc(m, g), "aupro": _aupro(m, g, fpr_limit, num_thresholds)}

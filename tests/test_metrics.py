@@ -1,0 +1,453 @@
+"""Tests for monai_skipts.metrics: hand-computed cases and slow reference implementations."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.special import expit
+
+from monai_skipts.metrics import (
+    CalibrationWarning,
+    aupro,
+    calibrate_threshold,
+    image_metrics,
+    metrics_at_threshold,
+    normalize_score,
+    pixel_auroc,
+    pixel_metrics,
+)
+
+# ----------------------------------------------------------------------------------------------
+# slow references
+# ----------------------------------------------------------------------------------------------
+
+
+def pairwise_auroc(scores, labels):
+    """P(score of a random anomalous > score of a random normal), ties counted 1/2."""
+    pos = [s for s, y in zip(scores, labels) if y == 1]
+    neg = [s for s, y in zip(scores, labels) if y == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def brute_force_youden(scores, labels):
+    """Highest observed threshold maximising TPR - FPR, by trying every observed score."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    n_pos, n_neg = int(np.sum(labels == 1)), int(np.sum(labels == 0))
+    best_j, best_t = None, None
+    for t in sorted(set(scores.tolist()), reverse=True):
+        pred = scores >= t
+        j = Fraction(int(np.sum(pred[labels == 1])), n_pos) - Fraction(int(np.sum(pred[labels == 0])), n_neg)
+        if best_j is None or j > best_j:
+            best_j, best_t = j, t
+    return best_t
+
+
+def mvtec_trapezoid(x, y, x_max):
+    """The MVTec AD evaluation script's trapezoid(), restated: integrate up to x_max."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    correction = 0.0
+    if x_max not in x:
+        ins = bisect.bisect(x.tolist(), x_max)
+        y_interp = y[ins - 1] + (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
+        correction = 0.5 * (y_interp + y[ins - 1]) * (x_max - x[ins - 1])
+    keep = x <= x_max
+    x, y = x[keep], y[keep]
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
+
+
+def reference_aupro(maps, masks, fpr_limit=0.3, thresholds=None):
+    """One threshold at a time, one region at a time: PRO and FPR straight from the definition."""
+    maps, masks = np.asarray(maps, float), np.asarray(masks).astype(bool)
+    structure = np.ones((3,) * (maps.ndim - 1), dtype=int)  # 8- (2D) / 26- (3D) connectivity
+    regions = []  # (image index, region mask)
+    for i, mask in enumerate(masks):
+        lab, n = ndimage.label(mask, structure=structure)
+        regions += [(i, lab == k) for k in range(1, n + 1)]
+    normal = ~masks
+    if thresholds is None:
+        thresholds = np.unique(maps)
+    fprs, pros = [0.0], [0.0]
+    for t in sorted(thresholds, reverse=True):
+        flagged = maps >= t
+        fprs.append(np.sum(flagged & normal) / np.sum(normal))
+        pros.append(np.mean([np.sum(flagged[i] & r) / np.sum(r) for i, r in regions]))
+    fprs.append(1.0)
+    pros.append(1.0)
+    return mvtec_trapezoid(fprs, pros, fpr_limit) / fpr_limit
+
+
+def random_case(rng, n=6, size=12, n_normal_images=2, decimals=2):
+    """Blob-shaped masks (some images all normal), noisy maps with ties, higher inside blobs."""
+    noise = ndimage.gaussian_filter(rng.normal(size=(n, size, size)), sigma=(0, 1.2, 1.2))
+    masks = noise > np.quantile(noise, 0.85)
+    masks[:n_normal_images] = False
+    maps = np.round(rng.random((n, size, size)) + 0.6 * masks * rng.random((n, size, size)), decimals)
+    return maps, masks
+
+
+def assert_plain_json(d):
+    for k, v in d.items():
+        assert type(v) in (float, int), (k, type(v))  # not numpy scalars
+    json.dumps(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# image level
+# ----------------------------------------------------------------------------------------------
+
+
+def test_image_metrics_hand_example_with_youden_tie():
+    scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
+    m = image_metrics(scores, labels)
+    # pairs (anomalous, normal): (.35,.1) win, (.35,.4) loss, (.8,.1) win, (.8,.4) win -> 3/4
+    assert pairwise_auroc(scores, labels) == 0.75
+    assert m["auroc"] == pytest.approx(0.75)
+    # ranked: .8 (anomalous; P=1, R=1/2), .4 (normal), .35 (anomalous; P=2/3, R=1)
+    assert m["aupr"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    # J: t=.8 -> 1/2 - 0; t=.4 -> 1/2 - 1/2; t=.35 -> 1 - 1/2; t=.1 -> 0. Tie -> the higher, .8
+    assert m["threshold"] == 0.8
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (2, 0, 1, 1)
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 1.0 and m["precision"] == 1.0
+    assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == 0.75
+    assert (m["n_normal"], m["n_abnormal"]) == (2, 2)
+    assert_plain_json(m)
+
+
+def test_image_metrics_hand_example_unique_youden():
+    scores = [0.1, 0.2, 0.3, 0.6, 0.5, 0.9]
+    labels = [0, 0, 0, 0, 1, 1]
+    m = image_metrics(scores, labels)
+    assert m["auroc"] == pytest.approx(7 / 8) == pairwise_auroc(scores, labels)
+    # J: .9 -> .5, .6 -> .5 - .25, .5 -> 1 - .25 = .75 (max), .3 -> .5, ...
+    assert m["threshold"] == 0.5 == brute_force_youden(scores, labels)
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (3, 1, 0, 2)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == 0.75
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(0.8) and m["accuracy"] == pytest.approx(5 / 6)
+
+
+def test_image_metrics_random_against_references():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(4, 40))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        scores = np.round(rng.random(n) + 0.3 * labels, 1)  # many ties
+        m = image_metrics(scores, labels)
+        assert m["auroc"] == pytest.approx(pairwise_auroc(scores.tolist(), labels.tolist()))
+        assert m["threshold"] == brute_force_youden(scores, labels)
+        assert m["f1"] == pytest.approx(f1_score(labels, scores >= m["threshold"]))
+        same = metrics_at_threshold(scores, labels, m["threshold"])
+        assert same == {k: v for k, v in m.items() if k not in ("auroc", "aupr")}
+
+
+def test_image_metrics_perfect_separation():
+    m = image_metrics([0.1, 0.2, 0.3, 0.7, 0.9], [0, 0, 0, 1, 1])
+    assert m["auroc"] == 1.0 and m["aupr"] == 1.0 and m["f1"] == 1.0 and m["accuracy"] == 1.0
+    assert m["threshold"] == 0.7
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (3, 0, 0, 2)
+
+
+def test_image_metrics_inverted_scores_no_nan():
+    m = image_metrics([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1])
+    assert m["auroc"] == 0.0
+    assert all(np.isfinite(v) for v in m.values())
+
+
+def test_image_metrics_accepts_bool_and_torch():
+    torch = pytest.importorskip("torch")
+    ref = image_metrics([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    assert image_metrics(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == ref
+    got = image_metrics(torch.tensor([0.1, 0.4, 0.35, 0.8], dtype=torch.float64), torch.tensor([0, 0, 1, 1]))
+    assert got == ref
+
+
+@pytest.mark.parametrize("fn", [image_metrics, lambda s, y: metrics_at_threshold(s, y, 0.5)])
+def test_one_class_is_an_error(fn):
+    both = r"needs both normal \(label 0\) and anomalous \(label 1\) images; got only normal"
+    with pytest.raises(ValueError, match=both):
+        fn([0.1, 0.2, 0.3], [0, 0, 0])
+    with pytest.raises(ValueError, match=r"got only anomalous images \(2 with label 1"):
+        fn([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="no images"):
+        fn([], [])
+
+
+def test_bad_image_inputs():
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\)"):
+        image_metrics([0.1, np.nan, 0.3, np.inf], [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="differ in length: 3 scores, 4 labels"):
+        image_metrics([0.1, 0.2, 0.3], [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="1-D"):
+        image_metrics([[0.1, 0.2], [0.3, 0.4]], [[0, 0], [1, 1]])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        image_metrics([0.1, 0.2, 0.3], [0, 1, 2])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics_at_threshold([0.1, 0.2], [0, 1], float("nan"))
+
+
+def test_metrics_at_threshold_hand_example():
+    scores, labels = [0.1, 0.4, 0.35, 0.8, 0.5], [0, 0, 1, 1, 0]
+    m = metrics_at_threshold(scores, labels, 0.4)  # score == threshold counts as anomalous
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (1, 2, 1, 1)
+    assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(1 / 3)
+    assert m["precision"] == pytest.approx(1 / 3) and m["f1"] == pytest.approx(0.4)
+    assert m["accuracy"] == pytest.approx(0.4) and m["threshold"] == 0.4
+    assert_plain_json(m)
+    none_flagged = metrics_at_threshold(scores, labels, 10.0)
+    assert none_flagged["precision"] == 0.0 and none_flagged["f1"] == 0.0 and none_flagged["tp"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration and normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+def brute_force_calibration(scores, target_fpr):
+    """Smallest candidate (observed score, or just above the max) with flagged fraction <= target."""
+    scores = np.asarray(scores, float)
+    candidates = sorted(set(scores.tolist()) | {float(np.nextafter(scores.max(), np.inf))})
+    return next(t for t in candidates if np.sum(scores >= t) <= target_fpr * len(scores) + 1e-9)
+
+
+def test_calibrate_threshold_small_exact():
+    s = np.arange(1.0, 21.0)  # 20 normals
+    assert calibrate_threshold(s, 0.05) == 20.0  # 1 of 20 flagged
+    assert calibrate_threshold(s, 0.10) == 19.0  # 2 of 20
+    assert calibrate_threshold(s, 0.12) == 19.0  # floor(2.4) = 2
+    assert calibrate_threshold(s[::-1].copy(), 0.10) == 19.0  # order does not matter
+    s100 = np.arange(100.0)
+    # 0.29 * 100 is 28.999999999999996 in floating point: still 29 allowed
+    t = calibrate_threshold(s100, 0.29)
+    assert t == 71.0 and np.sum(s100 >= t) == 29
+
+
+def test_calibrate_threshold_ties():
+    s = [1.0, 2.0, 3.0, 3.0, 3.0]
+    # 1 allowed, but the top three tie: none can be flagged alone -> just above 3
+    t = calibrate_threshold(s, 0.2)
+    assert 3.0 < t < 3.0 + 1e-12
+    assert calibrate_threshold(s, 0.6) == 3.0  # 3 allowed: exactly the tie at 3
+
+
+def test_calibrate_threshold_against_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(20, 80))
+        s = rng.integers(0, 15, n).astype(float)
+        f = float(rng.choice([0.05, 0.1, 0.2, 0.25, 0.5]))
+        t = calibrate_threshold(s, f)
+        assert t == brute_force_calibration(s, f)
+        assert np.mean(s >= t) <= f
+
+
+def test_calibrate_threshold_large_sample_fpr():
+    rng = np.random.default_rng(2)
+    for target in (0.01, 0.05, 0.1):
+        t = calibrate_threshold(rng.normal(size=20_000), target)
+        fresh = rng.normal(size=200_000)
+        assert abs(np.mean(fresh >= t) - target) < 0.01
+
+
+def test_calibrate_threshold_too_few_normals():
+    s = np.arange(10.0)
+    with pytest.warns(CalibrationWarning, match=r"only 10 normal score\(s\).*needs at least 20"):
+        t = calibrate_threshold(s, 0.05)
+    assert t > 9.0 and np.sum(s >= t) == 0
+    with pytest.raises(ValueError, match="cannot resolve"):
+        calibrate_threshold(s, 0.05, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate_threshold(np.arange(20.0), 0.05)  # exactly enough: no warning
+    # float32 scores: the threshold stays above the max after a round trip through float32
+    s32 = np.array([0.1, 0.7], dtype=np.float32)
+    with pytest.warns(CalibrationWarning):
+        t32 = calibrate_threshold(s32, 0.05)
+    assert np.float32(t32) > s32.max()
+
+
+def test_calibrate_threshold_bad_input():
+    with pytest.raises(ValueError, match="at least one"):
+        calibrate_threshold([], 0.05)
+    with pytest.raises(ValueError, match=r"1 non-finite"):
+        calibrate_threshold([0.1, np.nan], 0.5)
+    for bad in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="target_fpr"):
+            calibrate_threshold([0.1, 0.2], bad)
+
+
+def test_normalize_score():
+    assert normalize_score(2.0, threshold=2.0, scale=0.5) == 0.5
+    assert normalize_score(2.5, 2.0, 0.5) == pytest.approx(expit(1.0))
+    assert isinstance(normalize_score(2.5, 2.0, 0.5), float)
+    x = np.linspace(-10.0, 14.0, 2001)
+    y = normalize_score(x, 2.0, 1.5)
+    assert y.shape == x.shape
+    assert np.all(np.diff(y) >= 0)
+    core = np.abs(x - 2.0) < 20
+    assert np.all(np.diff(y[core]) > 0)
+    assert np.all((y >= 0.5) == (x >= 2.0))
+    # the decision survives rounding right next to the threshold
+    below, above = np.nextafter(2.0, 0.0), np.nextafter(2.0, 4.0)
+    assert normalize_score(below, 2.0, 1e3) < 0.5 <= normalize_score(above, 2.0, 1e3)
+    maps = np.random.default_rng(3).random((2, 4, 4))
+    assert normalize_score(maps, 0.5, 0.1).shape == (2, 4, 4)
+
+
+def test_normalize_score_bad_input():
+    with pytest.raises(ValueError, match="scale"):
+        normalize_score(1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="threshold"):
+        normalize_score(1.0, float("inf"), 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        normalize_score([1.0, np.nan], 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# pixel level
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pixel_auroc_hand_example():
+    maps = np.array([[[0.1, 0.7], [0.4, 0.9]]])
+    masks = np.array([[[0, 1], [0, 0]]])
+    # anomalous 0.7 beats normals 0.1 and 0.4, loses to 0.9 -> 2/3
+    assert pixel_auroc(maps, masks) == pytest.approx(2 / 3)
+    assert pixel_auroc(maps[:, None], masks[:, None]) == pytest.approx(2 / 3)  # (N, 1, H, W)
+
+
+def test_aupro_perfect_map():
+    rng = np.random.default_rng(4)
+    _, masks = random_case(rng)
+    # exact up to the rounding of summing 1/region-size per pixel
+    assert aupro(masks.astype(float), masks) == pytest.approx(1.0, abs=1e-12)
+    assert aupro(masks.astype(float), masks, num_thresholds=10) == pytest.approx(1.0, abs=1e-12)
+
+
+def two_region_case():
+    """4x4 image: region A = (0,0),(0,1); region B = (3,2),(3,3); 12 normal pixels."""
+    masks = np.zeros((1, 4, 4), dtype=np.uint8)
+    masks[0, 0, :2] = 1
+    masks[0, 3, 2:] = 1
+    maps = np.zeros((1, 4, 4))
+    maps[0, 0, :2] = 1.0
+    return maps, masks
+
+
+def test_aupro_two_regions_by_hand():
+    maps, masks = two_region_case()
+    maps[0, 2, 0] = 0.8  # one normal pixel
+    maps[0, 3, 2:] = 0.5
+    # curve: (0,0) -> t=1: A done (0, 1/2) -> t=.8: (1/12, 1/2) -> t=.5: B done (1/12, 1) -> (1, 1)
+    expected = ((1 / 12) * 0.5 + (0.3 - 1 / 12) * 1.0) / 0.3
+    assert expected == pytest.approx(31 / 36)
+    assert aupro(maps, masks) == pytest.approx(expected)
+    assert reference_aupro(maps, masks) == pytest.approx(expected)
+
+
+def test_aupro_two_regions_interpolated_at_limit():
+    maps, masks = two_region_case()
+    maps[0, 3, 2] = 0.7  # half of B
+    maps[0, 1, :] = 0.6  # four normal pixels (FPR 1/3) ...
+    maps[0, 3, 3] = 0.6  # ... tied with the rest of B
+    # curve: (0,0), (0,1/2), (0,3/4), (1/3, 1), (1,1); PRO at FPR .3 = 3/4 + 1/4 * .3 / (1/3)
+    pro_at_limit = 0.75 + 0.25 * 0.9
+    expected = 0.5 * (0.75 + pro_at_limit) * 0.3 / 0.3
+    assert aupro(maps, masks) == pytest.approx(expected)
+    assert reference_aupro(maps, masks) == pytest.approx(expected)
+
+
+def test_aupro_regions_use_8_connectivity():
+    maps, masks = two_region_case()
+    masks[0, 0, 1] = 0
+    masks[0, 1, 1] = 1  # A is now (0,0) and (1,1): diagonal neighbours, still one region
+    maps[:] = 0.0
+    maps[0, 0, 0] = 1.0  # half of A first
+    maps[0, 2, :] = 0.8  # four normals: FPR 1/3 > limit
+    maps[0, 1, 1] = maps[0, 3, 2] = maps[0, 3, 3] = 0.5
+    # 2 regions: PRO = (1/2 + 0) / 2 = 1/4 flat over [0, 1/3] (4-connectivity would give 1/3)
+    assert aupro(maps, masks) == pytest.approx(0.25)
+    # 3-D: voxels touching at a corner are one region too (26-connectivity)
+    vol_masks = np.zeros((1, 3, 4, 4), dtype=bool)
+    vol_masks[0, 0, 0, 0] = vol_masks[0, 1, 1, 1] = True
+    vol_masks[0, 2, 3, 2:] = True
+    vol_maps = np.zeros((1, 3, 4, 4))
+    vol_maps[0, 0, 0, 0] = 1.0
+    vol_maps[0, 2, 0, :] = 0.8
+    vol_maps[vol_masks & (vol_maps == 0)] = 0.5
+    fpr = 4 / (vol_masks.size - 4)  # the 0.8 plateau: (0, 1/4) -> (fpr, 1/4) -> (fpr, 1)
+    expected = (0.25 * fpr + (0.3 - fpr)) / 0.3
+    assert aupro(vol_maps, vol_masks) == pytest.approx(expected)
+    assert reference_aupro(vol_maps, vol_masks) == pytest.approx(expected)
+    assert aupro(vol_maps[:, None], vol_masks[:, None]) == pytest.approx(expected)  # (N, 1, D, H, W)
+
+
+@pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
+def test_aupro_matches_slow_reference(fpr_limit):
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        maps, masks = random_case(rng)
+        assert aupro(maps, masks, fpr_limit=fpr_limit) == pytest.approx(
+            reference_aupro(maps, masks, fpr_limit), abs=1e-9
+        )
+        grid = np.linspace(maps.min(), maps.max(), 17)
+        assert aupro(maps, masks, fpr_limit=fpr_limit, num_thresholds=17) == pytest.approx(
+            reference_aupro(maps, masks, fpr_limit, thresholds=grid), abs=1e-9
+        )
+
+
+def test_aupro_binned_approaches_exact():
+    rng = np.random.default_rng(6)
+    maps, masks = random_case(rng, n=8, size=32, decimals=6)
+    exact = aupro(maps, masks)
+    assert aupro(maps, masks, num_thresholds=5000) == pytest.approx(exact, abs=2e-3)
+    assert 0.0 < exact < 1.0
+
+
+def test_aupro_constant_map_is_chance():
+    _, masks = two_region_case()
+    assert aupro(np.ones((1, 4, 4)), masks, fpr_limit=0.3) == pytest.approx(0.15)
+
+
+def test_pixel_metrics_dict_and_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    maps, masks = random_case(rng)
+    d = pixel_metrics(maps, masks)
+    assert set(d) == {"pixel_auroc", "aupro"}
+    assert d["pixel_auroc"] == pixel_auroc(maps, masks) and d["aupro"] == aupro(maps, masks)
+    assert_plain_json(d)
+    assert pixel_metrics(torch.from_numpy(maps), torch.from_numpy(masks)) == d
+
+
+def test_bad_pixel_inputs():
+    maps, masks = two_region_case()
+    with pytest.raises(ValueError, match="no anomalous pixels"):
+        aupro(maps, np.zeros_like(masks))
+    with pytest.raises(ValueError, match="no anomalous pixels"):
+        pixel_auroc(maps, np.zeros_like(masks))
+    with pytest.raises(ValueError, match="no normal pixels"):
+        pixel_metrics(maps, np.ones_like(masks))
+    with pytest.raises(ValueError, match=r"also found 255.*mask > 0"):
+        aupro(maps, masks * 255)
+    with pytest.raises(ValueError, match="differ in shape"):
+        aupro(maps, masks[:, :2])
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        aupro(maps[0], masks[0])
+    bad = maps.copy()
+    bad[0, 1, 1] = np.nan
+    with pytest.raises(ValueError, match=r"maps contain 1 non-finite"):
+        pixel_metrics(bad, masks)
+    for kw in ({"fpr_limit": 0.0}, {"fpr_limit": 1.5}, {"num_thresholds": 1}, {"num_thresholds": 2.5}):
+        with pytest.raises(ValueError):
+            aupro(maps, masks, **kw)
