@@ -1,0 +1,325 @@
+"""Seeded train / val / test splits for one-class anomaly detection, saved to and reused from JSON.
+
+Normals are divided into test and training normals; the validation normals (for threshold
+calibration and monitoring) are carved out of the training normals, never out of test. Anomalous
+images go to test only.
+
+The order is a seeded hash ranking: each item is ranked by ``sha256(f"{seed}:{id}")``. The split is
+therefore a function of the seed and the item ids alone: independent of the order the file system
+lists files in, of the Python and NumPy versions, and stable for the other items when one is added.
+Test normals are taken first, so the test set does not change with ``val_fraction`` or ``n_train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from monai_skipts.data.dedup import remove_duplicates
+from monai_skipts.data.files import relative_id
+from monai_skipts.data.layouts import _listing, build_datalist, layout_base
+from monai_skipts.data.presets import get_dataset
+from monai_skipts.utils import InputDataError, atomic_write_json
+
+__all__ = ["SPLIT_FORMAT", "split_datalist", "save_split", "load_split", "prepare_split"]
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FORMAT = "monai-skipts-split/1"
+_SPLITS = ("train", "val", "test")
+_PATH_KEYS = ("image", "mask")
+
+
+def _ranked(items: list[dict], seed: int) -> list[dict]:
+    return sorted(items, key=lambda it: (hashlib.sha256(f"{seed}:{it['id']}".encode()).hexdigest(), it["id"]))
+
+
+def _half_up(x: float) -> int:
+    return int(x + 0.5)
+
+
+def _by_id(items: list[dict]) -> list[dict]:
+    return sorted(items, key=lambda it: it["id"])
+
+
+def _normal_counts(n: int, n_train, n_test, test_fraction: float, notes: list) -> tuple[int, int]:
+    if n_train is None and n_test is None:
+        te = _half_up(n * test_fraction)
+        return n - te, te
+    if n_train is None:
+        te = min(n_test, n)
+        return n - te, te
+    if n_test is None:
+        tr = min(n_train, n)
+        return tr, n - tr
+    if n_train + n_test <= n:
+        if n > n_train + n_test:
+            notes.append(f"{n - n_train - n_test} of {n} normal images unused ({n_train} train + {n_test} test asked)")
+        return n_train, n_test
+    te = _half_up(n * n_test / (n_train + n_test))
+    notes.append(f"only {n} normal images for {n_train} train + {n_test} test: scaled to {n - te} + {te}, "
+                 f"keeping the train:test ratio")
+    return n - te, te
+
+
+def split_datalist(
+    items: list[dict],
+    seed: int = 0,
+    n_train: int | None = None,
+    n_test_normal: int | None = None,
+    n_test_abnormal: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.4,
+    source_split: bool = False,
+    source: str | os.PathLike | None = None,
+) -> tuple[dict[str, list[dict]], dict]:
+    """Split ``items`` into ``train``/``val``/``test`` (and ``unused``) deterministically in ``seed``.
+
+    Normal counts:
+
+    - ``n_train`` and ``n_test_normal`` both given (the Table I defaults): used as they are when
+      enough normals exist (the rest is ``unused``); with fewer, both are scaled to the available
+      number keeping their ratio (BrainMRI after dedup: 87 normals for 58 + 40 -> 51 + 36).
+    - one given: the other gets the remaining normals. None: ``test_fraction`` of them go to test.
+    - ``source_split``: normals from the source's ``train`` subset (the item's ``"subset"``) are
+      the training pool, all others the test pool; the counts, when given, cap each pool.
+
+    ``round(val_fraction * n_train)`` of the training normals (at least 1 when ``val_fraction > 0``
+    and at least one training normal remains) become ``val``. Anomalous images all go to test, or
+    at most ``n_test_abnormal`` of them when given.
+
+    Args:
+        items: deduplicated datalist items with ``id`` and ``label``.
+        seed: split seed.
+        n_train: normal images for training, validation normals included.
+        n_test_normal: normal test images.
+        n_test_abnormal: maximum anomalous test images (``None``: all).
+        val_fraction: fraction of the training normals held out for validation.
+        test_fraction: fraction of normals for test when neither count is given.
+        source_split: follow the source's train/test folders for normals.
+        source: dataset root, named in error messages.
+
+    Returns:
+        ``({"train", "val", "test", "unused"}: lists of items sorted by id, info)`` where ``info``
+        has ``counts``, ``available``, ``requested``, ``scaled`` and human-readable ``notes``.
+    """
+    normals = _ranked([it for it in items if it["label"] == 0], seed)
+    abnormals = _ranked([it for it in items if it["label"] == 1], seed)
+    if not normals:
+        raise InputDataError(source, "no normal images to train on")
+    notes: list[str] = []
+    if source_split:
+        if not any("subset" in it for it in normals):
+            raise InputDataError(source, "source_split needs train/test subset folders; none were found")
+        pool = [it for it in normals if str(it.get("subset", "")).casefold() == "train"]
+        rest = [it for it in normals if str(it.get("subset", "")).casefold() != "train"]
+        if not pool:
+            raise InputDataError(source, "no normal images in the source's train folder")
+        tr = len(pool) if n_train is None else min(n_train, len(pool))
+        te = len(rest) if n_test_normal is None else min(n_test_normal, len(rest))
+        for what, got, asked, have in (("train", tr, n_train, pool), ("test", te, n_test_normal, rest)):
+            if asked is not None and got < asked:
+                notes.append(f"only {got} normal images in the source's {what} folders ({asked} asked)")
+            if len(have) > got:
+                notes.append(f"{len(have) - got} normal images of the source's {what} folders unused")
+        test_n, train_pool, unused = rest[:te], pool[:tr], pool[tr:] + rest[te:]
+    else:
+        tr, te = _normal_counts(len(normals), n_train, n_test_normal, test_fraction, notes)
+        test_n, train_pool, unused = normals[:te], normals[te:te + tr], normals[te + tr:]
+    if tr < 1:
+        raise InputDataError(source, f"{len(normals)} normal images leave none for training ({te} to test)")
+    n_val = 0 if val_fraction <= 0 or tr < 2 else min(tr - 1, max(1, _half_up(tr * val_fraction)))
+    n_abn = len(abnormals) if n_test_abnormal is None else min(n_test_abnormal, len(abnormals))
+    if n_test_abnormal is not None and len(abnormals) < n_test_abnormal:
+        notes.append(f"only {len(abnormals)} anomalous images ({n_test_abnormal} asked): all used")
+    if len(abnormals) > n_abn:
+        notes.append(f"{len(abnormals) - n_abn} of {len(abnormals)} anomalous images unused ({n_test_abnormal} asked)")
+    splits = {
+        "train": _by_id(train_pool[n_val:]),
+        "val": _by_id(train_pool[:n_val]),
+        "test": _by_id(test_n + abnormals[:n_abn]),
+        "unused": _by_id(unused + abnormals[n_abn:]),
+    }
+    counts = {"train": tr - n_val, "val": n_val, "test_normal": len(test_n), "test_abnormal": n_abn,
+              "unused_normal": len(unused), "unused_abnormal": len(abnormals) - n_abn}
+    info = {
+        "counts": counts,
+        "available": {"normal": len(normals), "abnormal": len(abnormals)},
+        "requested": {"n_train": n_train, "n_test_normal": n_test_normal, "n_test_abnormal": n_test_abnormal},
+        "scaled": any(asked is not None and got < asked for got, asked in
+                      ((tr, n_train), (te, n_test_normal), (n_abn, n_test_abnormal))),
+        "notes": notes,
+    }
+    for note in notes:
+        logger.info("%s: %s", source or "split", note)
+    return splits, info
+
+
+def _portable(item: dict, base: Path) -> dict:
+    out = dict(item)
+    for k in _PATH_KEYS:
+        if k in out:
+            out[k] = relative_id(out[k], base)
+    if "extra_masks" in out:
+        out["extra_masks"] = [relative_id(p, base) for p in out["extra_masks"]]
+    return out
+
+
+def _resolved(item: dict, base: Path) -> dict:
+    out = dict(item)
+    for k in _PATH_KEYS:
+        if k in out:
+            out[k] = str(Path(os.path.abspath(base / out[k])))
+    if "extra_masks" in out:
+        out["extra_masks"] = [str(Path(os.path.abspath(base / p))) for p in out["extra_masks"]]
+    return out
+
+
+def save_split(split_file: str | os.PathLike, splits: dict[str, list[dict]], root: str | os.PathLike, **meta) -> Path:
+    """Write ``splits`` (``train``/``val``/``test``/``unused`` item lists) to ``split_file`` atomically.
+
+    Paths are stored relative to the dataset ``root`` (its folder when it is a datalist file) so the
+    file stays valid when the dataset moves; ``unused`` is stored as ids. ``meta`` (seed, params,
+    counts, report, ...) is stored beside them.
+    """
+    base = layout_base(root)
+    doc = {"format": SPLIT_FORMAT, **meta}
+    doc.update({name: [_portable(it, base) for it in splits[name]] for name in _SPLITS})
+    doc["unused"] = [it["id"] for it in splits.get("unused", [])]
+    return atomic_write_json(split_file, doc)
+
+
+def _read_split(split_file: Path) -> dict:
+    try:
+        doc = json.loads(split_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputDataError(split_file, f"cannot read the split file: {e}") from e
+    ours = isinstance(doc, dict) and doc.get("format") == SPLIT_FORMAT
+    if not ours or not all(isinstance(doc.get(s), list) for s in _SPLITS):
+        raise InputDataError(split_file, f"not a {SPLIT_FORMAT} split file")
+    return doc
+
+
+def load_split(split_file: str | os.PathLike, root: str | os.PathLike) -> dict:
+    """Read a split file written by :func:`save_split`, resolving its paths against ``root``.
+
+    Returns:
+        ``{"train", "val", "test": items with absolute paths, "report": the stored metadata}``.
+
+    Raises:
+        InputDataError: naming ``split_file`` when it is unreadable or lists files missing under ``root``.
+    """
+    split_file = Path(split_file)
+    return _resolve_split(_read_split(split_file), split_file, root)
+
+
+def _resolve_split(doc: dict, split_file: Path, root: str | os.PathLike) -> dict:
+    base = layout_base(root)
+    out = {name: [_resolved(it, base) for it in doc[name]] for name in _SPLITS}
+    missing = [it[k] for s in _SPLITS for it in out[s] for k in _PATH_KEYS if k in it and not os.path.exists(it[k])]
+    if missing:
+        problem = f"{len(missing)} files it lists do not exist under {base}: {_listing(missing)}"
+        raise InputDataError(split_file, problem)
+    out["report"] = {k: v for k, v in doc.items() if k not in (*_SPLITS, "unused", "format")}
+    out["report"].update(split_file=str(split_file), reused=True)
+    return out
+
+
+def _check_reuse(split_file: Path, doc: dict, params: dict, items: list[dict]) -> None:
+    """Raise when the stored split was made with other parameters or from other data."""
+    differ = {k: (doc.get("params", {}).get(k), v) for k, v in params.items() if doc.get("params", {}).get(k) != v}
+    hint = "; pass overwrite=True to remake it, or use another split file"
+    if differ:
+        said = ", ".join(f"{k}={old!r} (asked {new!r})" for k, (old, new) in differ.items())
+        raise InputDataError(split_file, f"split was made with {said}{hint}")
+    dedup = doc.get("dedup", {})
+    recorded = {it["id"]: it["label"] for s in _SPLITS for it in doc[s]}
+    known = set(recorded) | set(doc.get("unused", [])) | {r["id"] for r in dedup.get("removed", [])}
+    known |= {i for c in dedup.get("label_conflicts", []) for i in c["ids"]}
+    current = {it["id"]: it["label"] for it in items}
+    new, gone = sorted(current.keys() - known), sorted(known - current.keys())
+    relabelled = sorted(i for i, lab in recorded.items() if i in current and current[i] != lab)
+    problems = [f"{len(ids)} {what}: {_listing(ids)}" for ids, what in
+                ((new, "images not in the split"), (gone, "split images no longer in the dataset"),
+                 (relabelled, "images with another label now")) if ids]
+    if problems:
+        raise InputDataError(split_file, "the dataset changed since the split was made: " + "; ".join(problems) + hint)
+
+
+def _int_or(value, default):
+    return default if value is None else int(value)
+
+
+def prepare_split(
+    dataset: str,
+    root: str | os.PathLike,
+    split_file: str | os.PathLike | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    n_train: int | None = None,
+    n_test_normal: int | None = None,
+    n_test_abnormal: int | None = None,
+    test_fraction: float = 0.4,
+    source_split: bool | None = None,
+    on_conflict: str = "drop",
+    overwrite: bool = False,
+    **layout_kwargs,
+) -> dict:
+    """Build, deduplicate and split a dataset, or reuse its split file: the entry point for bundles.
+
+    Args:
+        dataset: a preset name (``"brainmri"``, ``"IQ-OTH/NCCD"``, ... see ``DATASETS``) or a layout
+            name (``"class_folders"``, ``"datalist"``, ``"mvtec"``, ...).
+        root: dataset folder (or datalist file).
+        split_file: JSON file to write the split to; when it exists it is loaded, its files checked
+            and compared with the dataset found at ``root`` and the arguments given (mismatch:
+            :class:`~monai_skipts.utils.InputDataError`) unless ``overwrite``. ``None``: not saved.
+        seed: split seed.
+        val_fraction: fraction of the training normals held out as ``val``.
+        n_train, n_test_normal, n_test_abnormal: override the preset's Table I counts.
+        test_fraction: test share of normals when no counts are known.
+        source_split: override the preset's choice to follow the source's train/test folders.
+        on_conflict: policy for identical files labelled differently (see ``remove_duplicates``).
+        overwrite: remake ``split_file`` even if it exists.
+        layout_kwargs: passed to the layout builder over the preset's defaults.
+
+    Returns:
+        ``{"train", "val", "test": items with absolute paths, "report": {dataset, seed, params,
+        counts, dedup, split, split_file, reused}}``.
+    """
+    preset = get_dataset(dataset)
+    params = {  # plain JSON types, so that a reloaded split file compares equal
+        "dataset": preset.name,
+        "seed": int(seed),
+        "val_fraction": float(val_fraction),
+        "n_train": _int_or(n_train, preset.n_train),
+        "n_test_normal": _int_or(n_test_normal, preset.n_test_normal),
+        "n_test_abnormal": _int_or(n_test_abnormal, preset.n_test_abnormal),
+        "test_fraction": float(test_fraction),
+        "source_split": bool(preset.source_split if source_split is None else source_split),
+        "on_conflict": on_conflict,
+    }
+    kwargs = {**preset.layout_kwargs, **layout_kwargs}
+    items = build_datalist(preset.layout, root, **kwargs)
+    split_file = None if split_file is None else Path(split_file)
+    if split_file is not None and split_file.exists() and not overwrite:
+        doc = _read_split(split_file)
+        loaded = _resolve_split(doc, split_file, root)
+        _check_reuse(split_file, doc, params, items)
+        return loaded
+    kept, dedup = remove_duplicates(items, on_conflict)
+    splits, info = split_datalist(
+        kept, params["seed"], params["n_train"], params["n_test_normal"], params["n_test_abnormal"],
+        params["val_fraction"], params["test_fraction"], params["source_split"], source=layout_base(root),
+    )
+    counts = info.pop("counts")
+    report = {"dataset": preset.name, "layout": preset.layout, "seed": params["seed"], "params": params,
+              "counts": counts, "layout_kwargs": json.loads(json.dumps(kwargs, default=str)),
+              "dedup": dedup, "split": info}
+    if split_file is not None:
+        save_split(split_file, splits, root, **report)
+    report.update(split_file=None if split_file is None else str(split_file), reused=False)
+    return {"train": splits["train"], "val": splits["val"], "test": splits["test"], "report": report}
