@@ -21,7 +21,10 @@ from monai.engines.utils import default_prepare_batch
 from .inferers import SkipTSInferer
 from .losses import DRKDLoss
 
-__all__ = ["SkipTSTrainer", "SkipTSEvaluator", "build_optimizer", "resolve_device", "PAPER_HPARAMS"]
+__all__ = [
+    "SkipTSTrainer", "SkipTSEvaluator", "TeacherFeatureCache", "has_random_transforms", "build_optimizer",
+    "resolve_device", "PAPER_HPARAMS",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class SkipTSTrainer(SupervisedTrainer):
         optimizer: default :func:`build_optimizer` with ``lr`` and ``betas``.
         loss_function: default :class:`~monai_skipts.losses.DRKDLoss` (beta 0.05).
         amp: mixed precision; honoured on CUDA only (on CPU it is switched off with a log line).
-        prepare_batch: e.g. :class:`~monai_skipts.data.TeacherFeatureCache` to feed cached teacher
+        prepare_batch: e.g. :class:`TeacherFeatureCache` to feed cached teacher
             features; default: MONAI's ``(image, label)``.
         kwargs: passed to :class:`monai.engines.SupervisedTrainer` (``train_handlers``,
             ``epoch_length``, ``iteration_update``, ...).
@@ -145,3 +148,69 @@ class SkipTSEvaluator(SupervisedEvaluator):
         if isinstance(batchdata, dict) and "id" in batchdata:
             output["id"] = list(batchdata["id"])
         return output
+
+
+def has_random_transforms(transform: Any) -> bool:
+    """Whether ``transform`` (a MONAI ``Compose``, list, or single transform) holds a random one."""
+    from monai.transforms import Compose, Randomizable
+
+    if transform is None:
+        return False
+    if isinstance(transform, Compose):
+        return any(has_random_transforms(t) for t in transform.transforms)
+    if isinstance(transform, (list, tuple)):
+        return any(has_random_transforms(t) for t in transform)
+    return isinstance(transform, Randomizable)
+
+
+class TeacherFeatureCache:
+    """``prepare_batch`` for :class:`SkipTSTrainer` that computes each training image's teacher
+    features once and reuses them every epoch (the teacher is frozen and, without random
+    augmentation, sees the same image every epoch: the paper trains without augmentation).
+
+    Batches must carry a unique ``"id"`` per image. Features are kept on ``storage_device`` in
+    ``dtype`` (float16 halves memory: ~3.8 MB per 256² image for wide_resnet50_2, ~0.4 MB for
+    efficientnet_lite0). Refuses a ``transform`` with random components, whose output changes
+    every epoch and must not be cached.
+
+    Returns ``(image, label, (), {"teacher_feats": [E1..E4]})``, the 4-tuple form that
+    :class:`monai.engines.SupervisedTrainer` passes on to ``SkipTS.forward``.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        transform: Any = None,
+        key: str = "id",
+        dtype: torch.dtype | str = torch.float32,
+        storage_device: str | torch.device = "cpu",
+    ):
+        if has_random_transforms(transform):
+            raise ValueError(
+                "teacher feature caching needs deterministic training transforms, but the training "
+                "transform holds random ones; disable the cache (cache_teacher=false) or the augmentation"
+            )
+        self.network = network
+        self.key = key
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.storage_device = torch.device(storage_device)
+        self.store: dict[str, list[torch.Tensor]] = {}
+
+    def __call__(self, batchdata: dict, device: torch.device, non_blocking: bool = False, **kwargs: Any):
+        if not isinstance(batchdata, dict) or self.key not in batchdata:
+            raise KeyError(f"TeacherFeatureCache needs batches with a unique '{self.key}' per image")
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batchdata.get("label")
+        label = label.to(device=device, non_blocking=non_blocking) if isinstance(label, torch.Tensor) else None
+        ids = [str(i) for i in batchdata[self.key]]
+        missing = [i for i, k in enumerate(ids) if k not in self.store]
+        if missing:
+            net = getattr(self.network, "module", self.network)
+            feats = net.teacher_features(image[missing])
+            for j, i in enumerate(missing):
+                self.store[ids[i]] = [f[j].to(self.storage_device, self.dtype) for f in feats]
+        feats = [
+            torch.stack([self.store[k][level] for k in ids]).to(device=device, dtype=image.dtype, non_blocking=non_blocking)
+            for level in range(4)
+        ]
+        return image, label, (), {"teacher_feats": feats}

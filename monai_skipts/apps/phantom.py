@@ -75,9 +75,19 @@ def _deform(img: np.ndarray, rng: np.random.Generator, extra: list[np.ndarray] =
 
 
 def make_phantom_image(
-    size: int = 256, anomalous: bool = False, rng: np.random.Generator | None = None
+    size: int = 256,
+    anomalous: bool = False,
+    rng: np.random.Generator | None = None,
+    lesion_contrast: tuple[float, float] = (0.25, 0.45),
+    lesion_radius: tuple[float, float] = (0.04, 0.09),
+    lesion_polarity: str = "both",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One phantom slice ``(size, size)`` uint8 and its lesion mask ``(size, size)`` uint8 {0, 255}."""
+    """One phantom slice ``(size, size)`` uint8 and its lesion mask ``(size, size)`` uint8 {0, 255}.
+
+    ``lesion_contrast``: range of the lesion's peak intensity change; ``lesion_polarity``:
+    ``"bright"``, ``"dark"`` or ``"both"`` (random sign); ``lesion_radius``: range of its radius as a
+    fraction of ``size``.
+    """
     rng = rng if rng is not None else np.random.default_rng()
     base = shepp_logan(size, jitter=rng.uniform(0.85, 1.15, len(_ELLIPSES)))
     mask = np.zeros_like(base)
@@ -87,12 +97,12 @@ def make_phantom_image(
         t, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 0.55))
         cx = (1 + rad * 0.6624 * np.cos(t)) * (size - 1) / 2
         cy = (1 - (rad * 0.874 * np.sin(t) - 0.0184)) * (size - 1) / 2
-        r = rng.uniform(0.04, 0.09) * size
+        r = rng.uniform(*lesion_radius) * size
         ry, rx = r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3)
         d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
         blob = np.exp(-2.0 * d) * (d <= 1.5)
-        sign = rng.choice([-1.0, 1.0])
-        base = np.clip(base + sign * rng.uniform(0.25, 0.45) * blob, 0, 1)
+        sign = {"bright": 1.0, "dark": -1.0}.get(lesion_polarity) or rng.choice([-1.0, 1.0])
+        base = np.clip(base + sign * rng.uniform(*lesion_contrast) * blob, 0, 1)
         mask = (d <= 1.0).astype(np.float32)
     img, mask = _deform(base, rng, [mask])
     img = img * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02, img.shape)
@@ -111,6 +121,9 @@ def make_phantom_dataset(
     n_test_abnormal: int = 20,
     size: int = 128,
     seed: int = 0,
+    lesion_contrast: tuple[float, float] = (0.25, 0.45),
+    lesion_radius: tuple[float, float] = (0.04, 0.09),
+    lesion_polarity: str = "both",
 ) -> Path:
     """Write a phantom dataset in the MVTec layout under ``root`` (skipped if already complete).
 
@@ -119,13 +132,17 @@ def make_phantom_dataset(
     """
     root = Path(root)
     manifest = root / "phantom.json"
-    spec = {"n_train": n_train, "n_test_normal": n_test_normal, "n_test_abnormal": n_test_abnormal, "size": size, "seed": seed}
+    spec = {
+        "n_train": n_train, "n_test_normal": n_test_normal, "n_test_abnormal": n_test_abnormal,
+        "size": size, "seed": seed, "lesion_contrast": list(lesion_contrast), "lesion_radius": list(lesion_radius),
+        "lesion_polarity": lesion_polarity,
+    }  # fmt: skip
     if manifest.is_file() and json.loads(manifest.read_text()) == spec:
         return root
     rng = np.random.default_rng(seed)
     for split, n, anomalous in (("train/good", n_train, False), ("test/good", n_test_normal, False), ("test/lesion", n_test_abnormal, True)):
         for i in range(n):
-            img, mask = make_phantom_image(size, anomalous, rng)
+            img, mask = make_phantom_image(size, anomalous, rng, lesion_contrast, lesion_radius, lesion_polarity)
             _write_png(root / split / f"{i:03d}.png", img)
             if anomalous:
                 _write_png(root / "ground_truth" / "lesion" / f"{i:03d}_mask.png", mask)

@@ -21,7 +21,10 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "resnet50": {"kind": "bottleneck", "blocks": (6, 4, 3), "widths": (256, 128, 64), "up_widths": (512, 256, 128)},
     "resnet18": {"kind": "basic", "blocks": (2, 2, 2)},
 }
-_GENERIC_STUDENT = {"kind": "basic", "blocks": (2, 2, 2)}
+#: any other teacher (EfficientNet-Lite): the mirror of its MBConv blocks (expansion 6)
+_GENERIC_STUDENT = {"kind": "inverted", "blocks": (3, 3, 2)}
+_DEFAULT_BLOCKS = {"basic": (2, 2, 2), "inverted": (3, 3, 2), "bottleneck": (6, 4, 3)}
+_EXPANSION = 6
 
 
 class EncoderStudent(nn.Module):
@@ -53,7 +56,8 @@ class SkipTS(nn.Module):
         student: ``"decoder"`` (Skip-TS) or ``"encoder"`` (ablation: traditional KD).
         skip: ``"add"`` (paper), ``"add_relu"`` (official code) or ``"none"`` (ablation DRKD w/o SC).
         upsample_kernel: 3 (paper) or 2 (official code).
-        student_blocks, student_widths, student_kind: override the student preset for the teacher.
+        student_kind, student_blocks, student_widths, student_up_widths: override the student
+            preset for the teacher (see :class:`~monai_skipts.networks.SkipStudent`).
 
     ``forward(x)`` with ``x`` of shape ``(B, 3, H, W)`` returns ``(teacher_feats, student_feats)``,
     two lists ``[F^1, F^2, F^3]`` of shapes ``(B, C_l, H/2^(l+1), W/2^(l+1))``. The teacher runs
@@ -72,6 +76,7 @@ class SkipTS(nn.Module):
         student_kind: str | None = None,
         student_blocks: Sequence[int] | None = None,
         student_widths: Sequence[int] | None = None,
+        student_up_widths: Sequence[int] | None = None,
         download: bool = True,
     ):
         super().__init__()
@@ -80,15 +85,22 @@ class SkipTS(nn.Module):
         )
         name = self.teacher.name
         preset = dict(STUDENT_PRESETS.get(name, _GENERIC_STUDENT))
-        if student_kind is not None:
-            preset["kind"] = student_kind
+        if student_kind is not None and student_kind != preset["kind"]:
+            preset = {"kind": student_kind, "blocks": _DEFAULT_BLOCKS.get(student_kind, (2, 2, 2))}
         if student_blocks is not None:
             preset["blocks"] = tuple(student_blocks)
         if student_widths is not None:
             preset["widths"] = tuple(student_widths)
+        if student_up_widths is not None:
+            preset["up_widths"] = tuple(student_up_widths)
+        if preset["kind"] == "inverted":  # MBConv-style expansion of the in/out channels
+            c1, c2, c3, c4 = self.teacher.out_channels
+            preset.setdefault("widths", tuple(_EXPANSION * c for c in (c3, c2, c1)))
+            preset.setdefault("up_widths", tuple(_EXPANSION * c for c in (c4, c3, c2)))
         if student == "decoder":
             self.student: nn.Module = SkipStudent(
-                self.teacher.out_channels, upsample_kernel=upsample_kernel, skip=skip, **preset
+                self.teacher.out_channels, upsample_kernel=upsample_kernel, skip=skip,
+                final_activation=self.teacher.nonnegative, **preset,
             )
         elif student == "encoder":
             self.student = EncoderStudent(name)

@@ -9,8 +9,10 @@ Decoder kinds:
 
 - ``"bottleneck"`` (wide_resnet50_2, resnet50): reversed bottleneck stages with the teacher's
   widths; block counts 6, 4, 3 for D3, D2, D1 (paper).
-- ``"basic"`` (resnet18 and every non-ResNet teacher): basic residual blocks; for ResNet18 two per
-  stage, mirroring the teacher.
+- ``"basic"`` (resnet18): basic residual blocks, two per stage, mirroring the teacher.
+- ``"inverted"`` (EfficientNet-Lite): inverted residual blocks (1×1 expand, 3×3 depthwise, 1×1
+  project; expansion 6), mirroring the teacher's MBConv blocks; the up-sampling block's depthwise
+  convolution is transposed.
 
 Up-sampling kernel 3 (the paper, mirroring the teacher's 3×3 stride-2 convolutions); kernel 2 is
 the official code's choice (``upsample_kernel=2``). Skip modes: ``"add"`` (paper), ``"add_relu"``
@@ -24,7 +26,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SkipStudent", "UpBottleneck", "Bottleneck", "UpBasicBlock", "BasicBlock", "SKIP_MODES"]
+__all__ = [
+    "SkipStudent", "UpBottleneck", "Bottleneck", "UpBasicBlock", "BasicBlock", "UpInvertedResidual",
+    "InvertedResidual", "SKIP_MODES",
+]  # fmt: skip
 
 SKIP_MODES = ("add", "add_relu", "none")
 
@@ -41,14 +46,14 @@ def _deconv(cin: int, cout: int, kernel: int) -> nn.ConvTranspose2d:
 class Bottleneck(nn.Module):
     """Bottleneck residual block at constant resolution: 1×1 → 3×3 → 1×1, ``channels`` in and out."""
 
-    def __init__(self, channels: int, width: int):
+    def __init__(self, channels: int, width: int, act: bool = True):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels),
         )  # fmt: skip
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x) + x)
@@ -58,7 +63,7 @@ class UpBottleneck(nn.Module):
     """Up-sampling bottleneck: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``; the 3×3 conv and the shortcut
     are stride-2 transposed convolutions (the mirror of torchvision's stride-2 bottleneck)."""
 
-    def __init__(self, cin: int, cout: int, width: int, kernel: int = 3):
+    def __init__(self, cin: int, cout: int, width: int, kernel: int = 3, act: bool = True):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
@@ -66,7 +71,7 @@ class UpBottleneck(nn.Module):
             nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
         )  # fmt: skip
         self.shortcut = nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x) + self.shortcut(x))
@@ -75,13 +80,13 @@ class UpBottleneck(nn.Module):
 class BasicBlock(nn.Module):
     """Basic residual block (two 3×3 convs) at constant resolution."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, act: bool = True):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
         )  # fmt: skip
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x) + x)
@@ -90,14 +95,52 @@ class BasicBlock(nn.Module):
 class UpBasicBlock(nn.Module):
     """Up-sampling basic block: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3):
+    def __init__(self, cin: int, cout: int, kernel: int = 3, act: bool = True):
         super().__init__()
         self.body = nn.Sequential(
             _deconv(cin, cout, kernel), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
         )  # fmt: skip
         self.shortcut = nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2/EfficientNet inverted residual at constant resolution: 1×1 expand → 3×3 depthwise
+    → 1×1 project, ``channels`` in and out (the mirror of an MBConv block)."""
+
+    def __init__(self, channels: int, width: int, act: bool = True):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels),
+        )  # fmt: skip
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + x)
+
+
+class UpInvertedResidual(nn.Module):
+    """Up-sampling inverted residual: 1×1 expand → 3×3 depthwise transposed conv (stride 2) → 1×1
+    project, with a transposed-conv shortcut: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``."""
+
+    def __init__(self, cin: int, cout: int, width: int, kernel: int = 3, act: bool = True):
+        super().__init__()
+        dw = _deconv(width, width, kernel)
+        dw = nn.ConvTranspose2d(width, width, dw.kernel_size, stride=2, padding=dw.padding,
+                                output_padding=dw.output_padding, groups=width, bias=False)  # fmt: skip
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            dw, nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.shortcut = nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x) + self.shortcut(x))
@@ -108,7 +151,7 @@ class SkipStudent(nn.Module):
 
     Args:
         teacher_channels: channels of the teacher's E1..E4.
-        kind: ``"bottleneck"`` or ``"basic"`` (see module docstring).
+        kind: ``"bottleneck"``, ``"inverted"`` or ``"basic"`` (see module docstring).
         blocks: blocks per sub-decoder (D3, D2, D1), the up-sampling block included.
         widths: bottleneck widths of the blocks after the up-sampling block in D3, D2, D1
             (``kind="bottleneck"`` only); default: out-channels / 2.
@@ -118,6 +161,9 @@ class SkipStudent(nn.Module):
             the teacher's blocks at the output resolution (D3: layer3's, width 512).
         upsample_kernel: 3 (paper) or 2 (official code).
         skip: ``"add"``, ``"add_relu"`` or ``"none"``.
+        final_activation: end each sub-decoder with a ReLU. Right for ResNet teachers, whose taps
+            are post-ReLU (non-negative); wrong for EfficientNet, whose taps are linear projections
+            (signed): a ReLU there keeps the student from matching the teacher's direction.
 
     Input: ``[F_t^1, F_t^2, F_t^3, F_t^4]``. Output: ``[F_s^1, F_s^2, F_s^3]``, each the shape of
     the teacher's feature at the same level.
@@ -132,6 +178,7 @@ class SkipStudent(nn.Module):
         up_widths: Sequence[int] | None = None,
         upsample_kernel: int = 3,
         skip: str = "add",
+        final_activation: bool = True,
     ):
         super().__init__()
         if skip not in SKIP_MODES:
@@ -148,11 +195,15 @@ class SkipStudent(nn.Module):
         for (cin, cout), n, width, up_width in zip(io, blocks, widths, up_widths):
             if n < 1:
                 raise ValueError(f"each sub-decoder needs at least one block, got {blocks}")
+            acts = [True] * (n - 1) + [bool(final_activation)]
             if kind == "bottleneck":
-                layers = [UpBottleneck(cin, cout, up_width, upsample_kernel)]
-                layers += [Bottleneck(cout, width) for _ in range(n - 1)]
+                layers = [UpBottleneck(cin, cout, up_width, upsample_kernel, acts[0])]
+                layers += [Bottleneck(cout, width, a) for a in acts[1:]]
+            elif kind == "inverted":
+                layers = [UpInvertedResidual(cin, cout, up_width, upsample_kernel, acts[0])]
+                layers += [InvertedResidual(cout, width, a) for a in acts[1:]]
             elif kind == "basic":
-                layers = [UpBasicBlock(cin, cout, upsample_kernel)] + [BasicBlock(cout) for _ in range(n - 1)]
+                layers = [UpBasicBlock(cin, cout, upsample_kernel, acts[0])] + [BasicBlock(cout, a) for a in acts[1:]]
             else:
                 raise ValueError(f"unknown decoder kind '{kind}'")
             stages.append(nn.Sequential(*layers))

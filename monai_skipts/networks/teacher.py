@@ -67,11 +67,14 @@ class TeacherEncoder(nn.Module):
         out_channels: channels of E1..E4.
         weights_sha256: SHA-256 of the weights file loaded (``None`` for random weights), stored in
             checkpoints so a student is never paired with another teacher by mistake.
+        nonnegative: whether the taps are post-ReLU (the student then ends its stages with a ReLU).
     """
 
     name: str = ""
     out_channels: tuple[int, int, int, int] = (0, 0, 0, 0)
     weights_sha256: str | None = None
+    #: whether E1..E4 are post-ReLU (ResNet) or signed (EfficientNet's linear projections)
+    nonnegative: bool = True
 
     def freeze(self) -> "TeacherEncoder":
         for p in self.parameters():
@@ -152,6 +155,7 @@ class EfficientNetLiteTeacher(TeacherEncoder):
             raise RuntimeError(f"expected 4 stride taps in efficientnet_lite{variant}, found {taps}")
         self.taps = tuple(taps)
         self.name = f"efficientnet_lite{variant}"
+        self.nonnegative = False
         self.out_channels = tuple(int(self.blocks[i]._bn2.num_features) for i in taps)
         self.blocks = self.blocks[: taps[-1] + 1]
         self.freeze()

@@ -1,0 +1,31 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ.get("SKIPTS_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch):
+    """An empty torchvision cache and no downloads: the situation of a machine without internet."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setenv("MONAI_SKIPTS_OFFLINE", "1")
+    import torch
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    """A small phantom dataset (MVTec layout) shared by the engine and bundle tests."""
+    from monai_skipts.apps import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_train=24, n_test_normal=8, n_test_abnormal=8, size=64, seed=0)
