@@ -107,20 +107,25 @@ class ThresholdCalibrator:
         network: the trained model; output_dir: where ``model.pt`` goes.
         extra: plain data stored in the checkpoint (e.g. the bundle's modality and spatial size).
 
-    ``calibrator()`` runs it; afterwards ``threshold`` and ``scale`` are set (``scale`` is the
+    ``calibrator()`` runs it (reusing the validation scores when the evaluator last ran at the
+    trainer's final epoch, e.g. through ``ValidationHandler``); afterwards ``threshold`` and ``scale`` are set (``scale`` is the
     validation normals' score standard deviation, for the normalised score).
     """
 
     def __init__(self, evaluator: Engine, score_handler: Any, network: torch.nn.Module, output_dir: str | Path,
-                 target_fpr: float = 0.05, extra: dict | None = None, filename: str = "model.pt"):  # fmt: skip
-        self.evaluator, self.score_handler, self.network = evaluator, score_handler, network
+                 target_fpr: float = 0.05, extra: dict | None = None, filename: str = "model.pt",
+                 trainer: Engine | None = None):  # fmt: skip
+        self.evaluator, self.score_handler, self.network, self.trainer = evaluator, score_handler, network, trainer
         self.output_dir, self.target_fpr, self.extra, self.filename = Path(output_dir), float(target_fpr), extra, filename
         self.threshold: float | None = None
         self.scale: float | None = None
         self.record: dict[str, Any] | None = None
 
     def __call__(self) -> dict[str, Any]:
-        self.evaluator.run()
+        epoch = self.trainer.state.epoch if self.trainer is not None else None
+        fresh = epoch is not None and self.evaluator.state.epoch == epoch and self.score_handler.records
+        if not fresh:
+            self.evaluator.run(epoch or 1)
         scores = np.array([r["score"] for r in self.score_handler.records], dtype=np.float64)
         if scores.size == 0:
             raise ValueError("threshold calibration needs validation normals, but the validation split is empty")

@@ -1,0 +1,188 @@
+"""Every bundle runs end to end through MONAI's real bundle runner, on small data the test writes
+in that dataset's own layout, with tiny overrides (1-2 epochs, 64²)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from monai.bundle import run as bundle_run
+from PIL import Image
+
+from conftest import REPO
+
+TINY = {"epochs": 1, "spatial_size": 64, "batch_size": 4, "teacher": "efficientnet_lite0", "n_heatmaps": 2}
+
+
+def _img(path: Path, seed: int, rgb: bool = False, lesion: bool = False, fmt: str | None = None) -> None:
+    rng = np.random.default_rng(seed)
+    a = (rng.random((40, 40)) * 60 + 60).astype(np.uint8)
+    a[10:30, 10:30] += 60
+    if lesion:
+        a[14:20, 20:26] = 250
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.stack([a, a // 2, 255 - a], -1) if rgb else a)
+    im.save(path, format=fmt)
+
+
+def _class_folders(root: Path, folders: dict[str, int], n: int = 10, ext: str = "png", rgb: bool = False) -> None:
+    k = 0
+    for folder, label in folders.items():
+        for i in range(n if label == 0 else 3):
+            k += 1
+            _img(root / folder / f"img{i:03d}.{ext}", k, rgb=rgb, lesion=bool(label))
+
+
+def make_layout(name: str, root: Path) -> dict:
+    """Write a tiny dataset in ``name``'s source layout; returns extra overrides it needs."""
+    if name == "headct":
+        rows = []
+        for i in range(10):
+            _img(root / "head_ct" / f"{i:03d}.png", i, lesion=i >= 7)
+            rows.append((i, int(i >= 7)))
+        with open(root / "labels.csv", "w", newline="") as f:
+            f.write("id, hemorrhage\n" + "".join(f"{i}, {y}\n" for i, y in rows))
+    elif name == "brainmri":
+        _class_folders(root, {"no": 0, "yes": 1}, ext="jpg")
+    elif name in ("lungct", "breastmri", "nafld"):
+        _class_folders(root, {"normal": 0, "abnormal": 1})
+    elif name == "busi":
+        base = root / "Dataset_BUSI_with_GT"
+        for i in range(6):
+            _img(base / "normal" / f"normal ({i + 1}).png", i)
+        for cls in ("benign", "malignant"):
+            for i in range(2):
+                _img(base / cls / f"{cls} ({i + 1}).png", 50 + i, lesion=True)
+                m = np.zeros((40, 40), np.uint8)
+                m[14:20, 20:26] = 255
+                Image.fromarray(m).save(base / cls / f"{cls} ({i + 1})_mask.png")
+    elif name == "retinal_oct":
+        _class_folders(root / "train", {"NORMAL": 0}, n=6)
+        _class_folders(root / "test", {"NORMAL": 0, "DME": 1, "CNV": 1}, n=3)
+    elif name in ("cpchild_a", "cpchild_b"):
+        sub = root / ("CP-CHILD-A" if name == "cpchild_a" else "CP-CHILD-B")
+        _class_folders(sub / "Train", {"Non-Polyp": 0, "Polyp": 1}, rgb=True)
+        _class_folders(sub / "Test", {"Non-Polyp": 0, "Polyp": 1}, n=3, rgb=True)
+    elif name == "iqothnccd":
+        _class_folders(root, {"Normal cases": 0, "Bengin cases": 1, "Malignant cases": 1}, ext="jpg")
+    elif name == "covid_xray":
+        _class_folders(root / "train", {"Normal": 0, "Covid": 1}, n=6)
+        _class_folders(root / "test", {"Normal": 0, "Viral Pneumonia": 1}, n=3)
+    elif name == "malaria":
+        _class_folders(root, {"Uninfected": 0, "Parasitized": 1}, rgb=True)
+    else:  # pragma: no cover
+        raise KeyError(name)
+    return {}
+
+
+DATASETS = ["headct", "brainmri", "lungct", "busi", "breastmri", "retinal_oct", "cpchild_a", "cpchild_b",
+            "nafld", "iqothnccd", "covid_xray", "malaria"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)  # bundles resolve "%bundles/common/..." against the working directory
+
+
+def test_bundle_files_are_generated_from_the_table():
+    r = subprocess.run([sys.executable, "bundles/make_bundles.py", "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in DATASETS + ["demo"]:
+        for f in ("train.json", "evaluate.json", "inference.json", "metadata.json", "logging.conf"):
+            assert (REPO / "bundles" / name / f).is_file(), (name, f)
+        meta = json.loads((REPO / "bundles" / name / "metadata.json").read_text())
+        for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
+                    "task", "description", "authors", "copyright", "network_data_format", "intended_use",
+                    "data_source", "references"):  # fmt: skip
+            assert key in meta, (name, key)
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_dataset_bundle_train_evaluate_infer(name, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_layout(name, data)
+    bundle_run(config_file=f"bundles/{name}/train.json", dataset_dir=str(data), output_dir=str(out), mlflow=False, **TINY)
+    for f in ("model.pt", "checkpoint.pt", "metrics.json", "split.json", "scores.csv", "threshold.json",
+              "roc.png", "score_distribution.png"):  # fmt: skip
+        assert (out / f).is_file(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["teacher"] == "efficientnet_lite0"
+    assert metrics["n_normal"] >= 1 and metrics["n_abnormal"] >= 1
+    assert list((out / "heatmaps").glob("anomalous_*.png")) and list((out / "heatmaps").glob("normal_*.png"))
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == metrics["n_images"] and {"score", "anomalous", "threshold"} <= set(rows[0])
+    if name == "busi":  # masks beside the images: pixel metrics
+        assert 0.0 <= metrics["pixel_auroc"] <= 1.0
+    bundle_run(config_file=f"bundles/{name}/evaluate.json", dataset_dir=str(data), output_dir=str(out), mlflow=False,
+               batch_size=4)  # fmt: skip
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    assert ev["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)  # the checkpoint rebuilds the same model
+    bundle_run(config_file=f"bundles/{name}/inference.json", output_dir=str(out), input=str(data), batch_size=4)
+    with open(out / "inference" / "predictions.csv") as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) >= metrics["n_images"] and preds[0]["anomalous"] in ("True", "False")
+
+
+def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "demo"
+    bundle_run(config_file="bundles/demo/train.json", output_dir=str(out), epochs=2, n_train_images=8,
+               spatial_size=64, val_interval=1, progress_bar=False)  # fmt: skip
+    assert (out / "mlruns.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("monai-skipts-mvtec")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["teacher"] == "efficientnet_lite0" and p["epochs"] == "2" and p["seed"] == "0" and p["lr"] == "0.005"
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_score")] == [1, 2]
+    assert "test_auroc" in run.data.metrics and "val_mean_score" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "scores.csv", "split.json", "roc.png", "score_distribution.png", "heatmaps"} <= arts
+    assert any(a.path.startswith("heatmaps/") for a in client.list_artifacts(run.info.run_id, "heatmaps"))
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="metrics.json",
+                                                tracking_uri=f"sqlite:///{out / 'mlruns.db'}", dst_path=str(tmp_path / "dl"))  # fmt: skip
+    assert json.loads(Path(local).read_text())["auroc"] == pytest.approx(run.data.metrics["test_auroc"])
+
+
+def test_user_command_from_repo_root(tmp_path):
+    """`python -m monai.bundle run --config_file bundles/brainmri/train.json` with overrides, as a user runs it."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_layout("brainmri", data)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/brainmri/train.json",
+           "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64",
+           "--teacher", "efficientnet_lite0", "--seed", "3", "--mlflow", "False"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    split = json.loads((out / "split.json").read_text())
+    assert split["seed"] == 3
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 3
+
+
+def test_auto_teacher_falls_back_loudly_offline(tmp_path):
+    """No WRN50 weights and no internet: teacher 'auto' says so and trains the offline teacher, which
+    the checkpoint records and evaluate rebuilds."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_layout("malaria", data)
+    env = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch_home")}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/malaria/train.json",
+           "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64", "--mlflow", "False"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "wide_resnet50_2" in log and "using the offline teacher 'efficientnet_lite0'" in log
+    import torch
+
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["model_config"]["teacher"] == "efficientnet_lite0"
