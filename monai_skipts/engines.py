@@ -23,6 +23,7 @@ from .losses import DRKDLoss
 
 __all__ = [
     "SkipTSTrainer", "SkipTSEvaluator", "TeacherFeatureCache", "has_random_transforms", "build_optimizer",
+    "distribute_student",
     "resolve_device", "PAPER_HPARAMS",
 ]  # fmt: skip
 
@@ -46,6 +47,24 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def _student(network: torch.nn.Module) -> torch.nn.Module:
     net = getattr(network, "module", network)  # DistributedDataParallel wraps the model
     return net.student
+
+
+def distribute_student(network: torch.nn.Module) -> torch.nn.Module:
+    """Under ``torch.distributed`` (torchrun), wrap the student, and only the student, in
+    :class:`~torch.nn.parallel.DistributedDataParallel` (the frozen teacher needs no gradient sync).
+
+    The wrapper is kept outside the module tree (``SkipTS.student`` stays the plain decoder), so
+    checkpoints and state dicts are the same with or without DDP. Without a process group this
+    returns ``network`` unchanged.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return network
+    device = next(network.student.parameters()).device
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        network.student, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    network.__dict__["_student_ddp"] = ddp  # not registered as a submodule on purpose
+    return network
 
 
 def build_optimizer(network: torch.nn.Module, lr: float = 0.005, betas: Sequence[float] = (0.5, 0.999)) -> torch.optim.Adam:

@@ -126,11 +126,12 @@ class SkipTS(nn.Module):
 
     def student_features(self, t_feats: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``[F_s^1, F_s^2, F_s^3]`` from the teacher's ``[E1..E4]`` (or from ``x`` for the encoder student)."""
+        student = self.__dict__.get("_student_ddp") or self.student  # see distribute_student
         if isinstance(self.student, EncoderStudent):
             if x is None:
                 raise ValueError("the encoder student (traditional KD) needs the image")
-            return self.student(x)
-        return self.student(t_feats)
+            return student(x)
+        return student(t_feats)
 
     def forward(
         self, x: torch.Tensor, teacher_feats: Sequence[torch.Tensor] | None = None
