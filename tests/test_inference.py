@@ -1,0 +1,78 @@
+"""Inference on the files a hospital has: PNG at its own size, NIfTI volumes slice-wise with the
+map written back as a NIfTI on the input's grid, a volume score, and a decision per image."""
+
+from __future__ import annotations
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai_skipts.checkpoint import save_checkpoint
+from monai_skipts.inference import AnomalyPredictor, list_inputs
+from monai_skipts.networks import SkipTS
+from monai_skipts.utils import InputDataError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, SkipTS("efficientnet_lite0"), threshold={"value": 2.0, "target_fpr": 0.05, "n_normals": 20, "scale": 0.1},
+                    extra={"modality": "mri", "spatial_size": 64}, with_rng=False)  # fmt: skip
+    return path
+
+
+def test_png_and_nifti_volume(tmp_path, checkpoint):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((50, 70)) * 255).astype(np.uint8)).save(inp / "slice.png")
+    vol = rng.random((40, 30, 5)).astype(np.float32) * 1000
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    affine[:3, 3] = [-10, 5, 30]
+    nib.save(nib.Nifti1Image(vol, affine), inp / "brain.nii.gz")
+    out = tmp_path / "out"
+    summary = AnomalyPredictor(checkpoint, batch_size=4).run(inp, out)
+    assert summary == {"n_images": 6, "n_volumes": 1, "n_anomalous": summary["n_anomalous"]}
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["threshold"] for r in rows} == {"2.0"}
+    assert all(r["anomalous"] == str(float(r["score"]) >= 2.0) for r in rows)
+    slices = [r for r in rows if r["volume_id"]]
+    assert sorted(int(r["slice_index"]) for r in slices) == list(range(5))
+    with open(out / "volume_predictions.csv") as f:
+        (vrow,) = list(csv.DictReader(f))
+    assert float(vrow["score"]) == pytest.approx(max(float(r["score"]) for r in slices))  # max aggregation
+    png_map = np.array(Image.open(out / "maps" / "slice.png"))
+    assert png_map.shape == (50, 70) and png_map.dtype == np.uint16  # the input's own size
+    m = nib.load(out / "maps" / "brain.nii.gz")
+    assert m.shape == (40, 30, 5)  # the volume's grid (already RAS here)
+    assert np.allclose(m.affine, affine, atol=1e-4)
+    assert np.isfinite(m.get_fdata()).all() and m.get_fdata().max() > 0
+
+
+def test_slice_maps_go_back_to_their_slices(tmp_path, checkpoint):
+    """A bright blob in one slice must light up that slice of the written map volume, not another."""
+    vol = np.full((48, 48, 4), 100.0, np.float32)
+    vol[30:40, 8:18, 2] = 1000.0
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii")
+    pred = AnomalyPredictor(checkpoint)
+    res = pred.predict_items(list_inputs(tmp_path / "v.nii"))
+    pred.run(tmp_path / "v.nii", tmp_path / "o")
+    m = nib.load(tmp_path / "o" / "maps" / "v.nii.gz").get_fdata()
+    k = int(np.argmax([r["score"] for r in res]))
+    assert res[k]["slice_index"] == 2
+    iy, ix = np.unravel_index(np.argmax(m[..., 2]), m.shape[:2])
+    assert 24 <= iy <= 46 and 2 <= ix <= 24, (iy, ix)  # peak near the blob, in voxel coordinates
+
+
+def test_missing_input_and_empty_folder(tmp_path, checkpoint):
+    with pytest.raises(InputDataError, match="nope"):
+        list_inputs(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputDataError, match="empty"):
+        list_inputs(tmp_path / "empty")
