@@ -1,0 +1,402 @@
+"""Export the whole inference path (image -> anomaly map, score) to TorchScript and ONNX.
+
+The exported graph is :class:`~monai_skipts.inferers.SkipTSPredictor`: teacher, student, per-scale
+cosine maps, bilinear up-sampling, the Gaussian filter (separable convolution with symmetric index
+padding, so it traces and exports where ``scipy``/kornia-style reflect padding does not, cf.
+anomalib issue #1513) and the image score (map maximum).
+
+- :class:`SkipTSExportModel`: the predictor plus its decision threshold (buffers ``threshold`` and
+  ``threshold_scale``); its ``load_state_dict`` also takes a whole monai-skipts checkpoint, which is
+  what ``python -m monai.bundle ckpt_export`` hands it (see the README of the bundles).
+- :func:`export_torchscript`, :func:`export_onnx`: trace at a fixed ``spatial_size`` (the
+  EfficientNet teachers' "same" padding and the up-sampling sizes are fixed at trace time; the batch
+  size stays dynamic), write atomically, embed :func:`export_metadata` (TorchScript extra file
+  ``metadata.json`` as MONAI's ``save_net_with_metadata`` writes it; ONNX ``metadata_props``), and by
+  default check the written file against the eager model.
+- CLI: ``python -m monai_skipts.export --checkpoint model.pt --format onnx --out model.onnx``.
+
+Inputs of the exported models: ``image`` ``(B, 3, H, W)`` float32, preprocessed as in training
+(:func:`~monai_skipts.transforms.build_preprocessing`: intensity to [0, 1], resize, 3 channels,
+ImageNet normalisation). Outputs: ``anomaly_map`` ``(B, 1, H, W)`` and ``score`` ``(B,)``; an image
+is anomalous when ``score >= threshold`` (metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import CHECKPOINT_KIND, CheckpointError, check_teacher, load_checkpoint, load_model
+from .inferers import SkipTSPredictor
+from .utils import atomic_write_bytes
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "EXPORT_KIND",
+    "SkipTSExportModel",
+    "as_export_model",
+    "export_metadata",
+    "export_torchscript",
+    "export_onnx",
+    "load_torchscript",
+    "read_onnx_metadata",
+    "export_checkpoint",
+    "main",
+]
+
+EXPORT_FORMATS = ("torchscript", "onnx")
+EXPORT_KIND = "monai-skipts/export"
+INPUT_NAMES = ("image",)
+OUTPUT_NAMES = ("anomaly_map", "score")
+
+
+class SkipTSExportModel(nn.Module):
+    """``image (B, 3, H, W) -> (anomaly map (B, 1, H, W), score (B,))`` with its decision threshold.
+
+    Args:
+        model: a :class:`~monai_skipts.networks.SkipTS` (teacher with the weights it was trained with).
+        sigma, layers, similarity: see :class:`~monai_skipts.inferers.SkipTSPredictor`.
+        threshold: calibration record ``{"value", "scale", "target_fpr", ...}`` or ``None``.
+
+    Buffers ``threshold`` and ``threshold_scale`` (NaN when unknown) travel into TorchScript.
+    ``load_state_dict`` accepts the module's own state dict or a whole monai-skipts checkpoint
+    (``{"kind": "monai-skipts/checkpoint", "student": ..., "threshold": ...}``): the teacher is
+    checked against the checkpoint's (name and weights hash), the student loaded, the threshold set.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sigma: float = 4.0,
+        layers: Sequence[int] | None = None,
+        similarity: str = "cosine",
+        threshold: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.predictor = SkipTSPredictor(model, sigma, layers, similarity)
+        self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64), persistent=False)
+        self.register_buffer("threshold_scale", torch.tensor(math.nan, dtype=torch.float64), persistent=False)
+        self.threshold_record: dict[str, Any] | None = None
+        self.set_threshold(threshold)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.predictor.model
+
+    @property
+    def sigma(self) -> float:
+        return self.predictor.head.blur.sigma
+
+    def set_threshold(self, threshold: Mapping[str, Any] | None) -> None:
+        """Set the decision threshold from a calibration record (``None`` clears it)."""
+        self.threshold_record = dict(threshold) if threshold else None
+        rec = self.threshold_record or {}
+        self.threshold.fill_(float(rec["value"]) if rec.get("value") is not None else math.nan)
+        self.threshold_scale.fill_(float(rec["scale"]) if rec.get("scale") is not None else math.nan)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.predictor(x)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        if state_dict.get("kind") != CHECKPOINT_KIND:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        check_teacher(state_dict, self.model)  # type: ignore[arg-type]
+        result = self.model.student.load_state_dict(state_dict["student"], strict=strict, assign=assign)
+        self.set_threshold(state_dict.get("threshold"))
+        return result
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path_or_ckpt: str | os.PathLike | dict[str, Any],
+        teacher_weights: str | os.PathLike | None = None,
+        sigma: float | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> "SkipTSExportModel":
+        """Rebuild from a checkpoint (:func:`~monai_skipts.checkpoint.load_model`); ``sigma`` defaults
+        to the checkpoint's ``extra["sigma"]`` or 4."""
+        model, ckpt = load_model(path_or_ckpt, teacher_weights=teacher_weights, map_location=map_location)
+        extra = ckpt.get("extra") or {}
+        sigma = float(extra.get("sigma", 4.0)) if sigma is None else float(sigma)
+        return cls(model, sigma=sigma, threshold=ckpt.get("threshold")).eval()
+
+
+def as_export_model(obj: nn.Module, threshold: Mapping[str, Any] | None = None) -> SkipTSExportModel:
+    """A :class:`SkipTSExportModel` from a ``SkipTS``, a ``SkipTSPredictor`` or an export model
+    (``threshold``, when given, replaces the one it holds). The model is moved to CPU, eval mode."""
+    if isinstance(obj, SkipTSExportModel):
+        out = obj
+    elif isinstance(obj, SkipTSPredictor):
+        head = obj.head
+        out = SkipTSExportModel(obj.model, head.blur.sigma, head.layers, head.similarity)
+    elif hasattr(obj, "teacher") and hasattr(obj, "student"):
+        out = SkipTSExportModel(obj)
+    else:
+        raise TypeError(f"expected a SkipTS, SkipTSPredictor or SkipTSExportModel, got {type(obj).__name__}")
+    if threshold is not None:
+        out.set_threshold(threshold)
+    return out.cpu().eval()
+
+
+def _size2(spatial_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(spatial_size, (int, float)):
+        return int(spatial_size), int(spatial_size)
+    size = [int(s) for s in spatial_size]
+    if len(size) not in (1, 2):
+        raise ValueError(f"spatial_size must be S, (S,) or (H, W), got {spatial_size!r}")
+    return (size[0], size[-1])
+
+
+def export_metadata(
+    model: SkipTSExportModel, spatial_size: int | Sequence[int], extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The metadata embedded in exports: teacher and model configuration, threshold record, spatial
+    size, sigma, input/output names and shapes, package version. Plain JSON-able data."""
+    h, w = _size2(spatial_size)
+    net = model.model
+    meta = {
+        "kind": EXPORT_KIND,
+        "monai_skipts_version": __version__,
+        "teacher": net.config["teacher"],
+        "teacher_weights_sha256": net.config.get("teacher_weights_sha256"),
+        "model_config": dict(net.config),
+        "threshold": model.threshold_record,
+        "spatial_size": [h, w],
+        "sigma": model.sigma,
+        "inputs": {"image": {"shape": ["B", 3, h, w], "dtype": "float32",
+                             "preprocessing": "intensity to [0, 1], resize, 3 channels, ImageNet normalisation"}},
+        "outputs": {"anomaly_map": {"shape": ["B", 1, h, w], "dtype": "float32"},
+                    "score": {"shape": ["B"], "dtype": "float32", "anomalous_if": "score >= threshold.value"}},
+    }  # fmt: skip
+    meta.update(extra or {})
+    return meta
+
+
+def _example(spatial_size: int | Sequence[int], batch_size: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, 3, *_size2(spatial_size), generator=g)
+
+
+@contextlib.contextmanager
+def _tracing() -> Iterator[None]:
+    """No autograd, and no tracer notes: shape-derived Python numbers become constants, which is
+    intended (the spatial size is fixed), as are the deprecation notes of ``torch.jit.trace``."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*(torch\.jit\.|legacy TorchScript-based ONNX|will be removed)")
+        yield
+
+
+def _check_close(path: Path, want: Sequence[torch.Tensor], got: Sequence[Any], atol: float) -> None:
+    for name, a, b in zip(OUTPUT_NAMES, want, got):
+        b = torch.as_tensor(b)
+        if a.shape != b.shape:
+            raise RuntimeError(f"{path}: exported '{name}' has shape {tuple(b.shape)}, eager {tuple(a.shape)}")
+        if not torch.allclose(a, b, rtol=0.0, atol=atol):
+            diff = (a - b).abs().max().item()
+            raise RuntimeError(f"{path}: exported '{name}' differs from the eager model by {diff:.3g} (atol {atol})")
+
+
+def export_torchscript(
+    model_or_predictor: nn.Module,
+    path: str | os.PathLike,
+    spatial_size: int | Sequence[int] = 256,
+    threshold: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    config_files: Sequence[str | os.PathLike] = (),
+    verify: bool = True,
+    atol: float = 1e-4,
+) -> Path:
+    """Trace the inference path and save it as TorchScript (atomically).
+
+    Args:
+        model_or_predictor: ``SkipTS``, ``SkipTSPredictor`` or :class:`SkipTSExportModel`.
+        path: destination ``.ts``/``.pt`` file.
+        spatial_size: input ``H`` (= ``W``) or ``(H, W)``; the traced model accepts only this size
+            (any batch size).
+        threshold: calibration record to embed (default: the export model's own, if any).
+        metadata: more entries for the embedded metadata (e.g. ``{"modality": "ct_brain"}``).
+        config_files: JSON/YAML files (bundle configs) to embed as extra files ``<stem>.json``.
+        verify: reload the serialised model and compare it with the eager model on a batch of 2
+            before writing (a mismatch raises ``RuntimeError`` and writes nothing).
+        atol: tolerance of that check.
+
+    Returns:
+        ``path``. Load with :func:`load_torchscript` (or ``monai.data.load_net_with_metadata``).
+    """
+    from monai.bundle import ConfigParser
+    from monai.data import save_net_with_metadata
+
+    path = Path(path)
+    module = as_export_model(model_or_predictor, threshold)
+    meta = export_metadata(module, spatial_size, metadata)
+    extra = {}
+    for f in config_files:
+        extra[f"{Path(f).stem}.json"] = json.dumps(ConfigParser.load_config_file(str(f))).encode()
+    buf = io.BytesIO()
+    with _tracing():
+        traced = torch.jit.trace(module, _example(spatial_size), check_trace=False)
+        save_net_with_metadata(traced, buf, meta_values=meta, more_extra_files=extra)
+        if verify:  # check the serialised bytes before anything is written
+            x = _example(spatial_size, 2)
+            _check_close(path, module(x), torch.jit.load(io.BytesIO(buf.getvalue()))(x), atol)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def export_onnx(
+    model_or_predictor: nn.Module,
+    path: str | os.PathLike,
+    spatial_size: int | Sequence[int] = 256,
+    threshold: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    opset: int = 17,
+    verify: bool = True,
+    atol: float = 1e-4,
+    constant_folding: bool = True,
+) -> Path:
+    """Export the inference path to ONNX (atomically), batch axis dynamic.
+
+    Uses torch's TorchScript-based exporter (``dynamo=False``: it needs no ``onnxscript``). Metadata:
+    ``metadata_props`` holds ``monai_skipts`` (the whole :func:`export_metadata` as JSON) and the flat
+    keys ``teacher``, ``threshold``, ``threshold_scale``, ``spatial_size``, ``sigma``. With
+    ``verify``, onnxruntime (when installed) runs the file on a batch of 2 and it is compared with the
+    eager model. ``constant_folding`` is torch's (off: a faster export; onnxruntime folds at load
+    anyway). Other arguments: see :func:`export_torchscript`.
+    """
+    import onnx
+
+    path = Path(path)
+    module = as_export_model(model_or_predictor, threshold)
+    meta = export_metadata(module, spatial_size, metadata)
+    buf = io.BytesIO()
+    axes = {"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
+    with _tracing():
+        torch.onnx.export(
+            module, (_example(spatial_size),), buf, dynamo=False, input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
+            do_constant_folding=constant_folding,
+        )  # fmt: skip
+    proto = onnx.load_from_string(buf.getvalue())
+    thr = meta["threshold"] or {}
+    props = {
+        "monai_skipts": json.dumps(meta),
+        "teacher": meta["teacher"],
+        "threshold": "" if thr.get("value") is None else repr(float(thr["value"])),
+        "threshold_scale": "" if thr.get("scale") is None else repr(float(thr["scale"])),
+        "spatial_size": json.dumps(meta["spatial_size"]),
+        "sigma": repr(meta["sigma"]),
+    }
+    onnx.helper.set_model_props(proto, props)
+    proto.producer_name, proto.producer_version = "monai-skipts", __version__
+    proto.doc_string = "Skip-TS anomaly detection: image (B,3,H,W) -> anomaly_map (B,1,H,W), score (B,)"
+    data = proto.SerializeToString()
+    if verify:
+        _verify_onnx(path, module, data, spatial_size, atol)
+    return atomic_write_bytes(path, data)
+
+
+def _verify_onnx(path: Path, module: nn.Module, data: bytes, spatial_size, atol: float) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - depends on the install
+        warnings.warn(f"{path}: onnxruntime is not installed; the ONNX export was not verified", stacklevel=3)
+        return
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    x = _example(spatial_size, 2)
+    with torch.no_grad():
+        want = module(x)
+    _check_close(path, want, sess.run(list(OUTPUT_NAMES), {"image": x.numpy()}), atol)
+
+
+def load_torchscript(
+    path: str | os.PathLike, map_location: str | torch.device | None = "cpu", more_extra_files: Sequence[str] = ()
+):
+    """``(module, metadata dict, extra files dict)`` of a TorchScript export; ``more_extra_files``
+    names the embedded files to read (e.g. ``["train.json"]``)."""
+    from monai.data import load_net_with_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: TorchScript file not found")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated")
+        return load_net_with_metadata(str(path), map_location=map_location, more_extra_files=more_extra_files)
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The :func:`export_metadata` dict embedded in an ONNX export (``{}`` when there is none)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    return json.loads(props["monai_skipts"]) if "monai_skipts" in props else {}
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "onnx",
+    spatial_size: int | Sequence[int] | None = None,
+    teacher_weights: str | os.PathLike | None = None,
+    sigma: float | None = None,
+    config_files: Sequence[str | os.PathLike] = (),
+    verify: bool = True,
+) -> Path:
+    """Export a monai-skipts checkpoint. ``spatial_size`` defaults to the checkpoint's
+    ``extra["spatial_size"]`` (the bundles store it), else 256."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    ckpt = load_checkpoint(checkpoint)
+    extra = ckpt.get("extra") or {}
+    if spatial_size is None:
+        spatial_size = extra.get("spatial_size", 256)
+    model = SkipTSExportModel.from_checkpoint(ckpt, teacher_weights=teacher_weights, sigma=sigma)
+    meta = {k: extra[k] for k in ("modality", "window", "mri_norm") if k in extra}
+    meta["checkpoint"] = {"file": Path(checkpoint).name, "epoch": ckpt.get("epoch"), "iteration": ckpt.get("iteration")}
+    if fmt == "onnx":
+        return export_onnx(model, out, spatial_size, metadata=meta, verify=verify)
+    return export_torchscript(model, out, spatial_size, metadata=meta, config_files=config_files, verify=verify)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m monai_skipts.export --checkpoint model.pt --format onnx|torchscript --out FILE``."""
+    p = argparse.ArgumentParser(prog="python -m monai_skipts.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="monai-skipts checkpoint (model.pt of a bundle run)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx / .ts)")
+    p.add_argument("--spatial-size", type=int, nargs="+", default=None, help="H [W] (default: the checkpoint's)")
+    p.add_argument("--teacher-weights", default=None, help="teacher weights file, if not in the default place")
+    p.add_argument("--sigma", type=float, default=None, help="Gaussian sigma (default: the checkpoint's, or 4)")
+    p.add_argument("--config-file", action="append", default=[], help="bundle config to embed (TorchScript)")
+    p.add_argument("--no-verify", action="store_true", help="skip the check of the export against eager PyTorch")
+    a = p.parse_args(argv)
+    size = a.spatial_size
+    if size is not None and len(size) not in (1, 2):
+        p.error("--spatial-size takes H or H W")
+    try:
+        out = export_checkpoint(
+            a.checkpoint, a.out, a.format, size, a.teacher_weights, a.sigma, a.config_file, not a.no_verify
+        )
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"format": a.format, "out": str(out), "bytes": out.stat().st_size}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

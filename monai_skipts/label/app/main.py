@@ -1,0 +1,52 @@
+"""Sample MONAI Label app: Skip-TS anomaly maps for 2-D images and volumes.
+
+Serve a folder of studies (PNG/JPEG, NIfTI, NRRD) with a trained checkpoint::
+
+    APP=$(python -c "import monai_skipts.label as l; print(l.APP_DIR)")
+    monailabel start_server --app "$APP" --studies /data/studies --conf checkpoint /runs/headct/model.pt
+
+Conf keys (``--conf KEY VALUE``): ``checkpoint`` (required unless ``$SKIPTS_CHECKPOINT`` is set or
+``<app>/model/model.pt`` exists), and optionally ``modality``, ``spatial_size``, ``window``,
+``mri_norm``, ``sigma``, ``teacher_weights``, ``batch_size``, ``volume_aggregation``, ``slice_axis``
+(defaults: the checkpoint's), ``output`` (``map``/``mask``). The model is named ``skipts_anomaly``.
+"""
+
+import logging
+import os
+
+from monailabel.interfaces.app import MONAILabelApp
+
+import monai_skipts
+from monai_skipts.label.infer import SkipTSAnomalyInfer
+from monai_skipts.label.scorer import scorer_options
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "skipts_anomaly"
+
+
+class SkipTSAnomalyApp(MONAILabelApp):
+    """MONAI Label app with one infer task, :class:`~monai_skipts.label.infer.SkipTSAnomalyInfer`."""
+
+    def __init__(self, app_dir, studies, conf):
+        conf = dict(conf or {})
+        conf.setdefault("checkpoint", os.environ.get("SKIPTS_CHECKPOINT") or os.path.join(app_dir, "model", "model.pt"))
+        self.checkpoint, self.scorer_kwargs = scorer_options(conf, base_dir=app_dir)
+        if not self.checkpoint.is_file():
+            raise FileNotFoundError(
+                f"{self.checkpoint}: checkpoint not found; start the app with --conf checkpoint <path to model.pt>"
+            )
+        logger.info("Skip-TS checkpoint: %s (%s)", self.checkpoint, self.scorer_kwargs)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Skip-TS anomaly detection",
+            description="Anomaly maps and image/volume anomaly scores from a Skip-TS teacher-student model",
+            version=monai_skipts.__version__,
+            labels={"anomaly": 1},
+        )
+
+    def init_infers(self):
+        config = {"output": self.conf.get("output", "map")}
+        return {MODEL_NAME: SkipTSAnomalyInfer(self.checkpoint, self.scorer_kwargs, config=config)}
