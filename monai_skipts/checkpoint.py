@@ -12,10 +12,12 @@ execute code is refused with :class:`UnsafeCheckpointError`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +123,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
         raise UnsafeCheckpointError(
-            f"{path}: refused: the file holds pickled Python objects that could execute code when loaded "
-            "(only tensors and plain data are accepted)"
+            f"{path}: refused: the file holds pickled Python objects{what} that could execute code when loaded "
+            "(only tensors and plain data are accepted; it was not loaded)"
         ) from None
     except Exception as e:  # noqa: BLE001 - truncated/corrupt files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
@@ -148,6 +152,42 @@ def check_teacher(ckpt: dict[str, Any], model: torch.nn.Module, source: str = "c
         )
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _identify_teacher_weights(sha256: str) -> str | None:
+    """The registered teacher whose locally available weights file has ``sha256`` (no downloads)."""
+    from .networks.teacher import TEACHERS
+
+    for name, spec in TEACHERS.items():
+        try:
+            path = spec.weights_file(None, False)
+        except Exception:  # noqa: BLE001 - not on this machine
+            continue
+        if Path(path).is_file() and _file_sha256(Path(path)) == sha256:
+            return name
+    return None
+
+
+def _check_teacher_weights_file(cfg: dict[str, Any], path: Path, source: str) -> None:
+    """Refuse a teacher weights file other than the one the student was trained against, naming both."""
+    want, have = cfg["teacher_weights_sha256"], _file_sha256(path)
+    if want == have:
+        return
+    other = _identify_teacher_weights(have)
+    what = f"the weights of teacher '{other}'" if other else "other weights"
+    raise CheckpointError(
+        f"{source}: trained with teacher '{cfg['teacher']}' (weights sha256 {want[:12]}…), but the teacher "
+        f"weights file {path} holds {what} (sha256 {have[:12]}…); pass the '{cfg['teacher']}' weights the "
+        "student was trained against"
+    )
+
+
 def load_model(
     path_or_ckpt: str | os.PathLike | dict[str, Any],
     teacher_weights: str | os.PathLike | None = None,
@@ -164,6 +204,8 @@ def load_model(
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt, map_location)
     source = "checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
     cfg = ckpt["model_config"]
+    if teacher_weights is not None and Path(teacher_weights).is_file() and cfg.get("teacher_weights_sha256"):
+        _check_teacher_weights_file(cfg, Path(teacher_weights), source)
     model = SkipTS(
         teacher=cfg["teacher"],
         pretrained=cfg["teacher_pretrained"],

@@ -2,8 +2,10 @@
 
 Everything the package writes (checkpoints, metrics, splits, maps, CSVs) goes through the
 ``atomic_*`` helpers: the data is written to a temporary file in the destination folder, flushed
-and fsynced, then renamed over the destination. A failure (full disk, killed process) leaves the
-previous file intact and no half-written file behind.
+and fsynced, then renamed over the destination (and the folder fsynced). A failure (full disk,
+killed process) leaves the previous file intact; the temporary file is removed on any error the
+process sees (a process killed mid-write can leave a ``.<name>.*.tmp`` beside it, which
+:class:`~monai_skipts.handlers.SkipTSCheckpointHandler` removes when the run is resumed).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -22,6 +25,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save",
+    "remove_stale_temp_files",
 ]
 
 
@@ -58,12 +62,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, InputDataError):
             raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (power loss); best effort where folders cannot be fsynced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -92,3 +111,22 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[IO], Any]) -> Path:
     with atomic_open(path, "wb") as f:
         writer(f)
     return Path(path)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_open's mkstemp names look like
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, exclude: tuple[str, ...] = ("mlruns",)) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_open` that a killed process left under ``folder``
+    (sub-folders included, except those named in ``exclude``). Call it only where no other process
+    is writing. Returns the removed paths."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in exclude]
+        for name in files:
+            if _TEMP_NAME.match(name):
+                path = Path(root) / name
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed

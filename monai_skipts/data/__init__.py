@@ -21,18 +21,21 @@ from monai_skipts.data.layouts import (
     register_layout,
 )
 from monai_skipts.data.presets import DATASETS, DatasetPreset, get_dataset
+from monai_skipts.data.sampler import EpochSeededSampler, epoch_permutation
 from monai_skipts.data.split import SPLIT_FORMAT, load_split, prepare_split, save_split, split_datalist
 
 __all__ = [
     "CONFLICT_POLICIES",
     "DATASETS",
     "DatasetPreset",
+    "EpochSeededSampler",
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "SPLIT_FORMAT",
     "build_datalist",
     "busi_datalist",
     "class_folders_datalist",
+    "epoch_permutation",
     "file_datalist",
     "file_sha256",
     "get_dataset",

@@ -3,7 +3,9 @@ decision-threshold calibration on held-out normals."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,11 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ..checkpoint import check_teacher, load_checkpoint, save_checkpoint, set_rng_state
+from ..checkpoint import CheckpointError, check_teacher, load_checkpoint, save_checkpoint, set_rng_state
 from ..metrics import calibrate_threshold
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, remove_stale_temp_files
 
-__all__ = ["LossComponentsHandler", "SkipTSCheckpointHandler", "ThresholdCalibrator"]
+__all__ = ["LossComponentsHandler", "SkipTSCheckpointHandler", "ThresholdCalibrator", "resumed_run_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +53,20 @@ class LossComponentsHandler:
 
 
 class SkipTSCheckpointHandler:
-    """Saves ``checkpoint.pt`` atomically every ``save_interval`` epochs (student, optimizer, epoch,
-    iteration, RNG states) and, with ``resume=True``, continues from it when the trainer starts:
-    running the same command again after a crash resumes instead of starting over.
+    """Saves ``checkpoint.pt`` atomically every ``save_interval`` epochs and, with ``resume=True``,
+    continues from it when the trainer starts: running the same command again after a crash (even
+    ``kill -9``) resumes instead of starting over, and ends with the weights the uninterrupted run
+    would have produced (CPU, same seed).
+
+    The checkpoint holds the student, the optimizer, epoch and iteration, the Python/NumPy/torch RNG
+    states and, when ``data_loader`` is given, its generator state and a hash of the training ids
+    (the split). On resume the teacher must be the one the student was trained against and the
+    training split must be the same (:class:`~monai_skipts.checkpoint.CheckpointError` otherwise).
+    A checkpoint at or beyond ``max_epochs`` ends the run at once, without training.
+
+    Each epoch it calls ``set_epoch(epoch)`` on the data loader's sampler when it has one (e.g.
+    :class:`~monai_skipts.data.EpochSeededSampler`), so that the batch order depends only on
+    ``(seed, epoch)``.
 
     Args:
         output_dir: folder of ``checkpoint.pt``.
@@ -61,38 +74,114 @@ class SkipTSCheckpointHandler:
         optimizer: its optimizer.
         save_interval: epochs between saves.
         resume: resume from an existing ``checkpoint.pt``.
+        data_loader: the training data loader (sampler epochs, generator state, split check).
+        run_name: the MLflow run name, stored so that a resumed run continues the same MLflow run
+            (see :func:`resumed_run_name`).
     """
 
     def __init__(self, output_dir: str | Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 save_interval: int = 1, resume: bool = True, filename: str = "checkpoint.pt"):  # fmt: skip
+                 save_interval: int = 1, resume: bool = True, filename: str = "checkpoint.pt",
+                 data_loader: Any = None, run_name: str | None = None):  # fmt: skip
         self.path = Path(output_dir) / filename
         self.network, self.optimizer = network, optimizer
         self.save_interval, self.resume = int(save_interval), bool(resume)
+        self.data_loader, self.run_name = data_loader, run_name
+        self.resumed_from: int | None = None
+        self._saved_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._resume)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._set_sampler_epoch)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._save)
-        engine.add_event_handler(Events.COMPLETED, self._save)
+        engine.add_event_handler(Events.COMPLETED, self._save_final)
+
+    # ---- pieces of state beyond the model -------------------------------------------------------
+
+    def _generator(self) -> torch.Generator | None:
+        return getattr(self.data_loader, "generator", None)
+
+    def _train_ids_sha256(self) -> str | None:
+        data = getattr(getattr(self.data_loader, "dataset", None), "data", None)
+        if not isinstance(data, (list, tuple)) or not all(isinstance(d, dict) and "id" in d for d in data):
+            return None
+        return hashlib.sha256("\n".join(sorted(str(d["id"]) for d in data)).encode()).hexdigest()
+
+    def _set_sampler_epoch(self, engine: Engine) -> None:
+        sampler = getattr(self.data_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(engine.state.epoch)
+
+    # ---- save / resume --------------------------------------------------------------------------
 
     def _save(self, engine: Engine) -> None:
         if _is_rank0():
-            save_checkpoint(self.path, self.network, self.optimizer, engine.state.epoch, engine.state.iteration)
+            extra: dict[str, Any] = {}
+            if self.run_name:
+                extra["run_name"] = str(self.run_name)
+            ids = self._train_ids_sha256()
+            if ids is not None:
+                extra["train_ids_sha256"] = ids
+            g = self._generator()
+            if g is not None:
+                extra["loader_generator"] = g.get_state()
+            save_checkpoint(self.path, self.network, self.optimizer, engine.state.epoch, engine.state.iteration,
+                            extra=extra)  # fmt: skip
+        self._saved_epoch = engine.state.epoch
+
+    def _save_final(self, engine: Engine) -> None:
+        n = engine.state.epoch_length
+        if n and engine.state.iteration % n:  # terminated mid-epoch: keep the last complete epoch's checkpoint
+            logger.warning("training stopped inside epoch %d: %s keeps epoch %s", engine.state.epoch, self.path,
+                           self._saved_epoch)  # fmt: skip
+            return
+        if self._saved_epoch != engine.state.epoch:
+            self._save(engine)
 
     def _resume(self, engine: Engine) -> None:
+        if _is_rank0() and self.path.parent.is_dir():  # temp files of writes a killed run left behind
+            for tmp in remove_stale_temp_files(self.path.parent):
+                logger.info("removed %s, left by an interrupted write", tmp)
         if not (self.resume and self.path.is_file()):
             return
         ckpt = load_checkpoint(self.path)
         net = getattr(self.network, "module", self.network)
         check_teacher(ckpt, net, str(self.path))
+        extra = ckpt.get("extra") or {}
+        want, have = extra.get("train_ids_sha256"), self._train_ids_sha256()
+        if want is not None and have is not None and want != have:
+            raise CheckpointError(
+                f"{self.path}: refused to resume: it was trained on another training split than the one "
+                "this run uses (split.json or the dataset changed); delete it to start over, or use another output_dir"
+            )
         net.student.load_state_dict(ckpt["student"])
         if "optimizer" in ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+        g = self._generator()
+        if g is not None and isinstance(extra.get("loader_generator"), torch.Tensor):
+            g.set_state(extra["loader_generator"])
         engine.state.epoch, engine.state.iteration = ckpt["epoch"], ckpt["iteration"]
-        logger.warning("resumed from %s at epoch %d", self.path, ckpt["epoch"])
+        self.resumed_from = self._saved_epoch = int(ckpt["epoch"])
         if ckpt["epoch"] >= engine.state.max_epochs:
+            logger.warning("%s is at epoch %d of %d: training already done, nothing to resume",
+                           self.path, ckpt["epoch"], engine.state.max_epochs)  # fmt: skip
             engine.terminate()
+        else:
+            logger.warning("resumed from %s at epoch %d of %d", self.path, ckpt["epoch"], engine.state.max_epochs)
+
+
+def resumed_run_name(checkpoint: str | os.PathLike, resume: bool = True) -> str | None:
+    """The MLflow run name stored in ``checkpoint`` (``None`` when there is none or ``resume`` is
+    off): bundles use it so that a resumed training continues its MLflow run instead of leaving a
+    dangling one. An unreadable checkpoint gives ``None`` here; the resume itself reports it."""
+    if not resume or not Path(checkpoint).is_file():
+        return None
+    try:
+        name = (load_checkpoint(checkpoint).get("extra") or {}).get("run_name")
+    except CheckpointError:
+        return None
+    return str(name) if name else None
 
 
 class ThresholdCalibrator:

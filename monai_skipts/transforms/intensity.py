@@ -2,7 +2,7 @@
 
 All transforms take a channel-first tensor ``(C, *spatial)`` (``MetaTensor`` or plain tensor/array;
 arrays come back as tensors), keep its meta, and never produce NaN: a constant image (or any degenerate
-range) becomes all zeros. Per-image statistics are taken over all channels together.
+range) becomes all zeros, and an image holding NaN/inf is refused (InputDataError naming the file). Per-image statistics are taken over all channels together.
 
 - :class:`WindowIntensity`: CT window (centre, width) in HU -> [0, 1]; presets ``WINDOW_PRESETS``.
 - :class:`PercentileScaleIntensity`: MRI, clip to the 0.5/99.5 percentiles and scale to [0, 1].
@@ -72,6 +72,15 @@ def _meta(img) -> dict:
     return img.meta if isinstance(img, MetaTensor) else {}
 
 
+def _require_finite(img: torch.Tensor) -> None:
+    """InputDataError naming the file when ``img`` holds NaN/inf: scaling would spread them silently."""
+    x = img.as_tensor() if isinstance(img, MetaTensor) else img
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        problem = f"contains {bad} NaN/inf values; intensity scaling needs finite values (load with nonfinite='replace' to replace them)"
+        raise InputDataError(_meta(img).get("filename_or_obj"), problem)
+
+
 def _scale(img: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """``(img - lo) / (hi - lo)`` clipped to [0, 1]; zeros when ``hi <= lo`` (or not finite)."""
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
@@ -106,6 +115,7 @@ class WindowIntensity(Transform):
 
     def __call__(self, img) -> torch.Tensor:
         img, meta = _as_float(img), _meta(img)
+        _require_finite(img)
         if meta.get("source_format") == "picture" and not self.window_pictures:
             return BitRangeScaleIntensity()(img)
         if self.window == "dicom":
@@ -128,6 +138,7 @@ class PercentileScaleIntensity(Transform):
 
     def __call__(self, img) -> torch.Tensor:
         img = _as_float(img)
+        _require_finite(img)
         x = (img.as_tensor() if isinstance(img, MetaTensor) else img).detach().cpu().numpy().reshape(-1)
         lo, hi = np.percentile(x, [self.lower, self.upper])
         return _scale(img, float(lo), float(hi))
@@ -142,6 +153,7 @@ class ForegroundZScore(Transform):
 
     def __call__(self, img) -> torch.Tensor:
         img = _as_float(img)
+        _require_finite(img)
         x = img.as_tensor() if isinstance(img, MetaTensor) else img
         fg = x > (x.min() if self.threshold is None else self.threshold)
         vals = x[fg]
@@ -168,6 +180,7 @@ class BitRangeScaleIntensity(Transform):
 
     def __call__(self, img) -> torch.Tensor:
         img, meta = _as_float(img), _meta(img)
+        _require_finite(img)
         if isinstance(self.value_range, tuple):
             lo, hi = self.value_range
         else:
