@@ -44,7 +44,7 @@ TABLE1 = {
 }  # fmt: skip
 
 COMMON = {
-    "train": ["imports", "device", "teacher_name", "network_def", "network", "train_sampler", "is_not_rank0", "split", "tracking_uri", "experiment_name",
+    "train": ["imports", "device", "teacher_name", "network_def", "network", "predictor_def", "registered_model_name", "train_sampler", "is_not_rank0", "split", "tracking_uri", "experiment_name",
               "run_name", "mlflow_params", "train", "validate", "calibrate", "test", "initialize", "run", "finalize"],
     "evaluate": ["imports", "device", "loaded", "network", "threshold", "score_scale", "preprocessing", "split",
                  "tracking_uri", "experiment_name", "run_name", "eval_dataset", "eval_dataloader", "scores", "handlers",
@@ -88,6 +88,7 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         "progress_bar": False,
         "tensorboard": False,
         "mlflow": True,
+        "register": True,
         "n_heatmaps": 8,
         "save_maps": True,
     }

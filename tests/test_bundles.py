@@ -140,7 +140,8 @@ def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
     assert (out / "mlruns.db").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
     exp = client.get_experiment_by_name("monai-skipts-mvtec")
-    (run,) = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id])
+    (run,) = [r for r in runs if not r.info.run_name.startswith("register-")]  # the registration has its own run
     assert run.info.status == "FINISHED"
     p = run.data.params
     assert p["teacher"] == "efficientnet_lite0" and p["epochs"] == "2" and p["seed"] == "0" and p["lr"] == "0.005"
@@ -154,6 +155,19 @@ def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="metrics.json",
                                                 tracking_uri=f"sqlite:///{out / 'mlruns.db'}", dst_path=str(tmp_path / "dl"))  # fmt: skip
     assert json.loads(Path(local).read_text())["auroc"] == pytest.approx(run.data.metrics["test_auroc"])
+    # the trained model is registered with an alias, and the bundle exports through MONAI's ckpt_export
+    mv = client.get_model_version_by_alias("skipts-mvtec", "champion")
+    assert mv.run_id is not None
+    from monai.bundle import ckpt_export
+
+    ckpt_export(net_id="predictor_def", config_file="bundles/demo/train.json", ckpt_file=str(out / "model.pt"),
+                filepath=str(out / "model.ts"), use_trace=True, input_shape=[1, 3, 64, 64],
+                converter_kwargs={"check_trace": False}, spatial_size=64, n_train_images=8, output_dir=str(out))  # fmt: skip
+    import torch
+
+    ts = torch.jit.load(str(out / "model.ts"))
+    amap, score = ts(torch.zeros(2, 3, 64, 64))
+    assert amap.shape == (2, 1, 64, 64) and score.shape == (2,)
 
 
 def test_user_command_from_repo_root(tmp_path):

@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import logging
 import os
+import pickle
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,8 +267,11 @@ def _sha256(path: Path) -> str:
 def _load_state_dict(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RuntimeError(f"{path}: refused: the weights file holds pickled Python objects that could execute "
+                           "code when loaded (only tensors are accepted)") from None
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
+        raise RuntimeError(f"{path}: not a loadable weights file ({type(e).__name__})") from None
 
 
 # --------------------------------------------------------------------------- registry
