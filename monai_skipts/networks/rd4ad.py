@@ -1,0 +1,191 @@
+"""RD4AD-style reverse distillation (Deng & Li, CVPR 2022), the peer Skip-TS improves on.
+
+Frozen teacher E1..E4 (the same registry as :class:`~monai_skipts.networks.SkipTS`). The student
+is a *one-class bottleneck embedding* (OCBE) followed by a decoder *without* skip connections:
+
+- multi-scale feature fusion (MFF): E1 is brought to E3's grid by two stride-2 3×3 convolutions,
+  E2 by one, E3 by none (each ``c3`` channels, BatchNorm, ReLU); the three are concatenated;
+- the one-class embedding (OCE): one down-sampling residual block from ``3 * c3`` channels at
+  E3's grid to ``c4`` channels at E4's grid (RD4AD: one wide bottleneck block of ``layer4``'s kind),
+  a compact code that the decoder must expand;
+- the decoder D3, D2, D1: the Skip-TS decoder of the same teacher with ``skip="none"``, i.e.
+  each stage sees only the previous stage's output, never the teacher's features.
+
+``forward(x)`` gives ``(teacher_feats [E1, E2, E3], student_feats [F_s^1, F_s^2, F_s^3])`` like
+SkipTS, so :class:`~monai_skipts.engines.SkipTSTrainer`, ``TeacherFeatureCache``,
+:class:`~monai_skipts.engines.SkipTSEvaluator` and the inferers work unchanged.
+:class:`RD4ADLoss` is RD4AD's training loss (1 − cosine of the flattened maps per sample, summed
+over levels); RD4AD's anomaly map is eq 1/7/8 of Skip-TS (per-pixel 1 − cos, summed, Gaussian σ = 4).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .skipts import _DEFAULT_BLOCKS, _EXPANSION, _GENERIC_STUDENT, STUDENT_PRESETS
+from .student import SkipStudent
+from .teacher import TeacherEncoder, build_teacher
+
+__all__ = ["RD4AD", "RD4ADStudent", "OneClassBottleneck", "RD4ADLoss"]
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class _DownBlock(nn.Module):
+    """Stride-2 residual block ``(B, cin, h, w) -> (B, cout, h/2, w/2)``: 1×1 → 3×3 s2 → 1×1 with a
+    strided 1×1 shortcut (a ResNet bottleneck; ``depthwise`` makes it an inverted residual)."""
+
+    def __init__(self, cin: int, cout: int, width: int, depthwise: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width if depthwise else 1, bias=False),
+            nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class OneClassBottleneck(nn.Module):
+    """RD4AD's OCBE: ``[E1, E2, E3] -> (B, c4, h/32, w/32)``.
+
+    Args:
+        teacher_channels: channels of E1..E4.
+        width: width of the embedding block (default: ``c4``, RD4AD's ``layer4`` width ratio).
+        depthwise: inverted-residual embedding block (EfficientNet teachers) instead of a bottleneck.
+    """
+
+    def __init__(self, teacher_channels: Sequence[int], width: int | None = None, depthwise: bool = False):
+        super().__init__()
+        c1, c2, c3, c4 = (int(c) for c in teacher_channels)
+        self.fuse1 = nn.Sequential(*_conv_bn_relu(c1, c2, 2), *_conv_bn_relu(c2, c3, 2))
+        self.fuse2 = nn.Sequential(*_conv_bn_relu(c2, c3, 2))
+        width = int(width) if width is not None else (_EXPANSION * 3 * c3 if depthwise else c4)
+        self.embed = _DownBlock(3 * c3, c4, width, depthwise)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        e1, e2, e3 = feats[:3]
+        return self.embed(torch.cat([self.fuse1(e1), self.fuse2(e2), e3], dim=1))
+
+
+class RD4ADStudent(nn.Module):
+    """OCBE + skip-less decoder: ``[E1, E2, E3, E4] -> [F_s^1, F_s^2, F_s^3]`` (E4 is not used)."""
+
+    def __init__(self, teacher_channels: Sequence[int], decoder: SkipStudent, depthwise: bool = False):
+        super().__init__()
+        self.bottleneck = OneClassBottleneck(teacher_channels, depthwise=depthwise)
+        self.decoder = decoder
+
+    def forward(self, t_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        code = self.bottleneck(t_feats)
+        return self.decoder([None, None, None, code])
+
+
+class RD4AD(nn.Module):
+    """RD4AD-style reverse distillation with the same interface as :class:`SkipTS`.
+
+    Args:
+        teacher: registered teacher name, ``"auto"`` or a :class:`TeacherEncoder` (shared instances
+            are fine: the teacher is frozen).
+        pretrained, teacher_weights, download: as for :class:`SkipTS`.
+        upsample_kernel: decoder up-sampling kernel (RD4AD's code: 2; default 3 like Skip-TS so the
+            only differences from Skip-TS are the bottleneck and the missing skips).
+        student_kind, student_blocks: override the decoder preset of the teacher.
+
+    ``forward(x, teacher_feats=None)`` returns ``([E1, E2, E3], [F_s^1, F_s^2, F_s^3])``; shapes as
+    for :class:`SkipTS`. ``teacher_feats`` (E1..E4, e.g. from ``TeacherFeatureCache``) skips the
+    teacher.
+    """
+
+    def __init__(
+        self,
+        teacher: str | TeacherEncoder = "auto",
+        pretrained: bool = True,
+        teacher_weights: str | os.PathLike | None = None,
+        upsample_kernel: int = 3,
+        student_kind: str | None = None,
+        student_blocks: Sequence[int] | None = None,
+        download: bool = True,
+    ):
+        super().__init__()
+        self.teacher = teacher if isinstance(teacher, TeacherEncoder) else build_teacher(
+            teacher, pretrained=pretrained, weights=teacher_weights, download=download
+        )
+        name = self.teacher.name
+        preset = dict(STUDENT_PRESETS.get(name, _GENERIC_STUDENT))
+        if student_kind is not None and student_kind != preset["kind"]:
+            preset = {"kind": student_kind, "blocks": _DEFAULT_BLOCKS.get(student_kind, (2, 2, 2))}
+        if student_blocks is not None:
+            preset["blocks"] = tuple(student_blocks)
+        if preset["kind"] == "inverted":
+            c1, c2, c3, c4 = self.teacher.out_channels
+            preset.setdefault("widths", tuple(_EXPANSION * c for c in (c3, c2, c1)))
+            preset.setdefault("up_widths", tuple(_EXPANSION * c for c in (c4, c3, c2)))
+        decoder = SkipStudent(
+            self.teacher.out_channels, upsample_kernel=upsample_kernel, skip="none",
+            final_activation=self.teacher.nonnegative, **preset,
+        )  # fmt: skip
+        self.student = RD4ADStudent(self.teacher.out_channels, decoder, depthwise=preset["kind"] == "inverted")
+        self.config: dict[str, Any] = {
+            "model": "rd4ad",
+            "teacher": name,
+            "teacher_pretrained": bool(pretrained),
+            "teacher_weights_sha256": self.teacher.weights_sha256,
+            "student": "rd4ad",
+            "skip": "none",
+            "upsample_kernel": int(upsample_kernel),
+            "student_kind": preset["kind"],
+            "student_blocks": list(preset["blocks"]),
+        }
+
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[E1, E2, E3, E4]`` of the frozen teacher, computed without autograd."""
+        with torch.no_grad():
+            return [f.detach() for f in self.teacher(x)]
+
+    def student_features(self, t_feats: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> list[torch.Tensor]:  # noqa: ARG002
+        """``[F_s^1, F_s^2, F_s^3]`` from the teacher's ``[E1..E4]``."""
+        student = self.__dict__.get("_student_ddp") or self.student  # see engines.distribute_student
+        return student(t_feats)
+
+    def forward(
+        self, x: torch.Tensor, teacher_feats: Sequence[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        t_all = list(teacher_feats) if teacher_feats is not None else self.teacher_features(x)
+        return t_all[:3], self.student_features(t_all, x)
+
+    def predict(self, x: torch.Tensor, sigma: float = 4.0, layers: Sequence[int] | None = None):
+        """Anomaly map ``(B, 1, H, W)`` and image score ``(B,)`` (same head as Skip-TS)."""
+        from ..inferers import anomaly_map_and_score
+
+        t, s = self(x)
+        return anomaly_map_and_score(t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers)
+
+
+class RD4ADLoss(nn.Module):
+    """RD4AD's loss: ``sum_l mean_b (1 - cos(flatten(F_t^l), flatten(F_s^l)))``, the cosine taken over
+    each sample's whole flattened feature map. ``forward(pred, target=None)`` with ``pred`` the
+    model's ``(teacher_feats, student_feats)``; ``last`` holds ``{"total"}`` after each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.last: dict[str, float] = {}
+
+    def forward(self, pred, target: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
+        t_feats, s_feats = pred
+        total = torch.zeros((), device=t_feats[0].device)
+        for t, s in zip(t_feats, s_feats):
+            cos = F.cosine_similarity(t.float().flatten(1), s.float().flatten(1), dim=1)
+            total = total + (1.0 - cos).mean()
+        self.last = {"total": float(total.detach())}
+        return total
