@@ -218,7 +218,9 @@ class TeacherFeatureCache:
     def __call__(self, batchdata: dict, device: torch.device, non_blocking: bool = False, **kwargs: Any):
         if not isinstance(batchdata, dict) or self.key not in batchdata:
             raise KeyError(f"TeacherFeatureCache needs batches with a unique '{self.key}' per image")
-        image = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+        image = batchdata["image"]
+        # plain tensors: MetaTensor bookkeeping on every student op costs ~2x per step (benchmarks/speed.py)
+        image = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(device=device, non_blocking=non_blocking, **kwargs)
         label = batchdata.get("label")
         label = label.to(device=device, non_blocking=non_blocking) if isinstance(label, torch.Tensor) else None
         ids = [str(i) for i in batchdata[self.key]]
