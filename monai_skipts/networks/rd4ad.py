@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .skipts import _DEFAULT_BLOCKS, _EXPANSION, _GENERIC_STUDENT, STUDENT_PRESETS
+from .skipts import _DEFAULT_BLOCKS, _EXPANSION, _GENERIC_STUDENT, STUDENT_PRESETS, TeacherStudentModel
 from .student import SkipStudent
 from .teacher import TeacherEncoder, build_teacher
 
@@ -91,7 +91,7 @@ class RD4ADStudent(nn.Module):
         return self.decoder([None, None, None, code])
 
 
-class RD4AD(nn.Module):
+class RD4AD(TeacherStudentModel):
     """RD4AD-style reverse distillation with the same interface as :class:`SkipTS`.
 
     Args:
@@ -148,28 +148,10 @@ class RD4AD(nn.Module):
             "student_blocks": list(preset["blocks"]),
         }
 
-    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``[E1, E2, E3, E4]`` of the frozen teacher, computed without autograd."""
-        with torch.no_grad():
-            return [f.detach() for f in self.teacher(x)]
-
     def student_features(self, t_feats: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> list[torch.Tensor]:  # noqa: ARG002
         """``[F_s^1, F_s^2, F_s^3]`` from the teacher's ``[E1..E4]``."""
         student = self.__dict__.get("_student_ddp") or self.student  # see engines.distribute_student
         return student(t_feats)
-
-    def forward(
-        self, x: torch.Tensor, teacher_feats: Sequence[torch.Tensor] | None = None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        t_all = list(teacher_feats) if teacher_feats is not None else self.teacher_features(x)
-        return t_all[:3], self.student_features(t_all, x)
-
-    def predict(self, x: torch.Tensor, sigma: float = 4.0, layers: Sequence[int] | None = None):
-        """Anomaly map ``(B, 1, H, W)`` and image score ``(B,)`` (same head as Skip-TS)."""
-        from ..inferers import anomaly_map_and_score
-
-        t, s = self(x)
-        return anomaly_map_and_score(t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers)
 
 
 class RD4ADLoss(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 from .student import SkipStudent
 from .teacher import TeacherEncoder, build_teacher
 
-__all__ = ["SkipTS", "EncoderStudent", "STUDENT_PRESETS"]
+__all__ = ["SkipTS", "TeacherStudentModel", "EncoderStudent", "STUDENT_PRESETS"]
 
 #: default student decoder per teacher (kind, blocks per D3/D2/D1, bottleneck widths)
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
@@ -46,7 +46,37 @@ class EncoderStudent(nn.Module):
         return self.encoder(x)[:3]
 
 
-class SkipTS(nn.Module):
+class TeacherStudentModel(nn.Module):
+    """What every teacher-student detector here shares: a frozen ``teacher`` whose features are
+    computed without autograd, a ``student_features`` the subclass defines, ``forward`` returning
+    ``(teacher_feats[:3], student_feats)`` (optionally from cached teacher features) and
+    :meth:`predict` for the anomaly map and score."""
+
+    teacher: TeacherEncoder
+
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[E1, E2, E3, E4]`` of the frozen teacher, computed without autograd."""
+        with torch.no_grad():
+            return [f.detach() for f in self.teacher(x)]
+
+    def student_features(self, t_feats: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, teacher_feats: Sequence[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        t_all = list(teacher_feats) if teacher_feats is not None else self.teacher_features(x)
+        return t_all[:3], self.student_features(t_all, x)
+
+    def predict(self, x: torch.Tensor, sigma: float = 4.0, layers: Sequence[int] | None = None):
+        """Anomaly map ``(B, 1, H, W)`` and image score ``(B,)`` (paper eq 7-8)."""
+        from ..inferers import anomaly_map_and_score
+
+        t, s = self(x)
+        return anomaly_map_and_score(t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers)
+
+
+class SkipTS(TeacherStudentModel):
     """Skip-TS (Liu et al., IEEE TIM 2024).
 
     Args:
@@ -119,11 +149,6 @@ class SkipTS(nn.Module):
             "student_up_widths": list(preset["up_widths"]) if "up_widths" in preset else None,
         }
 
-    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``[E1, E2, E3, E4]`` of the frozen teacher, computed without autograd."""
-        with torch.no_grad():
-            return [f.detach() for f in self.teacher(x)]
-
     def student_features(self, t_feats: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``[F_s^1, F_s^2, F_s^3]`` from the teacher's ``[E1..E4]`` (or from ``x`` for the encoder student)."""
         student = self.__dict__.get("_student_ddp") or self.student  # see distribute_student
@@ -133,15 +158,3 @@ class SkipTS(nn.Module):
             return student(x)
         return student(t_feats)
 
-    def forward(
-        self, x: torch.Tensor, teacher_feats: Sequence[torch.Tensor] | None = None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        t_all = list(teacher_feats) if teacher_feats is not None else self.teacher_features(x)
-        return t_all[:3], self.student_features(t_all, x)
-
-    def predict(self, x: torch.Tensor, sigma: float = 4.0, layers: Sequence[int] | None = None):
-        """Anomaly map ``(B, 1, H, W)`` and image score ``(B,)`` (paper eq 7-8)."""
-        from ..inferers import anomaly_map_and_score
-
-        t, s = self(x)
-        return anomaly_map_and_score(t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers)
