@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .skipts import _DEFAULT_BLOCKS, _EXPANSION, _GENERIC_STUDENT, STUDENT_PRESETS, TeacherStudentModel
+from .skipts import _EXPANSION, TeacherStudentModel, student_preset
 from .student import SkipStudent
 from .teacher import TeacherEncoder, build_teacher
 
@@ -122,15 +122,7 @@ class RD4AD(TeacherStudentModel):
             teacher, pretrained=pretrained, weights=teacher_weights, download=download
         )
         name = self.teacher.name
-        preset = dict(STUDENT_PRESETS.get(name, _GENERIC_STUDENT))
-        if student_kind is not None and student_kind != preset["kind"]:
-            preset = {"kind": student_kind, "blocks": _DEFAULT_BLOCKS.get(student_kind, (2, 2, 2))}
-        if student_blocks is not None:
-            preset["blocks"] = tuple(student_blocks)
-        if preset["kind"] == "inverted":
-            c1, c2, c3, c4 = self.teacher.out_channels
-            preset.setdefault("widths", tuple(_EXPANSION * c for c in (c3, c2, c1)))
-            preset.setdefault("up_widths", tuple(_EXPANSION * c for c in (c4, c3, c2)))
+        preset = student_preset(self.teacher, student_kind, student_blocks)
         decoder = SkipStudent(
             self.teacher.out_channels, upsample_kernel=upsample_kernel, skip="none",
             final_activation=self.teacher.nonnegative, **preset,

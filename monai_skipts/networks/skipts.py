@@ -11,7 +11,7 @@ from torch import nn
 from .student import SkipStudent
 from .teacher import TeacherEncoder, build_teacher
 
-__all__ = ["SkipTS", "TeacherStudentModel", "EncoderStudent", "STUDENT_PRESETS"]
+__all__ = ["SkipTS", "TeacherStudentModel", "EncoderStudent", "STUDENT_PRESETS", "student_preset"]
 
 #: default student decoder per teacher (kind, blocks per D3/D2/D1, bottleneck widths)
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
@@ -25,6 +25,31 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
 _GENERIC_STUDENT = {"kind": "inverted", "blocks": (3, 3, 2)}
 _DEFAULT_BLOCKS = {"basic": (2, 2, 2), "inverted": (3, 3, 2), "bottleneck": (6, 4, 3)}
 _EXPANSION = 6
+
+
+def student_preset(
+    teacher: TeacherEncoder,
+    kind: str | None = None,
+    blocks: Sequence[int] | None = None,
+    widths: Sequence[int] | None = None,
+    up_widths: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The student decoder options for ``teacher`` (its preset, then the given overrides):
+    ``{"kind", "blocks"[, "widths", "up_widths"]}`` as :class:`SkipStudent` takes them."""
+    preset = dict(STUDENT_PRESETS.get(teacher.name, _GENERIC_STUDENT))
+    if kind is not None and kind != preset["kind"]:
+        preset = {"kind": kind, "blocks": _DEFAULT_BLOCKS.get(kind, (2, 2, 2))}
+    if blocks is not None:
+        preset["blocks"] = tuple(blocks)
+    if widths is not None:
+        preset["widths"] = tuple(widths)
+    if up_widths is not None:
+        preset["up_widths"] = tuple(up_widths)
+    if preset["kind"] == "inverted":  # MBConv-style expansion of the in/out channels
+        c1, c2, c3, c4 = teacher.out_channels
+        preset.setdefault("widths", tuple(_EXPANSION * c for c in (c3, c2, c1)))
+        preset.setdefault("up_widths", tuple(_EXPANSION * c for c in (c4, c3, c2)))
+    return preset
 
 
 class EncoderStudent(nn.Module):
@@ -114,19 +139,7 @@ class SkipTS(TeacherStudentModel):
             teacher, pretrained=pretrained, weights=teacher_weights, download=download
         )
         name = self.teacher.name
-        preset = dict(STUDENT_PRESETS.get(name, _GENERIC_STUDENT))
-        if student_kind is not None and student_kind != preset["kind"]:
-            preset = {"kind": student_kind, "blocks": _DEFAULT_BLOCKS.get(student_kind, (2, 2, 2))}
-        if student_blocks is not None:
-            preset["blocks"] = tuple(student_blocks)
-        if student_widths is not None:
-            preset["widths"] = tuple(student_widths)
-        if student_up_widths is not None:
-            preset["up_widths"] = tuple(student_up_widths)
-        if preset["kind"] == "inverted":  # MBConv-style expansion of the in/out channels
-            c1, c2, c3, c4 = self.teacher.out_channels
-            preset.setdefault("widths", tuple(_EXPANSION * c for c in (c3, c2, c1)))
-            preset.setdefault("up_widths", tuple(_EXPANSION * c for c in (c4, c3, c2)))
+        preset = student_preset(self.teacher, student_kind, student_blocks, student_widths, student_up_widths)
         if student == "decoder":
             self.student: nn.Module = SkipStudent(
                 self.teacher.out_channels, upsample_kernel=upsample_kernel, skip=skip,
