@@ -162,6 +162,17 @@ class SkipTSEvaluator(SupervisedEvaluator):
 
     def _iteration(self, engine: SupervisedEvaluator, batchdata: dict[str, Any]) -> dict:
         output = super()._iteration(engine, batchdata)
+        if engine.amp and not bool(torch.isfinite(output["pred"]).all()):
+            # fp16 autocast can overflow on an unusual image (seen on IQ-OTH/NCCD on an H200: one
+            # validation image's map was NaN at epoch 80 while the training loss was finite):
+            # score this batch again in fp32 rather than fail or report a NaN score.
+            ids = list(batchdata.get("id", [])) if isinstance(batchdata, dict) else []
+            logger.warning("non-finite anomaly map under AMP (batch %s): recomputed in fp32", ids or engine.state.iteration)
+            engine.amp = False
+            try:
+                output = super()._iteration(engine, batchdata)
+            finally:
+                engine.amp = True
         output["pred"] = output["pred"].float()
         output["score"] = SkipTSInferer.score(output["pred"])
         if isinstance(batchdata, dict) and "id" in batchdata:

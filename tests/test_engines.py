@@ -100,3 +100,31 @@ def test_quality_on_lesion_phantom_with_offline_teacher(tmp_path):
     assert len(ids) == len(test) and np.isfinite(scores).all()
     m = image_metrics(scores, labels)
     assert m["auroc"] > 0.9, m
+
+
+def test_evaluator_rescores_a_non_finite_amp_batch_in_fp32():
+    """The fp32 retry's control flow on this CPU: a fault injected into the first forward pass only
+    (on a GPU, tests/test_cuda.py forces a real fp16 overflow instead)."""
+    torch.manual_seed(0)
+    model = SkipTS("efficientnet_lite0").eval()
+    data = [{"image": torch.randn(3, 64, 64), "label": i % 2, "id": str(i)} for i in range(4)]
+    ev = SkipTSEvaluator("cpu", DataLoader(data, batch_size=4), model)
+    ref = []
+    ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: ref.append(e.state.output["score"].clone()))
+    ev.run()
+    calls = []
+
+    def fault(m, i, o):
+        calls.append(1)
+        return [t * float("nan") for t in o] if len(calls) == 1 else o
+
+    hook = model.student.register_forward_hook(fault)
+    ev.amp = True  # what a CUDA device gets; autocast("cuda") is a no-op on this CPU
+    got = []
+    ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: got.append(e.state.output["score"].clone()))
+    try:
+        ev.run()
+    finally:
+        hook.remove()
+    assert len(calls) == 2 and ev.amp  # scored twice, AMP switched back on for the next batch
+    assert torch.isfinite(got[-1]).all() and torch.allclose(got[-1], ref[0], atol=1e-6)

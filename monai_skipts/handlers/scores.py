@@ -102,7 +102,10 @@ class AnomalyScoreHandler:
         ids = [str(i) for i in out.get("id", [None] * n)]
         for s, y, i in zip(scores, labels, ids):
             if not math.isfinite(s):
-                raise ValueError(f"{i}: the anomaly score is not finite ({s}); check the input image")
+                raise ValueError(
+                    f"{i}: the anomaly score is not finite ({s}): the image or the model's weights hold "
+                    "non-finite values (images are checked on loading: look at the checkpoint)"
+                )
             self.records.append({"id": i, "label": None if y is None else int(y), "score": s})
         batch = engine.state.batch
         if self.pixel_metrics_on and isinstance(batch, dict) and isinstance(batch.get("mask"), torch.Tensor):
