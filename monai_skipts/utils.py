@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 __all__ = [
+    "check_flags",
     "InputDataError",
     "atomic_open",
     "atomic_write_bytes",
@@ -137,3 +138,20 @@ def remove_stale_temp_files(folder: str | os.PathLike, exclude: tuple[str, ...] 
                     path.unlink()
                     removed.append(path)
     return removed
+
+
+def check_flags(**flags: Any) -> None:
+    """Refuse a bundle switch that is not a real boolean.
+
+    ``python -m monai.bundle run ... --mlflow false`` passes the *string* ``'false'`` (the command
+    line is read as Python literals: ``False`` is a boolean, ``false`` is not), and a non-empty string
+    is true: MLflow would run although the user switched it off. Bundles call this first.
+    """
+    bad = {k: v for k, v in flags.items() if not isinstance(v, bool)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        hint = f" (write {str(v).strip().capitalize()})" if str(v).strip().lower() in ("true", "false") else ""
+        raise ValueError(
+            f"--{k} must be True or False, got {v!r}{hint}; "
+            f"bad switches: {', '.join(f'{n}={w!r}' for n, w in bad.items())}"
+        )

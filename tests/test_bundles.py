@@ -115,6 +115,8 @@ def test_dataset_bundle_train_evaluate_infer(name, tmp_path):
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["teacher"] == "efficientnet_lite0"
     assert metrics["n_normal"] >= 1 and metrics["n_abnormal"] >= 1
     assert list((out / "heatmaps").glob("anomalous_*.png")) and list((out / "heatmaps").glob("normal_*.png"))
+    panel = Image.open(next((out / "heatmaps").glob("anomalous_*.png")))
+    assert panel.size == (3 * TINY["spatial_size"], TINY["spatial_size"])  # image | overlay | map
     with open(out / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == metrics["n_images"] and {"score", "anomalous", "threshold"} <= set(rows[0])
@@ -182,6 +184,19 @@ def test_user_command_from_repo_root(tmp_path):
     split = json.loads((out / "split.json").read_text())
     assert split["seed"] == 3
     assert json.loads((out / "metrics.json").read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize("config", ["train", "evaluate"])
+def test_lower_case_false_on_the_command_line_is_refused(config, tmp_path):
+    """`--mlflow false` reaches the bundle as the string 'false' (true in Python): refused by name
+    before anything runs, instead of silently logging to MLflow."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/brainmri/{config}.json",
+           "--dataset_dir", str(tmp_path / "data"), "--output_dir", str(out), "--mlflow", "false"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert "--mlflow must be True or False, got 'false' (write False)" in r.stderr
+    assert not (out / "mlruns.db").exists() and not (out / "checkpoint.pt").exists()
 
 
 def test_auto_teacher_falls_back_loudly_offline(tmp_path):
