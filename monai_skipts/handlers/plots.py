@@ -16,7 +16,7 @@ from PIL import Image
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..utils import atomic_save, atomic_write_json
 
-__all__ = ["AnomalyPlotsHandler", "overlay_heatmap", "save_map_png", "safe_name"]
+__all__ = ["AnomalyPlotsHandler", "heatmap_panel", "overlay_heatmap", "save_map_png", "safe_name"]
 
 
 def safe_name(item_id: str) -> str:
@@ -40,6 +40,24 @@ def overlay_heatmap(image_rgb: np.ndarray, amap: np.ndarray, vmax: float, alpha:
 
     heat = colormaps["jet"](np.clip(amap / max(vmax, 1e-8), 0, 1))[..., :3]
     return (255 * ((1 - alpha) * image_rgb + alpha * heat)).round().astype(np.uint8)
+
+
+def heatmap_panel(image_rgb: np.ndarray, amap: np.ndarray, vmax: float) -> np.ndarray:
+    """Image | overlay | anomaly map alone (jet on [0, vmax]), side by side, uint8 (H, 3W, 3). The
+    map's maximum (the image score's location) is marked with a white cross on the last two panels:
+    on bright tissue the blended overlay alone hides where the map peaks."""
+    from matplotlib import colormaps
+
+    img = (image_rgb * 255).round().astype(np.uint8)
+    over = overlay_heatmap(image_rgb, amap, vmax)
+    alone = (255 * colormaps["jet"](np.clip(amap / max(vmax, 1e-8), 0, 1))[..., :3]).round().astype(np.uint8)
+    h, w = amap.shape
+    y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    r = max(2, min(h, w) // 40)
+    for panel in (over, alone):
+        panel[max(0, y - r):y + r + 1, x] = 255
+        panel[y, max(0, x - r):x + r + 1] = 255
+    return np.concatenate([img, over, alone], axis=1)
 
 
 def save_map_png(path: str | Path, amap: np.ndarray, vmax: float) -> None:
@@ -111,7 +129,7 @@ class AnomalyPlotsHandler:
         names = {0: "normal", 1: "anomalous"}
         for y, samples in self._samples.items():
             for i, img, amap in samples:
-                arr = np.concatenate([(img * 255).round().astype(np.uint8), overlay_heatmap(img, amap, vmax)], axis=1)
+                arr = heatmap_panel(img, amap, vmax)
                 path = self.output_dir / "heatmaps" / f"{names.get(y, y)}_{safe_name(i)}.png"
                 atomic_save(path, lambda f, a=arr: Image.fromarray(a).save(f, format="PNG"))
         if self.save_maps and self._maps:
