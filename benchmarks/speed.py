@@ -228,7 +228,7 @@ def flops_per_image(module: torch.nn.Module, size: int, device) -> float:
     """FLOPs of one forward pass on a ``(1, 3, size, size)`` image (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(1, 3, size, size, device=device)
+    x = torch.zeros(1, 3, size, size, device=next(module.parameters()).device)  # FLOPs do not depend on the device
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         module(x)
     return float(fc.get_total_flops())
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = machine_limit(device, min_s)
     res["limit"] = limit
     print(f"limit: {limit}", flush=True)
-    model = fresh_model()
+    model = fresh_model().to(device)  # the shared teacher may already sit on the device
     predictor = SkipTSPredictor(model)
     key, tkey = "skipts_" + a.teacher, "teacher_" + a.teacher
     flops = {key: flops_per_image(predictor, a.size, device), tkey: flops_per_image(model.teacher, a.size, device)}

@@ -1,0 +1,138 @@
+"""The README's results table, produced by the bundles themselves: one
+``python -m monai.bundle run --config_file bundles/<dataset>/train.json`` per seed, then the test
+metrics each run wrote (``<run>/metrics.json``) gathered into mean ± standard deviation.
+
+    python benchmarks/bundle_runs.py --dataset brainmri --dataset-dir ../shared/data/brainmri \\
+        --seeds 0 1 2 3 4 --teacher efficientnet_lite0 --jobs 1
+
+Every run is the bundle's whole pipeline (split with duplicates removed, 200 epochs, calibration on
+the validation normals, last-epoch model on the test split, heat maps). Runs already finished in
+``--work-dir`` (their ``metrics.json`` holds ``auroc``) are not repeated; a stopped run resumes
+from its ``checkpoint.pt`` (the bundle's ``resume``). ``--jobs`` runs seeds side by side (one GPU
+holds several of these small models). Anything after ``--`` goes to every bundle run unchanged
+(e.g. ``-- --mlflow false --num_workers 4``).
+
+Writes ``<work-dir>/<dataset>_summary.json`` and prints one Markdown table row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from monai_skipts.utils import atomic_write_json  # noqa: E402
+
+
+
+def paper_auroc(dataset: str) -> float | None:
+    """The paper's Table II AUROC (%) for this bundle, from its ``metadata.json``."""
+    return json.loads((ROOT / "bundles" / dataset / "metadata.json").read_text()).get("paper_auroc")
+
+
+def run_dir(work_dir: Path, dataset: str, seed: int) -> Path:
+    return work_dir / f"{dataset}_s{seed}"
+
+
+def finished(out: Path) -> dict | None:
+    f = out / "metrics.json"
+    if not f.is_file():
+        return None
+    m = json.loads(f.read_text())
+    return m if "auroc" in m else None
+
+
+def run_one(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
+    out = run_dir(args.work_dir, args.dataset, seed)
+    done = finished(out)
+    if done is not None:
+        print(f"[seed {seed}] already finished: AUROC {100 * done['auroc']:.2f}", flush=True)
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", f"bundles/{args.dataset}/train.json",
+        "--dataset_dir", str(args.dataset_dir), "--output_dir", str(out),
+        "--teacher", args.teacher, "--seed", str(seed), *extra,
+    ]
+    t0 = time.perf_counter()
+    with open(out / "bundle_run.log", "ab") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"seed {seed}: bundle run failed (exit {rc}); see {out / 'bundle_run.log'}")
+    m = finished(out)
+    if m is None:
+        raise RuntimeError(f"seed {seed}: the bundle run ended without {out / 'metrics.json'}")
+    m = dict(m, wall_seconds=round(seconds, 1))
+    print(f"[seed {seed}] AUROC {100 * m['auroc']:.2f}  AUPR {100 * m['aupr']:.2f}  ({seconds:.0f} s)", flush=True)
+    return m
+
+
+def summarise(dataset: str, teacher: str, per_seed: dict[int, dict]) -> dict:
+    seeds = sorted(per_seed)
+    au = [100 * per_seed[s]["auroc"] for s in seeds]
+    ap = [100 * per_seed[s]["aupr"] for s in seeds]
+    sd = statistics.stdev if len(seeds) > 1 else (lambda v: 0.0)
+    return {
+        "dataset": dataset, "teacher": teacher, "seeds": seeds,
+        "auroc": au, "aupr": ap,
+        "auroc_mean": statistics.fmean(au), "auroc_std": sd(au),
+        "aupr_mean": statistics.fmean(ap), "aupr_std": sd(ap),
+        "paper_auroc": paper_auroc(dataset),
+        "split": per_seed[seeds[0]].get("split"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="brainmri")
+    p.add_argument("--dataset-dir", type=Path, required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--teacher", default="auto")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bundles"))
+    args = p.parse_args(argv)
+    if not (ROOT / "bundles" / args.dataset / "train.json").is_file():
+        p.error(f"no bundle bundles/{args.dataset}/train.json")
+    args.dataset_dir = args.dataset_dir.resolve()
+    args.work_dir = args.work_dir.resolve()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {s: pool.submit(run_one, args, s, extra) for s in args.seeds}
+        per_seed, failed = {}, []
+        for s, f in futures.items():
+            try:
+                per_seed[s] = f.result()
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+                failed.append(s)
+    if not per_seed:
+        return 1
+    summary = summarise(args.dataset, args.teacher, per_seed)
+    summary["bundle_args"] = extra
+    atomic_write_json(args.work_dir / f"{args.dataset}_summary.json", summary)
+    paper = summary["paper_auroc"]
+    print(
+        f"| {args.dataset} | {summary['auroc_mean']:.1f} ± {summary['auroc_std']:.1f} | "
+        f"{summary['aupr_mean']:.1f} ± {summary['aupr_std']:.1f} | {len(per_seed)} | "
+        f"{paper if paper is not None else '–'} |"
+    )
+    print("per seed AUROC:", ", ".join(f"{s}: {a:.2f}" for s, a in zip(summary["seeds"], summary["auroc"])))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
