@@ -215,3 +215,24 @@ def test_auto_teacher_falls_back_loudly_offline(tmp_path):
 
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["model_config"]["teacher"] == "efficientnet_lite0"
+
+
+def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
+    """benchmarks/bundle_runs.py (the README's results table): one real bundle run per seed, the
+    metrics each wrote gathered into mean ± sd; a second call reuses finished runs."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    make_layout("brainmri", data)
+    cmd = [sys.executable, "benchmarks/bundle_runs.py", "--dataset", "brainmri", "--dataset-dir", str(data),
+           "--seeds", "0", "1", "--teacher", "efficientnet_lite0", "--work-dir", str(work),
+           "--", "--epochs", "1", "--spatial_size", "64", "--batch_size", "4", "--mlflow", "False", "--n_heatmaps", "0"]  # fmt: skip
+    env = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads((work / "brainmri_summary.json").read_text())
+    per_seed = [100 * json.loads((work / f"brainmri_s{s}" / "metrics.json").read_text())["auroc"] for s in (0, 1)]
+    assert summary["seeds"] == [0, 1] and summary["auroc"] == pytest.approx(per_seed)
+    assert summary["auroc_mean"] == pytest.approx(np.mean(per_seed))
+    assert summary["auroc_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert summary["paper_auroc"] == 88.2 and "| brainmri |" in r.stdout
+    r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r2.returncode == 0 and r2.stdout.count("already finished") == 2
