@@ -12,7 +12,6 @@ execute code is refused with :class:`UnsafeCheckpointError`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .utils import atomic_save
+from .utils import atomic_save, file_sha256
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -152,14 +151,6 @@ def check_teacher(ckpt: dict[str, Any], model: torch.nn.Module, source: str = "c
         )
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _identify_teacher_weights(sha256: str) -> str | None:
     """The registered teacher whose locally available weights file has ``sha256`` (no downloads)."""
     from .networks.teacher import TEACHERS
@@ -169,14 +160,14 @@ def _identify_teacher_weights(sha256: str) -> str | None:
             path = spec.weights_file(None, False)
         except Exception:  # noqa: BLE001 - not on this machine
             continue
-        if Path(path).is_file() and _file_sha256(Path(path)) == sha256:
+        if Path(path).is_file() and file_sha256(Path(path)) == sha256:
             return name
     return None
 
 
 def _check_teacher_weights_file(cfg: dict[str, Any], path: Path, source: str) -> None:
     """Refuse a teacher weights file other than the one the student was trained against, naming both."""
-    want, have = cfg["teacher_weights_sha256"], _file_sha256(path)
+    want, have = cfg["teacher_weights_sha256"], file_sha256(path)
     if want == have:
         return
     other = _identify_teacher_weights(have)

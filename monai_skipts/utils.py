@@ -11,6 +11,7 @@ process sees (a process killed mid-write can leave a ``.<name>.*.tmp`` beside it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from typing import IO, Any, Callable, Iterator
 
 __all__ = [
     "check_flags",
+    "file_sha256",
     "InputDataError",
     "atomic_open",
     "atomic_write_bytes",
@@ -155,3 +157,12 @@ def check_flags(**flags: Any) -> None:
             f"--{k} must be True or False, got {v!r}{hint}; "
             f"bad switches: {', '.join(f'{n}={w!r}' for n, w in bad.items())}"
         )
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of the file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -8,9 +8,10 @@ the ``DICM`` preamble at byte 128. Hidden files (``.*``), AppleDouble files, ``T
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from monai_skipts.utils import file_sha256
 
 __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "list_images", "file_sha256", "relative_id"]
 
@@ -62,15 +63,6 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
         dirnames[:] = [d for d in dirnames if not _ignored(d)]
         found.extend(Path(dirpath, f) for f in filenames if is_image_file(Path(dirpath, f)))
     return sorted(found)
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def relative_id(path: str | os.PathLike, base: str | os.PathLike) -> str:

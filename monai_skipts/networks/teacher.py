@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..utils import atomic_save
+from ..utils import atomic_save, file_sha256
 
 __all__ = [
     "TeacherEncoder",
@@ -256,14 +256,6 @@ def _lite_weights_file(variant: int, weights: str | os.PathLike | None) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_state_dict(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -367,7 +359,7 @@ def build_teacher(
         return spec.build(None)
     path = spec.weights_file(weights, download)
     teacher = spec.build(_load_state_dict(path))
-    teacher.weights_sha256 = _sha256(path)
+    teacher.weights_sha256 = file_sha256(path)
     logger.info("teacher %s: ImageNet weights from %s", name, path)
     return teacher
 
