@@ -11,6 +11,18 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SKIPTS_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: on a shared, loaded CPU, OpenMP threads spin-wait
+    on each other (10x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def offline_torch_home(tmp_path, monkeypatch):
     """An empty torchvision cache and no downloads: the situation of a machine without internet."""

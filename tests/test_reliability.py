@@ -51,13 +51,7 @@ def _tmp_files(root: Path) -> list[Path]:
     return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU, OpenMP threads spin-wait on each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
