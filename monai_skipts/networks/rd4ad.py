@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .skipts import _EXPANSION, TeacherStudentModel, student_preset
-from .student import SkipStudent
+from .student import SkipStudent, _expand_project, _Residual
 from .teacher import TeacherEncoder, build_teacher
 
 __all__ = ["RD4AD", "RD4ADStudent", "OneClassBottleneck", "RD4ADLoss"]
@@ -38,22 +38,14 @@ def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class _DownBlock(nn.Module):
+class _DownBlock(_Residual):
     """Stride-2 residual block ``(B, cin, h, w) -> (B, cout, h/2, w/2)``: 1×1 → 3×3 s2 → 1×1 with a
     strided 1×1 shortcut (a ResNet bottleneck; ``depthwise`` makes it an inverted residual)."""
 
     def __init__(self, cin: int, cout: int, width: int, depthwise: bool = False):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width if depthwise else 1, bias=False),
-            nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
-        )  # fmt: skip
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+        mid = lambda: nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width if depthwise else 1, bias=False)  # noqa: E731
+        body = _expand_project(cin, width, cout, mid)
+        super().__init__(body, nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout)))
 
 
 class OneClassBottleneck(nn.Module):

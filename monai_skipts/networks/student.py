@@ -21,7 +21,7 @@ the official code's choice (``upsample_kernel=2``). Skip modes: ``"add"`` (paper
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,107 +43,95 @@ def _deconv(cin: int, cout: int, kernel: int) -> nn.ConvTranspose2d:
     raise ValueError(f"upsample_kernel must be 2 or 3, got {kernel}")
 
 
-class Bottleneck(nn.Module):
-    """Bottleneck residual block at constant resolution: 1×1 → 3×3 → 1×1, ``channels`` in and out."""
+class _Residual(nn.Module):
+    """``act(body(x) + shortcut(x))``, the form of every block below; the shortcut is the identity
+    for blocks at constant resolution and a stride-2 transposed convolution for up-sampling blocks."""
 
-    def __init__(self, channels: int, width: int, act: bool = True):
+    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None, act: bool = True):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels),
-        )  # fmt: skip
+        self.body = body
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + x)
+        return self.act(self.body(x) + self.shortcut(x))
 
 
-class UpBottleneck(nn.Module):
+def _up_shortcut(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
+
+
+def _expand_project(cin: int, width: int, cout: int, mid: Callable[[], nn.Module]) -> nn.Sequential:
+    """1×1 to ``width`` → ``mid()`` → 1×1 to ``cout``, each followed by BatchNorm (ReLU after the
+    first two): the body of bottleneck and inverted-residual blocks. ``mid`` is built between the
+    two 1×1 convolutions, so parameters are initialised in layer order."""
+    return nn.Sequential(
+        nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        mid(), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+    )  # fmt: skip
+
+
+class Bottleneck(_Residual):
+    """Bottleneck residual block at constant resolution: 1×1 → 3×3 → 1×1, ``channels`` in and out."""
+
+    def __init__(self, channels: int, width: int, act: bool = True):
+        body = _expand_project(channels, width, channels, lambda: nn.Conv2d(width, width, 3, padding=1, bias=False))
+        super().__init__(body, act=act)
+
+
+class UpBottleneck(_Residual):
     """Up-sampling bottleneck: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``; the 3×3 conv and the shortcut
     are stride-2 transposed convolutions (the mirror of torchvision's stride-2 bottleneck)."""
 
     def __init__(self, cin: int, cout: int, width: int, kernel: int = 3, act: bool = True):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            _deconv(width, width, kernel), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
-        )  # fmt: skip
-        self.shortcut = nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
+        body = _expand_project(cin, width, cout, lambda: _deconv(width, width, kernel))
+        super().__init__(body, _up_shortcut(cin, cout, kernel), act=act)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_Residual):
     """Basic residual block (two 3×3 convs) at constant resolution."""
 
     def __init__(self, channels: int, act: bool = True):
-        super().__init__()
-        self.body = nn.Sequential(
+        body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
         )  # fmt: skip
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + x)
+        super().__init__(body, act=act)
 
 
-class UpBasicBlock(nn.Module):
+class UpBasicBlock(_Residual):
     """Up-sampling basic block: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, act: bool = True):
-        super().__init__()
-        self.body = nn.Sequential(
+        body = nn.Sequential(
             _deconv(cin, cout, kernel), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
         )  # fmt: skip
-        self.shortcut = nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
+        super().__init__(body, _up_shortcut(cin, cout, kernel), act=act)
 
 
-class InvertedResidual(nn.Module):
+class InvertedResidual(_Residual):
     """MobileNetV2/EfficientNet inverted residual at constant resolution: 1×1 expand → 3×3 depthwise
     → 1×1 project, ``channels`` in and out (the mirror of an MBConv block)."""
 
     def __init__(self, channels: int, width: int, act: bool = True):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels),
-        )  # fmt: skip
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + x)
+        dw = lambda: nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)  # noqa: E731
+        super().__init__(_expand_project(channels, width, channels, dw), act=act)
 
 
-class UpInvertedResidual(nn.Module):
+class UpInvertedResidual(_Residual):
     """Up-sampling inverted residual: 1×1 expand → 3×3 depthwise transposed conv (stride 2) → 1×1
     project, with a transposed-conv shortcut: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``."""
 
     def __init__(self, cin: int, cout: int, width: int, kernel: int = 3, act: bool = True):
-        super().__init__()
-        dw = _deconv(width, width, kernel)
-        dw = nn.ConvTranspose2d(width, width, dw.kernel_size, stride=2, padding=dw.padding,
-                                output_padding=dw.output_padding, groups=width, bias=False)  # fmt: skip
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            dw, nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
-        )  # fmt: skip
-        self.shortcut = nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
+        # The depthwise layer takes _deconv's geometry. It is built before the 1×1 convolutions, and
+        # the dense _deconv it is read from draws from the RNG too: both stay as they were, so that a
+        # seed gives the same initial student as the runs whose results the README reports.
+        geometry = _deconv(width, width, kernel)
+        dw = nn.ConvTranspose2d(width, width, geometry.kernel_size, stride=2, padding=geometry.padding,
+                                output_padding=geometry.output_padding, groups=width, bias=False)  # fmt: skip
+        super().__init__(_expand_project(cin, width, cout, lambda: dw), _up_shortcut(cin, cout, kernel), act=act)
 
 
 class SkipStudent(nn.Module):
