@@ -29,6 +29,9 @@ from monai_skipts.metrics import image_metrics
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import build_preprocessing
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import log_epochs  # noqa: E402  (benchmarks/ is not a package)
+
 DEFAULT_MODALITY = {
     "brainmri": "mri", "iq_oth_nccd": "ct_lung", "iqothnccd": "ct_lung", "head_ct": "ct_brain", "headct": "ct_brain",
     "busi": "ultrasound", "covid_xray": "xray", "malaria": "rgb", "retinal_oct": "ultrasound", "mvtec": "rgb",
@@ -66,11 +69,7 @@ def run_protocol(
         prepare_batch=TeacherFeatureCache(model, pre),
     )  # fmt: skip
     t0 = time.time()
-    if log_every:
-        @trainer.on(Events.EPOCH_COMPLETED(every=log_every))
-        def _log(engine):
-            print(f"  epoch {engine.state.epoch} loss {engine.state.output['loss'].item():.4f} "
-                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)  # fmt: skip
+    log_epochs(trainer, log_every, t0)
     trainer.run()
     train_s = time.time() - t0
     scores, labels = [], []

@@ -118,6 +118,15 @@ def default_teacher() -> str:
     return "wide_resnet50_2" if teacher_weights_available("wide_resnet50_2", download=False) else "efficientnet_lite0"
 
 
+def log_epochs(trainer, every: int, t0: float, label: str = "") -> None:
+    """Print ``  <label>epoch N loss L Ts`` to stderr every ``every`` epochs (0: never), T counted from ``t0``."""
+    if every:
+        @trainer.on(Events.EPOCH_COMPLETED(every=every))
+        def _log(engine):
+            print(f"  {label}epoch {engine.state.epoch} loss {float(engine.state.output['loss']):.4f} "
+                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def _channels_last(model: torch.nn.Module) -> torch.nn.Module:
     """NHWC weights: oneDNN (CPU) and cuDNN run convolutions faster on them (measured on CPU at 128²:
     0.72 s → 0.40 s per Skip-TS step); every conv output then follows in NHWC."""
@@ -263,11 +272,7 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0)
         loss_function=loss, prepare_batch=run.feature_cache(model, run.train_store),
     )  # fmt: skip
     t0 = time.time()
-    if log_every:
-        @trainer.on(Events.EPOCH_COMPLETED(every=log_every))
-        def _log(engine):
-            print(f"  [{run.name} s{run.seed} {method}] epoch {engine.state.epoch} loss "
-                  f"{float(engine.state.output['loss']):.4f} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)  # fmt: skip
+    log_epochs(trainer, log_every, t0, f"[{run.name} s{run.seed} {method}] ")
     trainer.run()
     train_s = time.time() - t0
     # the maps of the similarity the model was trained with: the MSE ablation replaces M_l itself
