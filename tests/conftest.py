@@ -11,6 +11,18 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SKIPTS_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
+def png(path: Path, value: int) -> Path:
+    """A tiny grey PNG whose bytes depend only on ``value`` (equal values: identical files)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("L", (4, 4))
+    img.putpixel((0, 0), value % 256)
+    img.putpixel((1, 0), value // 256)
+    img.save(path, format="PNG")  # PNG bytes whatever the name: lossless, so values stay distinct
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's tests: on a shared, loaded CPU, OpenMP threads spin-wait

@@ -8,20 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from monai_skipts.data import DATASETS, get_dataset, prepare_split, remove_duplicates, split_datalist
+from conftest import png
 from monai_skipts.utils import InputDataError
-
-
-def png(path: Path, value: int) -> Path:
-    """A tiny grey PNG whose bytes depend only on ``value`` (equal values: identical files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("L", (4, 4))
-    img.putpixel((0, 0), value % 256)
-    img.putpixel((1, 0), value // 256)
-    img.save(path, format="PNG")  # PNG bytes whatever the name: lossless, so values stay distinct
-    return path
 
 
 def brainmri(root: Path, n_no: int = 20, n_yes: int = 12) -> Path:
