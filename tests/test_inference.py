@@ -84,9 +84,11 @@ def test_heatmap_panel_marks_the_maps_peak_where_the_lesion_is():
     img = np.full((64, 64, 3), 0.9)  # bright tissue: the blended overlay alone washes out
     amap = np.zeros((64, 64))
     amap[40:46, 10:16] = np.linspace(0.5, 1.0, 36).reshape(6, 6)  # peak at (45, 15)
-    p = heatmap_panel(img, amap, vmax=1.0)
-    assert p.shape == (64, 192, 3) and p.dtype == np.uint8
-    assert (p[:, :64] == round(0.9 * 255)).all()  # first panel: the image untouched
-    for off in (64, 128):  # overlay and map alone: white cross centred on the peak
-        assert (p[45, off + 15] == 255).all() and (p[43, off + 15] == 255).all() and (p[45, off + 13] == 255).all()
-    assert p[10, 128 + 50, 2] > 100 and p[10, 128 + 50, 0] < 50  # zero map: jet's dark blue
+    p, lay = heatmap_panel(img, amap, vmax=1.0, return_layout=True)
+    assert p.dtype == np.uint8 and p.shape[2] == 3
+    (iy, ix, ih, iw), (oy, ox, oh, ow) = lay["image"], lay["overlay"]
+    assert (ih, iw) == (oh, ow) == (64, 64)  # full resolution
+    assert (p[iy:iy + 64, ix:ix + 64] == round(0.9 * 255)).all()  # first pane: the image untouched
+    o = p[oy:oy + 64, ox:ox + 64]  # overlay: white cross centred on the peak
+    assert (o[45, 15] == 255).all() and (o[43, 15] == 255).all() and (o[45, 13] == 255).all()
+    assert o[10, 50, 2] > o[10, 50, 0] + 40  # zero map: jet's dark blue blended over the tissue
