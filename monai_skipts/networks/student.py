@@ -16,7 +16,13 @@ Decoder kinds:
 
 Up-sampling kernel 3 (the paper, mirroring the teacher's 3×3 stride-2 convolutions); kernel 2 is
 the official code's choice (``upsample_kernel=2``). Skip modes: ``"add"`` (paper), ``"add_relu"``
-(official code: ``relu(F_s + F_t)``), ``"none"`` (ablation "DRKD w/o SC": Dj sees only ``F_s^{j+1}``).
+(official code: ``relu(F_s + F_t)``), ``"none"`` (ablation "DRKD w/o SC": Dj sees only ``F_s^{j+1}``),
+``"gate"`` (ours: ``F_s + sigmoid(g) ⊙ F_t`` with a learned gate ``g`` per channel, initially 0.5).
+
+Options of ours, to limit how much of the teacher's own (possibly anomalous) features the skips hand
+the student: ``skip_levels`` (which of the two skips exist), ``skip_dropout`` (channel dropout on the
+teacher part, training only) and ``skip_noise`` (Gaussian noise on the teacher part, training only).
+Their defaults are the paper's: both skips, no dropout, no noise.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "SkipStudent", "UpBottleneck", "Bottleneck", "UpBasicBlock", "BasicBlock", "UpInvertedResidual",
-    "InvertedResidual", "SKIP_MODES",
+    "InvertedResidual", "SKIP_MODES", "SKIP_LEVELS",
 ]  # fmt: skip
 
-SKIP_MODES = ("add", "add_relu", "none")
+SKIP_MODES = ("add", "add_relu", "none", "gate")
+#: teacher levels that can feed a skip: F_t^3 joins before D2, F_t^2 before D1
+SKIP_LEVELS = (3, 2)
 
 
 def _deconv(cin: int, cout: int, kernel: int) -> nn.ConvTranspose2d:
@@ -148,13 +157,30 @@ class SkipStudent(nn.Module):
             D3's first block inverts layer4's first block: width 1024), the blocks after it mirror
             the teacher's blocks at the output resolution (D3: layer3's, width 512).
         upsample_kernel: 3 (paper) or 2 (official code).
-        skip: ``"add"``, ``"add_relu"`` or ``"none"``.
+        skip: how ``F_t^{j+1}`` joins ``F_s^{j+1}`` before Dj: ``"add"`` (paper, ``F_s + F_t``),
+            ``"add_relu"`` (official code, ``relu(F_s + F_t)``), ``"none"`` (ablation: ``F_s``
+            only; the same as ``skip_levels=()``) or ``"gate"`` (ours: ``F_s + sigmoid(g) ⊙ F_t``,
+            ``g`` a learned parameter per channel and level, initialised to 0, i.e. a gate of 0.5).
         final_activation: end each sub-decoder with a ReLU. Right for ResNet teachers, whose taps
             are post-ReLU (non-negative); wrong for EfficientNet, whose taps are linear projections
             (signed): a ReLU there keeps the student from matching the teacher's direction.
+        skip_levels: (ours) the teacher levels that feed a skip, a subset of ``(3, 2)``: level 3
+            (``F_t^3``) joins before D2, level 2 (``F_t^2``) before D1; a level left out gives that
+            sub-decoder ``F_s^{j+1}`` only. Default ``(3, 2)`` (paper).
+        skip_dropout: (ours) probability ``p`` in ``[0, 1)`` of zeroing a whole channel of the
+            teacher part of each skip, the rest scaled by ``1 / (1 - p)`` (``nn.Dropout2d``), in
+            training mode only; identity in eval mode. Default 0 (paper).
+        skip_noise: (ours) in training mode only, the teacher part of each skip becomes
+            ``F_t + skip_noise · std_c(F_t) · N(0, 1)``, with ``std_c`` the (population) standard
+            deviation of each sample's channel over space, not back-propagated through; identity in
+            eval mode. Applied before ``skip_dropout`` (a dropped channel is all zero). Default 0.
 
     Input: ``[F_t^1, F_t^2, F_t^3, F_t^4]``. Output: ``[F_s^1, F_s^2, F_s^3]``, each the shape of
     the teacher's feature at the same level.
+
+    With the defaults the parameters, their initial values (for a seed) and the outputs are those of
+    the paper's student; ``"gate"`` adds parameters ``skip_gate.level3``/``skip_gate.level2`` of
+    shapes ``(C_3,)``/``(C_2,)`` (created without drawing random numbers).
     """
 
     def __init__(
@@ -167,10 +193,20 @@ class SkipStudent(nn.Module):
         upsample_kernel: int = 3,
         skip: str = "add",
         final_activation: bool = True,
+        skip_levels: Sequence[int] = SKIP_LEVELS,
+        skip_dropout: float = 0.0,
+        skip_noise: float = 0.0,
     ):
         super().__init__()
         if skip not in SKIP_MODES:
             raise ValueError(f"skip must be one of {SKIP_MODES}, got '{skip}'")
+        levels = [int(v) for v in skip_levels]
+        if len(set(levels)) != len(levels) or not set(levels) <= set(SKIP_LEVELS):
+            raise ValueError(f"skip_levels must be distinct levels out of {SKIP_LEVELS}, got {tuple(skip_levels)}")
+        if not 0.0 <= float(skip_dropout) < 1.0:
+            raise ValueError(f"skip_dropout must be in [0, 1), got {skip_dropout}")
+        if not float(skip_noise) >= 0.0:
+            raise ValueError(f"skip_noise must be >= 0, got {skip_noise}")
         if len(teacher_channels) != 4 or len(blocks) != 3:
             raise ValueError("need 4 teacher channel counts (E1..E4) and 3 block counts (D3, D2, D1)")
         c1, c2, c3, c4 = (int(c) for c in teacher_channels)
@@ -197,7 +233,18 @@ class SkipStudent(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.d3, self.d2, self.d1 = stages
         self.skip = skip
+        #: the levels that feed a skip, as used (empty for ``skip="none"``), in (3, 2) order
+        self.skip_levels: tuple[int, ...] = () if skip == "none" else tuple(v for v in SKIP_LEVELS if v in levels)
+        self.skip_dropout = float(skip_dropout)
+        self.skip_noise = float(skip_noise)
         self._init_weights()
+        # new parameters come after the decoder's and draw no random numbers: the decoder's initial
+        # weights for a seed stay those of the paper's student
+        if skip == "gate":
+            channels = {3: c3, 2: c2}
+            self.skip_gate = nn.ParameterDict(
+                {f"level{v}": nn.Parameter(torch.zeros(channels[v])) for v in self.skip_levels}
+            )
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -207,15 +254,30 @@ class SkipStudent(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _join(self, f_t: torch.Tensor, f_s: torch.Tensor) -> torch.Tensor:
-        if self.skip == "none":
+    def _teacher_part(self, f_t: torch.Tensor) -> torch.Tensor:
+        """``F_t`` as the skip passes it on: noise then channel dropout in training mode."""
+        if not self.training:
+            return f_t
+        if self.skip_noise > 0:
+            std = f_t.detach().std(dim=(-2, -1), keepdim=True, unbiased=False)
+            f_t = f_t + self.skip_noise * std * torch.randn_like(f_t)
+        if self.skip_dropout > 0:
+            f_t = F.dropout2d(f_t, self.skip_dropout, training=True)
+        return f_t
+
+    def _join(self, level: int, f_t: torch.Tensor, f_s: torch.Tensor) -> torch.Tensor:
+        """The input of the next sub-decoder: ``F_s`` joined with the teacher's ``F_t`` at ``level``."""
+        if level not in self.skip_levels:
             return f_s
+        f_t = self._teacher_part(f_t)
+        if self.skip == "gate":
+            f_t = torch.sigmoid(self.skip_gate[f"level{level}"]).view(1, -1, 1, 1) * f_t
         x = f_s + f_t
         return torch.relu(x) if self.skip == "add_relu" else x
 
     def forward(self, t_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         t1, t2, t3, t4 = t_feats
         s3 = self.d3(t4)
-        s2 = self.d2(self._join(t3, s3))
-        s1 = self.d1(self._join(t2, s2))
+        s2 = self.d2(self._join(3, t3, s3))
+        s1 = self.d1(self._join(2, t2, s2))
         return [s1, s2, s3]

