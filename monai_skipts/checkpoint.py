@@ -95,6 +95,10 @@ def save_checkpoint(
         model: a :class:`~monai_skipts.networks.SkipTS` (or DDP-wrapped one).
         threshold: calibration record, e.g. ``{"value": 1.7, "target_fpr": 0.05, "n_normals": 6}``.
         extra: more plain data (tensors, numbers, strings, lists, dicts) to keep.
+
+    The model's per-level map statistics (buffer ``map_level_stats``, ``(L, 2)``, see
+    :func:`~monai_skipts.inferers.set_level_stats`), when it has them, are kept under
+    ``"map_level_stats"`` (float32, CPU); :func:`load_model` restores them.
     """
     net = getattr(model, "module", model)
     payload: dict[str, Any] = {
@@ -107,6 +111,9 @@ def save_checkpoint(
         "threshold": threshold,
         "extra": extra or {},
     }
+    stats = getattr(net, "map_level_stats", None)
+    if stats is not None:
+        payload["map_level_stats"] = stats.detach().to("cpu", torch.float32).clone()
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
     if with_rng:
@@ -188,7 +195,10 @@ def load_model(
     """Rebuild the trained :class:`~monai_skipts.networks.SkipTS` from a checkpoint, in eval mode.
 
     The teacher is rebuilt by name (``teacher_weights`` may point at the file) and must have the
-    weights the student was trained against. Returns ``(model, checkpoint_dict)``.
+    weights the student was trained against. The checkpoint's per-level map statistics
+    (``"map_level_stats"``), when present, are restored as the model's ``map_level_stats`` buffer, so
+    :class:`~monai_skipts.inferers.SkipTSPredictor` / ``SkipTSInferer`` give the trained model's maps.
+    Returns ``(model, checkpoint_dict)``.
     """
     from .networks import SkipTS
 
@@ -209,7 +219,17 @@ def load_model(
         student_widths=cfg.get("student_widths"),
         student_up_widths=cfg.get("student_up_widths"),
         download=download,
+        # options added later: a checkpoint without them was trained with the paper's skips and the
+        # teacher's default taps
+        skip_levels=cfg.get("skip_levels", (3, 2)),
+        skip_dropout=cfg.get("skip_dropout", 0.0),
+        skip_noise=cfg.get("skip_noise", 0.0),
+        teacher_taps=cfg.get("teacher_taps"),
     )
     check_teacher(ckpt, model, source)
     model.student.load_state_dict(ckpt["student"])
+    if ckpt.get("map_level_stats") is not None:  # per-level map standardisation (absent: none)
+        from .inferers import set_level_stats
+
+        set_level_stats(model, ckpt["map_level_stats"])
     return model.to(map_location).eval(), ckpt

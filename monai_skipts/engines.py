@@ -7,6 +7,10 @@
   :class:`~monai_skipts.losses.DRKDLoss`. The teacher runs without autograd; AMP is used on CUDA.
 - :class:`SkipTSEvaluator` is a :class:`monai.engines.SupervisedEvaluator` whose inferer gives the
   anomaly map; each iteration's output also holds ``"score"`` (B,) and the batch's ``"id"`` list.
+  The map is standardised per level when the network has statistics (``map_level_stats``).
+- :class:`LevelStatsFitter` fits those per-level statistics on the training normals after training
+  and stores them on the network (bundle: ``$@fit_level_stats()`` between the trainer's run and the
+  calibration).
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import default_prepare_batch
 
-from .inferers import SkipTSInferer
+from .inferers import SkipTSInferer, fit_level_stats, set_level_stats
 from .losses import DRKDLoss
 
 __all__ = [
-    "SkipTSTrainer", "SkipTSEvaluator", "TeacherFeatureCache", "has_random_transforms", "build_optimizer",
-    "distribute_student",
+    "SkipTSTrainer", "SkipTSEvaluator", "LevelStatsFitter", "TeacherFeatureCache", "has_random_transforms",
+    "build_optimizer", "distribute_student",
     "resolve_device", "PAPER_HPARAMS",
 ]  # fmt: skip
 
@@ -134,7 +138,10 @@ class SkipTSEvaluator(SupervisedEvaluator):
         device: as for :class:`SkipTSTrainer`.
         val_data_loader: batches of dicts with ``"image"`` and optional ``"label"``, ``"id"``.
         network: :class:`~monai_skipts.networks.SkipTS`.
-        inferer: default :class:`~monai_skipts.inferers.SkipTSInferer` (sigma 4).
+        inferer: default :class:`~monai_skipts.inferers.SkipTSInferer` (sigma 4), which reads the
+            network's per-level map statistics (buffer ``map_level_stats``) at every iteration and
+            standardises the levels when they are present (so statistics set after construction,
+            e.g. by :class:`LevelStatsFitter`, are used).
         amp: honoured on CUDA only.
         kwargs: passed to :class:`monai.engines.SupervisedEvaluator` (``val_handlers``, ...).
     """
@@ -178,6 +185,65 @@ class SkipTSEvaluator(SupervisedEvaluator):
         if isinstance(batchdata, dict) and "id" in batchdata:
             output["id"] = list(batchdata["id"])
         return output
+
+
+class LevelStatsFitter:
+    """Fit the per-level map statistics on training normals and store them on the network.
+
+    Calls :func:`~monai_skipts.inferers.fit_level_stats` over ``data_loader`` and
+    :func:`~monai_skipts.inferers.set_level_stats` on ``network`` (buffer ``map_level_stats``,
+    ``(L, 2)`` mean/std per level); from then on :class:`SkipTSEvaluator`, ``SkipTSPredictor``,
+    checkpoints (:func:`~monai_skipts.checkpoint.save_checkpoint`) and exports use them. Run it after
+    training and before calibration (the threshold must be calibrated on the standardised maps). In a
+    bundle config::
+
+        "fit_level_stats": {"_target_": "monai_skipts.engines.LevelStatsFitter",
+                            "network": "@network", "data_loader": "@train#dataloader",
+                            "prepare_batch": "@train#prepare_batch"},
+        "run": ["$@train#trainer.run()", "$@fit_level_stats()", "$@calibrate()", ...]
+
+    Independent of ignite; also usable as an event handler (``trainer.add_event_handler(
+    Events.COMPLETED, fitter)``): the engine argument is ignored.
+
+    Args:
+        network: the trained :class:`~monai_skipts.networks.SkipTS` (optionally DDP-wrapped).
+        data_loader: batches of dicts with ``"image"`` ``(B, 3, H, W)`` (the training normals), or of
+            image tensors.
+        device: default the network's device.
+        prepare_batch: optional ``prepare_batch(batch, device)`` of the trainer; a
+            :class:`TeacherFeatureCache` makes the fit reuse its cached teacher features. ``None``
+            (or MONAI's default) recomputes the features through the network.
+        similarity: as for :class:`~monai_skipts.inferers.SkipTSInferer`.
+        enabled: ``False`` makes the call a no-op (the maps stay unstandardised), so a config can
+            switch the standardisation with one flag.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        data_loader: Iterable,
+        device: str | torch.device | None = None,
+        prepare_batch: Callable | None = None,
+        similarity: str = "cosine",
+        enabled: bool = True,
+    ):
+        self.network = network
+        self.data_loader = data_loader
+        self.device = None if device is None else resolve_device(device)
+        self.prepare_batch = None if prepare_batch is default_prepare_batch else prepare_batch
+        self.similarity = similarity
+        self.enabled = bool(enabled)
+        self.stats: torch.Tensor | None = None
+
+    def __call__(self, engine: Any = None) -> torch.Tensor | None:
+        """Fit and store the statistics; returns them (``(L, 2)``, CPU), or ``None`` when disabled."""
+        if not self.enabled:
+            return None
+        stats = fit_level_stats(self.network, self.data_loader, self.device, self.similarity, self.prepare_batch)
+        set_level_stats(self.network, stats)
+        self.stats = stats
+        logger.info("per-level map statistics (mean, std): %s", [[round(float(v), 6) for v in row] for row in stats])
+        return stats
 
 
 def has_random_transforms(transform: Any) -> bool:

@@ -7,7 +7,10 @@ anomalib issue #1513) and the image score (map maximum).
 
 - :class:`SkipTSExportModel`: the predictor plus its decision threshold (buffers ``threshold`` and
   ``threshold_scale``); its ``load_state_dict`` also takes a whole monai-skipts checkpoint, which is
-  what ``python -m monai.bundle ckpt_export`` hands it (see the README of the bundles).
+  what ``python -m monai.bundle ckpt_export`` hands it (see the README of the bundles). The model's
+  per-level map statistics (buffer ``map_level_stats`` of the ``SkipTS``, see
+  :func:`~monai_skipts.inferers.set_level_stats`), when present, are part of the traced graph, so
+  exports standardise the levels as the eager model does.
 - :func:`export_torchscript`, :func:`export_onnx`: trace at a fixed ``spatial_size`` (the
   EfficientNet teachers' "same" padding and the up-sampling sizes are fixed at trace time; the batch
   size stays dynamic), write atomically, embed :func:`export_metadata` (TorchScript extra file
@@ -39,7 +42,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import CHECKPOINT_KIND, CheckpointError, check_teacher, load_checkpoint, load_model
-from .inferers import SkipTSPredictor
+from .inferers import SkipTSPredictor, get_level_stats, set_level_stats
 from .utils import atomic_write_bytes
 
 __all__ = [
@@ -67,13 +70,15 @@ class SkipTSExportModel(nn.Module):
 
     Args:
         model: a :class:`~monai_skipts.networks.SkipTS` (teacher with the weights it was trained with).
-        sigma, layers, similarity: see :class:`~monai_skipts.inferers.SkipTSPredictor`.
+        sigma, layers, similarity, standardize: see :class:`~monai_skipts.inferers.SkipTSPredictor`.
         threshold: calibration record ``{"value", "scale", "target_fpr", ...}`` or ``None``.
 
-    Buffers ``threshold`` and ``threshold_scale`` (NaN when unknown) travel into TorchScript.
+    Buffers ``threshold`` and ``threshold_scale`` (NaN when unknown) travel into TorchScript, as does
+    the model's ``map_level_stats`` (per-level map standardisation) when it has one.
     ``load_state_dict`` accepts the module's own state dict or a whole monai-skipts checkpoint
     (``{"kind": "monai-skipts/checkpoint", "student": ..., "threshold": ...}``): the teacher is
-    checked against the checkpoint's (name and weights hash), the student loaded, the threshold set.
+    checked against the checkpoint's (name and weights hash), the student loaded, the threshold and
+    the per-level map statistics set (cleared when the checkpoint has none).
     """
 
     def __init__(
@@ -83,9 +88,10 @@ class SkipTSExportModel(nn.Module):
         layers: Sequence[int] | None = None,
         similarity: str = "cosine",
         threshold: Mapping[str, Any] | None = None,
+        standardize: bool = True,
     ):
         super().__init__()
-        self.predictor = SkipTSPredictor(model, sigma, layers, similarity)
+        self.predictor = SkipTSPredictor(model, sigma, layers, similarity, standardize)
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64), persistent=False)
         self.register_buffer("threshold_scale", torch.tensor(math.nan, dtype=torch.float64), persistent=False)
         self.threshold_record: dict[str, Any] | None = None
@@ -115,6 +121,7 @@ class SkipTSExportModel(nn.Module):
         check_teacher(state_dict, self.model)  # type: ignore[arg-type]
         result = self.model.student.load_state_dict(state_dict["student"], strict=strict, assign=assign)
         self.set_threshold(state_dict.get("threshold"))
+        set_level_stats(self.model, state_dict.get("map_level_stats"))
         return result
 
     @classmethod
@@ -140,7 +147,7 @@ def as_export_model(obj: nn.Module, threshold: Mapping[str, Any] | None = None) 
         out = obj
     elif isinstance(obj, SkipTSPredictor):
         head = obj.head
-        out = SkipTSExportModel(obj.model, head.blur.sigma, head.layers, head.similarity)
+        out = SkipTSExportModel(obj.model, head.blur.sigma, head.layers, head.similarity, standardize=obj.standardize)
     elif hasattr(obj, "teacher") and hasattr(obj, "student"):
         out = SkipTSExportModel(obj)
     else:
@@ -163,9 +170,11 @@ def export_metadata(
     model: SkipTSExportModel, spatial_size: int | Sequence[int], extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The metadata embedded in exports: teacher and model configuration, threshold record, spatial
-    size, sigma, input/output names and shapes, package version. Plain JSON-able data."""
+    size, sigma, per-level map statistics (``[[mean, std], ...]`` or ``None``), input/output names and
+    shapes, package version. Plain JSON-able data."""
     h, w = _size2(spatial_size)
     net = model.model
+    stats = get_level_stats(net) if model.predictor.standardize else None
     meta = {
         "kind": EXPORT_KIND,
         "monai_skipts_version": __version__,
@@ -175,6 +184,7 @@ def export_metadata(
         "threshold": model.threshold_record,
         "spatial_size": [h, w],
         "sigma": model.sigma,
+        "map_level_stats": stats.detach().cpu().double().tolist() if stats is not None else None,
         "inputs": {"image": {"shape": ["B", 3, h, w], "dtype": "float32",
                              "preprocessing": "intensity to [0, 1], resize, 3 channels, ImageNet normalisation"}},
         "outputs": {"anomaly_map": {"shape": ["B", 1, h, w], "dtype": "float32"},
@@ -272,7 +282,8 @@ def export_onnx(
 
     Uses torch's TorchScript-based exporter (``dynamo=False``: it needs no ``onnxscript``). Metadata:
     ``metadata_props`` holds ``monai_skipts`` (the whole :func:`export_metadata` as JSON) and the flat
-    keys ``teacher``, ``threshold``, ``threshold_scale``, ``spatial_size``, ``sigma``. With
+    keys ``teacher``, ``threshold``, ``threshold_scale``, ``spatial_size``, ``sigma``,
+    ``map_level_stats`` (JSON ``[[mean, std], ...]`` or ``null``). With
     ``verify``, onnxruntime (when installed) runs the file on a batch of 2 and it is compared with the
     eager model. ``constant_folding`` is torch's (off: a faster export; onnxruntime folds at load
     anyway). Other arguments: see :func:`export_torchscript`.
@@ -299,6 +310,7 @@ def export_onnx(
         "threshold_scale": "" if thr.get("scale") is None else repr(float(thr["scale"])),
         "spatial_size": json.dumps(meta["spatial_size"]),
         "sigma": repr(meta["sigma"]),
+        "map_level_stats": json.dumps(meta["map_level_stats"]),
     }
     onnx.helper.set_model_props(proto, props)
     proto.producer_name, proto.producer_version = "monai-skipts", __version__

@@ -5,12 +5,19 @@ the evaluator, bundle inference, MONAI Label, the MLflow model and the TorchScri
 filter sigma = 4), image score ``S = max M_ano``. The Gaussian filter is a separable convolution
 in torch with scipy's defaults (``truncate=4``, boundary mode ``reflect`` = half-sample symmetric),
 so it matches ``scipy.ndimage.gaussian_filter`` and exports to TorchScript and ONNX.
+
+Optional per-level standardisation: the levels' maps differ in scale, so the sum is dominated by the
+loudest level. With per-level statistics of the training normals (:func:`fit_level_stats`, stored on
+the model by :func:`set_level_stats` as the buffer ``map_level_stats`` of shape ``(L, 2)``: mean,
+std), each map is standardised before up-sampling: ``M_l' = (M_l - mean_l) / std_l``, and
+``M_ano = G_sigma * sum_l Upsample(M_l')``. Without statistics (``None``, the default) the map is
+bit-identical to the plain eq 7.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +29,19 @@ from .losses import anomaly_maps
 __all__ = [
     "GaussianBlur2d",
     "fuse_anomaly_maps",
+    "standardize_level_maps",
     "anomaly_map_and_score",
+    "fit_level_stats",
+    "set_level_stats",
+    "get_level_stats",
+    "LEVEL_STATS_BUFFER",
     "AnomalyMapHead",
     "SkipTSInferer",
     "SkipTSPredictor",
 ]
+
+#: name of the buffer that holds the per-level map statistics on the (unwrapped) model
+LEVEL_STATS_BUFFER = "map_level_stats"
 
 
 def _symmetric_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
@@ -84,6 +99,33 @@ def fuse_anomaly_maps(maps: Sequence[torch.Tensor], size: Sequence[int], blur: n
     return blur(fused) if blur is not None else fused
 
 
+def standardize_level_maps(
+    maps: Sequence[torch.Tensor], level_stats: torch.Tensor | None, layers: Sequence[int] | None = None
+) -> list[torch.Tensor]:
+    """``M_l' = (M_l - mean_l) / std_l`` per level, in float32 (identity when ``level_stats`` is None).
+
+    Args:
+        maps: ``(B, 1, h_l, w_l)`` maps in the order of ``layers`` (as :func:`~monai_skipts.losses.anomaly_maps` gives).
+        level_stats: ``(L, 2)`` rows ``(mean_l, std_l)`` for levels ``1..L`` (:func:`fit_level_stats`),
+            or ``None``.
+        layers: 1-based levels of ``maps`` (``None``: ``1..len(maps)``); the statistics are indexed by
+            level, so a subset such as ``(1, 3)`` uses rows 0 and 2.
+
+    Returns:
+        the maps, unchanged (the same tensors) when ``level_stats`` is None.
+    """
+    if level_stats is None:
+        return list(maps)
+    levels = tuple(layers) if layers is not None else tuple(range(1, len(maps) + 1))
+    if level_stats.dim() != 2 or level_stats.shape[1] != 2 or max(levels) > level_stats.shape[0]:
+        raise ValueError(f"level_stats must be (L, 2) with L >= {max(levels)}, got {tuple(level_stats.shape)}")
+    out = []
+    for m, level in zip(maps, levels):
+        st = level_stats[level - 1].to(device=m.device, dtype=torch.float32)
+        out.append((m.float() - st[0]) / st[1])
+    return out
+
+
 def anomaly_map_and_score(
     t_feats: Sequence[torch.Tensor],
     s_feats: Sequence[torch.Tensor],
@@ -91,13 +133,20 @@ def anomaly_map_and_score(
     sigma: float = 4.0,
     layers: Sequence[int] | None = None,
     similarity: str = "cosine",
+    level_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly map ``(B, 1, H, W)`` and score ``(B,)`` from teacher/student features (eq 1, 7, 8)."""
-    return AnomalyMapHead(sigma, layers, similarity).to(t_feats[0].device)(t_feats, s_feats, size)
+    """Anomaly map ``(B, 1, H, W)`` and score ``(B,)`` from teacher/student features (eq 1, 7, 8);
+    ``level_stats`` ``(L, 2)``: standardise each level first (see :func:`standardize_level_maps`)."""
+    return AnomalyMapHead(sigma, layers, similarity).to(t_feats[0].device)(t_feats, s_feats, size, level_stats)
 
 
 class AnomalyMapHead(nn.Module):
-    """Module form of eq 1, 7, 8: ``(t_feats, s_feats, size) -> (map (B,1,H,W), score (B,))``."""
+    """Module form of eq 1, 7, 8: ``(t_feats, s_feats, size[, level_stats]) -> (map (B,1,H,W), score (B,))``.
+
+    ``level_stats`` (forward argument, ``(L, 2)`` mean/std per level, or ``None``) standardises each
+    level's map before up-sampling (:func:`standardize_level_maps`); with ``None`` the result is
+    bit-identical to the plain eq 7.
+    """
 
     def __init__(self, sigma: float = 4.0, layers: Sequence[int] | None = None, similarity: str = "cosine"):
         super().__init__()
@@ -105,46 +154,191 @@ class AnomalyMapHead(nn.Module):
         self.layers = tuple(layers) if layers is not None else None
         self.similarity = similarity
 
-    def forward(self, t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], size: Sequence[int]):
+    def forward(
+        self,
+        t_feats: Sequence[torch.Tensor],
+        s_feats: Sequence[torch.Tensor],
+        size: Sequence[int],
+        level_stats: torch.Tensor | None = None,
+    ):
         maps = anomaly_maps(t_feats, s_feats, self.similarity, self.layers)
+        if level_stats is not None:
+            maps = standardize_level_maps(maps, level_stats, self.layers)
         amap = fuse_anomaly_maps(maps, size, self.blur)
         return amap, amap.flatten(1).amax(dim=1)
+
+
+def get_level_stats(model: Any) -> torch.Tensor | None:
+    """The ``map_level_stats`` buffer ``(L, 2)`` of ``model`` (unwrapping ``.module``), or ``None``."""
+    return getattr(getattr(model, "module", model), LEVEL_STATS_BUFFER, None)
+
+
+def set_level_stats(model: nn.Module, stats: torch.Tensor | Sequence[Sequence[float]] | None) -> None:
+    """Store per-level map statistics on ``model`` as the buffer ``map_level_stats``.
+
+    The buffer is registered on the unwrapped model (``getattr(model, "module", model)``) as float32,
+    on the model's device, and not persistent: it is not in ``model.state_dict()`` (so state dicts of
+    models with and without statistics stay interchangeable); checkpoints keep it explicitly
+    (:func:`~monai_skipts.checkpoint.save_checkpoint` / :func:`~monai_skipts.checkpoint.load_model`).
+    Being a buffer it follows ``.to()`` and travels into TorchScript/ONNX exports.
+
+    Args:
+        model: a :class:`~monai_skipts.networks.SkipTS` (or DDP-wrapped one).
+        stats: ``(L, 2)`` rows ``(mean_l, std_l)`` (:func:`fit_level_stats`); ``None`` removes them
+            (maps are then not standardised).
+    """
+    net = getattr(model, "module", model)
+    if stats is None:
+        if LEVEL_STATS_BUFFER in net._buffers:
+            net.register_buffer(LEVEL_STATS_BUFFER, None, persistent=False)
+        return
+    stats = torch.as_tensor(stats).detach()
+    if stats.dim() != 2 or stats.shape[1] != 2 or stats.shape[0] < 1:
+        raise ValueError(f"level stats must have shape (L, 2) (mean, std per level), got {tuple(stats.shape)}")
+    if not bool(torch.isfinite(stats).all()) or not bool((stats[:, 1] > 0).all()):
+        raise ValueError(f"level stats must be finite with std > 0, got {stats.tolist()}")
+    ref = next(iter(net.parameters()), None)
+    device = ref.device if ref is not None else stats.device
+    net.register_buffer(LEVEL_STATS_BUFFER, stats.to(device=device, dtype=torch.float32).clone(), persistent=False)
+
+
+def _batch_image(batch: Any) -> torch.Tensor:
+    image = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+    return image.as_tensor() if hasattr(image, "as_tensor") else image
+
+
+def fit_level_stats(
+    model: nn.Module,
+    batches: Iterable[Any],
+    device: str | torch.device | None = None,
+    similarity: str = "cosine",
+    prepare_batch: Callable | None = None,
+) -> torch.Tensor:
+    """Per-level mean and std of the maps ``M_l`` over all pixels of ``batches`` (training normals).
+
+    Streaming: each batch's per-level count, mean and sum of squared deviations (float64) are merged
+    (Chan et al.), so any number of images fits in memory. The std is the population one (all pixels
+    of all images), clamped to ``>= 1e-6``. The model runs in eval mode (its mode is restored after)
+    under :func:`torch.inference_mode`, in float32.
+
+    Args:
+        model: a :class:`~monai_skipts.networks.SkipTS` (or DDP-wrapped one); its forward gives the
+            features.
+        batches: an iterable (e.g. a ``DataLoader``) of image tensors ``(B, 3, H, W)``, of batch dicts
+            with ``"image"``, or of ``(image, ...)`` tuples.
+        device: where to run (default: the device of the model's parameters).
+        similarity: as for :class:`AnomalyMapHead` (``"cosine"``: eq 1).
+        prepare_batch: optional MONAI-style ``prepare_batch(batch, device)`` giving ``(image, label[,
+            args, kwargs])``, whose ``args``/``kwargs`` are passed to the model, e.g. a
+            :class:`~monai_skipts.engines.TeacherFeatureCache` to reuse cached teacher features (run
+            under :func:`torch.no_grad` instead of inference mode, so that features it caches here stay
+            usable for training).
+
+    Returns:
+        ``(L, 2)`` float32 tensor on the CPU, rows ``(mean_l, std_l)`` for levels ``1..L`` (L = 3 for
+        Skip-TS); store it with :func:`set_level_stats`.
+    """
+    net = getattr(model, "module", model)
+    if device is None:
+        ref = next(iter(net.parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+    device = torch.device(device)
+    n = mean = m2 = None
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad() if prepare_batch is not None else torch.inference_mode():
+            for batch in batches:
+                if prepare_batch is not None:
+                    prepared = prepare_batch(batch, device)
+                    args = prepared[2] if len(prepared) > 2 else ()
+                    kwargs = prepared[3] if len(prepared) > 3 else {}
+                    t, s = model(prepared[0], *args, **kwargs)
+                else:
+                    t, s = model(_batch_image(batch).to(device=device, dtype=torch.float32))
+                maps = anomaly_maps(t, s, similarity)
+                md = [m.double() for m in maps]
+                bn = torch.tensor([float(m.numel()) for m in md], dtype=torch.float64)
+                bmean = torch.stack([m.mean() for m in md])
+                bm2 = torch.stack([(m - mu).pow(2).sum() for m, mu in zip(md, bmean)]).cpu()
+                bmean = bmean.cpu()
+                if n is None:
+                    n, mean, m2 = bn, bmean, bm2
+                    continue
+                tot = n + bn
+                delta = bmean - mean
+                mean = mean + delta * bn / tot
+                m2 = m2 + bm2 + delta.pow(2) * n * bn / tot
+                n = tot
+    finally:
+        net.train(was_training)
+    if n is None:
+        raise ValueError("fit_level_stats: no batches")
+    std = (m2 / n).sqrt().clamp_min(1e-6)
+    return torch.stack([mean, std], dim=1).float()
 
 
 class SkipTSPredictor(nn.Module):
     """Image to ``(anomaly map (B, 1, H, W), score (B,))``: the whole inference path in one module
     (teacher, student, maps, up-sampling, Gaussian filter, max) for export and serving.
 
+    The model's per-level statistics (buffer ``map_level_stats``, :func:`set_level_stats`) are read
+    at each forward and applied when present (and ``standardize``); they travel into exports.
+
     Args:
         model: a :class:`~monai_skipts.networks.SkipTS`.
         sigma, layers, similarity: see :class:`AnomalyMapHead`.
+        standardize: use the model's ``map_level_stats`` when it has them (``False``: never).
     """
 
-    def __init__(self, model: nn.Module, sigma: float = 4.0, layers: Sequence[int] | None = None, similarity: str = "cosine"):
+    def __init__(
+        self,
+        model: nn.Module,
+        sigma: float = 4.0,
+        layers: Sequence[int] | None = None,
+        similarity: str = "cosine",
+        standardize: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.head = AnomalyMapHead(sigma, layers, similarity)
+        self.standardize = bool(standardize)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t, s = self.model(x)
-        return self.head(t, s, x.shape[-2:])
+        stats = get_level_stats(self.model) if self.standardize else None
+        return self.head(t, s, x.shape[-2:], stats)
 
 
 class SkipTSInferer(Inferer):
     """MONAI inferer: ``inferer(inputs, network) -> anomaly map (B, 1, H, W)``.
 
-    ``network`` is a :class:`~monai_skipts.networks.SkipTS` (its forward gives the features). The
-    score is the map's maximum (:meth:`score`). Used by :class:`monai.engines.SupervisedEvaluator`.
+    ``network`` is a :class:`~monai_skipts.networks.SkipTS` (its forward gives the features); its
+    per-level statistics (buffer ``map_level_stats``) are read at each call and applied when present
+    (and ``standardize``). The score is the map's maximum (:meth:`score`). Used by
+    :class:`monai.engines.SupervisedEvaluator`.
+
+    Args:
+        sigma, layers, similarity: see :class:`AnomalyMapHead`.
+        standardize: use the network's ``map_level_stats`` when it has them (``False``: never).
     """
 
-    def __init__(self, sigma: float = 4.0, layers: Sequence[int] | None = None, similarity: str = "cosine"):
+    def __init__(
+        self,
+        sigma: float = 4.0,
+        layers: Sequence[int] | None = None,
+        similarity: str = "cosine",
+        standardize: bool = True,
+    ):
         super().__init__()
         self.head = AnomalyMapHead(sigma, layers, similarity)
+        self.standardize = bool(standardize)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         t, s = network(inputs, *args, **kwargs)
         self.head = self.head.to(inputs.device)
-        amap, _ = self.head(t, s, inputs.shape[-2:])
+        stats = get_level_stats(network) if self.standardize else None
+        amap, _ = self.head(t, s, inputs.shape[-2:], stats)
         return amap
 
     @staticmethod
