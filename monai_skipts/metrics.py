@@ -17,7 +17,10 @@ Pixel level (anomaly maps against binary ground-truth masks):
 
 * :func:`pixel_auroc`: AUROC over all pixels pooled.
 * :func:`aupro`: area under the per-region-overlap curve up to an FPR limit (MVTec AD definition).
-* :func:`pixel_metrics`: both, as a dict.
+* :func:`dice_scores`: Dice of ``map >= t`` against the masks, pooled over all pixels, at the best
+  ``t`` (an oracle upper bound, like the Youden threshold) and at a given decision threshold.
+* :func:`hit_rate`: the share of images with a lesion whose map maximum lies inside the lesion.
+* :func:`pixel_metrics`: all of them, as a dict.
 
 Conventions everywhere: a higher score means more anomalous, and ``score >= threshold`` is
 classified anomalous. Dicts hold plain Python ``float``/``int`` so they JSON-serialise and can be
@@ -41,9 +44,14 @@ __all__ = [
     "image_metrics",
     "metrics_at_threshold",
     "calibrate_threshold",
+    "CALIBRATION_METHODS",
+    "min_calibration_normals",
+    "check_calibration_data",
     "normalize_score",
     "pixel_auroc",
     "aupro",
+    "dice_scores",
+    "hit_rate",
     "pixel_metrics",
 ]
 
@@ -233,7 +241,60 @@ def image_metrics(scores: Any, labels: Any) -> dict[str, float | int]:
 # --------------------------------------------------------------------------------------------
 
 
-def calibrate_threshold(normal_scores: Any, target_fpr: float = 0.05, *, strict: bool = False) -> float:
+CALIBRATION_METHODS = ("empirical", "lognormal", "gaussian")
+#: fewest held-out normals a parametric calibration fits its two parameters to
+MIN_PARAMETRIC_NORMALS = 10
+
+
+def min_calibration_normals(target_fpr: float, method: str = "empirical") -> int:
+    """Fewest held-out normals that let ``method`` resolve ``target_fpr``: ``ceil(1 / target_fpr)``
+    for the empirical quantile (fewer cannot flag even one normal), ``MIN_PARAMETRIC_NORMALS`` for a
+    fitted tail."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if method == "empirical":
+        return math.ceil(1.0 / float(target_fpr) - 1e-9)
+    return MIN_PARAMETRIC_NORMALS
+
+
+def check_calibration_data(n_normals: int, target_fpr: float, method: str = "empirical", source: Any = None) -> int:
+    """Refuse, before any training, a validation split too small to calibrate ``target_fpr`` with
+    ``method``; returns ``n_normals``.
+
+    Raises:
+        ValueError: naming ``source`` (e.g. the split file), the counts and what to change.
+    """
+    need = min_calibration_normals(target_fpr, method)
+    if n_normals < need:
+        where = f"{source}: " if source else ""
+        raise ValueError(
+            f"{where}{n_normals} validation normals cannot calibrate target_fpr={target_fpr:g} with the "
+            f"{method!r} calibration (needs at least {need}); give the validation split more normals "
+            f"(--val_fraction, or more normal images), raise --target_fpr, or use --calibration lognormal "
+            f"(needs {MIN_PARAMETRIC_NORMALS})"
+        )
+    return int(n_normals)
+
+
+def _parametric_threshold(s: np.ndarray, target_fpr: float, method: str) -> float:
+    """``method`` ``"gaussian"``: mean + z·sd of the scores; ``"lognormal"``: the same on
+    ``log(score)`` (scores must be positive), mapped back; ``z`` the standard normal's
+    ``1 - target_fpr`` quantile, ``sd`` the sample standard deviation (ddof 1)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1.0 - target_fpr))
+    if method == "lognormal":
+        if s.min() <= 0:
+            raise ValueError("the lognormal calibration needs positive scores; use 'gaussian' or 'empirical'")
+        x = np.log(s.astype(np.float64))
+        return float(np.exp(x.mean() + z * x.std(ddof=1)))
+    x = s.astype(np.float64)
+    return float(x.mean() + z * x.std(ddof=1))
+
+
+def calibrate_threshold(
+    normal_scores: Any, target_fpr: float = 0.05, *, strict: bool = False, method: str = "empirical"
+) -> float:
     """Decision threshold from held-out normal scores with false positive rate <= ``target_fpr``.
 
     Returns the *smallest* threshold ``t`` for which the fraction of the given normal scores with
@@ -249,11 +310,19 @@ def calibrate_threshold(normal_scores: Any, target_fpr: float = 0.05, *, strict:
     top scores tied) the threshold is the next representable number above the highest normal
     score, in the scores' own float precision, so that no given normal is flagged.
 
+    With ``method="lognormal"`` (or ``"gaussian"``) a distribution is fitted to the normal scores
+    (to their logarithms) and the threshold is its ``1 - target_fpr`` quantile: it extrapolates the
+    tail from every score instead of reading it off the one or two highest, which is what a small
+    validation split can afford (see ``benchmarks/calibration.py`` for the measured test FPR of
+    each). It needs at least ``MIN_PARAMETRIC_NORMALS`` scores; with fewer, or when every score is
+    the same, it falls back to the empirical rule.
+
     Args:
         normal_scores: scores of held-out normal images (not the training set), shape ``(n,)``;
             finite; at least one.
         target_fpr: the false positive rate to stay at or below, in ``(0, 1)``.
         strict: raise instead of warning when there are too few normals (see Warns).
+        method: ``"empirical"``, ``"lognormal"`` or ``"gaussian"`` (see ``CALIBRATION_METHODS``).
 
     Returns:
         The threshold, a Python float; classify ``score >= threshold`` as anomalous.
@@ -277,6 +346,10 @@ def calibrate_threshold(normal_scores: Any, target_fpr: float = 0.05, *, strict:
         raise ValueError("calibrate_threshold needs at least one normal score; got none")
     s = np.sort(_as_float(s, "normal_scores"))
     n = s.size
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if method != "empirical" and n >= MIN_PARAMETRIC_NORMALS and s[-1] > s[0]:
+        return _parametric_threshold(s, target_fpr, method)
     k = int(math.floor(target_fpr * n + 1e-9))  # normals allowed at or above the threshold
     if k == 0:
         needed = math.ceil(1.0 / target_fpr - 1e-9)
@@ -506,16 +579,104 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int | N
     return _aupro(m, g, fpr_limit, num_thresholds)
 
 
+def _best_dice(m: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+    """Highest pooled Dice over all thresholds ``map >= t`` and the ``t`` reaching it (exact: every
+    distinct score is tried). Dice = 2 TP / (flagged + lesion pixels)."""
+    scores = m.ravel()
+    labels = g.ravel()
+    order = np.argsort(scores, kind="stable")[::-1]
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y, dtype=np.int64)
+    flagged = np.arange(1, s.size + 1, dtype=np.int64)
+    last_of_tie = np.append(s[1:] != s[:-1], True)
+    dice = 2.0 * tp[last_of_tie] / (flagged[last_of_tie] + int(tp[-1]))
+    k = int(np.argmax(dice))
+    return float(dice[k]), float(s[last_of_tie][k])
+
+
+def _dice_at(m: np.ndarray, g: np.ndarray, threshold: float) -> float:
+    flagged = m >= threshold
+    inter = int(np.count_nonzero(flagged & g))
+    denom = int(np.count_nonzero(flagged)) + int(np.count_nonzero(g))
+    return float(2.0 * inter / denom) if denom else 0.0
+
+
+def dice_scores(maps: Any, masks: Any, threshold: float | None = None) -> dict[str, float]:
+    """Dice of the thresholded maps against the masks, all pixels of all images pooled.
+
+    ``dice_best`` is the highest Dice over every threshold (and ``dice_best_threshold`` the map value
+    reaching it): chosen on the evaluated data itself, an upper bound like the Youden threshold of
+    :func:`image_metrics`. ``dice`` (only when ``threshold`` is given) is the Dice at the deployed
+    decision threshold, the region a reader would be shown. Normal images count: every pixel they
+    flag is a false positive.
+
+    Args:
+        maps, masks: as for :func:`pixel_auroc`.
+        threshold: decision threshold in map units (a pixel is flagged when ``map >= threshold``).
+
+    >>> import numpy as np
+    >>> maps = np.array([[[0.9, 0.2], [0.8, 0.1]]]); masks = np.array([[[1, 0], [0, 0]]])
+    >>> dice_scores(maps, masks, threshold=0.5)  # doctest: +NORMALIZE_WHITESPACE
+    {'dice_best': 1.0, 'dice_best_threshold': 0.9, 'dice': 0.6666666666666666}
+    """
+    m, g = _pixel_inputs(maps, masks)
+    best, t_best = _best_dice(m, g)
+    out = {"dice_best": best, "dice_best_threshold": t_best}
+    if threshold is not None:
+        out["dice"] = _dice_at(m, g, float(threshold))
+    return out
+
+
+def _hit_rate(m: np.ndarray, g: np.ndarray) -> tuple[float, int]:
+    flat_m = m.reshape(m.shape[0], -1)
+    flat_g = g.reshape(g.shape[0], -1)
+    has_lesion = flat_g.any(axis=1)
+    if not has_lesion.any():
+        raise ValueError("hit rate needs at least one image with a lesion in its mask")
+    peak = flat_m[has_lesion].argmax(axis=1)
+    hits = flat_g[has_lesion][np.arange(int(has_lesion.sum())), peak]
+    return float(hits.mean()), int(has_lesion.sum())
+
+
+def hit_rate(maps: Any, masks: Any) -> float:
+    """Share of the images with a lesion (a non-empty mask) whose anomaly-map maximum lies inside
+    the lesion mask: does the hottest point, the one the image score comes from, land on the lesion.
+
+    Images with an empty mask are ignored. Ties for the maximum take the first pixel in row-major
+    order (``argmax``).
+
+    Args:
+        maps, masks: as for :func:`pixel_auroc`.
+
+    >>> import numpy as np
+    >>> maps = np.array([[[0.9, 0.2]], [[0.1, 0.3]], [[0.5, 0.0]]])
+    >>> masks = np.array([[[1, 0]], [[1, 0]], [[0, 0]]])
+    >>> hit_rate(maps, masks)
+    0.5
+    """
+    m, g = _pixel_inputs(maps, masks)
+    return _hit_rate(m, g)[0]
+
+
 def pixel_metrics(
-    maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int | None = None
+    maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int | None = None, threshold: float | None = None
 ) -> dict[str, float]:
-    """Pixel-level metrics as a dict: ``{"pixel_auroc", "aupro"}`` (see :func:`pixel_auroc`, :func:`aupro`).
+    """Pixel-level metrics as a dict: ``pixel_auroc``, ``aupro``, ``dice_best``,
+    ``dice_best_threshold``, ``hit_rate``, ``n_lesion_images`` and, with ``threshold``, ``dice``
+    (see :func:`pixel_auroc`, :func:`aupro`, :func:`dice_scores`, :func:`hit_rate`).
 
     Args:
         maps: anomaly maps, shape ``(N, H, W)``, ``(N, D, H, W)`` or ``(N, 1, ...)``.
         masks: binary ground truth of the same shape.
         fpr_limit, num_thresholds: passed to :func:`aupro`.
+        threshold: the decision threshold, for ``dice``.
     """
     fpr_limit, num_thresholds = _check_aupro_args(fpr_limit, num_thresholds)
-    m, g = _pixel_inputs(maps, masks)  # checked once for both
-    return {"pixel_auroc": _pixel_auroc(m, g), "aupro": _aupro(m, g, fpr_limit, num_thresholds)}
+    m, g = _pixel_inputs(maps, masks)  # checked once for all
+    best, t_best = _best_dice(m, g)
+    hits, n_lesion = _hit_rate(m, g)
+    out = {"pixel_auroc": _pixel_auroc(m, g), "aupro": _aupro(m, g, fpr_limit, num_thresholds),
+           "dice_best": best, "dice_best_threshold": t_best, "hit_rate": hits, "n_lesion_images": n_lesion}
+    if threshold is not None:
+        out["dice"] = _dice_at(m, g, float(threshold))
+    return out

@@ -22,6 +22,8 @@ from monai_skipts.metrics import (
     normalize_score,
     pixel_auroc,
     pixel_metrics,
+    dice_scores,
+    hit_rate,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -424,8 +426,11 @@ def test_pixel_metrics_dict_and_torch():
     rng = np.random.default_rng(7)
     maps, masks = random_case(rng)
     d = pixel_metrics(maps, masks)
-    assert set(d) == {"pixel_auroc", "aupro"}
+    assert set(d) == {"pixel_auroc", "aupro", "dice_best", "dice_best_threshold", "hit_rate", "n_lesion_images"}
     assert d["pixel_auroc"] == pixel_auroc(maps, masks) and d["aupro"] == aupro(maps, masks)
+    assert d["hit_rate"] == hit_rate(maps, masks)
+    assert d["dice_best"] == dice_scores(maps, masks)["dice_best"]
+    assert pixel_metrics(maps, masks, threshold=0.5)["dice"] == dice_scores(maps, masks, 0.5)["dice"]
     assert_plain_json(d)
     assert pixel_metrics(torch.from_numpy(maps), torch.from_numpy(masks)) == d
 
@@ -451,3 +456,35 @@ def test_bad_pixel_inputs():
     for kw in ({"fpr_limit": 0.0}, {"fpr_limit": 1.5}, {"num_thresholds": 1}, {"num_thresholds": 2.5}):
         with pytest.raises(ValueError):
             aupro(maps, masks, **kw)
+
+
+def test_dice_by_hand():
+    # image 1: lesion at (0,0),(0,1); image 2: normal (all zero mask)
+    maps = np.array([[[0.9, 0.6], [0.7, 0.1]], [[0.8, 0.2], [0.3, 0.0]]])
+    masks = np.array([[[1, 1], [0, 0]], [[0, 0], [0, 0]]])
+    # t = 0.5: flagged (0.9, 0.6, 0.7, 0.8) -> TP 2, flagged 4, lesion 2 -> 2*2/(4+2)
+    assert dice_scores(maps, masks, 0.5)["dice"] == pytest.approx(4 / 6)
+    # best: t = 0.9 -> 2*1/(1+2) = 2/3; t = 0.8 -> 2*1/(2+2); t = 0.7 -> 2/5; t = 0.6 -> 2*2/(4+2) = 2/3
+    # the first of equal maxima in descending threshold order is 0.9
+    d = dice_scores(maps, masks)
+    assert d["dice_best"] == pytest.approx(2 / 3) and d["dice_best_threshold"] == 0.9
+    assert "dice" not in d
+    # a perfect map reaches 1 at the lesion's lowest value
+    perfect = masks.astype(float) * 0.5 + 0.1
+    assert dice_scores(perfect, masks) == {"dice_best": 1.0, "dice_best_threshold": 0.6}
+    # nothing flagged at all: Dice 0, not NaN
+    assert dice_scores(maps, masks, 5.0)["dice"] == 0.0
+
+
+def test_hit_rate_by_hand():
+    maps = np.zeros((4, 3, 3))
+    masks = np.zeros((4, 3, 3), dtype=bool)
+    masks[0, 1, 1] = masks[1, 0, 0] = masks[2, 2, 2] = True  # three lesion images, one normal
+    maps[0, 1, 1] = 1.0  # hit
+    maps[1, 2, 2] = 1.0  # miss
+    maps[2, 2, 2] = 1.0  # hit
+    maps[3, 0, 0] = 9.0  # normal image: ignored
+    assert hit_rate(maps, masks) == pytest.approx(2 / 3)
+    assert pixel_metrics(maps, masks)["n_lesion_images"] == 3
+    with pytest.raises(ValueError, match="no anomalous pixels"):
+        hit_rate(maps, np.zeros_like(masks))

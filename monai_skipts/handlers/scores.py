@@ -38,7 +38,8 @@ class AnomalyScoreHandler:
     Metrics: always ``mean_score``, ``max_score``, ``n_images``. With both labels present: every
     :func:`~monai_skipts.metrics.image_metrics` value (``auroc``, ``aupr``, Youden ``threshold``, ...);
     with a decision threshold: the same at that threshold under ``cal_`` (e.g. ``cal_sensitivity``);
-    with masks: ``pixel_auroc`` and ``aupro``.
+    with masks: ``pixel_auroc``, ``aupro``, ``dice_best`` (at the best threshold of the data: an upper
+    bound), ``dice`` (at the decision threshold) and ``hit_rate`` (see :func:`~monai_skipts.metrics.pixel_metrics`).
 
     Args:
         output_dir: where to write ``scores.csv`` and ``metrics.json`` (``None``: write nothing).
@@ -152,7 +153,7 @@ class AnomalyScoreHandler:
             if maps and self.pixel_metrics_on:
                 mk = np.concatenate(masks)
                 if mk.any():
-                    m.update(pixel_metrics(np.concatenate(maps), mk))
+                    m.update(pixel_metrics(np.concatenate(maps), mk, threshold=t))
         if self.extra_metrics is not None:
             m.update(self.extra_metrics() if callable(self.extra_metrics) else self.extra_metrics)
         return m
