@@ -167,3 +167,40 @@ def test_binarize_mask():
 def test_numpy_input_is_accepted():
     out = WindowIntensity("brain")(np.array([[[40.0]]], np.float64))
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and math.isclose(float(out), 0.5)
+
+
+def test_extra_masks_are_joined_and_batches_mixing_them_collate(tmp_path):
+    """BUSI: some images have `_mask_1.png` files beside `_mask.png` (one per lesion). The lesion is
+    their union, and a batch of items with and without extra masks collates (KeyError before)."""
+    from monai.data import DataLoader, Dataset
+    from PIL import Image
+
+    from monai_skipts.transforms import build_preprocessing
+
+    def png(name, box=None, value=255):
+        a = np.zeros((16, 16), np.uint8)
+        if box is not None:
+            a[box] = value
+        Image.fromarray(a).save(tmp_path / name)
+        return str(tmp_path / name)
+
+    img = png("a.png", np.s_[2:14, 2:14], 120)
+    items = [
+        {"image": img, "mask": png("a_mask.png", np.s_[0:4, 0:4]), "extra_masks": [png("a_mask_1.png", np.s_[8:12, 8:12])],
+         "label": 1, "id": "a"},
+        {"image": img, "mask": png("b_mask.png", np.s_[0:4, 0:4]), "label": 1, "id": "b"},
+        {"image": img, "mask": None, "label": 0, "id": "c"},
+    ]
+    pre = build_preprocessing("ultrasound", spatial_size=16, mask_key="mask")
+    batch = next(iter(DataLoader(Dataset(items, pre), batch_size=3)))
+    assert "extra_masks" not in batch
+    m = batch["mask"][:, 0].numpy()
+    assert m[0, 0:4, 0:4].all() and m[0, 8:12, 8:12].all() and m[0].sum() == 32  # the union
+    assert m[1].sum() == 16 and m[2].sum() == 0
+    with pytest.raises(Exception) as info:
+        pre({**items[0], "extra_masks": [str(tmp_path / "a_mask_2.png")]})
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__
+    assert any("a_mask_2.png" in m for m in chain), chain  # a missing extra mask is named

@@ -26,6 +26,8 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from monai_skipts.data.files import IMAGE_EXTENSIONS, _ignored, list_images, relative_id
 from monai_skipts.utils import InputDataError
 
@@ -39,6 +41,7 @@ __all__ = [
     "head_ct_datalist",
     "busi_datalist",
     "mvtec_datalist",
+    "lgg_datalist",
     "file_datalist",
 ]
 
@@ -354,6 +357,99 @@ def mvtec_datalist(root: str | os.PathLike, good: str = "good") -> list[dict]:
     if not any(it["subset"] == "train" for it in items):
         raise InputDataError(subs["train"], f"no images found in train/{good}/ ({_EXPECTED_EXT} files expected)")
     return sorted(items, key=lambda it: it["id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# LGG brain MRI segmentation (kaggle_3m): one folder per patient, slice PNGs with masks beside
+
+_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)$")
+
+
+def _foreground_fraction(image: np.ndarray, level: float) -> float:
+    """Share of pixels where any channel exceeds ``level``."""
+    a = image.max(axis=-1) if image.ndim == 3 else image
+    return float((a > level).mean())
+
+
+def _read_plain(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputDataError(path, f"cannot read the image: {e}") from e
+
+
+@register_layout("lgg")
+def lgg_datalist(
+    root: str | os.PathLike,
+    min_foreground: float = 0.1,
+    foreground_threshold: float = 0.1,
+    subdir: str = "kaggle_3m",
+) -> list[dict]:
+    """LGG brain MRI segmentation (Buda et al. 2019, TCGA-LGG; Kaggle ``lgg-mri-segmentation``):
+    ``kaggle_3m/<patient>/<patient>_<n>.png`` (or ``.tif``) with ``<patient>_<n>_mask.png`` beside.
+
+    Every slice is an item with its ``mask`` (255 = FLAIR abnormality), ``label`` 1 when the mask
+    has a lesion pixel and 0 when it is empty, ``volume_id`` = the patient folder and
+    ``slice_number`` = ``n`` (items of a patient sorted numerically by it; not ``slice_index``,
+    which tells the loader to read slice ``i`` out of a volume file: here each slice is its own file). Every patient has a
+    tumour: a label-0 slice is a lesion-free slice of a tumour patient. Split such data by patient
+    (the ``lgg`` dataset preset does: ``group_by="volume_id"``), never by slice.
+
+    The volume ends are mostly background: slices whose brain (any channel above
+    ``foreground_threshold`` × the volume's maximum) covers less than ``min_foreground`` of the image
+    are dropped, whatever their label (each kept item records its ``foreground``). The brain level
+    is relative to the brightest pixel of the patient's whole volume, not of the slice: a slice of
+    background noise has a low maximum of its own.
+
+    Args:
+        root: the dataset folder (``kaggle_3m/`` itself or a folder holding it).
+        min_foreground: smallest brain fraction of a kept slice (0 keeps every slice).
+        foreground_threshold: brain pixel threshold, relative to the volume's maximum.
+        subdir: the folder inside ``root`` holding the patient folders, when present.
+    """
+    root = _root_dir(root)
+    base = root / subdir if (root / subdir).is_dir() else root
+    patients = [d for d in _subdirs(base).values() if any(_SLICE_RE.match(_stem(p)) for p in list_images(d))]
+    if not patients:
+        raise InputDataError(base, "no patient folders found (expected <patient>/<patient>_<n>.png with "
+                                   "<patient>_<n>_mask.png beside)")
+    items, no_mask, dropped = [], [], 0
+    for folder in patients:
+        images, masks = {}, {}
+        for path in list_images(folder):
+            m = _MASK_RE.match(_stem(path))
+            if m:
+                masks[m["stem"]] = path
+            elif _SLICE_RE.match(_stem(path)):
+                images[_stem(path)] = path
+        slices = sorted(images.items(), key=lambda kv: int(_SLICE_RE.match(kv[0])["n"]))
+        pixels = {stem: _read_plain(image) for stem, image in slices}
+        level = foreground_threshold * max(float(a.max()) for a in pixels.values())
+        for stem, image in slices:
+            mask = masks.pop(stem, None)
+            if mask is None:
+                no_mask.append(relative_id(image, root))
+                continue
+            frac = _foreground_fraction(pixels[stem], level)
+            if frac < min_foreground:
+                dropped += 1
+                continue
+            label = int(bool(_read_plain(mask).any()))
+            items.append(_item(image, label, root, mask=str(mask), volume_id=folder.name,
+                               slice_number=int(_SLICE_RE.match(stem)["n"]), foreground=round(frac, 4),
+                               class_name="lesion" if label else "no_lesion"))
+        if masks:
+            logger.warning("%s: %d masks without an image: %s", folder, len(masks), _listing(sorted(masks)))
+    if no_mask:
+        raise InputDataError(base, f"{len(no_mask)} slices have no _mask file beside them: {_listing(no_mask)}")
+    if not items:
+        raise InputDataError(base, f"no slice has a brain fraction >= {min_foreground}")
+    logger.info("%s: %d slices of %d patients kept, %d mostly-background slices dropped (brain fraction < %s)",
+                base, len(items), len(patients), dropped, min_foreground)
+    return sorted(items, key=lambda it: (it["volume_id"], it["slice_number"]))
 
 
 # ---------------------------------------------------------------------------------------------

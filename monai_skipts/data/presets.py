@@ -29,6 +29,9 @@ class DatasetPreset:
         n_test_abnormal: anomalous test images (Table I; at most this many are used).
         source_split: follow the source's own train/test folders for normals (see ``split_datalist``).
         layout_kwargs: default keyword arguments for the layout builder.
+        group_by: split by this item key (a patient or volume id: ``split_by_group``) instead of by
+            image; the Table I counts then do not apply.
+        test_fraction: with ``group_by``: the share of groups that go to test.
     """
 
     name: str
@@ -38,6 +41,8 @@ class DatasetPreset:
     n_test_abnormal: Optional[int] = None
     source_split: bool = False
     layout_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    group_by: Optional[str] = None
+    test_fraction: float = 0.4
 
 
 def _p(name, layout, counts=(None, None, None), source_split=False, **layout_kwargs) -> DatasetPreset:
@@ -60,6 +65,8 @@ DATASETS: Mapping[str, DatasetPreset] = MappingProxyType({p.name: p for p in (
     _p("covid_xray", "covid_xray", (70, 20, 132), source_split=True),
     _p("malaria", "malaria", (344, 345, 330)),
     _p("mvtec", "mvtec", source_split=True),
+    # not a paper dataset: brain MRI slices with lesion masks, split by patient (never by slice)
+    DatasetPreset("lgg", "lgg", group_by="volume_id", test_fraction=0.4),
 )})
 """Dataset presets by canonical name (paper Table I counts)."""
 

@@ -24,7 +24,7 @@ from monai_skipts.data.layouts import _listing, build_datalist, layout_base
 from monai_skipts.data.presets import get_dataset
 from monai_skipts.utils import InputDataError, atomic_write_json
 
-__all__ = ["SPLIT_FORMAT", "split_datalist", "save_split", "load_split", "prepare_split"]
+__all__ = ["SPLIT_FORMAT", "split_datalist", "split_by_group", "save_split", "load_split", "prepare_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def split_datalist(
     test_fraction: float = 0.4,
     source_split: bool = False,
     source: str | os.PathLike | None = None,
+    min_val_normals: int = 0,
 ) -> tuple[dict[str, list[dict]], dict]:
     """Split ``items`` into ``train``/``val``/``test`` (and ``unused``) deterministically in ``seed``.
 
@@ -88,7 +89,9 @@ def split_datalist(
       the training pool, all others the test pool; the counts, when given, cap each pool.
 
     ``round(val_fraction * n_train)`` of the training normals (at least 1 when ``val_fraction > 0``
-    and at least one training normal remains) become ``val``. Anomalous images all go to test, or
+    and at least one training normal remains) become ``val``, and at least ``min_val_normals`` when
+    that leaves at least as many for training (a calibration needs a minimum number of normals:
+    ``monai_skipts.metrics.min_calibration_normals``). Anomalous images all go to test, or
     at most ``n_test_abnormal`` of them when given.
 
     Args:
@@ -132,6 +135,10 @@ def split_datalist(
     if tr < 1:
         raise InputDataError(source, f"{len(normals)} normal images leave none for training ({te} to test)")
     n_val = 0 if val_fraction <= 0 or tr < 2 else min(tr - 1, max(1, _half_up(tr * val_fraction)))
+    if val_fraction > 0 and n_val < min_val_normals:
+        n_val = max(n_val, min(int(min_val_normals), tr // 2))
+        notes.append(f"{n_val} validation normals (val_fraction {val_fraction:g} gives fewer; "
+                     f"{int(min_val_normals)} asked for the calibration)")
     n_abn = len(abnormals) if n_test_abnormal is None else min(n_test_abnormal, len(abnormals))
     if n_test_abnormal is not None and len(abnormals) < n_test_abnormal:
         notes.append(f"only {len(abnormals)} anomalous images ({n_test_abnormal} asked): all used")
@@ -155,6 +162,67 @@ def split_datalist(
     }
     for note in notes:
         logger.info("%s: %s", source or "split", note)
+    return splits, info
+
+
+def split_by_group(
+    items: list[dict],
+    group_by: str,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.4,
+    source: str | os.PathLike | None = None,
+    min_val_normals: int = 0,
+) -> tuple[dict[str, list[dict]], dict]:
+    """Split ``items`` by ``item[group_by]`` (a patient, a volume): no group in two subsets.
+
+    Groups are ranked by ``sha256(f"{seed}:{group}")``. ``round(test_fraction × G)`` groups go to
+    test, ``round(val_fraction × (G − test))`` of the rest (at least 1 when ``val_fraction > 0``) to
+    validation (more while they hold fewer than ``min_val_normals`` normals and at least as many
+    groups stay for training), the others to training. Training and validation take the **normal** items of their
+    groups only (training normals and calibration normals); test takes every item of its groups,
+    normal and anomalous. Anomalous items of training/validation groups are ``unused``.
+
+    Returns:
+        ``(splits, info)`` as :func:`split_datalist`, ``info`` with ``groups`` (the group names of
+        each subset) besides ``counts``.
+    """
+    missing = [it["id"] for it in items if it.get(group_by) in (None, "")]
+    if missing:
+        raise InputDataError(source, f"{len(missing)} items have no {group_by!r} to split by: {_listing(missing)}")
+    groups = sorted({str(it[group_by]) for it in items},
+                    key=lambda g: (hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), g))
+    n_test = _half_up(len(groups) * test_fraction)
+    rest = len(groups) - n_test
+    n_val = 0 if val_fraction <= 0 or rest < 2 else min(rest - 1, max(1, _half_up(rest * val_fraction)))
+    if rest - n_val < 1:
+        raise InputDataError(source, f"{len(groups)} {group_by} groups leave none for training ({n_test} to test)")
+    normals_in = {g: 0 for g in groups}
+    for it in items:
+        normals_in[str(it[group_by])] += it["label"] == 0
+    while (sum(normals_in[g] for g in groups[n_test:n_test + n_val]) < min_val_normals
+           and n_val + 1 <= (rest - n_val - 1)):  # fmt: skip
+        n_val += 1
+    subset_of = {g: "test" for g in groups[:n_test]} | {g: "val" for g in groups[n_test:n_test + n_val]}
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": [], "unused": []}
+    for it in items:
+        subset = subset_of.get(str(it[group_by]), "train")
+        splits["unused" if subset != "test" and it["label"] == 1 else subset].append(it)
+    splits = {k: _by_id(v) for k, v in splits.items()}
+    if not splits["train"]:
+        raise InputDataError(source, f"the training {group_by} groups hold no normal items")
+    counts = {"train": len(splits["train"]), "val": len(splits["val"]),
+              "test_normal": sum(it["label"] == 0 for it in splits["test"]),
+              "test_abnormal": sum(it["label"] == 1 for it in splits["test"]),
+              "unused_normal": 0, "unused_abnormal": len(splits["unused"])}
+    names = {k: sorted(g for g, s in subset_of.items() if s == k) for k in ("test", "val")}
+    names["train"] = sorted(set(groups) - set(subset_of))
+    info = {"counts": counts, "available": {"normal": sum(it["label"] == 0 for it in items),
+                                            "abnormal": sum(it["label"] == 1 for it in items)},
+            "requested": {"group_by": group_by, "test_fraction": test_fraction, "val_fraction": val_fraction},
+            "scaled": False, "groups": names,
+            "notes": [f"split by {group_by}: {len(names['train'])} train, {len(names['val'])} val, "
+                      f"{len(names['test'])} test groups"]}
     return splits, info
 
 
@@ -220,8 +288,10 @@ def _resolve_split(doc: dict, split_file: Path, root: str | os.PathLike) -> dict
     base = layout_base(root)
     out = {name: [_resolved(it, base) for it in doc[name]] for name in _SPLITS}
     missing = [it[k] for s in _SPLITS for it in out[s] for k in _PATH_KEYS if k in it and not os.path.exists(it[k])]
+    missing += [p for s in _SPLITS for it in out[s] for p in it.get("extra_masks", ()) if not os.path.exists(p)]
     if missing:
-        problem = f"{len(missing)} files it lists do not exist under {base}: {_listing(missing)}"
+        problem = (f"{len(missing)} files it lists do not exist under {base}: {_listing(missing)}; restore them, "
+                   f"or delete {split_file} to split the dataset anew (the test set then changes)")
         raise InputDataError(split_file, problem)
     out["report"] = {k: v for k, v in doc.items() if k not in (*_SPLITS, "unused", "format")}
     out["report"].update(split_file=str(split_file), reused=True)
@@ -262,10 +332,11 @@ def prepare_split(
     n_train: int | None = None,
     n_test_normal: int | None = None,
     n_test_abnormal: int | None = None,
-    test_fraction: float = 0.4,
+    test_fraction: float | None = None,
     source_split: bool | None = None,
     on_conflict: str = "drop",
     overwrite: bool = False,
+    min_val_normals: int = 0,
     **layout_kwargs,
 ) -> dict:
     """Build, deduplicate and split a dataset, or reuse its split file: the entry point for bundles.
@@ -280,10 +351,12 @@ def prepare_split(
         seed: split seed.
         val_fraction: fraction of the training normals held out as ``val``.
         n_train, n_test_normal, n_test_abnormal: override the preset's Table I counts.
-        test_fraction: test share of normals when no counts are known.
+        test_fraction: test share of normals when no counts are known (default 0.4); for presets
+            split by group (``lgg``: by patient) the test share of the groups (default: the preset's).
         source_split: override the preset's choice to follow the source's train/test folders.
         on_conflict: policy for identical files labelled differently (see ``remove_duplicates``).
         overwrite: remake ``split_file`` even if it exists.
+        min_val_normals: the fewest validation normals to aim for (see :func:`split_datalist`).
         layout_kwargs: passed to the layout builder over the preset's defaults.
 
     Returns:
@@ -298,10 +371,15 @@ def prepare_split(
         "n_train": _int_or(n_train, preset.n_train),
         "n_test_normal": _int_or(n_test_normal, preset.n_test_normal),
         "n_test_abnormal": _int_or(n_test_abnormal, preset.n_test_abnormal),
-        "test_fraction": float(test_fraction),
+        "test_fraction": float(0.4 if test_fraction is None else test_fraction),
         "source_split": bool(preset.source_split if source_split is None else source_split),
         "on_conflict": on_conflict,
     }
+    if min_val_normals:  # recorded only where used, so earlier split files stay valid
+        params["min_val_normals"] = int(min_val_normals)
+    if preset.group_by:  # recorded only where used, so the split files of other datasets stay as they were
+        params["group_by"] = preset.group_by
+        params["test_fraction"] = float(preset.test_fraction if test_fraction is None else test_fraction)
     kwargs = {**preset.layout_kwargs, **layout_kwargs}
     items = build_datalist(preset.layout, root, **kwargs)
     split_file = None if split_file is None else Path(split_file)
@@ -311,10 +389,16 @@ def prepare_split(
         _check_reuse(split_file, doc, params, items)
         return {k: (_uniform_mask_key(v) if k in _SPLITS else v) for k, v in loaded.items()}
     kept, dedup = remove_duplicates(items, on_conflict)
-    splits, info = split_datalist(
-        kept, params["seed"], params["n_train"], params["n_test_normal"], params["n_test_abnormal"],
-        params["val_fraction"], params["test_fraction"], params["source_split"], source=layout_base(root),
-    )
+    if preset.group_by:
+        splits, info = split_by_group(kept, preset.group_by, params["seed"], params["val_fraction"],
+                                      params["test_fraction"], source=layout_base(root),
+                                      min_val_normals=int(min_val_normals))  # fmt: skip
+    else:
+        splits, info = split_datalist(
+            kept, params["seed"], params["n_train"], params["n_test_normal"], params["n_test_abnormal"],
+            params["val_fraction"], params["test_fraction"], params["source_split"], source=layout_base(root),
+            min_val_normals=int(min_val_normals),
+        )
     counts = info.pop("counts")
     report = {"dataset": preset.name, "layout": preset.layout, "seed": params["seed"], "params": params,
               "counts": counts, "layout_kwargs": json.loads(json.dumps(kwargs, default=str)),

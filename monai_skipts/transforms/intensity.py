@@ -298,18 +298,46 @@ class BinarizeMaskd(_Dictionary):
             without a mask file) becomes an all-zero ``(1, *spatial)`` mask the size of that key's image,
             and a loaded mask whose size differs from the image raises InputDataError naming the mask.
             A missing key is left missing (with ``allow_missing_keys``).
+        extra_key: the key of a list of further mask files of the same image (BUSI's
+            ``_mask_1.png``, ``_mask_2.png``: one file per lesion). Each is loaded, checked against
+            the mask's size, and joined into the mask (the lesion is their union); the key is then
+            removed, so that a batch mixing items with and without extra masks collates. ``None``:
+            no such key.
     """
 
     array_class = BinarizeMask
 
     def __init__(
-        self, keys: KeysCollection, like_key: str | None = None, allow_missing_keys: bool = False, **kwargs: Any
+        self,
+        keys: KeysCollection,
+        like_key: str | None = None,
+        allow_missing_keys: bool = False,
+        extra_key: str | None = "extra_masks",
+        **kwargs: Any,
     ):
         super().__init__(keys, allow_missing_keys, **kwargs)
         self.like_key = like_key
+        self.extra_key = extra_key
+
+    def _join_extra(self, mask, paths) -> Any:
+        from monai_skipts.transforms.io import LoadMedicalImage
+
+        loader = LoadMedicalImage()
+        for path in paths or ():
+            extra = loader(path)
+            if tuple(extra.shape[1:]) != tuple(mask.shape[1:]):
+                raise InputDataError(path, f"extra mask size {tuple(extra.shape[1:])} differs from the mask's "
+                                           f"{tuple(mask.shape[1:])}")  # fmt: skip
+            mask = torch.maximum(self.transform(mask), self.transform(extra))
+        return mask
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        extra = d.pop(self.extra_key, None) if self.extra_key is not None else None
+        if extra:
+            for key in self.key_iterator(d):
+                if d[key] is not None:
+                    d[key] = self._join_extra(d[key], extra)
         like = d.get(self.like_key) if self.like_key is not None else None
         for key in self.key_iterator(d):
             if d[key] is None:
