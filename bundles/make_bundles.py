@@ -35,6 +35,26 @@ DATASETS = {
                   "IQ-OTH/NCCD lung cancer CT (Kaggle)", {}),
     "covid_xray": ("covid_xray", "xray", 94.1, "`{train,test}/{Normal,Covid,Viral Pneumonia}/*`", "Kaggle Covid-19 Image Dataset", {}),
     "malaria": ("malaria", "rgb", 95.2, "`Parasitized/`, `Uninfected/`", "NIH Malaria cell images", {}),
+    # not a paper dataset: the one with lesion masks, for localisation (pixel metrics, hit rate)
+    "lgg": ("lgg", "mri", None, "`kaggle_3m/<patient>/<patient>_<n>.png` with `<patient>_<n>_mask.png` beside (255 = lesion)",
+            "the LGG brain MRI segmentation set (Buda et al. 2019, TCGA-LGG; Kaggle lgg-mri-segmentation)", {}),
+}
+# bundle parameters that differ from the shared defaults, per dataset
+OVERRIDES = {
+    # 30 patients: 0.25 of the 18 non-test patients -> 5 calibration patients (~70 normal slices)
+    "lgg": {"val_fraction": 0.25},
+}
+SPLIT_TEXT = {
+    "lgg": """Split **by patient**, never by slice (seeded, `split.json` lists each subset's patients): 40 % of
+the patients go to test with every slice (lesion → abnormal, empty mask → normal), 25 % of the others
+are calibration patients (their lesion-free slices calibrate the decision threshold), the rest train
+on their lesion-free slices only. Lesion slices of training and calibration patients are not used.
+Slices whose brain (any channel above 10 % of the patient's brightest pixel) covers less than 10 % of
+the image are dropped first (the volume ends); each kept item records its `foreground`. Every patient
+has a tumour: a "normal" slice is a lesion-free slice of a tumour patient. With the 30 patients of
+`../shared/data/lgg_mri` and seed 0: 13 / 5 / 12 patients, 256 training and 74 calibration normals,
+266 normal and 141 lesion test slices. Metrics include the pixel ones (`pixel_auroc`, `aupro`,
+`dice`, `dice_best`, `hit_rate`).""",
 }
 TABLE1 = {
     "headct": "60 / 40 & 100", "brainmri": "58 / 40 & 154", "lungct": "432 / 145 & 811", "busi": "99 / 34 & 647",
@@ -45,7 +65,7 @@ TABLE1 = {
 
 COMMON = {
     "train": ["imports", "device", "teacher_name", "network_def", "network", "predictor_def", "registered_model_name", "train_sampler", "is_not_rank0", "split", "tracking_uri", "experiment_name",
-              "run_name", "mlflow_params", "train", "validate", "calibrate", "test", "initialize", "run", "finalize"],
+              "run_name", "mlflow_params", "train", "validate", "fit_level_stats", "calibrate", "test", "initialize", "run", "finalize"],
     "evaluate": ["imports", "device", "loaded", "network", "threshold", "score_scale", "preprocessing", "split",
                  "tracking_uri", "experiment_name", "run_name", "eval_dataset", "eval_dataloader", "scores", "handlers",
                  "evaluator", "initialize", "run", "finalize"],
@@ -66,6 +86,11 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         "teacher_weights": None,
         "student": "decoder",
         "skip": "add",
+        "skip_levels": [3, 2],
+        "skip_dropout": 0.0,
+        "skip_noise": 0.0,
+        "teacher_taps": None,
+        "level_stats": False,
         "upsample_kernel": 3,
         "epochs": 200,
         "batch_size": 16,
@@ -78,6 +103,7 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         "val_fraction": 0.1,
         "val_interval": 10,
         "target_fpr": 0.05,
+        "calibration": "lognormal",
         "device_name": "auto",
         "amp": True,
         "cache_teacher": True,
@@ -204,16 +230,17 @@ MEASURED = {
 }
 
 
-def readme(name: str, dataset: str, modality: str, auroc: float, layout: str, source: str, measured: str = "") -> str:
+def readme(name: str, dataset: str, modality: str, auroc: float | None, layout: str, source: str, measured: str = "") -> str:
+    split = SPLIT_TEXT.get(name) or f"""Split (paper Table I, train normal / test normal & abnormal): {TABLE1[name]}; exact duplicates are
+removed first (content hash), normals are split with the seed, a validation share of the training
+normals calibrates the decision threshold, every abnormal image goes to test."""
+    paper = f"Paper AUROC (Skip-TS, WRN50 teacher): **{auroc}**." if auroc is not None else "Not in the paper."
     return f"""# {name}: Skip-TS on {source}
 
 Source layout under `--dataset_dir`: {layout}.
-Split (paper Table I, train normal / test normal & abnormal): {TABLE1[name]}; exact duplicates are
-removed first (content hash), normals are split with the seed, a validation share of the training
-normals calibrates the decision threshold, every abnormal image goes to test. The split is written to
-`<output_dir>/split.json` and reused. Modality preset: `transforms/{modality}.json`.
+{split} The split is written to `<output_dir>/split.json` and reused. Modality preset: `transforms/{modality}.json`.
 
-Paper AUROC (Skip-TS, WRN50 teacher): **{auroc}**.{measured}
+{paper}{measured}
 
 ```bash
 python -m monai.bundle run --config_file bundles/{name}/train.json --dataset_dir /data/{name}
@@ -230,7 +257,7 @@ Multi-GPU: `torchrun --nproc_per_node=N -m monai.bundle run --config_file "['bun
 def files() -> dict[Path, str]:
     out: dict[Path, str] = {}
     for name, (dataset, modality, auroc, layout, source, kwargs) in DATASETS.items():
-        p = params(name, dataset, modality, f"data/{name}", kwargs)
+        p = params(name, dataset, modality, f"data/{name}", kwargs, **OVERRIDES.get(name, {}))
         d = HERE / name
         out[d / "train.json"] = json.dumps(train_config(p), indent=2) + "\n"
         out[d / "evaluate.json"] = json.dumps(evaluate_config(p), indent=2) + "\n"

@@ -17,7 +17,9 @@ from PIL import Image
 
 from conftest import REPO
 
-TINY = {"epochs": 1, "spatial_size": 64, "batch_size": 4, "teacher": "efficientnet_lite0", "n_heatmaps": 2}
+# target_fpr 0.5 with the empirical calibration needs only 2 validation normals (the tiny data's)
+TINY = {"epochs": 1, "spatial_size": 64, "batch_size": 4, "teacher": "efficientnet_lite0", "n_heatmaps": 2,
+        "target_fpr": 0.5, "calibration": "empirical"}
 
 
 def _img(path: Path, seed: int, rgb: bool = False, lesion: bool = False, fmt: str | None = None) -> None:
@@ -62,6 +64,21 @@ def make_layout(name: str, root: Path) -> dict:
                 m = np.zeros((40, 40), np.uint8)
                 m[14:20, 20:26] = 255
                 Image.fromarray(m).save(base / cls / f"{cls} ({i + 1})_mask.png")
+        # a second lesion of one image in its own file, as 17 published BUSI images have: batches
+        # then mix items with and without extra masks (a KeyError in collation before)
+        m = np.zeros((40, 40), np.uint8)
+        m[2:6, 2:6] = 255
+        Image.fromarray(m).save(base / "benign" / "benign (1)_mask_1.png")
+    elif name == "lgg":
+        for p in range(5):
+            patient = f"TCGA_XX_{p:04d}_20000101"
+            for n in range(1, 7):
+                lesion = n in (3, 4)  # every LGG patient has a tumour
+                _img(root / "kaggle_3m" / patient / f"{patient}_{n}.png", 10 * p + n, rgb=True, lesion=lesion)
+                m = np.zeros((40, 40), np.uint8)
+                if lesion:
+                    m[14:20, 20:26] = 255
+                Image.fromarray(m).save(root / "kaggle_3m" / patient / f"{patient}_{n}_mask.png")
     elif name == "retinal_oct":
         _class_folders(root / "train", {"NORMAL": 0}, n=6)
         _class_folders(root / "test", {"NORMAL": 0, "DME": 1, "CNV": 1}, n=3)
@@ -82,7 +99,7 @@ def make_layout(name: str, root: Path) -> dict:
 
 
 DATASETS = ["headct", "brainmri", "lungct", "busi", "breastmri", "retinal_oct", "cpchild_a", "cpchild_b",
-            "nafld", "iqothnccd", "covid_xray", "malaria"]  # fmt: skip
+            "nafld", "iqothnccd", "covid_xray", "malaria", "lgg"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -116,12 +133,21 @@ def test_dataset_bundle_train_evaluate_infer(name, tmp_path):
     assert metrics["n_normal"] >= 1 and metrics["n_abnormal"] >= 1
     assert list((out / "heatmaps").glob("anomalous_*.png")) and list((out / "heatmaps").glob("normal_*.png"))
     panel = Image.open(next((out / "heatmaps").glob("anomalous_*.png")))
-    assert panel.size == (3 * TINY["spatial_size"], TINY["spatial_size"])  # image | overlay | map
+    # image | overlay at full resolution, plus a colour bar beside and the score header above
+    assert panel.size[0] > 2 * TINY["spatial_size"] and panel.size[1] > TINY["spatial_size"]
     with open(out / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == metrics["n_images"] and {"score", "anomalous", "threshold"} <= set(rows[0])
-    if name == "busi":  # masks beside the images: pixel metrics
-        assert 0.0 <= metrics["pixel_auroc"] <= 1.0
+    if name in ("busi", "lgg"):  # masks beside the images: pixel metrics
+        for key in ("pixel_auroc", "aupro", "dice", "dice_best", "hit_rate"):
+            assert 0.0 <= metrics[key] <= 1.0, key
+    if name == "lgg":  # split by patient: no patient in two subsets
+        split = json.loads((out / "split.json").read_text())
+        patients = {s: {it["volume_id"] for it in split[s]} for s in ("train", "val", "test")}
+        assert patients["train"] and patients["val"] and patients["test"]
+        assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
+                    or patients["val"] & patients["test"])
+        assert all(it["label"] == 0 for s in ("train", "val") for it in split[s])
     bundle_run(config_file=f"bundles/{name}/evaluate.json", dataset_dir=str(data), output_dir=str(out), mlflow=False,
                batch_size=4)  # fmt: skip
     ev = json.loads((out / "eval" / "metrics.json").read_text())
@@ -138,7 +164,7 @@ def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
 
     out = tmp_path / "demo"
     bundle_run(config_file="bundles/demo/train.json", output_dir=str(out), epochs=2, n_train_images=8,
-               spatial_size=64, val_interval=1, progress_bar=False)  # fmt: skip
+               spatial_size=64, val_interval=1, progress_bar=False, target_fpr=0.5, calibration="empirical")  # fmt: skip
     assert (out / "mlruns.db").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
     exp = client.get_experiment_by_name("monai-skipts-mvtec")
@@ -178,12 +204,30 @@ def test_user_command_from_repo_root(tmp_path):
     make_layout("brainmri", data)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/brainmri/train.json",
            "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64",
-           "--teacher", "efficientnet_lite0", "--seed", "3", "--mlflow", "False"]  # fmt: skip
+           "--teacher", "efficientnet_lite0", "--seed", "3", "--mlflow", "False",
+           "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     split = json.loads((out / "split.json").read_text())
     assert split["seed"] == 3
     assert json.loads((out / "metrics.json").read_text())["seed"] == 3
+    assert (out / "val_scores.csv").is_file()  # the calibration's normals, for benchmarks/calibration.py
+
+
+def test_too_few_normals_to_calibrate_fails_before_training(tmp_path):
+    """The tiny BrainMRI layout has 10 normals: 2 validation normals cannot calibrate the default 5 %
+    FPR. The run stops before training, naming the split file and what to change, and leaves no
+    checkpoint and no MLflow run behind."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_layout("brainmri", data)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/brainmri/train.json",
+           "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64",
+           "--teacher", "efficientnet_lite0"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert "validation normals cannot calibrate target_fpr=0.05 with the 'lognormal' calibration (needs at least 10)" in r.stderr
+    assert str(out / "split.json") in r.stderr
+    assert not (out / "checkpoint.pt").exists() and not (out / "mlruns.db").exists()
 
 
 @pytest.mark.parametrize("config", ["train", "evaluate"])
@@ -206,7 +250,8 @@ def test_auto_teacher_falls_back_loudly_offline(tmp_path):
     make_layout("malaria", data)
     env = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch_home")}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/malaria/train.json",
-           "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64", "--mlflow", "False"]  # fmt: skip
+           "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64", "--mlflow", "False",
+           "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
@@ -224,7 +269,8 @@ def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
     make_layout("brainmri", data)
     cmd = [sys.executable, "benchmarks/bundle_runs.py", "--dataset", "brainmri", "--dataset-dir", str(data),
            "--seeds", "0", "1", "--teacher", "efficientnet_lite0", "--work-dir", str(work),
-           "--", "--epochs", "1", "--spatial_size", "64", "--batch_size", "4", "--mlflow", "False", "--n_heatmaps", "0"]  # fmt: skip
+           "--", "--epochs", "1", "--spatial_size", "64", "--batch_size", "4", "--mlflow", "False", "--n_heatmaps", "0",
+           "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
     env = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1"}
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -234,5 +280,7 @@ def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
     assert summary["auroc_mean"] == pytest.approx(np.mean(per_seed))
     assert summary["auroc_std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert summary["paper_auroc"] == 88.2 and "| brainmri |" in r.stdout
+    spec = [100 * (1 - json.loads((work / f"brainmri_s{s}" / "metrics.json").read_text())["cal_specificity"]) for s in (0, 1)]
+    assert summary["test_fpr_at_threshold"] == pytest.approx(spec) and summary["target_fpr"] == 0.5
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r2.returncode == 0 and r2.stdout.count("already finished") == 2

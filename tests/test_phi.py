@@ -135,7 +135,7 @@ _SCRIPT = textwrap.dedent(
     common = dict(dataset="datalist", dataset_dir=data + "/datalist.csv", output_dir=out, spatial_size=32, batch_size=4,
                   mlflow=True, logging_file=log_conf)
     run(config_file="bundles/demo/train.json", epochs=1, teacher="efficientnet_lite0", n_heatmaps=2, val_interval=1,
-        progress_bar=False, **common)
+        progress_bar=False, target_fpr=0.5, calibration="empirical", **common)
     run(config_file="bundles/demo/evaluate.json", n_heatmaps=2, **common)
     run(config_file="bundles/demo/inference.json", output_dir=out, input=data + "/images", logging_file=log_conf)
     run(config_file="bundles/demo/inference.json", output_dir=out, input=[data + "/series01"],

@@ -69,7 +69,8 @@ def _train_cmd(data: Path, out: Path, epochs: int = EPOCHS, seed: int = 0) -> li
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/demo/train.json",
             "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", str(epochs), "--seed", str(seed),
             "--spatial_size", "64", "--batch_size", "4", "--teacher", "efficientnet_lite0", "--val_interval", "1",
-            "--progress_bar", "False", "--n_heatmaps", "0", "--save_maps", "False"]  # fmt: skip
+            "--progress_bar", "False", "--n_heatmaps", "0", "--save_maps", "False",
+            "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def reference_run(data_dir, tmp_path_factory):
     args = _train_cmd(data_dir, out)[6:]
     over = {k[2:]: v for k, v in zip(args[::2], args[1::2])}
     over.update(epochs=EPOCHS, seed=0, spatial_size=64, batch_size=4, val_interval=1, n_heatmaps=0, progress_bar=False,
-                save_maps=False, mlflow=False)  # fmt: skip
+                save_maps=False, mlflow=False, target_fpr=0.5, calibration="empirical")  # fmt: skip
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
@@ -165,7 +166,7 @@ def test_rerun_of_a_finished_training_does_not_train_again(reference_run, data_d
     monkeypatch.chdir(REPO)
     bundle_run(config_file="bundles/demo/train.json", dataset_dir=str(data_dir), output_dir=str(out), epochs=EPOCHS,
                spatial_size=64, batch_size=4, teacher="efficientnet_lite0", progress_bar=False, n_heatmaps=0,
-               save_maps=False, mlflow=False)  # fmt: skip
+               save_maps=False, mlflow=False, target_fpr=0.5, calibration="empirical")  # fmt: skip
     after = os.stat(ckpt)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "checkpoint.pt was rewritten"
     model, done = load_checkpoint(out / "model.pt"), load_checkpoint(ckpt)
@@ -632,7 +633,8 @@ def test_truncated_and_foreign_files_are_clear_errors(lite0, tmp_path):
 def test_same_seed_same_scores_other_seed_other_scores(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     over = dict(dataset_dir=str(data_dir), epochs=2, spatial_size=64, batch_size=4, teacher="efficientnet_lite0",
-                progress_bar=False, n_heatmaps=0, save_maps=False, mlflow=False, val_interval=2)  # fmt: skip
+                progress_bar=False, n_heatmaps=0, save_maps=False, mlflow=False, val_interval=2,
+                target_fpr=0.5, calibration="empirical")  # fmt: skip
     scores = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         bundle_run(config_file="bundles/demo/train.json", output_dir=str(tmp_path / name), seed=seed, **over)

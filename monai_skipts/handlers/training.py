@@ -3,7 +3,9 @@ decision-threshold calibration on held-out normals."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -15,7 +17,7 @@ from ignite.engine import Engine, Events
 
 from ..checkpoint import CheckpointError, check_teacher, load_checkpoint, save_checkpoint, set_rng_state
 from ..metrics import calibrate_threshold
-from ..utils import atomic_write_json, remove_stale_temp_files
+from ..utils import atomic_write_json, atomic_write_text, remove_stale_temp_files
 
 __all__ = ["LossComponentsHandler", "SkipTSCheckpointHandler", "ThresholdCalibrator", "resumed_run_name"]
 
@@ -195,6 +197,8 @@ class ThresholdCalibrator:
         score_handler: that handler (its ``records`` are read).
         network: the trained model; output_dir: where ``model.pt`` goes.
         extra: plain data stored in the checkpoint (e.g. the bundle's modality and spatial size).
+        method: ``"empirical"``, ``"lognormal"`` or ``"gaussian"``
+            (:func:`~monai_skipts.metrics.calibrate_threshold`).
 
     ``calibrator()`` runs it (reusing the validation scores when the evaluator last ran at the
     trainer's final epoch, e.g. through ``ValidationHandler``); afterwards ``threshold`` and ``scale`` are set (``scale`` is the
@@ -203,8 +207,9 @@ class ThresholdCalibrator:
 
     def __init__(self, evaluator: Engine, score_handler: Any, network: torch.nn.Module, output_dir: str | Path,
                  target_fpr: float = 0.05, extra: dict | None = None, filename: str = "model.pt",
-                 trainer: Engine | None = None):  # fmt: skip
+                 trainer: Engine | None = None, method: str = "empirical"):  # fmt: skip
         self.evaluator, self.score_handler, self.network, self.trainer = evaluator, score_handler, network, trainer
+        self.method = method
         self.output_dir, self.target_fpr, self.extra, self.filename = Path(output_dir), float(target_fpr), extra, filename
         self.threshold: float | None = None
         self.scale: float | None = None
@@ -218,11 +223,11 @@ class ThresholdCalibrator:
         scores = np.array([r["score"] for r in self.score_handler.records], dtype=np.float64)
         if scores.size == 0:
             raise ValueError("threshold calibration needs validation normals, but the validation split is empty")
-        self.threshold = float(calibrate_threshold(scores, self.target_fpr))
+        self.threshold = float(calibrate_threshold(scores, self.target_fpr, method=self.method))
         self.scale = float(max(scores.std(), 1e-6))
         self.record = {
             "value": self.threshold, "target_fpr": self.target_fpr, "n_normals": int(scores.size), "scale": self.scale,
-            "fpr_on_calibration_set": float((scores >= self.threshold).mean()),
+            "fpr_on_calibration_set": float((scores >= self.threshold).mean()), "method": self.method,
         }  # fmt: skip
         logger.info("decision threshold %.5f at target FPR %.3f from %d validation normals",
                     self.threshold, self.target_fpr, scores.size)  # fmt: skip
@@ -230,4 +235,7 @@ class ThresholdCalibrator:
             save_checkpoint(self.output_dir / self.filename, self.network, threshold=self.record,
                             extra=self.extra or {}, with_rng=False)  # fmt: skip
             atomic_write_json(self.output_dir / "threshold.json", self.record)
+            buf = io.StringIO()
+            csv.writer(buf).writerows([("id", "score")] + [(r["id"], repr(r["score"])) for r in self.score_handler.records])
+            atomic_write_text(self.output_dir / "val_scores.csv", buf.getvalue())  # for calibration studies
         return self.record
