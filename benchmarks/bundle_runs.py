@@ -37,8 +37,14 @@ def paper_auroc(dataset: str) -> float | None:
     return json.loads((ROOT / "bundles" / dataset / "metadata.json").read_text()).get("paper_auroc")
 
 
-def run_dir(work_dir: Path, dataset: str, seed: int) -> Path:
-    return work_dir / f"{dataset}_s{seed}"
+def run_dir(work_dir: Path, dataset: str, seed: int, preset: str | None = None) -> Path:
+    return work_dir / (f"{dataset}_{preset}_s{seed}" if preset else f"{dataset}_s{seed}")
+
+
+def config_files(dataset: str, preset: str | None = None) -> str:
+    """The ``--config_file`` value: the bundle's train.json, then the preset's overrides if any."""
+    files = [f"bundles/{dataset}/train.json"] + ([f"bundles/presets/{preset}.json"] if preset else [])
+    return files[0] if len(files) == 1 else "[" + ",".join(repr(f) for f in files) + "]"
 
 
 def finished(out: Path) -> dict | None:
@@ -50,7 +56,7 @@ def finished(out: Path) -> dict | None:
 
 
 def run_one(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
-    out = run_dir(args.work_dir, args.dataset, seed)
+    out = run_dir(args.work_dir, args.dataset, seed, args.preset)
     done = finished(out)
     if done is not None:
         print(f"[seed {seed}] already finished: AUROC {100 * done['auroc']:.2f}", flush=True)
@@ -58,7 +64,7 @@ def run_one(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", f"bundles/{args.dataset}/train.json",
+        "--config_file", config_files(args.dataset, args.preset),
         "--dataset_dir", str(args.dataset_dir), "--output_dir", str(out),
         "--teacher", args.teacher, "--seed", str(seed), *extra,
     ]
@@ -76,19 +82,28 @@ def run_one(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
     return m
 
 
+#: metrics gathered over seeds (in %) when every run has them: image, pixel (datasets with masks),
+#: and the false-positive rate on test normals at the calibrated threshold against its target
+SUMMARY_KEYS = ("auroc", "aupr", "pixel_auroc", "aupro", "dice", "dice_best", "hit_rate", "test_fpr_at_threshold")
+
+
 def summarise(dataset: str, teacher: str, per_seed: dict[int, dict]) -> dict:
     seeds = sorted(per_seed)
-    au = [100 * per_seed[s]["auroc"] for s in seeds]
-    ap = [100 * per_seed[s]["aupr"] for s in seeds]
     sd = statistics.stdev if len(seeds) > 1 else (lambda v: 0.0)
-    return {
-        "dataset": dataset, "teacher": teacher, "seeds": seeds,
-        "auroc": au, "aupr": ap,
-        "auroc_mean": statistics.fmean(au), "auroc_std": sd(au),
-        "aupr_mean": statistics.fmean(ap), "aupr_std": sd(ap),
-        "paper_auroc": paper_auroc(dataset),
-        "split": per_seed[seeds[0]].get("split"),
-    }
+    out = {"dataset": dataset, "teacher": teacher, "seeds": seeds}
+    for key in SUMMARY_KEYS:
+        vals = [per_seed[s].get(key) for s in seeds]
+        if key == "test_fpr_at_threshold":
+            vals = [None if "cal_specificity" not in per_seed[s] else 1 - per_seed[s]["cal_specificity"] for s in seeds]
+        if any(v is None for v in vals):
+            continue
+        vals = [100 * v for v in vals]
+        out.update({key: vals, f"{key}_mean": statistics.fmean(vals), f"{key}_std": sd(vals)})
+    cal = [per_seed[s].get("calibration") or {} for s in seeds]
+    out["target_fpr"] = cal[0].get("target_fpr")
+    out["n_val_normals"] = [c.get("n_normals") for c in cal]
+    out.update(paper_auroc=paper_auroc(dataset), split=per_seed[seeds[0]].get("split"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bundles"))
+    p.add_argument("--preset", default=None, help="a bundles/presets/<name>.json merged over the bundle (e.g. paper)")
     args = p.parse_args(argv)
     if not (ROOT / "bundles" / args.dataset / "train.json").is_file():
         p.error(f"no bundle bundles/{args.dataset}/train.json")
@@ -122,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = summarise(args.dataset, args.teacher, per_seed)
     summary["bundle_args"] = extra
-    atomic_write_json(args.work_dir / f"{args.dataset}_summary.json", summary)
+    summary["preset"] = args.preset
+    name = f"{args.dataset}_{args.preset}" if args.preset else args.dataset
+    atomic_write_json(args.work_dir / f"{name}_summary.json", summary)
     paper = summary["paper_auroc"]
-    print(
-        f"| {args.dataset} | {summary['auroc_mean']:.1f} ± {summary['auroc_std']:.1f} | "
-        f"{summary['aupr_mean']:.1f} ± {summary['aupr_std']:.1f} | {len(per_seed)} | "
-        f"{paper if paper is not None else '–'} |"
-    )
+    cells = [f"{summary[k + '_mean']:.1f} ± {summary[k + '_std']:.1f}" if k + "_mean" in summary else "–"
+             for k in SUMMARY_KEYS]  # fmt: skip
+    print("| dataset | preset | " + " | ".join(SUMMARY_KEYS) + " | seeds | paper |")
+    print(f"| {args.dataset} | {args.preset or 'default'} | " + " | ".join(cells) +
+          f" | {len(per_seed)} | {paper if paper is not None else '–'} |")
     print("per seed AUROC:", ", ".join(f"{s}: {a:.2f}" for s, a in zip(summary["seeds"], summary["auroc"])))
     return 1 if failed else 0
 

@@ -57,9 +57,9 @@ from torch.utils.data import Subset
 from monai_skipts.baselines import PatchCore
 from monai_skipts.data import get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, resolve_device
-from monai_skipts.inferers import SkipTSInferer
+from monai_skipts.inferers import SkipTSInferer, fit_level_stats, set_level_stats
 from monai_skipts.losses import DRKDLoss
-from monai_skipts.metrics import image_metrics
+from monai_skipts.metrics import image_metrics, pixel_metrics
 from monai_skipts.networks import RD4AD, RD4ADLoss, SkipTS, build_teacher, feature_shapes, teacher_weights_available
 from monai_skipts.transforms import build_preprocessing
 from monai_skipts.utils import atomic_write_json, atomic_write_text
@@ -79,6 +79,8 @@ PAPER_DATASETS: list[tuple[str, str, float, tuple[str, ...]]] = [
     ("iq_oth_nccd", "ct_lung", 97.3, ("iq_oth_nccd", "iqothnccd", "IQ-OTH_NCCD")),
     ("covid_xray", "xray", 94.1, ("covid_xray", "covid19", "Covid19-dataset")),
     ("malaria", "rgb", 95.2, ("malaria", "cell_images")),
+    # not a paper dataset (no paper figure): brain MRI with lesion masks, for the pixel metrics
+    ("lgg", "mri", None, ("lgg_mri", "lgg", "kaggle_3m")),
 ]  # fmt: skip
 PAPER_AVERAGE = 92.5
 
@@ -91,8 +93,35 @@ METHODS: dict[str, dict[str, Any]] = {
     "no_mac": {"label": "w/o MAC", "kind": "skipts", "model": {}, "loss": lambda: {"mac": False}},
     "rd4ad": {"label": "RD4AD-style", "kind": "rd4ad", "model": {}, "loss": None},
     "patchcore": {"label": "PatchCore", "kind": "patchcore", "model": {}, "loss": None},
+    # skip connections that should not hand the student the anomaly (issue: a default that finds the lesion)
+    "skip_l3": {"label": "SC level 3 only", "kind": "skipts", "model": {"skip_levels": (3,)}, "loss": dict},
+    "skip_drop": {"label": "SC dropout 0.5", "kind": "skipts", "model": {"skip_dropout": 0.5}, "loss": dict},
+    "skip_noise": {"label": "SC noise 1.0", "kind": "skipts", "model": {"skip_noise": 1.0}, "loss": dict},
+    "gate": {"label": "SC gate", "kind": "skipts", "model": {"skip": "gate"}, "loss": dict},
+    # EfficientNet-Lite's expanded (post-ReLU6, 6x wider) activations as E1..E4 instead of the projections
+    "expanded": {"label": "expanded taps", "kind": "skipts", "model": {}, "loss": dict, "teacher_taps": "expanded"},
+    "expanded_no_skip": {"label": "expanded, w/o SC", "kind": "skipts", "model": {"skip": "none"}, "loss": dict,
+                         "teacher_taps": "expanded"},
 }
+#: ``<method>+std``: the same trained model, its per-level maps standardised with training-normal
+#: statistics before summing (``monai_skipts.inferers.fit_level_stats``): evaluated for every
+#: teacher-student method at the cost of one more pass over the training images
+STD_SUFFIX = "+std"
+
+
+def method_spec(name: str) -> dict:
+    """``METHODS[name]``, or for ``<method>+std`` the method's spec with ``level_stats`` on."""
+    if name.endswith(STD_SUFFIX):
+        base = METHODS[name[: -len(STD_SUFFIX)]]
+        return {**base, "label": base["label"] + " +std", "level_stats": True}
+    return METHODS[name]
+
+
+def method_choices() -> list[str]:
+    return list(METHODS) + [m + STD_SUFFIX for m, s in METHODS.items() if s["kind"] != "patchcore"]
 QUICK = {"size": 128, "steps": 100, "seeds": [0]}
+#: validation (calibration) share per dataset, as in its bundle (bundles/make_bundles.py OVERRIDES)
+VAL_FRACTION = {"lgg": 0.25}
 
 
 def find_datasets(data_root: Path, only: list[str] | None = None) -> list[tuple[str, str, float, Path]]:
@@ -193,18 +222,24 @@ class DatasetRun:
     def __init__(self, name: str, root: Path, modality: str, seed: int, size: int, teacher, work_dir: Path,
                  batch_size: int, device: torch.device, image_cache: dict):  # fmt: skip
         self.name, self.seed, self.size, self.batch_size, self.device = name, seed, size, batch_size, device
-        split = prepare_split(name, root, split_file=work_dir / "splits" / f"{name}_seed{seed}.json", seed=seed)
+        split = prepare_split(name, root, split_file=work_dir / "splits" / f"{name}_seed{seed}.json", seed=seed,
+                              val_fraction=VAL_FRACTION.get(name, 0.1))  # fmt: skip
         self.report = split["report"]
-        keep = ("image", "label", "id")
-        self.train_items = [{k: it[k] for k in keep} for it in split["train"]]
-        self.test_items = [{k: it[k] for k in keep} for it in split["test"]]
-        self.pre = build_preprocessing(modality, spatial_size=size)
+        self.has_masks = any(it.get("mask") for it in split["test"])
+        keep = ("image", "label", "id") + (("mask", "extra_masks") if self.has_masks else ())
+
+        def _items(subset):
+            out = [{k: it[k] for k in keep if k in it} for it in split[subset]]
+            return [{**it, "mask": it.get("mask")} for it in out] if self.has_masks else out
+
+        self.train_items, self.val_items, self.test_items = _items("train"), _items("val"), _items("test")
+        self.pre = build_preprocessing(modality, spatial_size=size, mask_key="mask" if self.has_masks else None)
         # one CacheDataset per dataset and size, over every seed's items: decode + resize once
         key = (name, size)
         if key not in image_cache:
             image_cache[key] = {"items": [], "index": {}, "ds": None}
         cache = image_cache[key]
-        new = [it for it in self.train_items + self.test_items if it["id"] not in cache["index"]]
+        new = [it for it in self.train_items + self.val_items + self.test_items if it["id"] not in cache["index"]]
         if new:
             t0 = time.time()
             ds = CacheDataset(new, self.pre, progress=False, num_workers=0)
@@ -214,6 +249,7 @@ class DatasetRun:
             print(f"[{name}] decoded {len(new)} images at {size}² in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         self.train_ds = Subset(cache["ds"], [cache["index"][it["id"]] for it in self.train_items])
         self.test_ds = Subset(cache["ds"], [cache["index"][it["id"]] for it in self.test_items])
+        self.val_ds = Subset(cache["ds"], [cache["index"][it["id"]] for it in self.val_items])
         self.teacher = teacher
         # cached teacher features: fp32 while train + test stay under 2 GiB, else fp16; the test
         # features only while they stay under 4 GiB in fp16 (WRN50 at 256²: 7.9 MB fp32 per image)
@@ -228,8 +264,9 @@ class DatasetRun:
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, generator=g, num_workers=0)
 
-    def test_loader(self) -> DataLoader:
-        return DataLoader(self.test_ds, batch_size=self.batch_size, shuffle=False, num_workers=0)
+    def test_loader(self, subset: str = "test") -> DataLoader:
+        ds = self.val_ds if subset == "val" else self.test_ds
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=0)
 
     def feature_cache(self, model, store: dict | None) -> PlainTensorBatch:
         """``prepare_batch`` feeding cached teacher features from ``store`` (``None``: no cache, the
@@ -241,26 +278,53 @@ class DatasetRun:
         return PlainTensorBatch(cache)
 
 
-def _evaluate_kd(run: DatasetRun, model, similarity: str) -> tuple[list[float], list[int], float]:
-    scores, labels = [], []
+def _evaluate_kd(run: DatasetRun, model, similarity: str, subset: str = "test") -> dict:
+    """Scores (and, where the test items have masks, maps and masks) of ``subset``."""
+    out: dict[str, list] = {"scores": [], "labels": [], "maps": [], "masks": []}
+    use_cache = subset == "test" and run.cache_test
     evaluator = SkipTSEvaluator(
-        run.device, run.test_loader(), model, inferer=SkipTSInferer(similarity=similarity),
-        prepare_batch=run.feature_cache(model, run.test_store if run.cache_test else None),
+        run.device, run.test_loader(subset), model, inferer=SkipTSInferer(similarity=similarity),
+        prepare_batch=run.feature_cache(model, run.test_store if use_cache else None),
     )  # fmt: skip
 
     @evaluator.on(Events.ITERATION_COMPLETED)
     def _collect(engine):
-        scores.extend(engine.state.output["score"].tolist())
-        labels.extend(int(v) for v in engine.state.output["label"].view(-1).tolist())
+        _collect_output(out, engine.state.output, engine.state.batch, run.has_masks and subset == "test")
 
     t0 = time.time()
     evaluator.run()
-    return scores, labels, time.time() - t0
+    out["seconds"] = time.time() - t0
+    return out
 
 
-def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0) -> dict:
-    """Train one teacher-student method on ``run`` for ``epochs`` epochs; evaluate the last epoch."""
-    spec = METHODS[method]
+def _collect_output(out: dict, output: dict, batch: dict, with_maps: bool) -> None:
+    out["scores"].extend(output["score"].float().tolist())
+    out["labels"].extend(int(v) for v in output["label"].view(-1).tolist())
+    if with_maps:
+        out["maps"].append(output["pred"].detach().float().cpu().numpy()[:, 0].astype(np.float32))
+        out["masks"].append(batch["mask"].cpu().numpy()[:, 0] > 0.5)
+
+
+def _metrics(test: dict, val: dict | None) -> dict:
+    """Image metrics, pixel metrics where masks exist, and the per-image scores the calibration
+    study reads (``val_scores``: held-out normals; ``test_scores``/``test_labels``)."""
+    m = image_metrics(np.asarray(test["scores"]), np.asarray(test["labels"]))
+    if test["maps"]:
+        maps, masks = np.concatenate(test["maps"]), np.concatenate(test["masks"])
+        m.update(pixel_metrics(maps, masks))
+    m["test_scores"] = [round(float(v), 6) for v in test["scores"]]
+    m["test_labels"] = list(test["labels"])
+    if val is not None:
+        m["val_scores"] = [round(float(v), 6) for v in val["scores"]]
+    return m
+
+
+def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0, with_std: bool = False) -> dict:
+    """Train one teacher-student method on ``run`` for ``epochs`` epochs; evaluate the last epoch.
+
+    With ``with_std`` (or a ``+std`` method) the same trained model is evaluated a second time with
+    its per-level maps standardised; returns ``{method: metrics[, method + "+std": metrics]}``."""
+    spec = method_spec(method)
     set_determinism(seed=run.seed)
     if spec["kind"] == "rd4ad":
         model, loss = RD4AD(run.teacher, **spec["model"]), RD4ADLoss()
@@ -277,12 +341,24 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0)
     train_s = time.time() - t0
     # the maps of the similarity the model was trained with: the MSE ablation replaces M_l itself
     # (eq 1), so its L_sim and its test-time map are both per-pixel squared errors
-    scores, labels, eval_s = _evaluate_kd(run, model, getattr(loss, "similarity", "cosine"))
-    m = image_metrics(np.asarray(scores), np.asarray(labels))
+    similarity = getattr(loss, "similarity", "cosine")
     n_params = sum(p.numel() for p in model.student.parameters())
-    m.update(train_seconds=round(train_s, 1), eval_seconds=round(eval_s, 1), final_loss=float(trainer.state.output["loss"].detach()),
-             student_params=n_params)  # fmt: skip
-    return m
+    base = method[: -len(STD_SUFFIX)] if method.endswith(STD_SUFFIX) else method
+    variants = ([base] if not spec.get("level_stats") else []) + ([base + STD_SUFFIX] if with_std or spec.get("level_stats") else [])
+    out = {}
+    for name in variants:
+        t1 = time.time()
+        if name.endswith(STD_SUFFIX):
+            stats = fit_level_stats(model, run.train_loader(), device=run.device, similarity=similarity,
+                                    prepare_batch=run.feature_cache(model, run.train_store))  # fmt: skip
+            set_level_stats(model, stats)
+        test = _evaluate_kd(run, model, similarity)
+        val = _evaluate_kd(run, model, similarity, "val") if run.val_items else None
+        m = _metrics(test, val)
+        m.update(train_seconds=round(train_s, 1), eval_seconds=round(time.time() - t1, 1),
+                 final_loss=float(trainer.state.output["loss"].detach()), student_params=n_params)  # fmt: skip
+        out[name] = m
+    return out
 
 
 def run_patchcore(run: DatasetRun, seed: int) -> dict:
@@ -296,17 +372,24 @@ def run_patchcore(run: DatasetRun, seed: int) -> dict:
 
     model.fit(run.train_loader(), device=run.device, feature_fn=_features)
     train_s = time.time() - t0
-    test_cache = run.feature_cache(model, run.test_store if run.cache_test else None)
-    scores, labels = [], []
+    results = {}
     t0 = time.time()
-    with torch.inference_mode():
-        for batch in run.test_loader():
-            image, label, *rest = test_cache(batch, run.device)
-            _, s = model(image, teacher_feats=rest[1]["teacher_feats"] if rest else None)
-            scores.extend(s.tolist())
-            labels.extend(int(v) for v in label.view(-1).tolist())
-    m = image_metrics(np.asarray(scores), np.asarray(labels))
-    m.update(train_seconds=round(train_s, 1), eval_seconds=round(time.time() - t0, 1), memory_size=model.config["memory_size"])
+    for subset in ("test", "val"):
+        if subset == "val" and not run.val_items:
+            results["val"] = None
+            continue
+        cache = run.feature_cache(model, run.test_store if run.cache_test and subset == "test" else None)
+        out: dict[str, list] = {"scores": [], "labels": [], "maps": [], "masks": []}
+        with torch.inference_mode():
+            for batch in run.test_loader(subset):
+                image, label, *rest = cache(batch, run.device)
+                amap, s = model(image, teacher_feats=rest[1]["teacher_feats"] if rest else None)
+                _collect_output(out, {"score": s, "label": label, "pred": amap}, batch, run.has_masks and subset == "test")
+        results[subset] = out
+        if subset == "test":
+            eval_s = time.time() - t0
+    m = _metrics(results["test"], results["val"])
+    m.update(train_seconds=round(train_s, 1), eval_seconds=round(eval_s, 1), memory_size=model.config["memory_size"])
     return m
 
 
@@ -347,11 +430,56 @@ def summarise(records: list[dict], methods: list[str], datasets: list[tuple[str,
             average[m] = {"mean": statistics.mean(means),
                           "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0, "n_seeds": len(per_seed)}  # fmt: skip
     ranking = sorted(average, key=lambda m: -average[m]["mean"])
-    return {"table": table, "average": average, "ranking": ranking}
+    pixel: dict[str, dict[str, dict]] = {}
+    for name, _ in datasets:
+        for m in methods:
+            recs = [r for r in records if r["dataset"] == name and r["method"] == m and "pixel_auroc" in r]
+            if recs:
+                pixel.setdefault(name, {})[m] = {k: [r[k] for r in recs] for k in PIXEL_KEYS}
+    return {"table": table, "average": average, "ranking": ranking, "pixel": pixel,
+            "selection": selection_scores(table, pixel, methods)}
+
+
+PIXEL_KEYS = ("pixel_auroc", "aupro", "dice_best", "hit_rate")
+SELECTION_RULE = ("mean rank, lower is better: half from the image AUROC ranks (averaged over the dev "
+                  "datasets), a quarter each from the LGG pixel AUROC and AUPRO ranks; means over seeds")
+
+
+def _ranks(values: dict[str, float]) -> dict[str, float]:
+    """Rank 1 = highest value; ties share their mean rank."""
+    order = sorted(values, key=lambda m: -values[m])
+    out: dict[str, float] = {}
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def selection_scores(table: dict, pixel: dict, methods: list[str]) -> dict[str, float]:
+    """The rule that picks the shipped default (written down before the final runs, see
+    SELECTION_RULE), over the methods that have every dev dataset: image AUROC rank per dataset,
+    averaged, weighs 1/2; LGG pixel AUROC rank and AUPRO rank 1/4 each. Empty without LGG."""
+    datasets = [d for d in table if table[d]]
+    lgg = pixel.get("lgg", {})
+    cands = [m for m in methods if all(m in table[d] for d in datasets) and m in lgg]
+    if len(cands) < 2:
+        return {}
+    image = {m: 0.0 for m in cands}
+    for d in datasets:
+        for m, r in _ranks({m: table[d][m]["mean"] for m in cands}).items():
+            image[m] += r / len(datasets)
+    pa = _ranks({m: statistics.mean(lgg[m]["pixel_auroc"]) for m in cands})
+    pro = _ranks({m: statistics.mean(lgg[m]["aupro"]) for m in cands})
+    return {m: 0.5 * image[m] + 0.25 * pa[m] + 0.25 * pro[m] for m in cands}
 
 
 def markdown(summary: dict, methods: list[str], datasets: list[tuple[str, float]], meta: dict) -> str:
-    labels = [METHODS[m]["label"] for m in methods]
+    labels = [method_spec(m)["label"] for m in methods]
     lines = [
         f"# Image AUROC (%), mean ± std over seeds {meta['seeds']}",
         "",
@@ -371,7 +499,7 @@ def markdown(summary: dict, methods: list[str], datasets: list[tuple[str, float]
                 continue
             c = _fmt(row[m]["values"])
             cells.append(f"**{c}**" if best is not None and row[m]["mean"] == best else c)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper:.1f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + (f" | {paper:.1f} |" if paper is not None else " | – |"))
     avg = summary["average"]
     best = max((avg[m]["mean"] for m in avg), default=None)
     cells = []
@@ -381,7 +509,8 @@ def markdown(summary: dict, methods: list[str], datasets: list[tuple[str, float]
             continue
         c = f"{100 * avg[m]['mean']:.1f} ± {100 * avg[m]['std']:.1f}"
         cells.append(f"**{c}**" if avg[m]["mean"] == best else c)
-    paper_avg = statistics.mean(p for _, p in datasets) if datasets else PAPER_AVERAGE
+    papers = [p for _, p in datasets if p is not None]
+    paper_avg = statistics.mean(papers) if papers else PAPER_AVERAGE
     lines.append("| **average** | " + " | ".join(cells) + f" | {paper_avg:.1f} |")
     lines += ["", "Training seconds per run (mean over seeds; PatchCore: feature extraction + coreset):", "",
               "| dataset | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]  # fmt: skip
@@ -389,18 +518,55 @@ def markdown(summary: dict, methods: list[str], datasets: list[tuple[str, float]
         row = summary["table"].get(name, {})
         lines.append(f"| {name} | " + " | ".join(f"{row[m]['train_seconds']:.0f}" if m in row else "–" for m in methods) + " |")
     if summary["ranking"]:
-        lines += ["", "Ranking by average AUROC: " + " > ".join(METHODS[m]["label"] for m in summary["ranking"])]
+        lines += ["", "Ranking by average AUROC: " + " > ".join(method_spec(m)["label"] for m in summary["ranking"])]
+    for name, _ in datasets:
+        pix = summary.get("pixel", {}).get(name)
+        if not pix:
+            continue
+        lines += ["", f"Localisation on {name} (pixel metrics, %, mean ± std over seeds; Dice at the best threshold "
+                      "of the test maps, an upper bound; hit rate = lesion images whose map maximum is inside the lesion):", "",
+                  "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]  # fmt: skip
+        for key in PIXEL_KEYS:
+            lines.append(f"| {key} | " + " | ".join(_fmt(pix[m][key]) if m in pix else "–" for m in methods) + " |")
+    if summary.get("selection"):
+        sel = summary["selection"]
+        lines += ["", f"Selection rule ({SELECTION_RULE}): " + ", ".join(
+            f"{method_spec(m)['label']} {v:.2f}" for m, v in sorted(sel.items(), key=lambda kv: kv[1]))]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- main
 
 
+def combine(files: list[Path], work_dir: Path, methods: list[str] | None = None) -> int:
+    """One table from several ``quality.json`` files with the same settings (teacher, size, schedule)."""
+    import json
+
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    keys = {(d["meta"]["teacher"], d["meta"]["size"], d["meta"]["schedule"]) for d in docs}
+    if len(keys) != 1:
+        raise SystemExit(f"the files differ in teacher/size/schedule: {sorted(keys)}")
+    records = [r for d in docs for r in d["runs"]]
+    methods = methods or list(dict.fromkeys(r["method"] for r in records))
+    names = list(dict.fromkeys(r["dataset"] for r in records))
+    paper = {n: p for n, _, p, _ in PAPER_DATASETS}
+    ds_pairs = [(n, paper.get(n)) for n in names]
+    meta = {**docs[0]["meta"], "datasets": names, "methods": methods, "combined_from": [str(f) for f in files],
+            "seeds": sorted({r["seed"] for r in records}),
+            "wall_seconds": sum(d["meta"].get("wall_seconds", 0) for d in docs)}  # fmt: skip
+    summary = summarise(records, methods, ds_pairs)
+    atomic_write_json(work_dir / "quality.json", {"meta": meta, "summary": summary, "runs": records})
+    md = markdown(summary, methods, ds_pairs, meta)
+    atomic_write_text(work_dir / "quality.md", md)
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="default: $SKIPTS_DATA_ROOT or ../shared/data")
     p.add_argument("--datasets", nargs="+", default=None, help="default: every paper dataset present")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=method_choices())
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 3 4 (quick: 0)")
     p.add_argument("--epochs", type=int, default=None, help="default 200 (the paper)")
     p.add_argument("--steps", type=int, default=None,
@@ -415,7 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the runs already in <work-dir>/quality.json")
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's default malloc (see tune_glibc_malloc)")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="train nothing: merge the runs of these quality.json files (e.g. datasets run side by side "
+                        "in separate processes) into one table in --work-dir")  # fmt: skip
     a = p.parse_args(argv)
+    if a.combine:
+        return combine(a.combine, Path(a.work_dir), a.methods if "--methods" in (argv or sys.argv) else None)
 
     size = a.size or (QUICK["size"] if a.quick else PAPER_HPARAMS["spatial_size"])
     seeds = a.seeds or (QUICK["seeds"] if a.quick else [0, 1, 2, 3, 4])
@@ -448,7 +619,13 @@ def main(argv: list[str] | None = None) -> int:
                    and (steps or r["epochs"] == epochs)]  # fmt: skip
     print(f"quality: {[d[0] for d in datasets]} x {a.methods} x seeds {seeds}; teacher {teacher_name}, {size}², "
           f"{meta['schedule']}, device {device}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
-    teacher = _channels_last(build_teacher(teacher_name)).to(device)
+    teachers: dict = {}
+
+    def _teacher(taps):
+        if taps not in teachers:
+            teachers[taps] = _channels_last(build_teacher(teacher_name, taps=taps)).to(device)
+        return teachers[taps]
+
     t_start = time.time()
     image_cache: dict = {}
     ds_pairs = [(d[0], d[2]) for d in datasets]
@@ -466,22 +643,33 @@ def main(argv: list[str] | None = None) -> int:
             todo = [m for m in a.methods if not any(r["dataset"] == name and r["method"] == m and r["seed"] == seed for r in records)]
             if not todo:
                 continue
-            run = DatasetRun(name, root, modality, seed, size, teacher, work_dir, a.batch_size, device, image_cache)
-            n_batches = math.ceil(len(run.train_items) / a.batch_size)
-            ep = math.ceil(steps / n_batches) if steps else epochs
+            runs: dict = {}
             for method in todo:
+                if any(r["dataset"] == name and r["method"] == method and r["seed"] == seed for r in records):
+                    continue  # a +std variant evaluated with its base method
+                spec = method_spec(method)
+                taps = spec.get("teacher_taps")
+                if taps not in runs:
+                    runs[taps] = DatasetRun(name, root, modality, seed, size, _teacher(taps), work_dir, a.batch_size,
+                                            device, image_cache)  # fmt: skip
+                run = runs[taps]
+                n_batches = math.ceil(len(run.train_items) / a.batch_size)
+                ep = math.ceil(steps / n_batches) if steps else epochs
                 t0 = time.time()
-                if METHODS[method]["kind"] == "patchcore":
-                    m = run_patchcore(run, seed)
+                if spec["kind"] == "patchcore":
+                    results = {method: run_patchcore(run, seed)}
                 else:
-                    m = run_kd_method(run, method, ep, a.log_every)
-                rec = {"dataset": name, "method": method, "seed": seed, "teacher": teacher_name, "size": size,
-                       "epochs": ep, "steps": steps, "n_train": len(run.train_items), "n_test": len(run.test_items),
-                       "wall_seconds": round(time.time() - t0, 1), **m}  # fmt: skip
-                records.append(rec)
-                print(f"[{name} seed {seed}] {METHODS[method]['label']:<12} AUROC {100 * m['auroc']:.1f}  "
-                      f"train {m['train_seconds']:.0f}s ({ep} epochs)  eval {m['eval_seconds']:.0f}s  "
-                      f"[{time.time() - t_start:.0f}s]", flush=True)  # fmt: skip
+                    results = run_kd_method(run, method, ep, a.log_every, with_std=method + STD_SUFFIX in todo)
+                for meth, m in results.items():
+                    rec = {"dataset": name, "method": meth, "seed": seed, "teacher": teacher_name, "size": size,
+                           "epochs": ep, "steps": steps, "n_train": len(run.train_items), "n_test": len(run.test_items),
+                           "wall_seconds": round(time.time() - t0, 1), **m}  # fmt: skip
+                    records.append(rec)
+                    pix = f"  pixel AUROC {100 * m['pixel_auroc']:.1f} AUPRO {100 * m['aupro']:.1f} hit {100 * m['hit_rate']:.0f}%" \
+                        if "pixel_auroc" in m else ""
+                    print(f"[{name} seed {seed}] {method_spec(meth)['label']:<12} AUROC {100 * m['auroc']:.1f}{pix}  "
+                          f"train {m['train_seconds']:.0f}s ({ep} epochs)  eval {m['eval_seconds']:.0f}s  "
+                          f"[{time.time() - t_start:.0f}s]", flush=True)  # fmt: skip
                 _write()
     md = _write()
     print()
