@@ -58,7 +58,7 @@ from monai_skipts.baselines import PatchCore
 from monai_skipts.data import get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, resolve_device
 from monai_skipts.inferers import SkipTSInferer, fit_level_stats, set_level_stats
-from monai_skipts.losses import DRKDLoss
+from monai_skipts.losses import build_loss
 from monai_skipts.metrics import image_metrics, pixel_metrics
 from monai_skipts.networks import RD4AD, RD4ADLoss, SkipTS, build_teacher, feature_shapes, teacher_weights_available
 from monai_skipts.transforms import build_preprocessing
@@ -100,6 +100,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "gate": {"label": "SC gate", "kind": "skipts", "model": {"skip": "gate"}, "loss": dict},
     # EfficientNet-Lite's expanded (post-ReLU6, 6x wider) activations as E1..E4 instead of the projections
     "expanded": {"label": "expanded taps", "kind": "skipts", "model": {}, "loss": dict, "teacher_taps": "expanded"},
+    # RD4AD's one-class bottleneck in front of the Skip-TS decoder (D3 gets the fused E1-E3 code, not E4)
+    "ocb": {"label": "OCB + SC", "kind": "skipts", "model": {"bottleneck": True}, "loss": dict},
+    "ocb_no_skip": {"label": "OCB w/o SC (DRKD loss)", "kind": "skipts", "model": {"bottleneck": True, "skip": "none"},
+                    "loss": dict},
+    "ocb_l3": {"label": "OCB + SC level 3", "kind": "skipts", "model": {"bottleneck": True, "skip_levels": (3,)},
+               "loss": dict},
+    "ocb_noise": {"label": "OCB + SC noise 1.0", "kind": "skipts", "model": {"bottleneck": True, "skip_noise": 1.0},
+                  "loss": dict},
+    # the same with RD4AD's loss (1 - cos of the flattened maps) instead of DRKD's
+    "ocb_noise_rdloss": {"label": "OCB + SC noise, RD4AD loss", "kind": "skipts", "loss_kind": "rd4ad",
+                         "model": {"bottleneck": True, "skip_noise": 1.0}, "loss": dict},
+    "ocb_l3_rdloss": {"label": "OCB + SC level 3, RD4AD loss", "kind": "skipts", "loss_kind": "rd4ad",
+                      "model": {"bottleneck": True, "skip_levels": (3,)}, "loss": dict},
     "expanded_no_skip": {"label": "expanded, w/o SC", "kind": "skipts", "model": {"skip": "none"}, "loss": dict,
                          "teacher_taps": "expanded"},
 }
@@ -329,7 +342,7 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0,
     if spec["kind"] == "rd4ad":
         model, loss = RD4AD(run.teacher, **spec["model"]), RD4ADLoss()
     else:
-        model, loss = SkipTS(run.teacher, **spec["model"]), DRKDLoss(**spec["loss"]())
+        model, loss = SkipTS(run.teacher, **spec["model"]), build_loss(spec.get("loss_kind", "drkd"), **spec["loss"]())
     model = _channels_last(model)
     trainer = SkipTSTrainer(
         run.device, epochs, run.train_loader(), model, lr=PAPER_HPARAMS["lr"], betas=PAPER_HPARAMS["betas"],

@@ -31,6 +31,7 @@ Writes ``speed.json`` and ``speed.md`` to ``--work-dir`` (atomically).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -221,6 +222,29 @@ def our_training(model: SkipTS, items: list[dict], modality: str, size: int, epo
             "amp": bool(trainer.amp)}  # fmt: skip
 
 
+def compare_configs(configs: dict, teacher, train_items, modality: str, a, device, res: dict, work_dir: Path) -> int:
+    """Our training pipeline (as the bundles run it) for each model configuration, same data, teacher
+    and seed; steady seconds per epoch and peak RSS, with ratios to the first configuration."""
+    rows = {}
+    for name, kwargs in configs.items():
+        torch.manual_seed(0)
+        with PeakMemory(device) as mem:
+            r = our_training(SkipTS(teacher, **kwargs), train_items, modality, a.size, a.epochs, a.batch_size, device, 0)
+        e = r["epoch_seconds"]
+        rows[name] = {"kwargs": kwargs, "epoch_seconds": e, "steady": statistics.mean(e[1:]) if len(e) > 1 else e[0],
+                      "memory": mem.as_dict()}  # fmt: skip
+    first = next(iter(rows.values()))["steady"]
+    lines = ["| configuration | SkipTS kwargs | steady s/epoch | ratio | peak RSS GiB |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        r["ratio"] = r["steady"] / first
+        lines.append(f"| {name} | `{json.dumps(r['kwargs'])}` | {r['steady']:.3f} | {r['ratio']:.2f} | "
+                     f"{r['memory']['peak_rss_gib']:.2f} |")  # fmt: skip
+    res["compare_configs"] = rows
+    atomic_write_json(work_dir / "speed_configs.json", res, default=float)
+    print("\n".join(lines))
+    return 0
+
+
 # --------------------------------------------------------------------------- inference and limits
 
 
@@ -384,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="keep glibc's default malloc (default on CPU: large buffers stay in the heap, see "
                         "quality.tune_glibc_malloc); applies to every pipeline alike")  # fmt: skip
+    p.add_argument("--compare-configs", default=None,
+                   help="JSON {name: SkipTS kwargs}: time only our training for each configuration, side by side in "
+                        "this run, as ratios to the first (e.g. the paper preset against the shipped default)")  # fmt: skip
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     malloc_tuned = device.type == "cpu" and not a.no_tune_malloc and tune_glibc_malloc()
@@ -406,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     def fresh_model(seed: int = 0) -> SkipTS:
         torch.manual_seed(seed)  # not set_determinism: deterministic cuDNN would slow the GPU timings
         return SkipTS(teacher)
+
+    if a.compare_configs:
+        return compare_configs(json.loads(a.compare_configs), teacher, train_items, modality, a, device, res, work_dir)
 
     # ---- 1. training, same data / teacher / student init
     pipes: dict[str, dict] = {}

@@ -91,6 +91,8 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         "skip_noise": 0.0,
         "teacher_taps": None,
         "level_stats": False,
+        "bottleneck": False,
+        "loss": "drkd",
         "upsample_kernel": 3,
         "epochs": 200,
         "batch_size": 16,

@@ -225,6 +225,7 @@ def load_model(
         skip_dropout=cfg.get("skip_dropout", 0.0),
         skip_noise=cfg.get("skip_noise", 0.0),
         teacher_taps=cfg.get("teacher_taps"),
+        bottleneck=cfg.get("bottleneck", False),
     )
     check_teacher(ckpt, model, source)
     model.student.load_state_dict(ckpt["student"])

@@ -1,4 +1,5 @@
-"""Skip-TS losses (paper eq 1-5): per-pixel anomaly maps, L_sim, L_mac and the DRKD loss."""
+"""Skip-TS losses (paper eq 1-5): per-pixel anomaly maps, L_sim, L_mac and the DRKD loss; RD4AD's
+flattened-cosine loss, the peer method's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["anomaly_maps", "similarity_loss", "mac_loss", "DRKDLoss", "SIMILARITIES"]
+__all__ = ["anomaly_maps", "similarity_loss", "mac_loss", "DRKDLoss", "RD4ADLoss", "LOSSES", "build_loss", "SIMILARITIES"]
 
 SIMILARITIES = ("cosine", "mse")
 
@@ -101,3 +102,40 @@ class DRKDLoss(nn.Module):
         total = l_sim + self.beta * l_mac
         self.last = {"sim": float(l_sim.detach()), "mac": float(l_mac.detach()), "total": float(total.detach())}
         return total
+
+
+class RD4ADLoss(nn.Module):
+    """RD4AD's loss: ``sum_l mean_b (1 - cos(flatten(F_t^l), flatten(F_s^l)))``, the cosine taken over
+    each sample's whole flattened feature map. ``forward(pred, target=None)`` with ``pred`` the
+    model's ``(teacher_feats, student_feats)``; ``last`` holds ``{"total"}`` after each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.last: dict[str, float] = {}
+
+    def forward(self, pred, target: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
+        t_feats, s_feats = pred
+        total = torch.zeros((), device=t_feats[0].device)
+        for t, s in zip(t_feats, s_feats):
+            cos = F.cosine_similarity(t.float().flatten(1), s.float().flatten(1), dim=1)
+            total = total + (1.0 - cos).mean()
+        self.last = {"total": float(total.detach())}
+        return total
+
+
+LOSSES = ("drkd", "rd4ad")
+
+
+def build_loss(kind: str = "drkd", beta: float = 0.05, mac: bool = True, similarity: str = "cosine") -> nn.Module:
+    """The training loss by name, for bundle configs: ``"drkd"`` (the paper's: per-pixel
+    ``1 - cos`` + ``beta`` × MAC, :class:`DRKDLoss`) or ``"rd4ad"`` (RD4AD's ``1 - cos`` of each
+    level's flattened map, :class:`RD4ADLoss`; ``beta``, ``mac`` and ``similarity`` do not apply).
+
+    >>> build_loss("rd4ad").__class__.__name__
+    'RD4ADLoss'
+    """
+    if kind == "drkd":
+        return DRKDLoss(beta=beta, mac=mac, similarity=similarity)
+    if kind == "rd4ad":
+        return RD4ADLoss()
+    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")

@@ -260,3 +260,32 @@ def test_checkpoint_without_the_new_keys_loads_as_before(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     for a, b in zip(_predictions(model, x)[1:], _predictions(loaded, x)[1:]):
         assert torch.equal(a, b)
+
+
+def test_one_class_bottleneck_in_front_of_the_skip_decoder(tmp_path):
+    """bottleneck=True: D3 gets RD4AD's fused E1-E3 code, not E4 (E4 no longer matters); with skips
+    F_t^3 still reaches D2; with skip='none' the student is RD4AD's; checkpoints rebuild it."""
+    from monai_skipts.checkpoint import load_model, save_checkpoint
+    from monai_skipts.networks import RD4AD, SkipTS
+
+    torch.manual_seed(0)
+    model = SkipTS("resnet18", pretrained=False, bottleneck=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    t = model.teacher_features(x)
+    s = model.student_features(t)
+    assert [f.shape for f in s] == [f.shape for f in t[:3]]
+    t4 = [t[0], t[1], t[2], torch.randn_like(t[3])]
+    assert all(torch.equal(a, b) for a, b in zip(s, model.student_features(t4)))  # E4 unused
+    t3 = [t[0], t[1], t[2] + 1.0, t[3]]
+    assert not torch.allclose(model.student_features(t3)[1], s[1])  # via the bottleneck and the skip
+    assert model.config["bottleneck"] is True
+    save_checkpoint(tmp_path / "m.pt", model)
+    torch.manual_seed(0)  # the random (pretrained=False) teacher is drawn first, as above
+    again, _ = load_model(tmp_path / "m.pt")
+    assert torch.equal(again.predict(x)[0], model.predict(x)[0])
+    torch.manual_seed(0)
+    rd = RD4AD("resnet18", pretrained=False)
+    torch.manual_seed(0)
+    same = SkipTS("resnet18", pretrained=False, bottleneck=True, skip="none")
+    assert rd.student.state_dict().keys() == same.student.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(rd.student.state_dict().values(), same.student.state_dict().values()))

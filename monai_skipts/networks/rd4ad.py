@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import RD4ADLoss  # noqa: F401 - re-exported: it lived here first
 from .skipts import _EXPANSION, TeacherStudentModel, student_preset
 from .student import SkipStudent, _expand_project, _Residual
 from .teacher import TeacherEncoder, build_teacher
@@ -71,7 +72,9 @@ class OneClassBottleneck(nn.Module):
 
 
 class RD4ADStudent(nn.Module):
-    """OCBE + skip-less decoder: ``[E1, E2, E3, E4] -> [F_s^1, F_s^2, F_s^3]`` (E4 is not used)."""
+    """OCBE + decoder: ``[E1, E2, E3, E4] -> [F_s^1, F_s^2, F_s^3]``; E4 is replaced by the
+    bottleneck's code, E2 and E3 reach the decoder's skips (used only when the decoder has skips:
+    RD4AD's has none)."""
 
     def __init__(self, teacher_channels: Sequence[int], decoder: SkipStudent, depthwise: bool = False):
         super().__init__()
@@ -80,7 +83,7 @@ class RD4ADStudent(nn.Module):
 
     def forward(self, t_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         code = self.bottleneck(t_feats)
-        return self.decoder([None, None, None, code])
+        return self.decoder([*t_feats[:3], code])
 
 
 class RD4AD(TeacherStudentModel):
@@ -136,22 +139,3 @@ class RD4AD(TeacherStudentModel):
         """``[F_s^1, F_s^2, F_s^3]`` from the teacher's ``[E1..E4]``."""
         student = self.__dict__.get("_student_ddp") or self.student  # see engines.distribute_student
         return student(t_feats)
-
-
-class RD4ADLoss(nn.Module):
-    """RD4AD's loss: ``sum_l mean_b (1 - cos(flatten(F_t^l), flatten(F_s^l)))``, the cosine taken over
-    each sample's whole flattened feature map. ``forward(pred, target=None)`` with ``pred`` the
-    model's ``(teacher_feats, student_feats)``; ``last`` holds ``{"total"}`` after each call."""
-
-    def __init__(self):
-        super().__init__()
-        self.last: dict[str, float] = {}
-
-    def forward(self, pred, target: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
-        t_feats, s_feats = pred
-        total = torch.zeros((), device=t_feats[0].device)
-        for t, s in zip(t_feats, s_feats):
-            cos = F.cosine_similarity(t.float().flatten(1), s.float().flatten(1), dim=1)
-            total = total + (1.0 - cos).mean()
-        self.last = {"total": float(total.detach())}
-        return total

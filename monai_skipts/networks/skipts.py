@@ -151,6 +151,10 @@ class SkipTS(TeacherStudentModel):
             :attr:`config` resolved, so a checkpoint rebuilds the same taps. For a ``teacher``
             instance it must be ``None`` or the instance's own tap kind.
         download: allow downloading the teacher's weights.
+        bottleneck: (ours) D3 gets RD4AD's one-class bottleneck embedding of ``[E1, E2, E3]``
+            (:class:`~monai_skipts.networks.OneClassBottleneck`) instead of ``E4``; the skips, when
+            on, still add the teacher's ``F_t^3`` / ``F_t^2``. With ``skip="none"`` this is RD4AD's
+            architecture (trained with the DRKD loss here).
 
     The options of the student decoder and the teacher taps are recorded in :attr:`config`, from
     which :func:`monai_skipts.checkpoint.load_model` rebuilds the model.
@@ -178,8 +182,11 @@ class SkipTS(TeacherStudentModel):
         skip_dropout: float = 0.0,
         skip_noise: float = 0.0,
         teacher_taps: str | None = None,
+        bottleneck: bool = False,
     ):
         super().__init__()
+        if bottleneck and student != "decoder":
+            raise ValueError("bottleneck=True needs the decoder student")
         if isinstance(teacher, TeacherEncoder):
             if teacher_taps is not None and teacher_taps != teacher.tap_kind:
                 raise ValueError(
@@ -200,6 +207,10 @@ class SkipTS(TeacherStudentModel):
                 skip_noise=skip_noise, **preset,
             )  # fmt: skip
             levels = list(self.student.skip_levels)
+            if bottleneck:  # RD4AD's one-class bottleneck in front of D3 (built after the decoder, as RD4AD does)
+                from .rd4ad import RD4ADStudent
+
+                self.student = RD4ADStudent(self.teacher.out_channels, self.student, depthwise=preset["kind"] == "inverted")
         elif student == "encoder":
             self.student = EncoderStudent(name, self.teacher.tap_kind)
             levels = []
@@ -220,6 +231,7 @@ class SkipTS(TeacherStudentModel):
             "skip_dropout": float(skip_dropout),
             "skip_noise": float(skip_noise),
             "teacher_taps": self.teacher.tap_kind,
+            "bottleneck": bool(bottleneck),
         }
 
     def student_features(self, t_feats: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> list[torch.Tensor]:
