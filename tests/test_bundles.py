@@ -284,3 +284,31 @@ def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
     assert summary["test_fpr_at_threshold"] == pytest.approx(spec) and summary["target_fpr"] == 0.5
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r2.returncode == 0 and r2.stdout.count("already finished") == 2
+
+
+def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
+    """With per-level standardised maps (fitted after training), the validation scores from the last
+    training epoch are stale: the calibrator must score the validation normals again. Seen on an
+    H200 before the fix: every test normal above the threshold (FPR 100 %)."""
+    import torch
+
+    from monai_skipts.checkpoint import load_model
+    from monai_skipts.transforms import build_preprocessing
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_layout("lgg", data)
+    bundle_run(config_file="bundles/lgg/train.json", dataset_dir=str(data), output_dir=str(out), mlflow=False,
+               level_stats=True, val_interval=1, **{**TINY, "epochs": 2})  # fmt: skip
+    model, ckpt = load_model(out / "model.pt")
+    assert model.map_level_stats is not None
+    split = json.loads((out / "split.json").read_text())
+    pre = build_preprocessing("mri", spatial_size=TINY["spatial_size"])
+    with open(out / "val_scores.csv") as f:
+        written = {r["id"]: float(r["score"]) for r in csv.DictReader(f)}
+    assert set(written) == {it["id"] for it in split["val"]}
+    for it in split["val"]:
+        image = pre({"image": str(data / it["image"])})["image"].as_tensor()[None]
+        with torch.no_grad():
+            _, score = model.predict(image)
+        assert float(score) == pytest.approx(written[it["id"]], rel=1e-4, abs=1e-4)
+    assert ckpt["threshold"]["n_normals"] == len(split["val"])

@@ -16,6 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..checkpoint import CheckpointError, check_teacher, load_checkpoint, save_checkpoint, set_rng_state
+from ..inferers import get_level_stats
 from ..metrics import calibrate_threshold
 from ..utils import atomic_write_json, atomic_write_text, remove_stale_temp_files
 
@@ -218,6 +219,10 @@ class ThresholdCalibrator:
     def __call__(self) -> dict[str, Any]:
         epoch = self.trainer.state.epoch if self.trainer is not None else None
         fresh = epoch is not None and self.evaluator.state.epoch == epoch and self.score_handler.records
+        if fresh and get_level_stats(self.network) is not None:
+            # per-level statistics fitted after training changed the maps since that validation:
+            # scores from it are on another scale (seen on an H200: every test normal above the threshold)
+            fresh = False
         if not fresh:
             self.evaluator.run(epoch or 1)
         scores = np.array([r["score"] for r in self.score_handler.records], dtype=np.float64)

@@ -466,6 +466,7 @@ def build_teacher(
 def feature_shapes(teacher: TeacherEncoder, spatial_size: Sequence[int] | int = 256) -> list[tuple[int, ...]]:
     """Shapes ``(C, h, w)`` of E1..E4 for an input of ``spatial_size``."""
     size = (spatial_size, spatial_size) if isinstance(spatial_size, int) else tuple(spatial_size)
+    device = next(teacher.parameters()).device  # a teacher already on the GPU (benchmarks/quality.py --device cuda)
     with torch.no_grad():
-        feats = teacher(torch.zeros(1, 3, *size))
+        feats = teacher(torch.zeros(1, 3, *size, device=device))
     return [tuple(f.shape[1:]) for f in feats]
