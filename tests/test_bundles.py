@@ -33,8 +33,9 @@ def _img(path: Path, seed: int, rgb: bool = False, lesion: bool = False, fmt: st
     im.save(path, format=fmt)
 
 
-def _class_folders(root: Path, folders: dict[str, int], n: int = 10, ext: str = "png", rgb: bool = False) -> None:
-    k = 0
+def _class_folders(root: Path, folders: dict[str, int], n: int = 10, ext: str = "png", rgb: bool = False,
+                   seed0: int = 0) -> None:
+    k = seed0  # distinct seeds per call: identical images would be removed as duplicates
     for folder, label in folders.items():
         for i in range(n if label == 0 else 3):
             k += 1
@@ -53,7 +54,7 @@ def make_layout(name: str, root: Path) -> dict:
     elif name == "brainmri":
         _class_folders(root, {"no": 0, "yes": 1}, ext="jpg")
     elif name in ("lungct", "breastmri", "nafld"):
-        _class_folders(root, {"normal": 0, "abnormal": 1})
+        _class_folders(root, {"normal": 0, "abnormal": 1}, n=16)  # Table I sends most normals to test
     elif name == "busi":
         base = root / "Dataset_BUSI_with_GT"
         for i in range(6):
@@ -81,16 +82,16 @@ def make_layout(name: str, root: Path) -> dict:
                 Image.fromarray(m).save(root / "kaggle_3m" / patient / f"{patient}_{n}_mask.png")
     elif name == "retinal_oct":
         _class_folders(root / "train", {"NORMAL": 0}, n=6)
-        _class_folders(root / "test", {"NORMAL": 0, "DME": 1, "CNV": 1}, n=3)
+        _class_folders(root / "test", {"NORMAL": 0, "DME": 1, "CNV": 1}, n=3, seed0=100)
     elif name in ("cpchild_a", "cpchild_b"):
         sub = root / ("CP-CHILD-A" if name == "cpchild_a" else "CP-CHILD-B")
         _class_folders(sub / "Train", {"Non-Polyp": 0, "Polyp": 1}, rgb=True)
-        _class_folders(sub / "Test", {"Non-Polyp": 0, "Polyp": 1}, n=3, rgb=True)
+        _class_folders(sub / "Test", {"Non-Polyp": 0, "Polyp": 1}, n=3, rgb=True, seed0=100)
     elif name == "iqothnccd":
         _class_folders(root, {"Normal cases": 0, "Bengin cases": 1, "Malignant cases": 1}, ext="jpg")
     elif name == "covid_xray":
         _class_folders(root / "train", {"Normal": 0, "Covid": 1}, n=6)
-        _class_folders(root / "test", {"Normal": 0, "Viral Pneumonia": 1}, n=3)
+        _class_folders(root / "test", {"Normal": 0, "Viral Pneumonia": 1}, n=3, seed0=100)
     elif name == "malaria":
         _class_folders(root, {"Uninfected": 0, "Parasitized": 1}, rgb=True)
     else:  # pragma: no cover

@@ -241,6 +241,6 @@ class ThresholdCalibrator:
                             extra=self.extra or {}, with_rng=False)  # fmt: skip
             atomic_write_json(self.output_dir / "threshold.json", self.record)
             buf = io.StringIO()
-            csv.writer(buf).writerows([("id", "score")] + [(r["id"], repr(r["score"])) for r in self.score_handler.records])
+            csv.writer(buf).writerows([("id", "score")] + [(r.get("id", ""), repr(r["score"])) for r in self.score_handler.records])
             atomic_write_text(self.output_dir / "val_scores.csv", buf.getvalue())  # for calibration studies
         return self.record
