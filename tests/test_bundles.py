@@ -178,6 +178,8 @@ def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
     assert [m.step for m in loss] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_score")] == [1, 2]
     assert "test_auroc" in run.data.metrics and "val_mean_score" in run.data.metrics
+    # the phantom has lesion masks: the localisation metrics reach MLflow next to the image AUROC
+    assert {"test_pixel_auroc", "test_aupro", "test_dice", "test_dice_best", "test_hit_rate"} <= set(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "scores.csv", "split.json", "roc.png", "score_distribution.png", "heatmaps"} <= arts
     assert any(a.path.startswith("heatmaps/") for a in client.list_artifacts(run.info.run_id, "heatmaps"))
