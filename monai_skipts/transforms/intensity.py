@@ -318,17 +318,20 @@ class BinarizeMaskd(_Dictionary):
         super().__init__(keys, allow_missing_keys, **kwargs)
         self.like_key = like_key
         self.extra_key = extra_key
+        self._loader = None
 
     def _join_extra(self, mask, paths) -> Any:
-        from monai_skipts.transforms.io import LoadMedicalImage
+        if self._loader is None:  # built on first use: io imports this module
+            from monai_skipts.transforms.io import LoadMedicalImage
 
-        loader = LoadMedicalImage()
-        for path in paths or ():
-            extra = loader(path)
+            self._loader = LoadMedicalImage()
+        mask = self.transform(mask)
+        for path in paths:
+            extra = self._loader(path)
             if tuple(extra.shape[1:]) != tuple(mask.shape[1:]):
                 raise InputDataError(path, f"extra mask size {tuple(extra.shape[1:])} differs from the mask's "
                                            f"{tuple(mask.shape[1:])}")  # fmt: skip
-            mask = torch.maximum(self.transform(mask), self.transform(extra))
+            mask = torch.maximum(mask, self.transform(extra))
         return mask
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
