@@ -315,3 +315,21 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
             _, score = model.predict(image)
         assert float(score) == pytest.approx(written[it["id"]], rel=1e-4, abs=1e-4)
     assert ckpt["threshold"]["n_normals"] == len(split["val"])
+
+
+@pytest.mark.parametrize("preset, expect", [
+    ("paper", {"skip": "add", "bottleneck": False, "skip_levels": [3, 2], "teacher_taps": "project"}),
+    ("ocb_std", {"skip": "none", "bottleneck": True, "skip_levels": []}),
+])
+def test_presets_merged_over_a_bundle_build_their_model(preset, expect, tmp_path):
+    """`--config_file "['bundles/<d>/train.json','bundles/presets/<p>.json']"` (bundle_runs.py --preset):
+    the preset's ids win over the bundle's, and the model, loss and map standardisation follow them."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=["bundles/lgg/train.json", f"bundles/presets/{preset}.json"], workflow_type="train",
+                        teacher="efficientnet_lite0", output_dir=str(tmp_path))  # fmt: skip
+    parser = wf.parser
+    net = parser.get_parsed_content("network_def")
+    assert {k: net.config[k] for k in expect} == expect
+    assert type(parser.get_parsed_content("train#loss")).__name__ == ("RD4ADLoss" if preset == "ocb_std" else "DRKDLoss")
+    assert parser.get_parsed_content("level_stats") is (preset == "ocb_std")
