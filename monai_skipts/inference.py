@@ -2,17 +2,35 @@
 series folders), NIfTI/NRRD volumes. Volumes are scored slice-wise and aggregated to a volume score.
 
 Outputs under ``output_dir``: ``predictions.csv`` (one row per image or slice: id, score, threshold,
-anomalous, normalized_score), ``volume_predictions.csv`` (one row per volume), and the anomaly maps
-at the input's own size: a 16-bit PNG per 2-D image, a NIfTI per volume (slice maps stacked, with
-the volume's RAS affine so it overlays the input in any viewer).
+anomalous, normalized_score, volume_id, slice_index, map), ``volume_predictions.csv`` (one row per
+volume), ``errors.csv`` (file, reason: one row per input that could not be scored) and the anomaly maps
+at the input's own size under ``maps/``: a 16-bit PNG per 2-D image, a NIfTI per volume (slice maps
+stacked, with the volume's RAS affine so it overlays the input in any viewer).
+
+Ids (``id``, ``volume_id``, ``file``) are paths relative to the input root: the folder given, or the
+deepest folder holding every file of a list. A map keeps its input's relative folders and whole file
+name (``p1/ct.nii.gz`` -> ``maps/p1/ct.nii.gz.map.nii.gz``; see
+:func:`~monai_skipts.data.files.output_relpath`), so no two inputs share a map; the ``map`` column names
+each row's map file (relative to ``output_dir``).
+
+One bad input does not lose the batch: everything else is scored and written, every failure is listed
+in ``errors.csv``, and :class:`InferenceIncompleteError` is raised at the end (the command line and
+``python -m monai.bundle run`` exit non-zero). ``fail_fast=True`` stops at the first bad input instead.
+
+Command line::
+
+    python -m monai_skipts.inference --checkpoint runs/brainmri/model.pt --input scans/ --output_dir out/
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -22,24 +40,50 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model
 from .data import is_image_file
+from .data.files import output_relpaths, relative_id
 from .engines import resolve_device
-from .handlers.plots import safe_name, save_map_png
+from .handlers.plots import save_map_png
 from .inferers import SkipTSPredictor
 from .metrics import normalize_score
 from .transforms import aggregate_volume_scores, build_preprocessing, expand_volume_datalist
 from .transforms.io import LoadMedicalImage
 from .utils import InputDataError, atomic_save, atomic_write_text
 
-__all__ = ["AnomalyPredictor", "list_inputs"]
+__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "list_inputs", "main"]
 
 logger = logging.getLogger(__name__)
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
+PREDICTION_COLUMNS = ("id", "score", "threshold", "anomalous", "normalized_score", "volume_id", "slice_index", "map")
+VOLUME_COLUMNS = ("volume_id", "score", "threshold", "anomalous", "normalized_score", "n_slices", "aggregation", "map")
+ERROR_COLUMNS = ("file", "reason")
+
+
+class InferenceIncompleteError(InputDataError):
+    """Some inputs could not be scored. Everything else was scored and written; ``errors.csv`` (the
+    error's ``path``) lists every failure with its reason.
+
+    Attributes:
+        summary: the run's summary (``n_images``, ``n_volumes``, ``n_anomalous``, ``n_errors``).
+        errors: ``[{"file": id, "reason": ...}]``.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, problem: str, summary: dict | None = None,
+                 errors: list[dict] | None = None):  # fmt: skip
+        super().__init__(path, problem)
+        self.summary = dict(summary or {})
+        self.errors = list(errors or [])
 
 
 def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict]:
-    """Datalist items ``{"image": path, "id": ...}`` from a folder (every image file below it; a
-    folder of DICOM files without sub-folders counts as one series), a file, or a list of paths."""
+    """Datalist items ``{"image": path, "id": ...}`` from a folder (every image file below it), a file
+    (a folder holding one DICOM series counts as a file in a list), or a list of paths.
+
+    Ids are POSIX paths relative to the input root: the folder given; the file's folder for one file;
+    for a list, the deepest folder holding every entry (``[".../p1/ct.nii.gz", ".../p2/ct.nii.gz"]`` ->
+    ``p1/ct.nii.gz``, ``p2/ct.nii.gz``). Entries of a list are not checked here: a missing one fails on
+    its own when scored.
+    """
     if isinstance(inputs, (str, os.PathLike)):
         root = Path(inputs)
         if root.is_dir():
@@ -50,7 +94,25 @@ def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         if not root.exists():
             raise InputDataError(root, "input not found")
         return [{"image": str(root), "id": root.name}]
-    return [{"image": str(p), "id": Path(p).name} for p in inputs]
+    paths = [os.path.abspath(p) for p in inputs]
+    if not paths:
+        raise InputDataError(None, "no inputs given (an empty list of files)")
+    try:
+        base = os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:  # different drives (Windows): file names only
+        return [{"image": str(p), "id": Path(p).name} for p in inputs]
+    return [{"image": str(p), "id": relative_id(a, base)} for p, a in zip(inputs, paths)]
+
+
+def _input_error(exc: BaseException) -> InputDataError | None:
+    """The :class:`InputDataError` behind ``exc`` (MONAI's ``Compose`` wraps it in a RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputDataError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class AnomalyPredictor:
@@ -64,11 +126,15 @@ class AnomalyPredictor:
         volume_axis: slicing axis for volumes (2 = axial).
         volume_aggregation: ``"max"``, ``"mean"`` or ``"topk"`` slice scores → volume score.
         batch_size: images per forward pass.
+        topk: slices averaged by the ``"topk"`` aggregation.
+        max_pixels: largest picture or DICOM frame accepted (see
+            :class:`~monai_skipts.transforms.LoadMedicalImage`); ``None``: ``$MONAI_SKIPTS_MAX_PIXELS``
+            or the default (40 megapixels); 0: no limit.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, teacher_weights: str | os.PathLike | None = None,
                  device: str = "auto", volume_axis: int = 2, volume_aggregation: str = "max",
-                 batch_size: int = 16, topk: int = 3):  # fmt: skip
+                 batch_size: int = 16, topk: int = 3, max_pixels: int | None = None):  # fmt: skip
         self.device = resolve_device(device)
         model, ckpt = load_model(checkpoint, teacher_weights, map_location=self.device)
         self.predictor = SkipTSPredictor(model).to(self.device).eval()
@@ -78,13 +144,30 @@ class AnomalyPredictor:
         extra = ckpt.get("extra", {})
         self.modality = extra.get("modality", "xray")
         self.spatial_size = int(extra.get("spatial_size", 256))
-        self.preprocess = build_preprocessing(self.modality, self.spatial_size)
+        self._loader_kwargs: dict[str, Any] = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
+        self.preprocess = build_preprocessing(self.modality, self.spatial_size, **self._loader_kwargs)
         self.volume_axis, self.volume_aggregation, self.topk = volume_axis, volume_aggregation, topk
         self.batch_size = int(batch_size)
 
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed images ``(B, 3, S, S)`` → maps ``(B, 1, S, S)`` and scores ``(B,)``."""
+        """Preprocessed images ``(B, 3, S, S)`` → maps ``(B, 1, S, S)`` and scores ``(B,)``.
+
+        Raises:
+            ValueError: the images hold NaN or infinite values (they would give a NaN score, or a
+                meaningless one); the message says which images of the batch.
+        """
+        images = torch.as_tensor(images)
+        bad = ~torch.isfinite(images)
+        if bool(bad.any()):
+            per_image = bad.reshape(bad.shape[0], -1).sum(1) if bad.ndim > 1 else bad.reshape(1, -1).sum(1)
+            idx = [int(i) for i in per_image.nonzero().flatten()]
+            which = ", ".join(f"{i} ({int(per_image[i])} values)" for i in idx[:10]) + (", ..." if len(idx) > 10 else "")
+            raise ValueError(
+                f"input is not finite: NaN/inf values in image{'s' if len(idx) > 1 else ''} {which} of a batch of "
+                f"{per_image.numel()}; the tensor API scores finite, preprocessed images only (score files "
+                "with predict_items/run, which refuse such files by name, or replace the values first)"
+            )
         amap, score = self.predictor(images.to(self.device))
         return amap.float().cpu(), score.float().cpu()
 
@@ -99,45 +182,136 @@ class AnomalyPredictor:
 
     def predict_items(self, items: Iterable[dict]) -> list[dict[str, Any]]:
         """Score datalist items (volumes expanded to slices); each result holds the decision, the
-        map at the input's size (``"map"``, float32 ``(H, W)``) and volume keys when a slice."""
-        items = expand_volume_datalist(list(items), axis=self.volume_axis)
+        map at the input's size (``"map"``, float32 ``(H, W)``), the file (``"image"``) and volume keys
+        when a slice. The first input that cannot be scored raises its
+        :class:`~monai_skipts.utils.InputDataError` (:meth:`run` scores the others and lists it)."""
+        return self._score(items, fail_fast=True)[0]
+
+    def _score(self, items: Iterable[dict], fail_fast: bool) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """``(results, errors)``: every input scored that can be; ``errors`` holds one ``{"file",
+        "reason"}`` per input that cannot (a volume with one bad slice fails as a whole: no volume
+        score from part of it). ``fail_fast``: raise the first input's error instead."""
+        errors: list[dict[str, str]] = []
+        failed: set[tuple[str, str]] = set()
+
+        def fail(it: dict, exc: BaseException) -> None:
+            err = _input_error(exc)
+            if fail_fast:
+                raise err if err is not None else exc
+            if (it["id"], str(it["image"])) in failed:
+                return  # one error per input: this volume has failed already
+            failed.add((it["id"], str(it["image"])))
+            reason = err.problem if err is not None else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            reason = reason.replace(str(it["image"]), it["id"])  # relative ids only, as everywhere else
+            if it.get("slice_index", -1) not in (None, -1):
+                reason = f"slice {it['slice_index']}: {reason}"
+            errors.append({"file": it["id"], "reason": reason})
+            logger.warning("%s: not scored: %s", it["id"], reason)
+
+        loader = LoadMedicalImage(cache_volumes=0, **self._loader_kwargs)
         results: list[dict[str, Any]] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            data = [self.preprocess(dict(it)) for it in chunk]
-            maps, scores = self.predict_tensor(torch.stack([d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else d["image"] for d in data]))
-            for it, d, amap, s in zip(chunk, data, maps, scores):
+        pending: list[tuple[dict, Any, torch.Tensor]] = []
+
+        def flush() -> None:
+            maps, scores = self.predict_tensor(torch.stack([x for _, _, x in pending]))
+            for (it, d, _), amap, s in zip(pending, maps, scores):
                 if not torch.isfinite(s):
-                    raise InputDataError(it["image"], "the anomaly score is not finite; the image holds invalid values")
+                    fail(it, InputDataError(it["image"], "the anomaly score is not finite; the image holds invalid values"))
+                    continue
                 size = tuple(int(v) for v in d["image"].meta.get("spatial_shape", amap.shape[-2:]))[-2:]
                 full = F.interpolate(amap[None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-                rec = {"id": str(it.get("id", it["image"])), **self.decide(float(s)), "map": full}
+                rec = {"id": it["id"], "image": str(it["image"]), **self.decide(float(s)), "map": full}
                 if "slice_index" in it:
                     rec.update(volume_id=str(it["volume_id"]), slice_index=int(it["slice_index"]))
                 results.append(rec)
-        return results
+            pending.clear()
 
-    def run(self, inputs: str | os.PathLike | Sequence, output_dir: str | os.PathLike, save_maps: bool = True) -> dict[str, Any]:
-        """Score ``inputs`` (folder, file or list of paths) and write the outputs; returns a summary."""
+        for item in items:  # in input order, so that fail_fast stops at the first bad input
+            item = dict(item)
+            item["id"] = str(item.get("id", item["image"]))
+            had_vid = bool(item.get("volume_id"))
+            try:  # volumes -> one item per slice, named by the (relative) id, never by the path
+                expanded = expand_volume_datalist([{**item, "volume_id": item.get("volume_id") or item["id"]}],
+                                                  axis=self.volume_axis, loader=loader)  # fmt: skip
+            except Exception as e:
+                fail(item, e)
+                continue
+            for it in expanded:
+                if "slice_index" not in it and not had_vid:
+                    it.pop("volume_id", None)
+                if (it["id"], str(it["image"])) in failed:
+                    break  # another slice of this volume failed: no score from part of a volume
+                try:
+                    d = self.preprocess(dict(it))
+                    x = d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else torch.as_tensor(d["image"])
+                    if not bool(torch.isfinite(x).all()):
+                        raise InputDataError(it["image"], "preprocessing gave non-finite values")
+                except Exception as e:
+                    fail(it, e)
+                    continue
+                pending.append((it, d, x))
+                if len(pending) >= self.batch_size:
+                    flush()
+        if pending:
+            flush()
+        results = [r for r in results if (r["id"], r["image"]) not in failed]
+        return results, errors
+
+    def run(self, inputs: str | os.PathLike | Sequence, output_dir: str | os.PathLike, save_maps: bool = True,
+            fail_fast: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Score ``inputs`` (folder, file or list of paths) and write the outputs (see the module
+        docstring); returns a summary ``{"n_images", "n_volumes", "n_anomalous", "n_errors"}``.
+
+        Args:
+            inputs: a folder (every image file below it), a file, or a list of paths.
+            output_dir: where ``predictions.csv``, ``volume_predictions.csv``, ``errors.csv`` and
+                ``maps/`` go.
+            save_maps: write the anomaly maps.
+            fail_fast: stop at the first input that cannot be scored (its error is raised and nothing
+                is written), instead of scoring the others.
+
+        Raises:
+            InferenceIncompleteError: after writing everything, when some inputs could not be scored
+                (they are listed in ``errors.csv``).
+            InputDataError: with ``fail_fast``, the first bad input; a missing input or empty folder.
+        """
         out = Path(output_dir)
         items = list_inputs(inputs)
-        results = self.predict_items(items)
-        rows = [{k: r[k] for k in ("id", "score", "threshold", "anomalous", "normalized_score")} | (
-            {"volume_id": r["volume_id"], "slice_index": r["slice_index"]} if "volume_id" in r else {}) for r in results]  # fmt: skip
-        _write_csv(out / "predictions.csv", rows)
+        results, errors = self._score(items, fail_fast)
         volumes = self._volumes(results)
-        if volumes:
-            _write_csv(out / "volume_predictions.csv", [{"volume_id": v, **d} for v, d in volumes.items()])
+        names: dict[str, str] = {}
         if save_maps:
-            vmax = 2.0 * self.threshold if self.threshold else max(r["score"] for r in results)
+            wanted = {r["id"]: ".map.png" for r in results if "volume_id" not in r}
+            wanted.update(dict.fromkeys(volumes, ".map.nii.gz"))
+            names = {k: f"maps/{v}" for k, v in output_relpaths(wanted).items()}
+            vmax = 2.0 * self.threshold if self.threshold else max((r["score"] for r in results), default=1.0)
             for r in results:
                 if "volume_id" not in r:
-                    save_map_png(out / "maps" / f"{safe_name(r['id'])}.png", r["map"], vmax)
+                    save_map_png(out / names[r["id"]], r["map"], vmax)
             for vid in volumes:
-                self._save_volume_map(out / "maps" / f"{safe_name(Path(vid).name)}.nii.gz", vid,
-                                      [r for r in results if r.get("volume_id") == vid])  # fmt: skip
+                slices = [r for r in results if r.get("volume_id") == vid]
+                self._save_volume_map(out / names[vid], slices[0]["image"], slices)
+        rows = [{k: r.get(k, "") for k in PREDICTION_COLUMNS[:-1]} | {"map": names.get(r.get("volume_id", r["id"]), "")}
+                for r in results]  # fmt: skip
+        _write_csv(out / "predictions.csv", rows, PREDICTION_COLUMNS)
+        if volumes:
+            vrows = [{"volume_id": v, **d, "map": names.get(v, "")} for v, d in volumes.items()]
+            _write_csv(out / "volume_predictions.csv", vrows, VOLUME_COLUMNS)
+        _write_csv(out / "errors.csv", errors, ERROR_COLUMNS)  # always: no stale list from an earlier run
+        summary = {"n_images": len(results), "n_volumes": len(volumes),
+                   "n_anomalous": sum(bool(r["anomalous"]) for r in rows), "n_errors": len(errors)}  # fmt: skip
         logger.info("scored %d images (%d volumes) into %s", len(results), len(volumes), out)
-        return {"n_images": len(results), "n_volumes": len(volumes), "n_anomalous": sum(bool(r["anomalous"]) for r in rows)}
+        if errors:
+            first = errors[0]
+            problem = (
+                f"{len(errors)} of {len(items)} inputs could not be scored; each is listed with its reason in "
+                f"{out / 'errors.csv'}. The other {len(items) - len(errors)} "
+                f"{'was' if len(items) - len(errors) == 1 else 'were'} scored into {out}. First: "
+                f"{first['file']}: {first['reason']}"
+            )
+            logger.error(problem)
+            raise InferenceIncompleteError(out / "errors.csv", problem, summary=summary, errors=errors)
+        return summary
 
     def _volumes(self, results: list[dict]) -> dict[str, dict[str, Any]]:
         sl = [r for r in results if "volume_id" in r]
@@ -151,7 +325,7 @@ class AnomalyPredictor:
         """Stack slice maps back into the volume's RAS grid (inverse of the slice display layout)."""
         import nibabel as nib
 
-        vol = LoadMedicalImage(cache_volumes=0)(volume_path)
+        vol = LoadMedicalImage(cache_volumes=0, **self._loader_kwargs)(volume_path)
         shape = tuple(vol.shape[1:])
         grid = np.zeros(shape, np.float32)
         axis = self.volume_axis
@@ -172,8 +346,9 @@ def _gz(img) -> bytes:
     return gzip.compress(img.to_bytes())
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys: list[str] = []
+def _write_csv(path: Path, rows: list[dict], columns: Sequence[str] | None = None) -> None:
+    """Rows as CSV (UTF-8), written atomically; ``columns`` fixes the header (written even without rows)."""
+    keys: list[str] = list(columns or [])
     for r in rows:
         keys += [k for k in r if k not in keys]
     buf = io.StringIO()
@@ -181,3 +356,39 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m monai_skipts.inference``: score files with a checkpoint. Exit status 0 when every
+    input was scored, 1 when any could not be (listed in ``errors.csv``) or the run failed, 2 for
+    bad arguments."""
+    p = argparse.ArgumentParser(prog="python -m monai_skipts.inference", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="the training run's model.pt")
+    p.add_argument("--input", required=True, nargs="+", help="a folder, a file, or several files")
+    p.add_argument("--output_dir", required=True, help="where predictions.csv, errors.csv and maps/ go")
+    p.add_argument("--teacher_weights", default=None, help="the teacher's weights file when not in the default place")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--volume_axis", type=int, default=2, help="slicing axis of volumes (2 = axial)")
+    p.add_argument("--volume_aggregation", default="max", choices=("max", "mean", "topk"))
+    p.add_argument("--max_pixels", type=int, default=None,
+                   help="largest picture or DICOM frame accepted, in pixels (default 40 million; 0 = no limit)")
+    p.add_argument("--no_maps", action="store_true", help="do not write the anomaly maps")
+    p.add_argument("--fail_fast", action="store_true", help="stop at the first input that cannot be scored")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    inputs = args.input[0] if len(args.input) == 1 else args.input
+    try:
+        predictor = AnomalyPredictor(args.checkpoint, args.teacher_weights, device=args.device,
+                                     volume_axis=args.volume_axis, volume_aggregation=args.volume_aggregation,
+                                     batch_size=args.batch_size, max_pixels=args.max_pixels)  # fmt: skip
+        summary = predictor.run(inputs, args.output_dir, save_maps=not args.no_maps, fail_fast=args.fail_fast)
+    except (InputDataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,7 @@ def test_png_and_nifti_volume(tmp_path, checkpoint):
     nib.save(nib.Nifti1Image(vol, affine), inp / "brain.nii.gz")
     out = tmp_path / "out"
     summary = AnomalyPredictor(checkpoint, batch_size=4).run(inp, out)
-    assert summary == {"n_images": 6, "n_volumes": 1, "n_anomalous": summary["n_anomalous"]}
+    assert summary == {"n_images": 6, "n_volumes": 1, "n_anomalous": summary["n_anomalous"], "n_errors": 0}
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["threshold"] for r in rows} == {"2.0"}
@@ -47,9 +47,9 @@ def test_png_and_nifti_volume(tmp_path, checkpoint):
     with open(out / "volume_predictions.csv") as f:
         (vrow,) = list(csv.DictReader(f))
     assert float(vrow["score"]) == pytest.approx(max(float(r["score"]) for r in slices))  # max aggregation
-    png_map = np.array(Image.open(out / "maps" / "slice.png"))
+    png_map = np.array(Image.open(out / "maps" / "slice.png.map.png"))
     assert png_map.shape == (50, 70) and png_map.dtype == np.uint16  # the input's own size
-    m = nib.load(out / "maps" / "brain.nii.gz")
+    m = nib.load(out / "maps" / "brain.nii.gz.map.nii.gz")
     assert m.shape == (40, 30, 5)  # the volume's grid (already RAS here)
     assert np.allclose(m.affine, affine, atol=1e-4)
     assert np.isfinite(m.get_fdata()).all() and m.get_fdata().max() > 0
@@ -63,7 +63,7 @@ def test_slice_maps_go_back_to_their_slices(tmp_path, checkpoint):
     pred = AnomalyPredictor(checkpoint)
     res = pred.predict_items(list_inputs(tmp_path / "v.nii"))
     pred.run(tmp_path / "v.nii", tmp_path / "o")
-    m = nib.load(tmp_path / "o" / "maps" / "v.nii.gz").get_fdata()
+    m = nib.load(tmp_path / "o" / "maps" / "v.nii.map.nii.gz").get_fdata()
     k = int(np.argmax([r["score"] for r in res]))
     assert res[k]["slice_index"] == 2
     iy, ix = np.unravel_index(np.argmax(m[..., 2]), m.shape[:2])

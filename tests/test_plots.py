@@ -189,7 +189,7 @@ def test_handler_writes_the_errors_a_reader_needs_with_bounded_memory(tmp_path):
     o = _box(p, lay["overlay"])
     assert o.shape[:2] == (32, 32) and (o == GREEN).all(-1)[3, 4:10].all()
     # every map in maps/, and the curves
-    assert len(list((tmp_path / "maps").glob("*.png"))) == n_items
+    assert len(list((tmp_path / "maps").rglob("*.map.png"))) == n_items
     assert json.loads((tmp_path / "maps" / "scale.json").read_text())["vmax"] == pytest.approx(2 * T)
     assert (tmp_path / "roc.png").is_file() and (tmp_path / "score_distribution.png").is_file()
     assert plots.candidates == {}  # the kept images are freed after writing
@@ -203,3 +203,13 @@ def test_handler_without_threshold_uses_the_largest_score_as_vmax(tmp_path):
     names = sorted(p.name for p in (tmp_path / "heatmaps").glob("*.png"))
     assert names == ["anomalous_first_01_b.png", "anomalous_lowest_01_b.png", "normal_first_01_a.png",
                      "normal_highest_01_c.png"]  # fmt: skip
+
+
+def test_training_maps_never_overwrite_each_other(tmp_path):
+    """Issue 13 item 1 for the training/evaluation handler: ids that the old name-squashing mapped to one
+    file (``a/b.png`` and ``a_b.png``; ``img.png`` and ``img.jpg``) get one map each, named as inference
+    names them (relative folders and whole file name kept)."""
+    ids = ["a/b.png", "a_b.png", "img.png", "img.jpg"]
+    _run(tmp_path, [_batch(ids, [0.2, 0.7, 0.4, 1.3], [0, 1, 0, 1])], 1, T)
+    maps = sorted(p.relative_to(tmp_path / "maps").as_posix() for p in (tmp_path / "maps").rglob("*.map.png"))
+    assert maps == ["a/b.png.map.png", "a_b.png.map.png", "img.jpg.map.png", "img.png.map.png"]

@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data.files import output_relpaths
 from ..metrics import normalize_score
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..utils import atomic_save, atomic_write_json
@@ -376,7 +377,8 @@ class AnomalyPlotsHandler:
       An image in several groups is written once per group. The panel's layout (pane boxes) is in
       the PNG text chunk ``skipts_layout`` (JSON);
     - ``heatmaps/scale.json``: the colour scale every panel of the epoch shares;
-    - ``maps/<id>.png``: every anomaly map as a 16-bit PNG (``save_maps``; ``vmax`` = 2 × threshold
+    - ``maps/<id>.map.png``: every anomaly map as a 16-bit PNG, named as inference names them
+      (:func:`~monai_skipts.data.files.output_relpaths`: relative folders and the whole file name kept) (``save_maps``; ``vmax`` = 2 × threshold
       when known, else the largest score, in ``maps/scale.json``);
     - ``roc.png`` and ``score_distribution.png`` (needs both labels), from ``score_handler.records``.
 
@@ -563,10 +565,12 @@ class AnomalyPlotsHandler:
                 t = cs["threshold"]
                 vmax = 2.0 * t if t else (cs["vmax"] if cs["vmax"] is not None else self._max_score)
                 self._spool.flush()
+                # the names inference gives maps: relative folders and whole file name kept, unique per id
+                names = output_relpaths([str(i) for i, _, _ in self._map_index], ".map.png")
                 for i, shape, offset in self._map_index:
                     self._spool.seek(offset)
                     amap = np.frombuffer(self._spool.read(4 * shape[0] * shape[1]), dtype=np.float32).reshape(shape)
-                    save_map_png(self.output_dir / "maps" / f"{safe_name(i)}.png", amap, vmax)
+                    save_map_png(self.output_dir / "maps" / names[str(i)], amap, vmax)
                 atomic_write_json(self.output_dir / "maps" / "scale.json", {"vmax": vmax, "encoding": "uint16 = round(65535 * min(map / vmax, 1))"})
             self._plot_curves()
         finally:

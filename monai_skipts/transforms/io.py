@@ -24,13 +24,18 @@ rescaled ``BitsStored`` range for DICOM, NaN when unknown), ``nonfinite_replaced
 
 Bad input raises :class:`~monai_skipts.utils.InputDataError` naming the file: missing, unsupported
 format, corrupt or truncated, DICOM without pixel data, NaN/inf values (unless ``nonfinite="replace"``),
-images smaller than ``min_size`` pixels along an axis (a 1-pixel image is an error by default).
+images smaller than ``min_size`` pixels along an axis (a 1-pixel image is an error by default), pictures
+and DICOM frames above ``max_pixels`` (checked from the header, before decoding; see
+:data:`DEFAULT_MAX_PIXELS`), time series and multi-channel volumes (a 4-D NIfTI, a vector NRRD), and
+compressed DICOM that no installed decoder can read (the error says which package to install).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
@@ -46,6 +51,9 @@ from monai.transforms import LoadImage, MapTransform, Orientation, Transform
 from monai_skipts.utils import InputDataError
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "MAX_PIXELS_ENV",
+    "default_max_pixels",
     "EXTRA_META",
     "PICTURE_SUFFIXES",
     "detect_format",
@@ -68,6 +76,103 @@ _SUPPORTED = (
     "NRRD/MetaImage (.nrrd, .nhdr, .mha, .mhd), or a folder holding one DICOM series"
 )
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Largest picture or DICOM frame (width x height) loaded by default: 40 megapixels (e.g. 6300 x 6300,
+above full-field mammography's 4096 x 5120). Decoding a 10000 x 10000 PNG and resizing it takes minutes
+and gigabytes; such files are refused from their header, before any pixel is decoded."""
+MAX_PIXELS_ENV = "MONAI_SKIPTS_MAX_PIXELS"
+"""Environment variable overriding :data:`DEFAULT_MAX_PIXELS` (``0``: no limit), e.g. for the bundles."""
+
+
+def default_max_pixels() -> int:
+    """The pixel limit in force: ``$MONAI_SKIPTS_MAX_PIXELS`` when set, else :data:`DEFAULT_MAX_PIXELS`
+    (0 means no limit)."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "").replace(",", "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        n = int(float(value))
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} is not a number of pixels") from None
+    if n < 0:
+        raise ValueError(f"{MAX_PIXELS_ENV} must be 0 (no limit) or a positive number of pixels, got {n}")
+    return n
+
+
+_PIL_LOCK = threading.Lock()
+_PIL_STATE = {"depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _pillow_bomb_check_off():
+    """Switch off Pillow's own decompression-bomb check (a warning above ``Image.MAX_IMAGE_PIXELS``, an
+    error above twice that) while a picture whose size passed ``max_pixels`` is read; restored after."""
+    from PIL import Image
+
+    with _PIL_LOCK:
+        if _PIL_STATE["depth"] == 0:
+            _PIL_STATE["saved"] = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _PIL_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _PIL_LOCK:
+            _PIL_STATE["depth"] -= 1
+            if _PIL_STATE["depth"] == 0:
+                Image.MAX_IMAGE_PIXELS = _PIL_STATE["saved"]
+
+
+def _picture_size(path: str) -> tuple[int, int] | None:
+    """``(width, height)`` from a picture's header (no pixel decoded); None when Pillow cannot open it."""
+    from PIL import Image
+
+    try:
+        with _pillow_bomb_check_off(), Image.open(path) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Exception:  # the reader reports unreadable files, with its own reason
+        return None
+
+
+def _pip_options(missing: Sequence[str]) -> list[str]:
+    """pydicom's ``missing_dependencies`` (``"pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"``)
+    as ``pip install`` commands, one per decoder plugin."""
+    out = []
+    for line in missing:
+        _, sep, req = line.partition(" - requires ")
+        if not sep:
+            continue
+        pkgs = [p.strip() for p in req.replace(" and ", ", ").split(",") if p.strip()]
+        pkgs = ["python-" + p if p.startswith("gdcm") else p for p in pkgs if not p.startswith("numpy")]
+        if pkgs:
+            out.append("pip install " + " ".join(f'"{p}"' if any(c in p for c in "<>=") else p for p in pkgs))
+    return sorted(out, key=lambda o: "gdcm" in o)  # pylibjpeg first: wheels everywhere, no system library
+
+
+def _dicom_decode_problem(ds, error: BaseException) -> str | None:
+    """What to tell the user when the pixel data of a compressed DICOM file could not be decoded: the
+    transfer syntax, the bit depth, what the installed decoders said, and how to install one that can.
+    None for uncompressed files (then the file itself is at fault)."""
+    ts = getattr(getattr(ds, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID")
+    if ts is None or not getattr(ts, "is_compressed", False):
+        return None
+    detail = " ".join(str(error).split())
+    try:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        options = _pip_options(get_decoder(ts).missing_dependencies)
+    except Exception:  # pydicom < 3, or no decoder registered for this transfer syntax
+        options = ["pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle", "pip install python-gdcm"]
+    bits = ds.get("BitsStored", None)
+    what = f"{ts.name} ({ts})" + (f", {bits} bits stored" if bits else "")
+    problem = f"cannot decode the DICOM pixel data, compressed as {what}: {detail}"
+    if options:
+        problem += f". No installed decoder can read it; install one that can: {options[0]}"
+        problem += "".join(f" (or: {o})" for o in options[1:])
+    else:
+        problem += " (every decoder plugin pydicom knows is installed: the file may be corrupt)"
+    return problem
 
 EXTRA_META: dict[str, Any] = {
     "source_format": "",
@@ -228,6 +333,9 @@ class LoadMedicalImage(Transform):
             image is rejected as corrupt rather than stretched to a constant image).
         cache_volumes: how many loaded volumes to keep, so that reading a volume slice by slice (see
             :func:`~monai_skipts.transforms.expand_volume_datalist`) reads each file once.
+        max_pixels: largest picture or DICOM frame accepted, in pixels (width x height), checked from
+            the header before decoding. ``None`` (default): ``$MONAI_SKIPTS_MAX_PIXELS`` if set, else
+            :data:`DEFAULT_MAX_PIXELS`; ``0``: no limit.
 
     ``__call__(path, slice_index=None, slice_axis=2)`` returns a float32 ``MetaTensor``: ``(C, H, W)``
     for 2-D sources or when ``slice_index`` is given (see :func:`take_slice`), ``(C, X, Y, Z)`` in RAS
@@ -235,10 +343,18 @@ class LoadMedicalImage(Transform):
     """
 
     def __init__(
-        self, nonfinite: str = "error", invert_monochrome1: bool = True, min_size: int = 2, cache_volumes: int = 1
+        self,
+        nonfinite: str = "error",
+        invert_monochrome1: bool = True,
+        min_size: int = 2,
+        cache_volumes: int = 1,
+        max_pixels: int | None = None,
     ):
         if nonfinite not in ("error", "replace"):
             raise ValueError(f"nonfinite must be 'error' or 'replace', got {nonfinite!r}")
+        self.max_pixels = default_max_pixels() if max_pixels is None else int(max_pixels)
+        if self.max_pixels < 0:
+            raise ValueError(f"max_pixels must be 0 (no limit) or a positive number of pixels, got {max_pixels}")
         self.nonfinite = nonfinite
         self.invert_monochrome1 = invert_monochrome1
         self.min_size = int(min_size)
@@ -283,7 +399,7 @@ class LoadMedicalImage(Transform):
         try:
             return self._load_image(path, reader=reader)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            msg = " ".join(str(e).split())  # every line: decoders list their reasons on the next lines
             problem = f"cannot read {what}: corrupt or truncated file, or an unsupported encoding"
             problem += f" ({type(e).__name__}: {msg})"
             raise InputDataError(path, problem) from e
@@ -297,8 +413,25 @@ class LoadMedicalImage(Transform):
             img = self._load_volume(path, fmt)
         return self._check_finite(img, path)
 
+    def _check_pixels(self, path: str, width: int, height: int, what: str = "image") -> None:
+        """Refuse a ``width x height`` image above ``max_pixels``, saying how to raise the limit."""
+        n = width * height
+        if self.max_pixels and n > self.max_pixels:
+            problem = (
+                f"{what} is {width}x{height} = {n:,} pixels, above the limit of {self.max_pixels:,} pixels "
+                "(a guard against running out of memory on huge or malicious files). To score it, downscale "
+                f"it first, or raise the limit: max_pixels={n} (LoadMedicalImage, AnomalyPredictor, "
+                f"`python -m monai_skipts.inference --max_pixels {n}`) or the environment variable "
+                f"{MAX_PIXELS_ENV}={n} (bundles; 0 = no limit)"
+            )
+            raise InputDataError(path, problem)
+
     def _load_picture(self, path: str) -> MetaTensor:
-        img = self._read(PILReader(converter=_pil_convert, reverse_indexing=False), path, "the picture")
+        size = _picture_size(path)
+        if size is not None:
+            self._check_pixels(path, *size, what="picture")
+        with _pillow_bomb_check_off() if size is not None else contextlib.nullcontext():
+            img = self._read(PILReader(converter=_pil_convert, reverse_indexing=False), path, "the picture")
         mode = img.meta.get("mode", "")
         if mode.startswith("I;16") or (mode == "I" and img.numel() and 0 <= img.min() and img.max() <= 65535):
             lo, hi = 0.0, 65535.0
@@ -312,12 +445,23 @@ class LoadMedicalImage(Transform):
     def _load_dicom(self, path: str) -> MetaTensor:
         ds = read_dicom_header(path)
         frames = dicom_frame_count(ds, path)
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+        except (TypeError, ValueError) as e:
+            raise InputDataError(path, f"corrupt DICOM header: Rows {ds.get('Rows')!r}, Columns {ds.get('Columns')!r}") from e
+        self._check_pixels(path, cols, rows, what="DICOM frame" if frames > 1 else "DICOM image")
         pi = str(ds.get("PhotometricInterpretation", "")).upper()
         colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
         # PydicomReader applies RescaleSlope/RescaleIntercept (once); swap_ij=False keeps (rows, columns).
         with warnings.catch_warnings():  # no patient geometry needed for 2-D images and frame stacks
             warnings.filterwarnings("ignore", message=".*ImageOrientationPatient.*")
-            img = self._read(PydicomReader(swap_ij=False, channel_dim=-1 if colour else None), path, "the DICOM file")
+            try:
+                img = self._read(PydicomReader(swap_ij=False, channel_dim=-1 if colour else None), path, "the DICOM file")
+            except InputDataError as e:
+                problem = _dicom_decode_problem(ds, e.__cause__ or e)
+                if problem is None:
+                    raise
+                raise InputDataError(path, problem) from e.__cause__
         lo, hi = dicom_value_range(ds)
         if pi == "PALETTE COLOR":
             from pydicom.pixels import apply_color_lut
@@ -348,6 +492,7 @@ class LoadMedicalImage(Transform):
 
     def _load_volume(self, path: str, fmt: str) -> MetaTensor:
         if fmt == "nifti":
+            _refuse_multi_volume_nifti(path)
             reader, what = NibabelReader(), "the NIfTI file"
         else:
             try:
@@ -361,6 +506,14 @@ class LoadMedicalImage(Transform):
         img = self._read(reader, path, what)
         if img.ndim not in (3, 4):
             problem = f"has {img.ndim - 1} spatial dimensions; only 2-D images and 3-D volumes are supported"
+            raise InputDataError(path, problem)
+        if img.ndim == 4 and img.shape[0] > 1 and min(img.shape[1:]) > 1:
+            shape = tuple(int(s) for s in img.shape[1:])
+            problem = (
+                f"is a volume of shape {shape} with {img.shape[0]} values per voxel (a multi-channel, vector or "
+                "time-series volume); only 2-D images (grey or colour) and single-channel 3-D volumes are "
+                "supported: save the channel to score as its own volume"
+            )
             raise InputDataError(path, problem)
         if img.ndim == 3:  # 2-D image in a volume format: one axial slice
             img = MetaTensor(img.as_tensor().unsqueeze(-1), meta=img.meta)
@@ -380,6 +533,26 @@ class LoadMedicalImage(Transform):
         img = torch.nan_to_num(img, nan=lo, posinf=hi, neginf=lo)
         img.meta["nonfinite_replaced"] = bad
         return img
+
+
+def _refuse_multi_volume_nifti(path: str) -> None:
+    """Refuse a NIfTI holding more than one volume (a time series, or several channels per voxel), from
+    its header: MONAI's reader would take the 4th axis as channels, and 3 time points would be scored
+    as the red, green and blue of one picture."""
+    import nibabel as nib
+
+    try:
+        shape = tuple(int(s) for s in nib.load(path).shape)
+    except Exception:  # unreadable header: the reader reports it
+        return
+    n = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    if n > 1:
+        problem = (
+            f"is a {len(shape)}-D NIfTI of shape {shape}: {n} volumes (time points or channels) of shape "
+            f"{shape[:3]}; supported are 2-D images and single 3-D volumes (one value per voxel). Save the "
+            "volume to score as its own file, e.g. with nibabel: nib.save(img.slicer[..., t], 'volume_t.nii.gz')"
+        )
+        raise InputDataError(path, problem)
 
 
 def _slice_of(item: Mapping, index_key: str = "slice_index", axis_key: str = "slice_axis") -> tuple[int | None, int]:
