@@ -5,6 +5,8 @@
   :class:`~monai_skipts.networks.SkipTS`, whose optimizer holds only the student's parameters
   (Adam, lr 0.005, betas (0.5, 0.999): the paper's), and whose loss is
   :class:`~monai_skipts.losses.DRKDLoss`. The teacher runs without autograd; AMP is used on CUDA.
+  A non-finite loss stops the run before the optimizer step, naming the batch's images
+  (:class:`NonFiniteLossError`); under AMP the batch is first trained again in fp32.
 - :class:`SkipTSEvaluator` is a :class:`monai.engines.SupervisedEvaluator` whose inferer gives the
   anomaly map; each iteration's output also holds ``"score"`` (B,) and the batch's ``"id"`` list.
   The map is standardised per level when the network has statistics (``map_level_stats``).
@@ -20,13 +22,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.engines.utils import default_prepare_batch
+from monai.engines.utils import IterationEvents, default_prepare_batch
+from monai.utils import CommonKeys as Keys
 
 from .inferers import SkipTSInferer, fit_level_stats, set_level_stats
 from .losses import DRKDLoss
 
 __all__ = [
-    "SkipTSTrainer", "SkipTSEvaluator", "LevelStatsFitter", "TeacherFeatureCache", "has_random_transforms",
+    "SkipTSTrainer", "SkipTSEvaluator", "NonFiniteLossError", "LevelStatsFitter", "TeacherFeatureCache", "has_random_transforms",
     "build_optimizer", "distribute_student",
     "resolve_device", "PAPER_HPARAMS",
 ]  # fmt: skip
@@ -80,6 +83,31 @@ def _uses_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss is NaN or infinite (in fp32): training stops before the optimizer step, so
+    the weights stay finite and no ``model.pt`` is written. The message names the batch's images."""
+
+
+class _NonFiniteLoss(Exception):
+    """Internal: raised at ``LOSS_COMPLETED`` (before backward and the optimizer step)."""
+
+
+def _batch_ids(batchdata: Any) -> list[str]:
+    if isinstance(batchdata, dict) and "id" in batchdata:
+        return [str(i) for i in batchdata["id"]]
+    return []
+
+
+def _nonfinite_images(batchdata: Any) -> list[str]:
+    """Ids (or batch positions) of the images in the batch that hold NaN/inf pixel values."""
+    image = batchdata.get("image") if isinstance(batchdata, dict) else None
+    if not isinstance(image, torch.Tensor) or image.ndim < 1:
+        return []
+    bad = (~torch.isfinite(image.detach().reshape(image.shape[0], -1))).any(dim=1).tolist()
+    ids = _batch_ids(batchdata) or [f"#{i}" for i in range(len(bad))]
+    return [k for k, b in zip(ids, bad) if b]
+
+
 class SkipTSTrainer(SupervisedTrainer):
     """Skip-TS trainer.
 
@@ -91,6 +119,8 @@ class SkipTSTrainer(SupervisedTrainer):
         optimizer: default :func:`build_optimizer` with ``lr`` and ``betas``.
         loss_function: default :class:`~monai_skipts.losses.DRKDLoss` (beta 0.05).
         amp: mixed precision; honoured on CUDA only (on CPU it is switched off with a log line).
+            A batch whose loss is non-finite under fp16 (an overflow) is trained again in fp32
+            (a warning names its images); AMP stays on for the next batches.
         prepare_batch: e.g. :class:`TeacherFeatureCache` to feed cached teacher
             features; default: MONAI's ``(image, label)``.
         kwargs: passed to :class:`monai.engines.SupervisedTrainer` (``train_handlers``,
@@ -128,6 +158,43 @@ class SkipTSTrainer(SupervisedTrainer):
             prepare_batch=prepare_batch,
             **kwargs,
         )
+        self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._check_loss)
+
+    @staticmethod
+    def _check_loss(engine: SupervisedTrainer) -> None:
+        loss = engine.state.output[Keys.LOSS]
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise _NonFiniteLoss(float(loss.detach().float()))
+
+    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict:
+        try:
+            return super()._iteration(engine, batchdata)
+        except _NonFiniteLoss as e:
+            if not engine.amp:
+                raise self._stop(engine, batchdata, e.args[0]) from None
+            # fp16 autocast can overflow where fp32 does not: train this batch again in fp32
+            logger.warning("non-finite loss under AMP (%s) for batch %s: trained again in fp32", e.args[0],
+                           _batch_ids(batchdata) or engine.state.iteration)  # fmt: skip
+            engine.amp = False
+            try:
+                return super()._iteration(engine, batchdata)
+            except _NonFiniteLoss as e32:
+                raise self._stop(engine, batchdata, e32.args[0]) from None
+            finally:
+                engine.amp = True
+
+    @staticmethod
+    def _stop(engine: SupervisedTrainer, batchdata: Any, loss: float) -> NonFiniteLossError:
+        ids = _batch_ids(batchdata)
+        bad = _nonfinite_images(batchdata)
+        what = (f"images with non-finite pixel values: {bad}" if bad else
+                "no image of the batch holds non-finite pixel values (look at the model's weights, the "
+                "learning rate and these images' intensities)")  # fmt: skip
+        msg = (f"non-finite training loss ({loss}) at epoch {engine.state.epoch}, iteration "
+               f"{engine.state.iteration}, batch {ids or '(no ids)'}: {what}. Training stopped before this "
+               "step, so the weights stay finite; model.pt is not written (checkpoint.pt, if any, keeps the "
+               "last complete epoch)")  # fmt: skip
+        return NonFiniteLossError(msg)
 
 
 class SkipTSEvaluator(SupervisedEvaluator):

@@ -365,7 +365,9 @@ def log_and_register(
     with _tracking(tracking_uri):
         exp_id = _experiment_id(experiment_name, tracking_uri)
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name or f"register-{name}") as run:
-            mlflow.set_tags(version_tags)
+            from .handlers.mlflow import run_owner_tags  # a killed registration is marked KILLED later
+
+            mlflow.set_tags({**version_tags, **run_owner_tags()})
             mlflow.log_params({
                 "teacher": cfg["teacher"], "student": cfg["student"], "skip": cfg["skip"],
                 "modality": serving["modality"], "spatial_size": serving["spatial_size"], "sigma": serving["sigma"],

@@ -1,4 +1,4 @@
-"""Small shared utilities: the input-error type and atomic file writes.
+"""Small shared utilities: the input-error type, atomic file writes and the output-folder lock.
 
 Everything the package writes (checkpoints, metrics, splits, maps, CSVs) goes through the
 ``atomic_*`` helpers: the data is written to a temporary file in the destination folder, flushed
@@ -6,15 +6,24 @@ and fsynced, then renamed over the destination (and the folder fsynced). A failu
 killed process) leaves the previous file intact; the temporary file is removed on any error the
 process sees (a process killed mid-write can leave a ``.<name>.*.tmp`` beside it, which
 :class:`~monai_skipts.handlers.SkipTSCheckpointHandler` removes when the run is resumed).
+A write that stops part-way (a full disk: torch reports it as ``RuntimeError: [enforce fail at
+inline_container.cc:672] unexpected pos``) is an ``OSError`` naming the destination and saying the disk
+may be full.
+
+:func:`lock_output_dir` gives one training at a time an output folder (an OS lock on
+``<output_dir>/.lock``, which holds the owner's PID and dies with its process).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -29,7 +38,12 @@ __all__ = [
     "atomic_write_json",
     "atomic_save",
     "remove_stale_temp_files",
+    "OutputDirLockedError",
+    "lock_output_dir",
+    "unlock_output_dir",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class InputDataError(ValueError):
@@ -116,11 +130,47 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> 
     return atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
 
 
+#: what torch's zip writer says when the file it writes came out shorter than what it wrote (a full
+#: disk or a file size limit: the kernel wrote part of the data and Python reported no error)
+_SHORT_WRITE = re.compile(r"inline_container|unexpected pos|PytorchStreamWriter failed", re.IGNORECASE)
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"  # pragma: no cover
+
+
 def atomic_save(path: str | os.PathLike, writer: Callable[[IO], Any]) -> Path:
-    """Call ``writer(f)`` on a binary temp file (e.g. ``lambda f: torch.save(obj, f)``) then rename."""
-    with atomic_open(path, "wb") as f:
-        writer(f)
-    return Path(path)
+    """Call ``writer(f)`` on a binary temp file (e.g. ``lambda f: torch.save(obj, f)``) then rename.
+
+    Raises:
+        OSError: the data could not be written in full; the message names ``path`` (nothing is left
+            half-written: the temp file is removed and a previous ``path`` is kept). torch's
+            ``RuntimeError: [enforce fail at inline_container.cc:...] unexpected pos`` (what a full disk
+            gives ``torch.save``) becomes ``OSError(ENOSPC, "could not write <path>: ... the disk may
+            be full ...")`` with the original error as its cause.
+    """
+    path = Path(path)
+    try:
+        with atomic_open(path, "wb") as f:
+            writer(f)
+    except RuntimeError as e:
+        if not _SHORT_WRITE.search(str(e)):
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"could not write {path}: the data was written only in part, the disk may be full "
+            f"({_free_space(path.parent)} free in {path.parent}) or a file size limit reached; "
+            f"the previous {path.name}, if any, is unchanged (torch: {str(e).strip()})",
+        ) from e
+    return path
 
 
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_open's mkstemp names look like
@@ -166,3 +216,80 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# one training per output folder
+
+
+class OutputDirLockedError(RuntimeError):
+    """Another process holds the output folder (see :func:`lock_output_dir`)."""
+
+
+#: folders this process holds: resolved folder -> open file descriptor of its ``.lock``
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def _is_rank0() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return True
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def lock_output_dir(output_dir: str | os.PathLike, name: str = ".lock") -> Path:
+    """Take the output folder for this process, or stop at once if another process has it.
+
+    An exclusive ``fcntl.flock`` on ``<output_dir>/<name>``, which holds this process's PID. The
+    lock belongs to the process: the OS releases it when the process ends however it ends (crash,
+    ``kill -9``), so a lock file left by a dead process never blocks (its stale PID is overwritten).
+    Calling it again in the same process for the same folder is a no-op. Under ``torch.distributed``
+    only rank 0 takes it. Where ``fcntl`` does not exist (Windows) nothing is locked.
+
+    Bundles call it in ``initialize`` before anything is written into the folder (split, checkpoint,
+    MLflow store); :class:`~monai_skipts.handlers.SkipTSCheckpointHandler` calls it too.
+
+    Returns:
+        the lock file's path.
+
+    Raises:
+        OutputDirLockedError: naming the folder and the PID of the process that holds it.
+    """
+    folder = Path(output_dir)
+    path = folder / name
+    if not _is_rank0():
+        return path
+    key = str(folder.resolve())
+    if key in _HELD_LOCKS:
+        return path
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        logger.warning("no fcntl on this system: %s is not locked against a second training", folder)
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise OSError(e.errno, f"could not lock {path}: {e.strerror or e}") from e
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OutputDirLockedError(
+            f"{folder} is in use by another training (PID {holder}, lock file {path}); wait for it to "
+            "finish or stop it, or give this run another --output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[key] = fd
+    return path
+
+
+def unlock_output_dir(output_dir: str | os.PathLike) -> None:
+    """Release what :func:`lock_output_dir` took (the process's exit releases it as well)."""
+    fd = _HELD_LOCKS.pop(str(Path(output_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock

