@@ -94,7 +94,10 @@ def summarise(dataset: str, teacher: str, per_seed: dict[int, dict]) -> dict:
     for key in SUMMARY_KEYS:
         vals = [per_seed[s].get(key) for s in seeds]
         if key == "test_fpr_at_threshold":
-            vals = [None if "cal_specificity" not in per_seed[s] else 1 - per_seed[s]["cal_specificity"] for s in seeds]
+            # metrics.json's specificity at the calibrated decision threshold ("cal_specificity" in runs
+            # written before it was renamed)
+            spec = [per_seed[s].get("specificity_at_decision", per_seed[s].get("cal_specificity")) for s in seeds]
+            vals = [None if v is None else 1 - v for v in spec]
         if any(v is None for v in vals):
             continue
         vals = [100 * v for v in vals]

@@ -59,7 +59,7 @@ from monai_skipts.data import get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, resolve_device
 from monai_skipts.inferers import SkipTSInferer, fit_level_stats, set_level_stats
 from monai_skipts.losses import build_loss
-from monai_skipts.metrics import image_metrics, pixel_metrics
+from monai_skipts.metrics import pixel_metrics, report_metrics
 from monai_skipts.networks import RD4AD, RD4ADLoss, SkipTS, build_teacher, feature_shapes, teacher_weights_available
 from monai_skipts.transforms import build_preprocessing
 from monai_skipts.utils import atomic_write_json, atomic_write_text
@@ -319,9 +319,10 @@ def _collect_output(out: dict, output: dict, batch: dict, with_maps: bool) -> No
 
 
 def _metrics(test: dict, val: dict | None) -> dict:
-    """Image metrics, pixel metrics where masks exist, and the per-image scores the calibration
-    study reads (``val_scores``: held-out normals; ``test_scores``/``test_labels``)."""
-    m = image_metrics(np.asarray(test["scores"]), np.asarray(test["labels"]))
+    """Image metrics (named as in ``metrics.json``: ``youden_threshold_on_test``, ``tp_at_youden``, ...),
+    pixel metrics where masks exist, and the per-image scores the calibration study reads
+    (``val_scores``: held-out normals; ``test_scores``/``test_labels``)."""
+    m = report_metrics(np.asarray(test["scores"]), np.asarray(test["labels"]))
     if test["maps"]:
         maps, masks = np.concatenate(test["maps"]), np.concatenate(test["masks"])
         m.update(pixel_metrics(maps, masks))

@@ -153,12 +153,17 @@ def inference_config(p: dict, default_input: str) -> dict:
         "volume_axis": 2,
         "volume_aggregation": "max",
         "save_maps": True,
+        "fail_fast": False,  # True: stop at the first input that cannot be scored
+        "max_pixels": None,  # largest picture/DICOM frame; None: $MONAI_SKIPTS_MAX_PIXELS or 40 million
     })  # fmt: skip
     cfg.update({k: f"%bundles/common/inference.json#{k}" for k in COMMON["inference"]})
     return cfg
 
 
-def metadata(name: str, dataset: str, modality: str, auroc: float | None, source: str, description: str) -> dict:
+def metadata(name: str, dataset: str, modality: str, auroc: float | None, source: str, description: str,
+             spatial_size: int = 256) -> dict:
+    """The bundle's metadata.json; the shapes are those of ``spatial_size``, the size it trains at."""
+    s = int(spatial_size)
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
         "version": "0.1.0",
@@ -176,7 +181,7 @@ def metadata(name: str, dataset: str, modality: str, auroc: float | None, source
         "copyright": "Copyright (c) monai-skipts developers; code Apache-2.0. Data licences are the sources' own.",
         "data_source": source,
         "data_type": "png/jpg/dicom/nifti",
-        "image_classes": "grey or RGB image, preprocessed to 3 x 256 x 256 ImageNet-normalised",
+        "image_classes": f"grey or RGB image, preprocessed to 3 x {s} x {s} ImageNet-normalised",
         "intended_use": "Research and development; flags images that differ from the normal training images "
                         "for a clinician's review. Not a diagnostic device.",
         "references": [
@@ -187,10 +192,10 @@ def metadata(name: str, dataset: str, modality: str, auroc: float | None, source
         "paper_auroc": auroc,
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "magnitude", "modality": modality, "num_channels": 3,
-                                 "spatial_shape": [256, 256], "dtype": "float32", "value_range": [-2.2, 2.7],
+                                 "spatial_shape": [s, s], "dtype": "float32", "value_range": [-2.2, 2.7],
                                  "is_patch_data": False, "channel_def": {"0": "R", "1": "G", "2": "B"}}},
             "outputs": {
-                "pred": {"type": "image", "format": "anomaly map", "num_channels": 1, "spatial_shape": [256, 256],
+                "pred": {"type": "image", "format": "anomaly map", "num_channels": 1, "spatial_shape": [s, s],
                          "dtype": "float32", "value_range": [0, 6], "is_patch_data": False,
                          "channel_def": {"0": "anomaly"}},
                 "score": {"type": "number", "format": "anomaly score (map maximum); anomalous when >= the calibrated threshold",
@@ -272,7 +277,8 @@ def files() -> dict[Path, str]:
         out[d / "inference.json"] = json.dumps(inference_config(p, "@dataset_dir"), indent=2) + "\n"
         desc = (f"Skip-TS teacher-student anomaly detector trained on normal images of {source}; outputs an "
                 f"anomaly map and an image score with a decision threshold calibrated on held-out normals.")  # fmt: skip
-        out[d / "metadata.json"] = json.dumps(metadata(name, dataset, modality, auroc, source, desc), indent=2) + "\n"
+        out[d / "metadata.json"] = json.dumps(metadata(name, dataset, modality, auroc, source, desc, p["spatial_size"]),
+                                              indent=2) + "\n"
         out[d / "logging.conf"] = LOGGING_CONF
         out[d / "README.md"] = readme(name, dataset, modality, auroc, layout, source, MEASURED.get(name, ""))
     # the demo: an offline phantom dataset the package makes; a demo, never a benchmark
@@ -280,12 +286,15 @@ def files() -> dict[Path, str]:
                "n_train=@n_train_images, n_test_normal=20, n_test_abnormal=20, size=@spatial_size, seed=0, lesion_polarity='bright')", {},
                spatial_size=128, epochs=25, val_interval=5, progress_bar=True, n_train_images=48)  # fmt: skip
     d = HERE / "demo"
-    out[d / "train.json"] = json.dumps(train_config(p), indent=2) + "\n"
+    # registered as skipts-demo (not skipts-<dataset>: its dataset layout is "mvtec"), the README's
+    # models:/skipts-demo@champion
+    out[d / "train.json"] = json.dumps({**train_config(p), "registered_model_name": "skipts-demo"}, indent=2) + "\n"
     out[d / "evaluate.json"] = json.dumps({**evaluate_config(p), "n_train_images": 48}, indent=2) + "\n"
     out[d / "inference.json"] = json.dumps(inference_config(p, "$os.path.join(@output_dir, 'phantom', 'test')"), indent=2) + "\n"
     desc = ("DEMO ONLY: Skip-TS on deformed Shepp-Logan phantom slices made offline (lesions inserted as "
             "anomalies, with masks). Shows the pipeline end to end in minutes on a CPU; not a benchmark.")  # fmt: skip
-    out[d / "metadata.json"] = json.dumps(metadata("demo", "phantom", "xray", None, "synthetic (monai_skipts.apps.phantom)", desc), indent=2) + "\n"
+    out[d / "metadata.json"] = json.dumps(metadata("demo", "phantom", "xray", None, "synthetic (monai_skipts.apps.phantom)", desc,
+                                                   p["spatial_size"]), indent=2) + "\n"
     out[d / "logging.conf"] = LOGGING_CONF
     return out
 

@@ -16,7 +16,14 @@ anomalib issue #1513) and the image score (map maximum).
   size stays dynamic), write atomically, embed :func:`export_metadata` (TorchScript extra file
   ``metadata.json`` as MONAI's ``save_net_with_metadata`` writes it; ONNX ``metadata_props``), and by
   default check the written file against the eager model.
-- CLI: ``python -m monai_skipts.export --checkpoint model.pt --format onnx --out model.onnx``.
+- CLI: ``python -m monai_skipts.export --checkpoint model.pt --format onnx --out model.onnx``. ONNX
+  needs the ``export`` extra (``pip install "monai-skipts[export]"``: onnx, onnxruntime); without it
+  the CLI says so (:class:`MissingExtraError`).
+- The spatial size: a model is exported at the size it was trained at (the checkpoint's
+  ``extra["spatial_size"]``, which the bundles store). Another size is refused, by the CLI and by
+  :class:`SkipTSExportModel` loaded from a checkpoint (e.g. ``ckpt_export --input_shape`` of another
+  size): the threshold was calibrated on maps of the trained size, and the traced graph of another
+  size gives other scores.
 
 Inputs of the exported models: ``image`` ``(B, 3, H, W)`` float32, preprocessed as in training
 (:func:`~monai_skipts.transforms.build_preprocessing`: intensity to [0, 1], resize, 3 channels,
@@ -48,6 +55,7 @@ from .utils import atomic_write_bytes
 __all__ = [
     "EXPORT_FORMATS",
     "EXPORT_KIND",
+    "MissingExtraError",
     "SkipTSExportModel",
     "as_export_model",
     "export_metadata",
@@ -63,6 +71,23 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 EXPORT_KIND = "monai-skipts/export"
 INPUT_NAMES = ("image",)
 OUTPUT_NAMES = ("anomaly_map", "score")
+EXPORT_EXTRA = 'pip install "monai-skipts[export]" (from a clone of the repository: pip install -e ".[export]")'
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of the export is not installed; the message says what to install."""
+
+
+def _require_onnx():
+    """``import onnx``, or :class:`MissingExtraError` naming the extra that installs it."""
+    try:
+        import onnx
+    except ImportError as e:
+        raise MissingExtraError(
+            f"ONNX export needs the onnx package, which is not installed ({e}); "
+            f"install the export extra: {EXPORT_EXTRA}"
+        ) from e
+    return onnx
 
 
 class SkipTSExportModel(nn.Module):
@@ -78,7 +103,11 @@ class SkipTSExportModel(nn.Module):
     ``load_state_dict`` accepts the module's own state dict or a whole monai-skipts checkpoint
     (``{"kind": "monai-skipts/checkpoint", "student": ..., "threshold": ...}``): the teacher is
     checked against the checkpoint's (name and weights hash), the student loaded, the threshold and
-    the per-level map statistics set (cleared when the checkpoint has none).
+    the per-level map statistics set (cleared when the checkpoint has none), and ``trained_size`` set
+    from the checkpoint's ``extra["spatial_size"]``.
+
+    ``trained_size`` (``(H, W)`` or ``None``): when set, ``forward`` (and so tracing and ONNX export)
+    refuses inputs of another size with a ``ValueError`` naming both sizes.
     """
 
     def __init__(
@@ -96,6 +125,7 @@ class SkipTSExportModel(nn.Module):
         self.register_buffer("threshold_scale", torch.tensor(math.nan, dtype=torch.float64), persistent=False)
         self.threshold_record: dict[str, Any] | None = None
         self.set_threshold(threshold)
+        self.trained_size: tuple[int, int] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -113,6 +143,15 @@ class SkipTSExportModel(nn.Module):
         self.threshold_scale.fill_(float(rec["scale"]) if rec.get("scale") is not None else math.nan)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.trained_size is not None:
+            got = (int(x.shape[-2]), int(x.shape[-1]))
+            if got != self.trained_size:
+                h, w = self.trained_size
+                raise ValueError(
+                    f"input of {got[0]}x{got[1]} pixels, but the model was trained at {h}x{w} (its checkpoint's "
+                    f"spatial_size); export and serve it at that size, "
+                    f"e.g. ckpt_export --input_shape \"[1, 3, {h}, {w}]\""
+                )
         return self.predictor(x)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
@@ -122,6 +161,8 @@ class SkipTSExportModel(nn.Module):
         result = self.model.student.load_state_dict(state_dict["student"], strict=strict, assign=assign)
         self.set_threshold(state_dict.get("threshold"))
         set_level_stats(self.model, state_dict.get("map_level_stats"))
+        size = (state_dict.get("extra") or {}).get("spatial_size")
+        self.trained_size = None if size is None else _size2(size)
         return result
 
     @classmethod
@@ -137,7 +178,9 @@ class SkipTSExportModel(nn.Module):
         model, ckpt = load_model(path_or_ckpt, teacher_weights=teacher_weights, map_location=map_location)
         extra = ckpt.get("extra") or {}
         sigma = float(extra.get("sigma", 4.0)) if sigma is None else float(sigma)
-        return cls(model, sigma=sigma, threshold=ckpt.get("threshold")).eval()
+        out = cls(model, sigma=sigma, threshold=ckpt.get("threshold")).eval()
+        out.trained_size = None if extra.get("spatial_size") is None else _size2(extra["spatial_size"])
+        return out
 
 
 def as_export_model(obj: nn.Module, threshold: Mapping[str, Any] | None = None) -> SkipTSExportModel:
@@ -287,8 +330,11 @@ def export_onnx(
     ``verify``, onnxruntime (when installed) runs the file on a batch of 2 and it is compared with the
     eager model. ``constant_folding`` is torch's (off: a faster export; onnxruntime folds at load
     anyway). Other arguments: see :func:`export_torchscript`.
+
+    Raises:
+        MissingExtraError: ``onnx`` is not installed (``pip install "monai-skipts[export]"``).
     """
-    import onnx
+    onnx = _require_onnx()
 
     path = Path(path)
     module = as_export_model(model_or_predictor, threshold)
@@ -325,7 +371,8 @@ def _verify_onnx(path: Path, module: nn.Module, data: bytes, spatial_size, atol:
     try:
         import onnxruntime as ort
     except ImportError:  # pragma: no cover - depends on the install
-        warnings.warn(f"{path}: onnxruntime is not installed; the ONNX export was not verified", stacklevel=3)
+        warnings.warn(f"{path}: onnxruntime is not installed, the ONNX export was not verified; {EXPORT_EXTRA}",
+                      stacklevel=3)
         return
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     x = _example(spatial_size, 2)
@@ -351,7 +398,7 @@ def load_torchscript(
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The :func:`export_metadata` dict embedded in an ONNX export (``{}`` when there is none)."""
-    import onnx
+    onnx = _require_onnx()
 
     proto = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
@@ -368,14 +415,26 @@ def export_checkpoint(
     config_files: Sequence[str | os.PathLike] = (),
     verify: bool = True,
 ) -> Path:
-    """Export a monai-skipts checkpoint. ``spatial_size`` defaults to the checkpoint's
-    ``extra["spatial_size"]`` (the bundles store it), else 256."""
+    """Export a monai-skipts checkpoint at the size it was trained at.
+
+    ``spatial_size`` defaults to the checkpoint's ``extra["spatial_size"]`` (the bundles store it),
+    else 256; another size than the checkpoint's is refused (``ValueError`` naming both). ONNX without
+    the ``onnx`` package: :class:`MissingExtraError`, before anything is loaded."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    if fmt == "onnx":
+        _require_onnx()
     ckpt = load_checkpoint(checkpoint)
     extra = ckpt.get("extra") or {}
+    trained = extra.get("spatial_size")
     if spatial_size is None:
-        spatial_size = extra.get("spatial_size", 256)
+        spatial_size = 256 if trained is None else trained
+    elif trained is not None and _size2(spatial_size) != _size2(trained):
+        raise ValueError(
+            f"{checkpoint}: the model was trained at {'x'.join(map(str, _size2(trained)))} pixels; exporting it at "
+            f"{'x'.join(map(str, _size2(spatial_size)))} would change its scores (the threshold was calibrated at the "
+            f"trained size): leave out --spatial-size (spatial_size=None) to export at the trained size"
+        )
     model = SkipTSExportModel.from_checkpoint(ckpt, teacher_weights=teacher_weights, sigma=sigma)
     meta = {k: extra[k] for k in ("modality", "window", "mri_norm") if k in extra}
     meta["checkpoint"] = {"file": Path(checkpoint).name, "epoch": ckpt.get("epoch"), "iteration": ckpt.get("iteration")}
@@ -403,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = export_checkpoint(
             a.checkpoint, a.out, a.format, size, a.teacher_weights, a.sigma, a.config_file, not a.no_verify
         )
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"format": a.format, "out": str(out), "bytes": out.stat().st_size}))

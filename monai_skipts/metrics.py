@@ -6,6 +6,9 @@ Image level (one anomaly score per image, label 0 = normal, 1 = anomalous):
   the Youden threshold of the given data (the paper's reporting protocol).
 * :func:`metrics_at_threshold`: the same threshold-dependent numbers at a given threshold, e.g. the
   one from :func:`calibrate_threshold`.
+* :func:`report_metrics`: both, named as ``metrics.json`` and MLflow name them, so that the test-set
+  Youden threshold (``youden_threshold_on_test``, ``tp_at_youden``, ...) cannot be mistaken for the
+  deployed decision threshold (``decision_threshold``, ``tp_at_decision``, ...).
 
 Decision threshold (what the product uses):
 
@@ -43,6 +46,8 @@ __all__ = [
     "CalibrationWarning",
     "image_metrics",
     "metrics_at_threshold",
+    "report_metrics",
+    "AT_THRESHOLD_KEYS",
     "calibrate_threshold",
     "CALIBRATION_METHODS",
     "min_calibration_normals",
@@ -233,6 +238,44 @@ def image_metrics(scores: Any, labels: Any) -> dict[str, float | int]:
         "aupr": float(average_precision_score(y, s)),
     }
     out.update(_threshold_metrics(s, y, youden))
+    return out
+
+
+#: the threshold-dependent keys of :func:`metrics_at_threshold`, suffixed ``_at_youden`` /
+#: ``_at_decision`` by :func:`report_metrics`
+AT_THRESHOLD_KEYS = ("sensitivity", "specificity", "precision", "f1", "accuracy", "tn", "fp", "fn", "tp")
+
+
+def report_metrics(scores: Any, labels: Any, decision_threshold: float | None = None) -> dict[str, float | int]:
+    """Image-level metrics of a test set as ``metrics.json`` (and, prefixed ``test_``, MLflow) names them.
+
+    Every threshold-dependent number says which threshold it belongs to:
+
+    - ``youden_threshold_on_test`` and ``<k>_at_youden``: at the Youden threshold *chosen on these
+      (test) scores*, the paper's reporting protocol, an optimistic oracle; never deploy it.
+    - ``decision_threshold`` and ``<k>_at_decision`` (when ``decision_threshold`` is given): at the
+      threshold calibrated on held-out normals (:func:`calibrate_threshold`), the one the model
+      applies; ``1 - specificity_at_decision`` is the test false-positive rate it gives.
+
+    with ``k`` in :data:`AT_THRESHOLD_KEYS` (``tn, fp, fn, tp`` are the confusion-matrix counts,
+    anomalous = positive). Threshold-free: ``auroc``, ``aupr``, ``n_normal``, ``n_abnormal``.
+
+    Args:
+        scores: test anomaly scores, shape ``(N,)``; finite; higher = more anomalous.
+        labels: ground truth, 0 (normal) or 1 (anomalous); both classes present.
+        decision_threshold: the calibrated threshold, or ``None``.
+
+    Raises:
+        ValueError: see :func:`image_metrics`.
+    """
+    m = image_metrics(scores, labels)
+    out: dict[str, float | int] = {k: m[k] for k in ("auroc", "aupr", "n_normal", "n_abnormal")}
+    out["youden_threshold_on_test"] = m["threshold"]
+    out.update({f"{k}_at_youden": m[k] for k in AT_THRESHOLD_KEYS})
+    if decision_threshold is not None:
+        d = metrics_at_threshold(scores, labels, decision_threshold)
+        out["decision_threshold"] = d["threshold"]
+        out.update({f"{k}_at_decision": d[k] for k in AT_THRESHOLD_KEYS})
     return out
 
 

@@ -187,7 +187,7 @@ def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
                                                 tracking_uri=f"sqlite:///{out / 'mlruns.db'}", dst_path=str(tmp_path / "dl"))  # fmt: skip
     assert json.loads(Path(local).read_text())["auroc"] == pytest.approx(run.data.metrics["test_auroc"])
     # the trained model is registered with an alias, and the bundle exports through MONAI's ckpt_export
-    mv = client.get_model_version_by_alias("skipts-mvtec", "champion")
+    mv = client.get_model_version_by_alias("skipts-demo", "champion")
     assert mv.run_id is not None
     from monai.bundle import ckpt_export
 
@@ -283,7 +283,7 @@ def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
     assert summary["auroc_mean"] == pytest.approx(np.mean(per_seed))
     assert summary["auroc_std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert summary["paper_auroc"] == 88.2 and "| brainmri |" in r.stdout
-    spec = [100 * (1 - json.loads((work / f"brainmri_s{s}" / "metrics.json").read_text())["cal_specificity"]) for s in (0, 1)]
+    spec = [100 * (1 - json.loads((work / f"brainmri_s{s}" / "metrics.json").read_text())["specificity_at_decision"]) for s in (0, 1)]
     assert summary["test_fpr_at_threshold"] == pytest.approx(spec) and summary["target_fpr"] == 0.5
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r2.returncode == 0 and r2.stdout.count("already finished") == 2

@@ -179,7 +179,7 @@ def test_split_file_validation(tmp_path):
     gone.unlink()
     with pytest.raises(InputDataError) as e:
         prepare_split("brainmri", root, split_file)
-    assert str(e.value).startswith(f"{split_file}: 1 files it lists do not exist") and str(gone) in str(e.value)
+    assert str(e.value).startswith(f"{split_file}: 1 file it lists does not exist") and str(gone) in str(e.value)
     split_file.write_text("{\"format\": \"other\"}")
     with pytest.raises(InputDataError, match="split.json: not a monai-skipts-split/1 split file"):
         prepare_split("brainmri", root, split_file)

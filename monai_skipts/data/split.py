@@ -290,8 +290,13 @@ def _resolve_split(doc: dict, split_file: Path, root: str | os.PathLike) -> dict
     missing = [it[k] for s in _SPLITS for it in out[s] for k in _PATH_KEYS if k in it and not os.path.exists(it[k])]
     missing += [p for s in _SPLITS for it in out[s] for p in it.get("extra_masks", ()) if not os.path.exists(p)]
     if missing:
-        problem = (f"{len(missing)} files it lists do not exist under {base}: {_listing(missing)}; restore them, "
-                   f"or delete {split_file} to split the dataset anew (the test set then changes)")
+        one = len(missing) == 1
+        problem = (
+            f"{len(missing)} {'file it lists does' if one else 'files it lists do'} not exist under {base}: "
+            f"{_listing(missing)}. Restore {'it' if one else 'them'}; or split the dataset anew: delete {split_file} "
+            f"and train from scratch (the test set changes, so delete the checkpoint.pt beside it too, or train "
+            f"into another --output_dir)"
+        )
         raise InputDataError(split_file, problem)
     out["report"] = {k: v for k, v in doc.items() if k not in (*_SPLITS, "unused", "format")}
     out["report"].update(split_file=str(split_file), reused=True)

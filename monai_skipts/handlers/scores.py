@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ..metrics import image_metrics, metrics_at_threshold, normalize_score, pixel_metrics
+from ..metrics import normalize_score, pixel_metrics, report_metrics
 from ..utils import atomic_write_json, atomic_write_text
 
 __all__ = ["AnomalyScoreHandler", "gather_objects"]
@@ -36,8 +36,8 @@ class AnomalyScoreHandler:
     iteration; at epoch end puts metrics in ``engine.state.metrics`` and optionally writes files.
 
     Metrics: always ``mean_score``, ``max_score``, ``n_images``. With both labels present: every
-    :func:`~monai_skipts.metrics.image_metrics` value (``auroc``, ``aupr``, Youden ``threshold``, ...);
-    with a decision threshold: the same at that threshold under ``cal_`` (e.g. ``cal_sensitivity``);
+    :func:`~monai_skipts.metrics.report_metrics` value (``auroc``, ``aupr``, ``youden_threshold_on_test``
+    and ``<k>_at_youden``; with a decision threshold ``decision_threshold`` and ``<k>_at_decision``);
     with masks: ``pixel_auroc``, ``aupro``, ``dice_best`` (at the best threshold of the data: an upper
     bound), ``dice`` (at the decision threshold) and ``hit_rate`` (see :func:`~monai_skipts.metrics.pixel_metrics`).
 
@@ -147,9 +147,7 @@ class AnomalyScoreHandler:
                     r["normalized_score"] = float(normalize_score(r["score"], t, scale))
         if None not in labels and len(set(labels)) == 2:
             y = np.array(labels)
-            m.update(image_metrics(scores, y))
-            if t is not None:
-                m.update({f"cal_{k}": v for k, v in metrics_at_threshold(scores, y, t).items() if k != "threshold"})
+            m.update(report_metrics(scores, y, t))
             if maps and self.pixel_metrics_on:
                 mk = np.concatenate(masks)
                 if mk.any():

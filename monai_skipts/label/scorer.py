@@ -240,25 +240,34 @@ class AnomalyScorer:
         return {"threshold": float(value), "anomalous": bool(score >= value), "normalized_score": norm}
 
 
-def _resolve(path: str | os.PathLike | None) -> Path | None:
-    return None if path is None else Path(path).expanduser().resolve()
+def _resolve(path: str | os.PathLike | None, base_dir: str | os.PathLike | None = None) -> Path | None:
+    """``path`` made absolute: ``~`` expanded, a relative path taken against ``base_dir`` (default: the
+    current working directory)."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        path = Path(os.getcwd() if base_dir is None else base_dir) / path
+    return path.resolve()
 
 
 def scorer_options(conf: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> tuple[Path, dict[str, Any]]:
     """``(checkpoint path, AnomalyScorer keyword arguments)`` from string settings (MONAI Label
-    ``--conf`` pairs): ``checkpoint`` (required; relative paths against ``base_dir``), ``modality``,
-    ``spatial_size``, ``window``, ``mri_norm``, ``sigma``, ``teacher_weights``, ``device``,
-    ``batch_size``, ``volume_aggregation``, ``slice_axis``. Unset keys keep the checkpoint's defaults."""
+    ``--conf`` pairs): ``checkpoint`` (required), ``modality``, ``spatial_size``, ``window``,
+    ``mri_norm``, ``sigma``, ``teacher_weights``, ``device``, ``batch_size``, ``volume_aggregation``,
+    ``slice_axis``. Unset keys keep the checkpoint's defaults.
+
+    Paths (``checkpoint``, ``teacher_weights``) are returned absolute; a relative one is taken against
+    ``base_dir``, by default the current working directory: for ``monailabel start_server ... --conf
+    checkpoint runs/x/model.pt`` the folder the server was started from, as a user expects."""
     if not conf.get("checkpoint"):
         raise ValueError("conf 'checkpoint' is required: the path of a monai-skipts checkpoint (model.pt)")
-    ckpt = Path(conf["checkpoint"]).expanduser()
-    if base_dir is not None and not ckpt.is_absolute():
-        ckpt = Path(base_dir) / ckpt
+    ckpt = _resolve(conf["checkpoint"], base_dir)
     casts = {"modality": str, "spatial_size": int, "window": str, "mri_norm": str, "sigma": float,
-             "teacher_weights": _resolve, "device": str, "batch_size": int, "volume_aggregation": str,
-             "slice_axis": int}  # fmt: skip
+             "teacher_weights": lambda p: _resolve(p, base_dir), "device": str, "batch_size": int,
+             "volume_aggregation": str, "slice_axis": int}  # fmt: skip
     kwargs = {k: cast(conf[k]) for k, cast in casts.items() if conf.get(k) not in (None, "")}
-    return ckpt, kwargs
+    return ckpt, kwargs  # type: ignore[return-value]
 
 
 def scorer_from_conf(conf: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> AnomalyScorer:

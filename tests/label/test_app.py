@@ -92,3 +92,24 @@ def test_infer_nifti_volume_returns_map_volume_and_volume_score(app):
     want = AnomalyScorer(ckpt).score_file(studies / "volume.nii.gz")
     np.testing.assert_allclose(written[0].numpy(), want["map"].numpy(), atol=1e-5)
     assert params["score"] == pytest.approx(want["score"], abs=1e-6)
+
+
+def test_item18_relative_checkpoint_is_taken_against_the_start_folder(app, tmp_path, monkeypatch):
+    """Issue 13 item 18: ``monailabel start_server --app <APP_DIR> --conf checkpoint runs/.../model.pt``
+    started from the folder holding ``runs/`` finds the checkpoint (it used to be looked up under the
+    app folder); a missing one is named with the folder relative paths are taken against."""
+    _, ckpt, studies = app
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    shutil.copy(ckpt, tmp_path / "runs" / "x" / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    clear_cache()
+    try:
+        instance = app_instance(str(skipts_label.APP_DIR), str(studies), {"checkpoint": "runs/x/model.pt"})
+        assert instance.checkpoint == tmp_path / "runs" / "x" / "model.pt"
+        res = instance.infer({"model": "skipts_anomaly", "image": "phantom", "device": "cpu"})
+        assert res["params"]["threshold"] == THRESHOLD["value"]
+        clear_cache()
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'runs' / 'y' / 'model.pt'}.*started from, {tmp_path}"):
+            app_instance(str(skipts_label.APP_DIR), str(studies), {"checkpoint": "runs/y/model.pt"})
+    finally:
+        clear_cache()

@@ -1,13 +1,16 @@
 """Sample MONAI Label app: Skip-TS anomaly maps for 2-D images and volumes.
 
-Serve a folder of studies (PNG/JPEG, NIfTI, NRRD) with a trained checkpoint::
+Serve a folder of studies (PNG/JPEG, NIfTI, NRRD) with a trained checkpoint, from the repository root::
 
     APP=$(python -c "import monai_skipts.label as l; print(l.APP_DIR)")
-    monailabel start_server --app "$APP" --studies /data/studies --conf checkpoint /runs/headct/model.pt
+    monailabel start_server --app "$APP" --studies /data/studies \
+        --conf checkpoint runs/headct/model.pt
 
 Conf keys (``--conf KEY VALUE``): ``checkpoint`` (required unless ``$SKIPTS_CHECKPOINT`` is set or
-``<app>/model/model.pt`` exists), and optionally ``modality``, ``spatial_size``, ``window``,
-``mri_norm``, ``sigma``, ``teacher_weights``, ``batch_size``, ``volume_aggregation``, ``slice_axis``
+``<app>/model/model.pt`` exists; a relative path, here and in ``teacher_weights``, is taken against
+the folder ``monailabel start_server`` was started from, not the app folder), and optionally
+``modality``, ``spatial_size``, ``window``, ``mri_norm``, ``sigma``, ``teacher_weights``,
+``batch_size``, ``volume_aggregation``, ``slice_axis``
 (defaults: the checkpoint's), ``output`` (``map``/``mask``). The model is named ``skipts_anomaly``.
 """
 
@@ -31,10 +34,11 @@ class SkipTSAnomalyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         conf = dict(conf or {})
         conf.setdefault("checkpoint", os.environ.get("SKIPTS_CHECKPOINT") or os.path.join(app_dir, "model", "model.pt"))
-        self.checkpoint, self.scorer_kwargs = scorer_options(conf, base_dir=app_dir)
+        self.checkpoint, self.scorer_kwargs = scorer_options(conf)  # relative paths: against the start folder
         if not self.checkpoint.is_file():
             raise FileNotFoundError(
-                f"{self.checkpoint}: checkpoint not found; start the app with --conf checkpoint <path to model.pt>"
+                f"{self.checkpoint}: checkpoint not found (a relative --conf checkpoint is taken against the folder "
+                f"MONAI Label was started from, {os.getcwd()}); start the app with --conf checkpoint <path to model.pt>"
             )
         logger.info("Skip-TS checkpoint: %s (%s)", self.checkpoint, self.scorer_kwargs)
         super().__init__(

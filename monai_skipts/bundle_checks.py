@@ -1,0 +1,194 @@
+"""Checks the bundles run first, for the command line ``python -m monai.bundle run ...``.
+
+- :func:`check_command_line`: refuse a ``--key`` override that is not a top-level id of the bundle's
+  config files (``--epoch 1`` would otherwise add an unused id and train the default 25 epochs), with
+  the closest known id (``did you mean --epochs?``). MONAI's own arguments of ``run``
+  (``--config_file``, ``--meta_file``, ``--logging_file``, ``--run_id``, ``--init_id``, ``--final_id``,
+  ``--args_file``, ``--tracking``, ...) are allowed; ``--args_file`` contents are checked too.
+- :func:`install_root_cause_hook`: MONAI's config parser wraps an error raised inside a ``$``
+  expression in ``RuntimeError: Failed to evaluate <the whole expression>``, so the line naming the
+  file and the problem ends up in the middle of the traceback. The hook prints the traceback as
+  before, then the root cause last, where a user reads it.
+
+The bundles (``bundles/common/{train,evaluate,inference}.json``) call :func:`check_command_line` as the
+first step of ``initialize``. It does nothing when the bundle is run from Python
+(``monai.bundle.run(...)``, ``ConfigWorkflow``): the overrides are then the caller's keyword arguments,
+which are not visible from here.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+__all__ = [
+    "MONAI_RUN_ARGS",
+    "UnknownOptionError",
+    "check_command_line",
+    "check_overrides",
+    "command_line_overrides",
+    "install_root_cause_hook",
+    "root_cause",
+]
+
+#: arguments of ``monai.bundle.run`` / ``create_workflow`` / ``ConfigWorkflow`` that are not config ids
+MONAI_RUN_ARGS = frozenset({
+    "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+    "workflow_name", "workflow_type", "properties_path",
+})  # fmt: skip
+#: messages of the RuntimeErrors MONAI wraps the real error in
+_WRAPPERS = ("Failed to evaluate", "Failed to instantiate")
+_REFERENCE = re.compile(r"@(\w+)")
+
+
+class UnknownOptionError(ValueError):
+    """A command-line option that is neither a top-level id of the bundle nor an argument of MONAI's
+    ``run``."""
+
+
+def _is_bundle_run(argv: Sequence[str]) -> bool:
+    """True when this process is ``python -m monai.bundle run ...`` (torchrun included)."""
+    if not argv:
+        return False
+    main = Path(argv[0])
+    if main.name != "__main__.py" or main.parent.name != "bundle" or main.parent.parent.name != "monai":
+        return False
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    return bool(words) and words[0] == "run"
+
+
+def command_line_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """The ``--key value`` / ``--key=value`` / ``--key`` pairs of a ``monai.bundle`` command line, as
+    python-fire reads them (``-`` in a key becomes ``_``; values stay strings; after a lone ``--``
+    come fire's own flags, which are skipped)."""
+    out: dict[str, Any] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            break
+        if a.startswith("--") and len(a) > 2:
+            key, eq, value = a[2:].partition("=")
+            if not eq:
+                if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    value, i = args[i + 1], i + 1
+                else:
+                    value = "True"
+            out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _as_files(value: Any) -> list[str]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "(")):
+            value = ast.literal_eval(text)
+        elif "," in text and not Path(text).is_file():
+            value = text.split(",")
+        else:
+            value = [text]
+    return [str(v).strip() for v in value]
+
+
+def check_overrides(
+    overrides: Iterable[str], config_files: Sequence[str], extra_ids: Iterable[str] = ()
+) -> None:
+    """Raise :class:`UnknownOptionError` for the first override that names no top-level id of the
+    config files (``net#x``: its first part ``net``), nor an id they reference (``"input":
+    "@dataset_dir"`` makes ``--dataset_dir`` meaningful), nor an argument of MONAI's ``run``.
+
+    Args:
+        overrides: the override keys, as given (``"epochs"``, ``"train#trainer#max_epochs"``).
+        config_files: the bundle's config files (JSON/YAML), merged as MONAI merges them.
+        extra_ids: more ids to accept (e.g. those a ``--tracking`` setting adds).
+    """
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(list(config_files))
+    known = set(config) | set(_references(config)) | set(extra_ids) | {"_meta_"}
+    for key in overrides:
+        if key in MONAI_RUN_ARGS or key.split("#")[0] in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known | MONAI_RUN_ARGS), n=1, cutoff=0.6)
+        ids = ", ".join(sorted(k for k in known if not k.startswith("_")))
+        hint = f"; did you mean --{close[0]}?" if close else f"; known ids: {ids}"
+        raise UnknownOptionError(
+            f"unknown option --{key}: not a top-level id of {', '.join(config_files)} nor an argument of "
+            f"monai.bundle run{hint}"
+        )
+
+
+def _references(config: Any) -> Iterable[str]:
+    """The top-level ids that ``@id`` / ``@id#...`` references in the config's strings name."""
+    if isinstance(config, str):
+        yield from _REFERENCE.findall(config)
+    elif isinstance(config, dict):
+        for v in config.values():
+            yield from _references(v)
+    elif isinstance(config, (list, tuple)):
+        for v in config:
+            yield from _references(v)
+
+
+def check_command_line(argv: Sequence[str] | None = None) -> None:
+    """The bundles' first step: on ``python -m monai.bundle run`` install :func:`install_root_cause_hook`
+    and check the command line's overrides (and those of its ``--args_file``) with
+    :func:`check_overrides`. Elsewhere (the bundle run from Python) it does nothing."""
+    argv = sys.argv if argv is None else argv
+    if not _is_bundle_run(argv):
+        return
+    install_root_cause_hook()
+    args = command_line_overrides(argv[1:])
+    if args.get("args_file"):
+        from monai.bundle import ConfigParser
+
+        args = {**ConfigParser.load_config_file(args["args_file"]), **args}
+    if not args.get("config_file"):
+        return  # MONAI refuses this itself
+    extra: set[str] = set()
+    if args.get("tracking"):
+        from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+        settings = DEFAULT_EXP_MGMT_SETTINGS.get(str(args["tracking"]), {})
+        extra |= set(settings.get("configs", {}))
+    check_overrides(args, _as_files(args["config_file"]), extra)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that MONAI's ``Failed to evaluate/instantiate`` wrappers (possibly nested) hide;
+    ``exc`` itself when it is not such a wrapper."""
+    seen = set()
+    while (
+        isinstance(exc, RuntimeError)
+        and str(exc).startswith(_WRAPPERS)
+        and (exc.__cause__ or exc.__context__) is not None
+        and id(exc) not in seen
+    ):
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def install_root_cause_hook() -> None:
+    """Make an uncaught error end with its root cause: ``sys.excepthook`` prints the traceback as
+    before, then (when MONAI wrapped the error) ``monai-skipts: <Type>: <message>`` as the last line.
+    Installing it twice is harmless."""
+    previous = sys.excepthook
+    if getattr(previous, "_monai_skipts_root_cause", False):
+        return
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        previous(exc_type, exc, tb)
+        root = root_cause(exc)
+        if root is not exc:
+            print(f"\nmonai-skipts: the bundle stopped: {type(root).__name__}: {root}", file=sys.stderr, flush=True)
+
+    hook._monai_skipts_root_cause = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
