@@ -13,6 +13,11 @@ holds several of these small models). Anything after ``--`` goes to every bundle
 (e.g. ``-- --mlflow false --num_workers 4``).
 
 Writes ``<work-dir>/<dataset>_summary.json`` and prints one Markdown table row.
+
+    python benchmarks/bundle_runs.py --rank default=runs/gpu3/ocb_e25 paper=runs/gpu/paper
+
+ranks configurations (each a work dir holding the dev datasets' summaries) with the selection rule
+that picks the shipped default (``quality.SELECTION_RULE``).
 """
 
 from __future__ import annotations
@@ -109,8 +114,45 @@ def summarise(dataset: str, teacher: str, per_seed: dict[int, dict]) -> dict:
     return out
 
 
+def rank(entries: list[str]) -> int:
+    """``--rank NAME=WORK_DIR ...``: the selection rule (``quality.SELECTION_RULE``, written down before
+    the final runs) over configurations whose summaries (``*_summary.json``, one per dev dataset) lie
+    in each WORK_DIR; prints one Markdown table, lowest score first."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import SELECTION_RULE, selection_scores
+
+    table: dict[str, dict] = {}
+    lgg: dict[str, dict] = {}
+    for entry in entries:
+        name, _, folder = entry.partition("=")
+        files = sorted(Path(folder).glob("*_summary.json"))
+        if not name or not files:
+            raise SystemExit(f"--rank {entry!r}: want NAME=WORK_DIR with *_summary.json files in it")
+        for f in files:
+            sm = json.loads(f.read_text())
+            table.setdefault(sm["dataset"], {})[name] = {"mean": sm["auroc_mean"], "sd": sm["auroc_std"]}
+            if sm["dataset"] == "lgg":
+                lgg[name] = sm
+    names = [e.partition("=")[0] for e in entries]
+    scores = selection_scores(table, {"lgg": lgg}, names)
+    if not scores:
+        raise SystemExit("--rank: every configuration needs a summary of each dataset, LGG included")
+    datasets = sorted(table)
+    cell = lambda m, s: f"{m:.1f} ± {s:.1f}"  # noqa: E731
+    print("| configuration | " + " | ".join(datasets) + " | LGG pixel AUROC | LGG AUPRO | LGG hit rate | rule score |")
+    print("|---" * (len(datasets) + 5) + "|")
+    for n in sorted(scores, key=scores.get):
+        row = [cell(table[d][n]["mean"], table[d][n]["sd"]) for d in datasets]
+        row += [cell(lgg[n][k + "_mean"], lgg[n][k + "_std"]) for k in ("pixel_auroc", "aupro", "hit_rate")]
+        print(f"| {n} | " + " | ".join(row) + f" | {scores[n]:.2f} |")
+    print(f"\nRule: {SELECTION_RULE}.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--rank"]:
+        return rank(argv[1:])
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")

@@ -289,6 +289,29 @@ def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
     assert r2.returncode == 0 and r2.stdout.count("already finished") == 2
 
 
+def test_bundle_runs_rank_applies_the_selection_rule(tmp_path):
+    """`bundle_runs.py --rank NAME=DIR ...` ranks configurations from their summaries with
+    quality.SELECTION_RULE: ½ mean image-AUROC rank over the dev sets + ¼ LGG pixel-AUROC rank + ¼ AUPRO rank."""
+    def write(folder, brain, iq, lgg, pix, pro):
+        folder.mkdir()
+        for d, a in (("brainmri", brain), ("iqothnccd", iq), ("lgg", lgg)):
+            sm = {"dataset": d, "auroc_mean": a, "auroc_std": 1.0}
+            if d == "lgg":
+                sm.update(pixel_auroc=[pix], pixel_auroc_mean=pix, pixel_auroc_std=0.0, aupro=[pro], aupro_mean=pro,
+                          aupro_std=0.0, hit_rate_mean=10.0, hit_rate_std=0.0)  # fmt: skip
+            (folder / f"{d}_summary.json").write_text(json.dumps(sm))
+    # a: best image AUROC on two of three sets, worst localisation; b: the reverse; c: worst images, mid pixel
+    write(tmp_path / "a", 91.0, 95.0, 70.0, 92.0, 70.0)
+    write(tmp_path / "b", 88.0, 90.0, 78.0, 94.0, 77.0)
+    write(tmp_path / "c", 85.0, 89.0, 71.0, 93.0, 72.0)
+    r = subprocess.run([sys.executable, "benchmarks/bundle_runs.py", "--rank", *(f"{n}={tmp_path / n}" for n in "abc")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line[:4] in ("| a ", "| b ", "| c ")]
+    # a: images (1+1+3)/3, pixel 3, AUPRO 3 -> 0.5*5/3 + 0.75 + 0.75 = 2.33; b: (2+2+1)/3, 1, 1 -> 1.33; c: (3+3+2)/3, 2, 2 -> 2.33
+    assert [(row[0][2:], row[-1].strip(" |")) for row in rows] == [("b", "1.33"), ("a", "2.33"), ("c", "2.33")]
+
+
 def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
     """With per-level standardised maps (fitted after training), the validation scores from the last
     training epoch are stale: the calibrator must score the validation normals again. Seen on an
@@ -317,19 +340,22 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
     assert ckpt["threshold"]["n_normals"] == len(split["val"])
 
 
-@pytest.mark.parametrize("preset, expect", [
-    ("paper", {"skip": "add", "bottleneck": False, "skip_levels": [3, 2], "teacher_taps": "project"}),
-    ("ocb_std", {"skip": "none", "bottleneck": True, "skip_levels": []}),
+@pytest.mark.parametrize("preset, expect, loss, level_stats, epochs", [
+    (None, {"skip": "none", "bottleneck": True, "skip_levels": []}, "RD4ADLoss", True, 25),  # the default
+    ("paper", {"skip": "add", "bottleneck": False, "skip_levels": [3, 2], "teacher_taps": "project"}, "DRKDLoss", False, 200),
+    ("paper_std", {"skip": "add", "bottleneck": False, "skip_levels": [3, 2]}, "DRKDLoss", True, 200),
 ])
-def test_presets_merged_over_a_bundle_build_their_model(preset, expect, tmp_path):
+def test_presets_merged_over_a_bundle_build_their_model(preset, expect, loss, level_stats, epochs, tmp_path):
     """`--config_file "['bundles/<d>/train.json','bundles/presets/<p>.json']"` (bundle_runs.py --preset):
-    the preset's ids win over the bundle's, and the model, loss and map standardisation follow them."""
+    the preset's ids win over the bundle's, and the model, loss, map standardisation and schedule
+    follow them; without a preset the bundle builds the default the rule picked (benchmarks/README.md)."""
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=["bundles/lgg/train.json", f"bundles/presets/{preset}.json"], workflow_type="train",
-                        teacher="efficientnet_lite0", output_dir=str(tmp_path))  # fmt: skip
+    files = ["bundles/lgg/train.json"] + ([f"bundles/presets/{preset}.json"] if preset else [])
+    wf = ConfigWorkflow(config_file=files, workflow_type="train", teacher="efficientnet_lite0", output_dir=str(tmp_path))
     parser = wf.parser
     net = parser.get_parsed_content("network_def")
     assert {k: net.config[k] for k in expect} == expect
-    assert type(parser.get_parsed_content("train#loss")).__name__ == ("RD4ADLoss" if preset == "ocb_std" else "DRKDLoss")
-    assert parser.get_parsed_content("level_stats") is (preset == "ocb_std")
+    assert type(parser.get_parsed_content("train#loss")).__name__ == loss
+    assert parser.get_parsed_content("level_stats") is level_stats
+    assert parser.get_parsed_content("epochs") == epochs
