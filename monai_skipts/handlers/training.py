@@ -256,6 +256,17 @@ class ThresholdCalibrator:
         self.scale: float | None = None
         self.record: dict[str, Any] | None = None
 
+    def _rescore(self) -> None:
+        """Score the validation normals with the model as it is now (e.g. after the per-level statistics
+        were fitted), collecting into ``score_handler`` only: a scoring pass for calibration, not another
+        validation epoch, so the evaluator's own handlers (MLflow, stats) do not log it a second time."""
+        from ..engines import SkipTSEvaluator
+
+        ev = self.evaluator
+        SkipTSEvaluator(device=ev.state.device, val_data_loader=ev.data_loader, network=self.network, inferer=ev.inferer,
+                        amp=getattr(ev, "amp", False), prepare_batch=ev.prepare_batch,
+                        val_handlers=[self.score_handler]).run()  # fmt: skip
+
     def __call__(self) -> dict[str, Any]:
         epoch = self.trainer.state.epoch if self.trainer is not None else None
         fresh = epoch is not None and self.evaluator.state.epoch == epoch and self.score_handler.records
@@ -264,7 +275,7 @@ class ThresholdCalibrator:
             # scores from it are on another scale (seen on an H200: every test normal above the threshold)
             fresh = False
         if not fresh:
-            self.evaluator.run(epoch or 1)
+            self._rescore()
         scores = np.array([r["score"] for r in self.score_handler.records], dtype=np.float64)
         if scores.size == 0:
             raise ValueError("threshold calibration needs validation normals, but the validation split is empty")
