@@ -16,6 +16,10 @@ OFFLINE_TEACHERS = [
 MLFLOW = ["mlflow>=2.12"]
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17"]
 ITK = ["itk>=5.3"]
+# DICOM results for the PACS (SC/SR/SEG with highdicom) and DICOMweb pull/STOW (python -m monai_skipts.dicom_app)
+DICOM = ["highdicom>=0.25", "dicomweb-client>=0.59"]
+# archive scale: the registered MLflow model as a Spark UDF (needs Java 17+); ~0.5 GB, so not in "all"
+SPARK = ["pyspark>=4.0"]
 DEV = [
     "pytest>=7",
     "hypothesis>=6",
@@ -54,8 +58,10 @@ setup(
         "mlflow": MLFLOW,
         "export": EXPORT,
         "itk": ITK,
-        "all": OFFLINE_TEACHERS + MLFLOW + EXPORT + ITK,
-        "dev": OFFLINE_TEACHERS + MLFLOW + EXPORT + ITK + DEV,
+        "dicom": DICOM,
+        "spark": MLFLOW + SPARK,
+        "all": OFFLINE_TEACHERS + MLFLOW + EXPORT + ITK + DICOM,
+        "dev": OFFLINE_TEACHERS + MLFLOW + EXPORT + ITK + DICOM + SPARK + DEV,
         # monailabel pins numpy<2: install it in its own environment (see README, .ci/run).
         "label": ["monailabel>=0.8"],
     },

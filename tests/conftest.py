@@ -53,3 +53,151 @@ def phantom_root(tmp_path_factory):
     from monai_skipts.apps import make_phantom_dataset
 
     return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_train=24, n_test_normal=8, n_test_abnormal=8, size=64, seed=0)
+
+
+# ---- DICOM results and the PACS (tests/test_dicom_out.py, tests/test_pacs.py) ----------------------
+
+#: patient/study values of the DICOM test study: they must reach the DICOM results, never a log or JSON
+DICOM_PHI = {
+    "PatientName": "ZQDCMNAME^SENTINEL", "PatientID": "ZQDCMID4711", "PatientBirthDate": "19670101",
+    "AccessionNumber": "ZQDCMACC0815", "StudyID": "ZQDCMSTUDY", "ReferringPhysicianName": "ZQDCMDOC^REF",
+    "StudyDescription": "ZQDCMSTUDYDESC", "InstitutionName": "ZQDCM General Hospital",
+}  # fmt: skip
+
+
+def apt_tool(binary: str, package: str) -> str:
+    """The path of a tool from a Debian package (``.ci/run`` installs it). Missing: the test skips, with the
+    reason, where apt-get is unavailable (no way to install it), and fails where it is."""
+    import shutil
+
+    for cand in (binary, f"/usr/sbin/{binary}", f"/usr/bin/{binary}"):
+        found = shutil.which(cand)
+        if found:
+            return found
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"{binary} is not installed and apt-get is unavailable here (Debian package {package})")
+    pytest.fail(f"{binary} is not installed: run `apt-get install {package}` (the install step of .ci/run does)")
+
+
+@pytest.fixture(scope="session")
+def dicom_study(tmp_path_factory):
+    """One study from pydicom's and pydicom-data's real DICOM files, in three series: a 3-slice CT stack
+    (CT_small.dcm at three positions, shifted), an Enhanced MR multi-frame image (emri_small.dcm, 10
+    frames) and a CR (RG3_UNCI.dcm, 1760x1760, MONOCHROME1). New Study/Series/SOP UIDs; patient and
+    study attributes set to the :data:`DICOM_PHI` sentinels."""
+    import copy
+
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    root = tmp_path_factory.mktemp("dicom_study")
+    study_uid = generate_uid()
+
+    def common(ds, series_uid, number):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study_uid, series_uid, number
+        ds.StudyDate, ds.StudyTime, ds.PatientSex = "20240101", "101010", "F"
+        for k, v in DICOM_PHI.items():
+            setattr(ds, k, v)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct_series = generate_uid()
+    for z in range(3):
+        d = copy.deepcopy(ct)
+        common(d, ct_series, 2)
+        pos = [float(x) for x in ct.ImagePositionPatient]
+        pos[2] += 5.0 * z
+        d.ImagePositionPatient, d.SliceLocation, d.InstanceNumber = pos, pos[2], z + 1
+        d.PixelData = np.roll(ct.pixel_array, 3 * z, axis=1).astype(ct.pixel_array.dtype).tobytes()
+        (root / "ct").mkdir(exist_ok=True)
+        d.save_as(root / "ct" / f"{2 - z}.dcm", enforce_file_format=True)  # names in reverse slice order
+    for name, sub, number in (("emri_small.dcm", "mr", 3), ("RG3_UNCI.dcm", "cr", 4)):
+        d = pydicom.dcmread(get_testdata_file(name))
+        common(d, generate_uid(), number)
+        (root / sub).mkdir(exist_ok=True)
+        d.save_as(root / sub / "1.dcm", enforce_file_format=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def dicom_checkpoint(tmp_path_factory, dicom_study):
+    """An untrained (real) efficientnet_lite0 Skip-TS checkpoint recorded as trained at 32², whose threshold
+    is the median of the test study's per-file scores (so that some results are anomalous, some not)."""
+    import numpy as np
+    import torch
+
+    from monai_skipts.checkpoint import save_checkpoint
+    from monai_skipts.inference import AnomalyPredictor
+    from monai_skipts.networks import SkipTS
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dicom_ckpt") / "model.pt"
+    net = SkipTS("efficientnet_lite0")
+    extra = {"spatial_size": 32, "modality": "xray"}
+    save_checkpoint(path, net, threshold=None, extra=extra)
+    predictor = AnomalyPredictor(path, device="cpu")
+    items = [{"image": str(p), "id": p.name} for p in sorted(dicom_study.rglob("*.dcm"))]
+    scores = [r["score"] for r in predictor.predict_items(items)]
+    thr = float(np.median(scores))
+    save_checkpoint(path, net, threshold={"value": thr, "scale": 0.05, "target_fpr": 0.05}, extra=extra)
+    return path
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A throw-away Orthanc (Debian packages orthanc, orthanc-dicomweb) on a free localhost port, with a
+    temporary configuration and storage and the DICOMweb plugin; yields the DICOMweb root URL, stops
+    Orthanc afterwards."""
+    import glob
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    exe = apt_tool("Orthanc", "orthanc")
+    plugins = sorted(glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*")
+                     + glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*"))  # fmt: skip
+    if not plugins:
+        apt_tool("no-such-binary-orthanc-dicomweb", "orthanc-dicomweb")
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    root = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    config = {
+        "Name": "skipts-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+        "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(), "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "Plugins": [plugins[0]], "StableAge": 1,
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
+    }  # fmt: skip
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "wb")
+    proc = subprocess.Popen([exe, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/system", timeout=2) as r:
+                if json.loads(r.read())["Name"] == "skipts-test":
+                    break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log.close()
+                pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text(errors='replace')[-2000:]}")
+            time.sleep(0.25)
+    try:
+        yield base + "/dicom-web"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

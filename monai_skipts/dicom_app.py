@@ -1,0 +1,74 @@
+"""Score a DICOM study and write the results as DICOM objects into the same study: a Secondary Capture
+heat-map series, a Structured Report (TID 1500) and optionally a SEG per scored series
+(see :mod:`monai_skipts.dicom`).
+
+Command line::
+
+    # a study folder -> DICOM files under --output (series-NNN-MOD/SC/*.dcm, SR.dcm, SEG-*.dcm)
+    python -m monai_skipts.dicom_app --input study/ --output results/ --checkpoint runs/x/model.pt [--seg]
+    # a study in a PACS over DICOMweb: pulled, scored, results stored back (STOW-RS)
+    python -m monai_skipts.dicom_app --dicomweb http://localhost:8042/dicom-web --study <StudyInstanceUID> \\
+        --checkpoint runs/x/model.pt [--output results/] [--seg]
+
+Exit status: 0 when every scorable series was scored and written, 1 when any failed or nothing could be
+scored (``dicom_results.json`` lists the reasons), 2 for bad arguments. The summary printed and
+logged holds scores and decisions, no patient data and no UID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m monai_skipts.dicom_app", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="a folder holding the study's DICOM files (any layout)")
+    src.add_argument("--dicomweb", help="DICOMweb root of a PACS, e.g. http://localhost:8042/dicom-web")
+    p.add_argument("--study", help="StudyInstanceUID to pull from --dicomweb")
+    p.add_argument("--output", help="where the DICOM results go (required with --input)")
+    p.add_argument("--checkpoint", required=True, help="the training run's model.pt")
+    p.add_argument("--seg", action="store_true", help="also write a DICOM SEG of the region above the threshold")
+    p.add_argument("--teacher_weights", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--volume_aggregation", default="max", choices=("max", "mean", "topk"))
+    args = p.parse_args(argv)
+    if args.input and not args.output:
+        p.error("--output is required with --input")
+    if args.dicomweb and not args.study:
+        p.error("--study (a StudyInstanceUID) is required with --dicomweb")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from monai_skipts.dicom import PacsError, run_app
+    from monai_skipts.inference import AnomalyPredictor
+    from monai_skipts.utils import InputDataError
+
+    try:
+        predictor = AnomalyPredictor(args.checkpoint, args.teacher_weights, device=args.device,
+                                     volume_aggregation=args.volume_aggregation, batch_size=args.batch_size)  # fmt: skip
+        summary = run_app(predictor, args.output, input=args.input, dicomweb_url=args.dicomweb, study_uid=args.study,
+                          seg=args.seg, checkpoint=args.checkpoint)  # fmt: skip
+    except (InputDataError, OSError, PacsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    brief = {
+        "series": [{"series": s["series"], "units": [{k: u[k] for k in ("unit", "score", "threshold", "anomalous",
+                                                                          "normalized_score")} for u in s["units"]]}
+                   for s in summary["series"]],
+        "skipped": summary["skipped"], "errors": summary["errors"], "n_files": len(summary["files"]),
+    }  # fmt: skip
+    for key in ("n_pulled", "n_stored"):
+        if key in summary:
+            brief[key] = summary[key]
+    print(json.dumps(brief))
+    return 1 if summary["errors"] or not summary["series"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
