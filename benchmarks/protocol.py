@@ -32,10 +32,11 @@ from monai_skipts.transforms import build_preprocessing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import log_epochs  # noqa: E402  (benchmarks/ is not a package)
 
-DEFAULT_MODALITY = {
-    "brainmri": "mri", "iq_oth_nccd": "ct_lung", "iqothnccd": "ct_lung", "head_ct": "ct_brain", "headct": "ct_brain",
-    "busi": "ultrasound", "covid_xray": "xray", "malaria": "rgb", "retinal_oct": "ultrasound", "mvtec": "rgb",
-}  # fmt: skip
+
+def default_modality(dataset: str) -> str:
+    """The modality preset of ``dataset`` from the package's dataset table (``monai_skipts.data.DATASETS``,
+    spelling-tolerant); an unknown dataset, or a bare layout without a preset, is an error."""
+    return get_dataset(dataset).require_modality()
 
 
 def run_protocol(
@@ -58,7 +59,7 @@ def run_protocol(
     set_determinism(seed=seed)
     work_dir = Path(work_dir)
     split = prepare_split(dataset, root, split_file=work_dir / f"split_seed{seed}.json", seed=seed)
-    pre = build_preprocessing(modality or DEFAULT_MODALITY.get(dataset, "xray"), spatial_size=spatial_size)
+    pre = build_preprocessing(modality or default_modality(dataset), spatial_size=spatial_size)
     train_ds = CacheDataset(split["train"], pre, progress=False)
     test_ds = CacheDataset(split["test"], pre, progress=False)
     model = SkipTS(teacher, **(model_kwargs or {}))
@@ -101,7 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=0)
     a = p.parse_args(argv)
     data_root = Path(os.environ.get("SKIPTS_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    root = Path(a.root) if a.root else data_root / get_dataset(a.dataset).name
+    ds = get_dataset(a.dataset)
+    # the first of the table's folder names present under the data root (quality.py tries the same)
+    root = Path(a.root) if a.root else next((data_root / f for f in ds.folders if (data_root / f).is_dir()), data_root / ds.name)
     aurocs = []
     for seed in a.seeds:
         m = run_protocol(a.dataset, root, a.work_dir, a.teacher, a.epochs, seed, a.size,

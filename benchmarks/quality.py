@@ -55,7 +55,7 @@ from torch.utils.data import Subset
 
 
 from monai_skipts.baselines import PatchCore
-from monai_skipts.data import get_dataset, prepare_split
+from monai_skipts.data import DATASETS, DatasetPreset, get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, resolve_device
 from monai_skipts.inferers import SkipTSInferer, fit_level_stats, set_level_stats
 from monai_skipts.losses import build_loss
@@ -64,25 +64,13 @@ from monai_skipts.networks import RD4AD, RD4ADLoss, SkipTS, build_teacher, featu
 from monai_skipts.transforms import build_preprocessing
 from monai_skipts.utils import atomic_write_json, atomic_write_text
 
-#: the paper's datasets in Table II order: (canonical name, modality preset, paper Skip-TS AUROC,
-#: folder names tried under the data root). Modalities as in the bundles (bundles/make_bundles.py).
-PAPER_DATASETS: list[tuple[str, str, float, tuple[str, ...]]] = [
-    ("headct", "ct_brain", 85.7, ("headct", "head_ct", "HeadCT")),
-    ("brainmri", "mri", 88.2, ("brainmri", "brain_mri", "BrainMRI")),
-    ("lungct", "ct_lung", 90.4, ("lungct", "lung_ct", "LungCT")),
-    ("busi", "ultrasound", 92.5, ("busi", "BUSI", "Dataset_BUSI_with_GT")),
-    ("breastmri", "mri", 93.5, ("breastmri", "breast_mri", "BreastMRI")),
-    ("retinal_oct", "xray", 91.3, ("retinal_oct", "retinaloct", "OCT2017")),
-    ("cp_child_a", "rgb", 96.5, ("cp_child", "cpchild", "CP-CHILD", "cp_child_a", "cpchild_a")),
-    ("cp_child_b", "rgb", 95.3, ("cp_child", "cpchild", "CP-CHILD", "cp_child_b", "cpchild_b")),
-    ("nafld", "ultrasound", 90.3, ("nafld", "NAFLD")),
-    ("iq_oth_nccd", "ct_lung", 97.3, ("iq_oth_nccd", "iqothnccd", "IQ-OTH_NCCD")),
-    ("covid_xray", "xray", 94.1, ("covid_xray", "covid19", "Covid19-dataset")),
-    ("malaria", "rgb", 95.2, ("malaria", "cell_images")),
-    # not a paper dataset (no paper figure): brain MRI with lesion masks, for the pixel metrics
-    ("lgg", "mri", None, ("lgg_mri", "lgg", "kaggle_3m")),
-]  # fmt: skip
-PAPER_AVERAGE = 92.5
+#: the datasets the benchmarks look for under a data root, in Table II order (the paper's twelve, then
+#: LGG with its lesion masks for the pixel metrics): entries of the package's one dataset table,
+#: ``monai_skipts.data.DATASETS``, with ``folders`` (the names tried under the root), ``modality``,
+#: ``paper_auroc`` (Table II Skip-TS, %; ``None``: not in the paper) and ``val_fraction``.
+BENCHMARK_DATASETS: tuple[DatasetPreset, ...] = tuple(p for p in DATASETS.values() if p.folders)
+#: the paper's Skip-TS average over its twelve datasets
+PAPER_AVERAGE = round(statistics.mean(p.paper_auroc for p in DATASETS.values() if p.paper_auroc is not None), 1)
 
 #: method name -> (label, kind, model kwargs, loss factory). kind: "skipts", "rd4ad" or "patchcore".
 METHODS: dict[str, dict[str, Any]] = {
@@ -133,25 +121,26 @@ def method_spec(name: str) -> dict:
 def method_choices() -> list[str]:
     return list(METHODS) + [m + STD_SUFFIX for m, s in METHODS.items() if s["kind"] != "patchcore"]
 QUICK = {"size": 128, "steps": 100, "seeds": [0]}
-#: validation (calibration) share per dataset, as in its bundle (bundles/make_bundles.py OVERRIDES)
-VAL_FRACTION = {"lgg": 0.25}
 
 
 def find_datasets(data_root: Path, only: list[str] | None = None) -> list[tuple[str, str, float, Path]]:
     """``(name, modality, paper AUROC, folder)`` for every paper dataset present under ``data_root``."""
     wanted = None if only is None else {get_dataset(n).name for n in only}
+    if wanted is not None and wanted - {p.name for p in BENCHMARK_DATASETS}:
+        raise ValueError(f"not a benchmark dataset: {sorted(wanted - {p.name for p in BENCHMARK_DATASETS})}; "
+                         f"known: {', '.join(p.name for p in BENCHMARK_DATASETS)}")  # fmt: skip
     found = []
-    for name, modality, paper, folders in PAPER_DATASETS:
-        if wanted is not None and name not in wanted:
+    for ds in BENCHMARK_DATASETS:
+        if wanted is not None and ds.name not in wanted:
             continue
-        for folder in folders:
+        for folder in ds.folders:
             root = data_root / folder
             if root.is_dir():
-                found.append((name, modality, paper, root))
+                found.append((ds.name, ds.require_modality(), ds.paper_auroc, root))
                 break
         else:
             if wanted is not None:
-                raise FileNotFoundError(f"dataset {name}: none of {list(folders)} under {data_root}")
+                raise FileNotFoundError(f"dataset {ds.name}: none of {list(ds.folders)} under {data_root}")
     return found
 
 
@@ -236,7 +225,7 @@ class DatasetRun:
                  batch_size: int, device: torch.device, image_cache: dict):  # fmt: skip
         self.name, self.seed, self.size, self.batch_size, self.device = name, seed, size, batch_size, device
         split = prepare_split(name, root, split_file=work_dir / "splits" / f"{name}_seed{seed}.json", seed=seed,
-                              val_fraction=VAL_FRACTION.get(name, 0.1))  # fmt: skip
+                              val_fraction=get_dataset(name).val_fraction)  # fmt: skip
         self.report = split["report"]
         self.has_masks = any(it.get("mask") for it in split["test"])
         keep = ("image", "label", "id") + (("mask", "extra_masks") if self.has_masks else ())
@@ -563,8 +552,7 @@ def combine(files: list[Path], work_dir: Path, methods: list[str] | None = None)
     records = [r for d in docs for r in d["runs"]]
     methods = methods or list(dict.fromkeys(r["method"] for r in records))
     names = list(dict.fromkeys(r["dataset"] for r in records))
-    paper = {n: p for n, _, p, _ in PAPER_DATASETS}
-    ds_pairs = [(n, paper.get(n)) for n in names]
+    ds_pairs = [(n, get_dataset(n).paper_auroc) for n in names]
     meta = {**docs[0]["meta"], "datasets": names, "methods": methods, "combined_from": [str(f) for f in files],
             "seeds": sorted({r["seed"] for r in records}),
             "wall_seconds": sum(d["meta"].get("wall_seconds", 0) for d in docs)}  # fmt: skip

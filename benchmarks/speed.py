@@ -3,6 +3,8 @@ loop, inference throughput and memory, and utilisation of this machine's measure
 
     OMP_NUM_THREADS=2 python benchmarks/speed.py                 # BrainMRI at 256² when present
     python benchmarks/speed.py --size 128 --epochs 2 --quick     # a smaller check
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --evaluator-only --quick --size 128 --rounds 5
+                                                                 # the evaluation path before/after issue 14
 
 Sections (all in one process, same data, same teacher, same student architecture and init):
 
@@ -22,6 +24,10 @@ Sections (all in one process, same data, same teacher, same student architecture
    the model's FLOPs per image (``torch.utils.flop_counter``; 1 MAC = 2 FLOPs) → utilisation of
    the limit during inference, for the chosen teacher and for the paper's dense Wide-ResNet50
    architecture (random weights: speed does not depend on them).
+   The evaluation path (``SkipTSEvaluator``) is timed before issue 14 item 6 (``channels_last=False,
+   plain_tensors=False``: MONAI's MetaTensor batches, NCHW) and as shipped (plain tensors, channels-last
+   input), interleaved round by round; ``--evaluator-only`` times just that, with the 3×3 conv
+   throughput measured in every round for the utilisation.
 4. Peak memory: per phase, the process's peak RSS (``VmHWM``, reset between phases through
    ``/proc/self/clear_refs`` where Linux allows it), and on CUDA ``max_memory_allocated``.
 
@@ -320,26 +326,77 @@ def inference_throughput(predictor: torch.nn.Module, images: torch.Tensor, batch
 # --------------------------------------------------------------------------- report
 
 
-def evaluator_throughput(model: SkipTS, items: list[dict], modality: str, size: int, batch_size: int, device,
-                         plain_tensors: bool, min_seconds: float) -> dict:  # fmt: skip
-    """Images/s of the shipped evaluation path: ``SkipTSEvaluator`` over a ``CacheDataset`` loader
-    (decoding excluded: the cache is filled first), with MONAI's ``MetaTensor`` batches as shipped or
-    with plain tensors (the proposed fix)."""
+#: the evaluation path before issue 14 (MONAI's MetaTensor batches, NCHW) and as shipped (plain tensors,
+#: channels-last input: SkipTSEvaluator's defaults); the network's weights stay as the bundles have them
+EVAL_BEFORE = "SkipTSEvaluator before (MetaTensor batches, NCHW): channels_last=False, plain_tensors=False"
+EVAL_AFTER = "SkipTSEvaluator as shipped (plain tensors, channels-last input)"
+EVAL_AFTER_CL_WEIGHTS = "SkipTSEvaluator as shipped + channels-last weights"
+
+
+def conv_gflops(device, min_seconds: float = 1.0) -> float:
+    """The 3×3 convolution throughput of :func:`machine_limit` (fp32, channels-last), GFLOP/s, now."""
+    with torch.inference_mode():
+        x = torch.randn(16, 256, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(256, 256, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+        return 2 * 16 * 32 * 32 * 256 * 256 * 9 / _time(lambda: F.conv2d(x, w, padding=1), device, min_seconds) / 1e9
+
+
+def evaluator_paths(model: SkipTS, items: list[dict], modality: str, size: int, batch_size: int, device,
+                    rounds: int, min_seconds: float, cl_weights: bool = True, flops: float | None = None) -> dict:  # fmt: skip
+    """Images/s of the evaluation path before and after issue 14 item 6, in this process, on the same
+    model, data and loader: ``SkipTSEvaluator`` over a ``CacheDataset`` (decoding excluded: the cache is
+    filled first). The variants are timed interleaved (``rounds`` rounds, the order alternating), so a
+    machine whose load changes during the run biases none of them; reported: the median round. The
+    maps of the variants are compared (max absolute score difference). ``cl_weights``: also time the
+    shipped path on a copy of the model whose weights are channels-last. ``flops`` (per image): each
+    round also measures the 3×3 conv throughput (:func:`conv_gflops`), and each variant's utilisation
+    of it is taken round by round (``utilisation_conv_same_round``: the median), so the machine's load
+    at that moment cancels out of the ratio."""
+    import copy
+
     pre = build_preprocessing(modality, spatial_size=size)
     ds = CacheDataset(items, pre, progress=False, num_workers=0)
-    model = model.to(device, memory_format=torch.channels_last)
-    kwargs = {}
-    if plain_tensors:
-        def _plain(batchdata, dev, non_blocking=False, **kw):
-            img = batchdata["image"]
-            img = img.as_tensor() if hasattr(img, "as_tensor") else img
-            return img.to(dev, non_blocking=non_blocking).contiguous(memory_format=torch.channels_last), \
-                batchdata["label"].to(dev), (), {}
-        kwargs["prepare_batch"] = _plain
-    evaluator = SkipTSEvaluator(device, DataLoader(ds, batch_size=batch_size, num_workers=0), model, **kwargs)
-    with PeakMemory(device) as mem:
-        s = _time(evaluator.run, device, min_seconds, min_reps=1)
-    return {"images_per_second": round(len(items) / s, 2), **mem.as_dict()}
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=0)
+    model = model.to(device, memory_format=torch.contiguous_format).eval()
+    evaluators = {
+        EVAL_BEFORE: SkipTSEvaluator(device, loader, model, channels_last=False, plain_tensors=False),
+        EVAL_AFTER: SkipTSEvaluator(device, loader, model),
+    }
+    if cl_weights:
+        cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        evaluators[EVAL_AFTER_CL_WEIGHTS] = SkipTSEvaluator(device, loader, cl_model)
+    scores: dict[str, list] = {name: [] for name in evaluators}
+    for name, ev in evaluators.items():
+        ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e, n=name: scores[n].append(e.state.output["score"].cpu()))
+    times: dict[str, list[float]] = {name: [] for name in evaluators}
+    mems: dict[str, dict] = {}
+    names = list(evaluators)
+    convs: list[float] = []
+    for r in range(rounds):
+        if flops is not None:
+            convs.append(conv_gflops(device, min_seconds))
+        for name in names if r % 2 == 0 else names[::-1]:
+            with PeakMemory(device) as mem:
+                times[name].append(_time(evaluators[name].run, device, min_seconds, min_reps=1))
+            mems[name] = mem.as_dict()
+    nb = len(loader)  # the first run's batches: the same images for every variant
+    ref = torch.cat(scores[EVAL_BEFORE][:nb])
+    n = len(ds)
+    out = {}
+    for name in names:
+        got = torch.cat(scores[name][:nb])
+        out[name] = {
+            "images_per_second": round(n / statistics.median(times[name]), 2),
+            "rounds_images_per_second": [round(n / t, 2) for t in times[name]],
+            "max_abs_score_difference_vs_before": float((got - ref).abs().max()),
+            **mems[name],
+        }
+        if flops is not None:
+            per_round = [n / t * flops / 1e9 / c for t, c in zip(times[name], convs)]
+            out[name]["conv_gflops_per_round"] = [round(c, 1) for c in convs]
+            out[name]["utilisation_conv_per_round"] = [round(u, 3) for u in per_round]
+            out[name]["utilisation_conv_same_round"] = statistics.median(per_round)
+    return out
 
 
 def _md(res: dict) -> str:
@@ -387,6 +444,63 @@ def _md(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def _evaluator_only(a, res: dict, fresh_model, test_items, modality: str, device, min_s: float, work_dir: Path) -> int:
+    """``--evaluator-only``: the machine's limit, the model's FLOPs, the evaluator before/after."""
+    limit = machine_limit(device, min_s)
+    res["limit"] = limit
+    print(f"limit: {limit}", flush=True)
+    model = fresh_model().to(device)
+    key = "skipts_" + a.teacher
+    flops = {key: flops_per_image(SkipTSPredictor(model), a.size, device)}
+    inf: dict[str, dict] = {}
+    bs = a.batch_size
+    amp = device.type == "cuda"
+    for name, r in evaluator_paths(model, test_items, modality, a.size, bs, device, a.rounds, min_s,
+                                   flops=flops[key]).items():  # fmt: skip
+        r["achieved_gflops"] = r["images_per_second"] * flops[key] / 1e9
+        lim = limit.get("limit_lowp_gflops", limit["limit_gflops"]) if amp else limit["limit_gflops"]
+        conv = limit.get("conv3x3_bf16_gflops", limit["conv3x3_gflops"]) if amp else limit["conv3x3_gflops"]
+        r["utilisation"], r["utilisation_conv"] = r["achieved_gflops"] / lim, r["achieved_gflops"] / conv
+        inf[f"{name}, batches of {bs}"] = r
+    return _report_evaluator(res, inf, flops, key, work_dir, bs)
+
+
+def _report_evaluator(res: dict, inf: dict, flops: dict, key: str, work_dir: Path, bs: int) -> int:
+    before = next(r for n, r in inf.items() if n.startswith(EVAL_BEFORE))
+    after = next(r for n, r in inf.items() if n.startswith(EVAL_AFTER + ","))
+    res["evaluator"] = inf
+    res["flops_per_image"] = flops
+    res["evaluator_speedup"] = after["images_per_second"] / before["images_per_second"]
+    util = after.get("utilisation_conv_same_round", after["utilisation_conv"])
+    res["targets"] = {"evaluator_utilisation_of_conv_ge_50pct": util >= 0.5}
+    res["meta"]["wall_seconds"] = round(time.perf_counter() - res["meta"].pop("_t0"), 1)
+    lines = [
+        f"# Evaluation path ({res['meta']['device']}, {res['meta']['threads']} threads, {res['meta']['data']}, "
+        f"{res['meta']['size']}², teacher {res['meta']['teacher']}, batch {bs}; limit: matmul "
+        f"{res['limit']['matmul_gflops']}, 3×3 conv {res['limit']['conv3x3_gflops']} GFLOP/s; "
+        f"{flops[key] / 1e9:.3f} GFLOP per image)",
+        "",
+        "| path | images/s (median) | per round | GFLOP/s | % of conv (same round, median) | max score diff vs before |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in inf.items():
+        u = r.get("utilisation_conv_same_round", r["utilisation_conv"])
+        lines.append(f"| {name} | {r['images_per_second']:.2f} | {r['rounds_images_per_second']} | "
+                     f"{r['achieved_gflops']:.1f} | {100 * u:.1f} % | "
+                     f"{r['max_abs_score_difference_vs_before']:.2g} |")  # fmt: skip
+    convs = after.get("conv_gflops_per_round")
+    lines += ["", f"speed-up as shipped / before: {res['evaluator_speedup']:.2f}×; target ≥ 50 % of the conv "
+              f"throughput: {'met' if res['targets']['evaluator_utilisation_of_conv_ge_50pct'] else 'NOT met'} "
+              f"({100 * util:.1f} %)" + (f"; 3×3 conv GFLOP/s measured in each round: {convs}" if convs else "")]  # fmt: skip
+    md = "\n".join(lines) + "\n"
+    atomic_write_json(work_dir / "speed_evaluator.json", res, default=float)
+    atomic_write_text(work_dir / "speed_evaluator.md", md)
+    print()
+    print(md)
+    print(f"written: {work_dir / 'speed_evaluator.json'}, {work_dir / 'speed_evaluator.md'}")
+    return 0
+
+
 PORT = "straight port (decode every epoch, teacher every step, fp32)"
 SHIPPED = "ours as shipped (CacheDataset + SkipTSTrainer + TeacherFeatureCache + channels-last)"
 FIXED = "ours + plain tensors (proposed TeacherFeatureCache fix)"
@@ -411,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-configs", default=None,
                    help="JSON {name: SkipTS kwargs}: time only our training for each configuration, side by side in "
                         "this run, as ratios to the first (e.g. the paper preset against the shipped default)")  # fmt: skip
+    p.add_argument("--evaluator-only", action="store_true",
+                   help="time only the evaluation path, before issue 14 (MetaTensor batches, NCHW) and as shipped "
+                        "(plain tensors, channels-last), interleaved in this run, with the machine's limit and the "
+                        "utilisation of its measured 3x3 conv throughput")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the evaluator variants")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     malloc_tuned = device.type == "cpu" and not a.no_tune_malloc and tune_glibc_malloc()
@@ -426,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["gpu"] = torch.cuda.get_device_name(device)
     print(f"speed: {data_desc}, {len(train_items)} train / {len(test_items)} test, {a.size}², teacher {a.teacher}, "
           f"{device}, {torch.get_num_threads()} threads, malloc tuned: {malloc_tuned}", flush=True)  # fmt: skip
-    res: dict = {"meta": meta, "notes": []}
-    t_start = time.perf_counter()
+    res: dict = {"meta": {**meta, "_t0": time.perf_counter()}, "notes": []}
+    t_start = res["meta"]["_t0"]
     teacher = build_teacher(a.teacher)
 
     def fresh_model(seed: int = 0) -> SkipTS:
@@ -436,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.compare_configs:
         return compare_configs(json.loads(a.compare_configs), teacher, train_items, modality, a, device, res, work_dir)
+
+    if a.evaluator_only:
+        return _evaluator_only(a, res, fresh_model, test_items, modality, device, min_s, work_dir)
 
     # ---- 1. training, same data / teacher / student init
     pipes: dict[str, dict] = {}
@@ -474,16 +596,18 @@ def main(argv: list[str] | None = None) -> int:
         r["achieved_gflops"] = r["images_per_second"] * f / 1e9
         lim = limit.get("limit_lowp_gflops", limit["limit_gflops"]) if low_precision else limit["limit_gflops"]
         r["utilisation"] = r["achieved_gflops"] / lim
+        r["utilisation_conv"] = r["achieved_gflops"] / (limit["conv3x3_bf16_gflops"] if low_precision and
+                                                        "conv3x3_bf16_gflops" in limit else limit["conv3x3_gflops"])
         inf[name] = r
         print(f"inference {name}: {r['images_per_second']:.2f} img/s, {r['achieved_gflops']:.1f} GFLOP/s "
-              f"({100 * r['utilisation']:.1f} % of limit), peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
+              f"({100 * r['utilisation']:.1f} % of limit, {100 * r['utilisation_conv']:.1f} % of conv), peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
 
     bs = a.batch_size
     amp = device.type == "cuda"  # the evaluator runs AMP on CUDA
-    _add(f"SkipTSEvaluator as shipped (MetaTensor batches of {bs})",
-         evaluator_throughput(model, test_items, modality, a.size, bs, device, False, min_s), flops[key], amp)  # fmt: skip
-    _add(f"SkipTSEvaluator + plain tensors (batches of {bs})",
-         evaluator_throughput(model, test_items, modality, a.size, bs, device, True, min_s), flops[key], amp)  # fmt: skip
+    for name, r in evaluator_paths(model, test_items, modality, a.size, bs, device, a.rounds, min_s).items():
+        _add(f"{name}, batches of {bs}", r, flops[key], amp)
+    if a.evaluator_only:
+        return _report_evaluator(res, inf, flops, key, work_dir, bs)
     runs = {
         f"SkipTSPredictor: batch {bs}, inference_mode, channels-last": (predictor, bs, True, None, True),
         "port: batch 1, no_grad, NCHW, fp32": (predictor, 1, False, None, False),
@@ -523,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{a.teacher} and its mirrored student are mostly depthwise and 1×1 convolutions (few FLOPs per byte, "
             "memory-bound), so they cannot approach a dense-GEMM limit; the dense rows run the same code path on the "
             "paper's Wide-ResNet50 architecture.")  # fmt: skip
+    res["meta"].pop("_t0", None)
     res["meta"]["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     out = work_dir / "speed.json"
     atomic_write_json(out, res, default=float)

@@ -3,8 +3,12 @@
     python bundles/make_bundles.py          # (re)write bundles/<name>/*
     python bundles/make_bundles.py --check  # exit 1 if any committed file differs (the tests run this)
 
-Each dataset's train/evaluate/inference.json holds only that dataset's parameters and pulls the
-shared wiring from bundles/common/*.json with MONAI's ``%file#id`` macro, so the wiring lives once.
+Each dataset's train/evaluate/inference.json is a self-contained MONAI config: that dataset's
+parameters (its top-level ids), its modality's transform chain (transforms/<modality>.json) and the
+shared wiring (bundles/common/<kind>.json), copied in. The wiring is written once, in bundles/common;
+the copies are not pulled with MONAI's ``%file#id`` macro because MONAI resolves its path against the
+working directory (a bundle would then run only from the repository root). Edit bundles/common or
+transforms/, then run this script; ``--check`` (run by the tests) fails while a copy is stale.
 """
 
 from __future__ import annotations
@@ -15,38 +19,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# name: (dataset preset, modality preset, paper AUROC, source layout, data source, extra dataset_kwargs)
-DATASETS = {
-    "headct": ("headct", "ct_brain", 85.7, "`head_ct/000.png … 199.png` + `labels.csv` (header `id, hemorrhage`, 1 = hemorrhage)",
-               "Kaggle felipekitamura/head-ct-hemorrhage", {}),
-    "brainmri": ("brainmri", "mri", 88.2, "`no/*` normal, `yes/*` tumour (JPG/PNG, mixed sizes; 25 exact duplicates)",
-                 "Kaggle navoneel/brain-mri-images-for-brain-tumor-detection", {}),
-    "lungct": ("lungct", "ct_lung", 90.4, "class folders `normal/`, `abnormal/` (rename or pass `--dataset_kwargs`)",
-               "LungCT as in the paper (source not named there)", {}),
-    "busi": ("busi", "ultrasound", 92.5, "`Dataset_BUSI_with_GT/{normal,benign,malignant}/<name> (<n>).png` with `_mask.png` beside",
-             "Al-Dhabyani et al., Breast Ultrasound Images (BUSI)", {}),
-    "breastmri": ("breastmri", "mri", 93.5, "class folders `normal/`, `abnormal/`", "BreastMRI as in the paper", {}),
-    "retinal_oct": ("retinal_oct", "xray", 91.3, "Kermany `{train,test}/{NORMAL,DME,CNV,DRUSEN}/*`",
-                    "Kermany et al., Retinal OCT (Mendeley Data)", {}),
-    "cpchild_a": ("cp_child_a", "rgb", 96.5, "`CP-CHILD-A/{Train,Test}/{Polyp,Non-Polyp}/*`", "CP-CHILD colonoscopy, set A", {}),
-    "cpchild_b": ("cp_child_b", "rgb", 95.3, "`CP-CHILD-B/{Train,Test}/{Polyp,Non-Polyp}/*`", "CP-CHILD colonoscopy, set B", {}),
-    "nafld": ("nafld", "ultrasound", 90.3, "class folders `normal/`, `abnormal/`", "NAFLD liver ultrasound as in the paper", {}),
-    "iqothnccd": ("iq_oth_nccd", "ct_lung", 97.3, "`{Normal cases, Bengin cases, Malignant cases}/*.jpg`",
-                  "IQ-OTH/NCCD lung cancer CT (Kaggle)", {}),
-    "covid_xray": ("covid_xray", "xray", 94.1, "`{train,test}/{Normal,Covid,Viral Pneumonia}/*`", "Kaggle Covid-19 Image Dataset", {}),
-    "malaria": ("malaria", "rgb", 95.2, "`Parasitized/`, `Uninfected/`", "NIH Malaria cell images", {}),
-    # not a paper dataset: the one with lesion masks, for localisation (pixel metrics, hit rate)
-    "lgg": ("lgg", "mri", None, "`kaggle_3m/<patient>/<patient>_<n>.png` with `<patient>_<n>_mask.png` beside (255 = lesion)",
-            "the LGG brain MRI segmentation set (Buda et al. 2019, TCGA-LGG; Kaggle lgg-mri-segmentation)", {}),
-}
-# bundle parameters that differ from the shared defaults, per dataset
-OVERRIDES = {
-    # 30 patients: 0.25 of the 18 non-test patients -> 5 calibration patients (~70 normal slices)
-    "lgg": {"val_fraction": 0.25},
-}
+sys.path.insert(0, str(HERE.parent))  # the package's dataset table, also without an install
+from monai_skipts.data import DATASETS  # noqa: E402
+
+# Every dataset fact (layout, modality preset, Table I split, paper AUROC, display name, source and
+# layout text, calibration share) is declared once, in monai_skipts/data/presets.py's DATASETS; one
+# bundle per entry with a `bundle` folder (the demo's is written apart, below).
+DEMO = DATASETS["demo"]
+BUNDLED = {p.bundle: p for p in DATASETS.values() if p.bundle and p is not DEMO}
+# bundle parameters that differ from the shared defaults, per bundle (beyond the table's facts)
+OVERRIDES: dict[str, dict] = {}
+# README split text where the Table I one does not apply; {test} / {val}: the table's test_fraction
+# and val_fraction in %
 SPLIT_TEXT = {
-    "lgg": """Split **by patient**, never by slice (seeded, `split.json` lists each subset's patients): 40 % of
-the patients go to test with every slice (lesion → abnormal, empty mask → normal), 25 % of the others
+    "lgg": """Split **by patient**, never by slice (seeded, `split.json` lists each subset's patients): {test} % of
+the patients go to test with every slice (lesion → abnormal, empty mask → normal), {val} % of the others
 are calibration patients (their lesion-free slices calibrate the decision threshold), the rest train
 on their lesion-free slices only. Lesion slices of training and calibration patients are not used.
 Slices whose brain (any channel above 10 % of the patient's brightest pixel) covers less than 10 % of
@@ -56,21 +43,29 @@ has a tumour: a "normal" slice is a lesion-free slice of a tumour patient. With 
 266 normal and 141 lesion test slices. Metrics include the pixel ones (`pixel_auroc`, `aupro`,
 `dice`, `dice_best`, `hit_rate`).""",
 }
-TABLE1 = {
-    "headct": "60 / 40 & 100", "brainmri": "58 / 40 & 154", "lungct": "432 / 145 & 811", "busi": "99 / 34 & 647",
-    "breastmri": "525 / 175 & 700", "retinal_oct": "542 / 50 & 735", "cpchild_a": "800 / 800 & 800",
-    "cpchild_b": "800 / 300 & 300", "nafld": "525 / 1645 & 2150", "iqothnccd": "277 / 139 & 681",
-    "covid_xray": "70 / 20 & 132", "malaria": "344 / 345 & 330",
-}  # fmt: skip
 
-COMMON = {
-    "train": ["imports", "device", "teacher_name", "network_def", "network", "predictor_def", "registered_model_name", "train_sampler", "is_not_rank0", "split", "tracking_uri", "experiment_name",
-              "run_name", "mlflow_params", "train", "validate", "fit_level_stats", "calibrate", "test", "initialize", "run", "finalize"],
-    "evaluate": ["imports", "device", "loaded", "network", "threshold", "score_scale", "preprocessing", "split",
-                 "tracking_uri", "experiment_name", "run_name", "eval_dataset", "eval_dataloader", "scores", "handlers",
-                 "evaluator", "initialize", "run", "finalize"],
-    "inference": ["imports", "predictor", "initialize", "run", "finalize"],
-}  # fmt: skip
+
+def table1_text(ds) -> str:
+    """Table I's counts as the READMEs write them: ``train normal / test normal & test abnormal``."""
+    if ds.table1 is None:
+        raise ValueError(f"dataset {ds.name!r} has no Table I split; give its bundle a SPLIT_TEXT")
+    return "{} / {} & {}".format(*ds.table1)
+
+
+# the shared wiring, copied into every bundle (self-contained: MONAI resolves "%file#id" macros against
+# the working directory, so a bundle that pulled them would run only from the repository root)
+COMMON = HERE / "common"
+PRESETS = HERE.parent / "transforms"
+
+
+def wiring(kind: str) -> dict:
+    """The shared wiring ``bundles/common/<kind>.json`` (``train``, ``evaluate``, ``inference``)."""
+    return json.loads((COMMON / f"{kind}.json").read_text(encoding="utf-8"))
+
+
+def preprocessing(modality: str) -> list:
+    """The modality preset's transform chain, ``transforms/<modality>.json#preprocessing``."""
+    return json.loads((PRESETS / f"{modality}.json").read_text(encoding="utf-8"))["preprocessing"]
 
 
 def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dict, **over) -> dict:
@@ -130,8 +125,8 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
 
 def train_config(p: dict) -> dict:
     cfg = dict(p)
-    cfg["preprocessing"] = f"%transforms/{p['modality']}.json#preprocessing"
-    cfg.update({k: f"%bundles/common/train.json#{k}" for k in COMMON["train"]})
+    cfg["preprocessing"] = preprocessing(p["modality"])
+    cfg.update(wiring("train"))
     return cfg
 
 
@@ -142,7 +137,7 @@ def evaluate_config(p: dict) -> dict:
     cfg = {k: p[k] for k in keep}
     cfg["checkpoint"] = "$os.path.join(@output_dir, 'model.pt')"
     cfg["eval_dir"] = "$os.path.join(@output_dir, 'eval')"
-    cfg.update({k: f"%bundles/common/evaluate.json#{k}" for k in COMMON["evaluate"]})
+    cfg.update(wiring("evaluate"))
     return cfg
 
 
@@ -158,8 +153,14 @@ def inference_config(p: dict, default_input: str) -> dict:
         "fail_fast": False,  # True: stop at the first input that cannot be scored
         "max_pixels": None,  # largest picture/DICOM frame; None: $MONAI_SKIPTS_MAX_PIXELS or 40 million
     })  # fmt: skip
-    cfg.update({k: f"%bundles/common/inference.json#{k}" for k in COMMON["inference"]})
+    cfg.update(wiring("inference"))
     return cfg
+
+
+# the demo's dataset_dir: the phantom dataset, made (once) under the run folder
+PHANTOM = {"_target_": "monai_skipts.apps.make_phantom_dataset", "root": "$os.path.join(@output_dir, 'phantom')",
+           "n_train": "@n_train_images", "n_test_normal": 20, "n_test_abnormal": 20, "size": "@spatial_size", "seed": 0,
+           "lesion_polarity": "bright"}  # fmt: skip
 
 
 def metadata(name: str, dataset: str, modality: str, auroc: float | None, source: str, description: str,
@@ -248,15 +249,17 @@ MEASURED = {
 }
 
 
-def readme(name: str, dataset: str, modality: str, auroc: float | None, layout: str, source: str, measured: str = "") -> str:
-    split = SPLIT_TEXT.get(name) or f"""Split (paper Table I, train normal / test normal & abnormal): {TABLE1[name]}; exact duplicates are
+def readme(name: str, ds, measured: str = "") -> str:
+    pct = lambda x: f"{100 * x:g}"  # noqa: E731
+    split = SPLIT_TEXT[name].format(test=pct(ds.test_fraction), val=pct(ds.val_fraction)) if name in SPLIT_TEXT else \
+        f"""Split (paper Table I, train normal / test normal & abnormal): {table1_text(ds)}; exact duplicates are
 removed first (content hash), normals are split with the seed, a validation share of the training
 normals calibrates the decision threshold, every abnormal image goes to test."""
-    paper = f"Paper AUROC (Skip-TS, WRN50 teacher): **{auroc}**." if auroc is not None else "Not in the paper."
-    return f"""# {name}: Skip-TS on {source}
+    paper = f"Paper AUROC (Skip-TS, WRN50 teacher): **{ds.paper_auroc}**." if ds.paper_auroc is not None else "Not in the paper."
+    return f"""# {name}: Skip-TS on {ds.display_name}
 
-Source layout under `--dataset_dir`: {layout}.
-{split} The split is written to `<output_dir>/split.json` and reused. Modality preset: `transforms/{modality}.json`.
+Data: {ds.source}. Source layout under `--dataset_dir`: {ds.layout_text}.
+{split} The split is written to `<output_dir>/split.json` and reused. Modality preset: `transforms/{ds.modality}.json`.
 
 {paper}{measured}
 
@@ -274,23 +277,24 @@ Multi-GPU: `torchrun --nproc_per_node=N -m monai.bundle run --config_file "['bun
 
 def files() -> dict[Path, str]:
     out: dict[Path, str] = {}
-    for name, (dataset, modality, auroc, layout, source, kwargs) in DATASETS.items():
-        p = params(name, dataset, modality, f"data/{name}", kwargs, **OVERRIDES.get(name, {}))
+    for name, ds in BUNDLED.items():
+        p = params(name, ds.bundle_dataset or ds.name, ds.modality, f"data/{name}", {}, val_fraction=ds.val_fraction,
+                   **OVERRIDES.get(name, {}))
         d = HERE / name
         out[d / "train.json"] = json.dumps(train_config(p), indent=2) + "\n"
         out[d / "evaluate.json"] = json.dumps(evaluate_config(p), indent=2) + "\n"
         out[d / "inference.json"] = json.dumps(inference_config(p, "@dataset_dir"), indent=2) + "\n"
-        desc = (f"Skip-TS teacher-student anomaly detector trained on normal images of {source}; outputs an "
+        desc = (f"Skip-TS teacher-student anomaly detector trained on normal images of {ds.source}; outputs an "
                 f"anomaly map and an image score with a decision threshold calibrated on held-out normals.")  # fmt: skip
-        out[d / "metadata.json"] = json.dumps(metadata(name, dataset, modality, auroc, source, desc, p["spatial_size"]),
+        out[d / "metadata.json"] = json.dumps(metadata(name, ds.name, ds.modality, ds.paper_auroc, ds.source, desc, p["spatial_size"]),
                                               indent=2) + "\n"
         out[d / "logging.conf"] = LOGGING_CONF
-        out[d / "README.md"] = readme(name, dataset, modality, auroc, layout, source, MEASURED.get(name, ""))
+        out[d / "README.md"] = readme(name, ds, MEASURED.get(name, ""))
     # the demo: an offline phantom dataset the package makes; a demo, never a benchmark
-    p = params("demo", "mvtec", "xray", "$monai_skipts.apps.make_phantom_dataset(os.path.join(@output_dir, 'phantom'), "
-               "n_train=@n_train_images, n_test_normal=20, n_test_abnormal=20, size=@spatial_size, seed=0, lesion_polarity='bright')", {},
-               spatial_size=128, epochs=25, val_interval=5, progress_bar=True, n_train_images=48)  # fmt: skip
-    d = HERE / "demo"
+    p = params(DEMO.bundle, DEMO.bundle_dataset or DEMO.name, DEMO.modality, PHANTOM, {},
+               spatial_size=128, epochs=25, val_interval=5, progress_bar=True, n_train_images=48,
+               val_fraction=DEMO.val_fraction)  # fmt: skip
+    d = HERE / DEMO.bundle
     # registered as skipts-demo (not skipts-<dataset>: its dataset layout is "mvtec"), the README's
     # models:/skipts-demo@champion
     out[d / "train.json"] = json.dumps({**train_config(p), "registered_model_name": "skipts-demo"}, indent=2) + "\n"
@@ -298,7 +302,7 @@ def files() -> dict[Path, str]:
     out[d / "inference.json"] = json.dumps(inference_config(p, "$os.path.join(@output_dir, 'phantom', 'test')"), indent=2) + "\n"
     desc = ("DEMO ONLY: Skip-TS on deformed Shepp-Logan phantom slices made offline (lesions inserted as "
             "anomalies, with masks). Shows the pipeline end to end in minutes on a CPU; not a benchmark.")  # fmt: skip
-    out[d / "metadata.json"] = json.dumps(metadata("demo", "phantom", "xray", None, "synthetic (monai_skipts.apps.phantom)", desc,
+    out[d / "metadata.json"] = json.dumps(metadata(DEMO.bundle, "phantom", DEMO.modality, DEMO.paper_auroc, DEMO.source, desc,
                                                    p["spatial_size"]), indent=2) + "\n"
     out[d / "logging.conf"] = LOGGING_CONF
     return out

@@ -32,6 +32,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "model_from_config",
     "check_teacher",
     "rng_state",
     "set_rng_state",
@@ -186,28 +187,38 @@ def _check_teacher_weights_file(cfg: dict[str, Any], path: Path, source: str) ->
     )
 
 
-def load_model(
-    path_or_ckpt: str | os.PathLike | dict[str, Any],
-    teacher_weights: str | os.PathLike | None = None,
-    map_location: str | torch.device = "cpu",
-    download: bool = True,
-):
-    """Rebuild the trained :class:`~monai_skipts.networks.SkipTS` from a checkpoint, in eval mode.
+#: ``model_config["model"]`` -> the class rebuilt (a config without the key is a Skip-TS one)
+MODEL_KINDS = ("skipts", "rd4ad")
 
-    The teacher is rebuilt by name (``teacher_weights`` may point at the file) and must have the
-    weights the student was trained against. The checkpoint's per-level map statistics
-    (``"map_level_stats"``), when present, are restored as the model's ``map_level_stats`` buffer, so
-    :class:`~monai_skipts.inferers.SkipTSPredictor` / ``SkipTSInferer`` give the trained model's maps.
-    Returns ``(model, checkpoint_dict)``.
-    """
+
+def model_from_config(
+    cfg: dict[str, Any],
+    teacher_weights: str | os.PathLike | None = None,
+    download: bool = True,
+    source: str = "checkpoint",
+) -> torch.nn.Module:
+    """An untrained model of the architecture ``cfg`` (a model's ``config``, a checkpoint's
+    ``model_config``) describes: :class:`~monai_skipts.networks.SkipTS`, or
+    :class:`~monai_skipts.networks.RD4AD` for ``cfg["model"] == "rd4ad"``; its teacher is built with
+    ImageNet weights (``teacher_weights``: the file) as in training."""
+    kind = cfg.get("model", "skipts")
+    if kind == "rd4ad":
+        from .networks import RD4AD
+
+        return RD4AD(
+            teacher=cfg["teacher"],
+            pretrained=cfg["teacher_pretrained"],
+            teacher_weights=teacher_weights,
+            upsample_kernel=cfg["upsample_kernel"],
+            student_kind=cfg["student_kind"],
+            student_blocks=cfg["student_blocks"],
+            download=download,
+        )
+    if kind != "skipts":
+        raise CheckpointError(f"{source}: unknown model kind '{kind}' (known: {', '.join(MODEL_KINDS)})")
     from .networks import SkipTS
 
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt, map_location)
-    source = "checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
-    cfg = ckpt["model_config"]
-    if teacher_weights is not None and Path(teacher_weights).is_file() and cfg.get("teacher_weights_sha256"):
-        _check_teacher_weights_file(cfg, Path(teacher_weights), source)
-    model = SkipTS(
+    return SkipTS(
         teacher=cfg["teacher"],
         pretrained=cfg["teacher_pretrained"],
         teacher_weights=teacher_weights,
@@ -227,6 +238,29 @@ def load_model(
         teacher_taps=cfg.get("teacher_taps"),
         bottleneck=cfg.get("bottleneck", False),
     )
+
+
+def load_model(
+    path_or_ckpt: str | os.PathLike | dict[str, Any],
+    teacher_weights: str | os.PathLike | None = None,
+    map_location: str | torch.device = "cpu",
+    download: bool = True,
+):
+    """Rebuild the trained model (:class:`~monai_skipts.networks.SkipTS`, or
+    :class:`~monai_skipts.networks.RD4AD`: :func:`model_from_config`) from a checkpoint, in eval mode.
+
+    The teacher is rebuilt by name (``teacher_weights`` may point at the file) and must have the
+    weights the student was trained against. The checkpoint's per-level map statistics
+    (``"map_level_stats"``), when present, are restored as the model's ``map_level_stats`` buffer, so
+    :class:`~monai_skipts.inferers.SkipTSPredictor` / ``SkipTSInferer`` give the trained model's maps.
+    Returns ``(model, checkpoint_dict)``.
+    """
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt, map_location)
+    source = "checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
+    cfg = ckpt["model_config"]
+    if teacher_weights is not None and Path(teacher_weights).is_file() and cfg.get("teacher_weights_sha256"):
+        _check_teacher_weights_file(cfg, Path(teacher_weights), source)
+    model = model_from_config(cfg, teacher_weights, download, source)
     check_teacher(ckpt, model, source)
     model.student.load_state_dict(ckpt["student"])
     if ckpt.get("map_level_stats") is not None:  # per-level map standardisation (absent: none)

@@ -6,10 +6,14 @@
   (Adam, lr 0.005, betas (0.5, 0.999): the paper's), and whose loss is
   :class:`~monai_skipts.losses.DRKDLoss`. The teacher runs without autograd; AMP is used on CUDA.
   A non-finite loss stops the run before the optimizer step, naming the batch's images
-  (:class:`NonFiniteLossError`); under AMP the batch is first trained again in fp32.
+  (:class:`NonFiniteLossError`); under AMP the batch is first trained again in fp32. Both are an
+  ``IterationEvents.LOSS_COMPLETED`` handler: MONAI's iteration itself is not overridden.
 - :class:`SkipTSEvaluator` is a :class:`monai.engines.SupervisedEvaluator` whose inferer gives the
   anomaly map; each iteration's output also holds ``"score"`` (B,) and the batch's ``"id"`` list.
-  The map is standardised per level when the network has statistics (``map_level_stats``).
+  The map is standardised per level when the network has statistics (``map_level_stats``). Batches
+  reach the network as plain tensors in channels-last memory format (:class:`PlainTensorBatch`, a
+  ``prepare_batch``); an AMP batch whose map is non-finite is scored again in fp32
+  (``IterationEvents.FORWARD_COMPLETED`` handler), score and ids are added at ``MODEL_COMPLETED``.
 - :class:`LevelStatsFitter` fits those per-level statistics on the training normals after training
   and stores them on the network (bundle: ``$@fit_level_stats()`` between the trainer's run and the
   calibration).
@@ -27,28 +31,20 @@ from monai.utils import CommonKeys as Keys
 
 from .inferers import SkipTSInferer, fit_level_stats, set_level_stats
 from .losses import DRKDLoss
+from .transforms.presets import has_random_transforms
+from .utils import resolve_device
 
 __all__ = [
-    "SkipTSTrainer", "SkipTSEvaluator", "NonFiniteLossError", "LevelStatsFitter", "TeacherFeatureCache", "has_random_transforms",
-    "build_optimizer", "distribute_student",
-    "resolve_device", "PAPER_HPARAMS",
+    "SkipTSTrainer", "SkipTSEvaluator", "NonFiniteLossError", "LevelStatsFitter", "TeacherFeatureCache",
+    "PlainTensorBatch", "build_optimizer", "distribute_student", "PAPER_HPARAMS",
+    # moved (kept importable from here: bundles call monai_skipts.engines.resolve_device)
+    "has_random_transforms", "resolve_device",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 #: the paper's training hyper-parameters
 PAPER_HPARAMS = {"lr": 0.005, "betas": (0.5, 0.999), "batch_size": 16, "max_epochs": 200, "spatial_size": 256}
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: CUDA (this process's local rank under torchrun) when present, else CPU."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            import os
-
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def _student(network: torch.nn.Module) -> torch.nn.Module:
@@ -124,7 +120,9 @@ class SkipTSTrainer(SupervisedTrainer):
         prepare_batch: e.g. :class:`TeacherFeatureCache` to feed cached teacher
             features; default: MONAI's ``(image, label)``.
         kwargs: passed to :class:`monai.engines.SupervisedTrainer` (``train_handlers``,
-            ``epoch_length``, ``iteration_update``, ...).
+            ``epoch_length``, ``iteration_update``, ...). The non-finite-loss handling is an
+            ``IterationEvents.LOSS_COMPLETED`` handler, so it also guards a custom ``iteration_update``
+            that fires that event.
     """
 
     def __init__(
@@ -162,26 +160,25 @@ class SkipTSTrainer(SupervisedTrainer):
 
     @staticmethod
     def _check_loss(engine: SupervisedTrainer) -> None:
+        """``LOSS_COMPLETED`` (before backward and the optimizer step): a non-finite loss is computed
+        again in fp32 when it came from AMP, and stops the run when it is (still) non-finite in fp32."""
         loss = engine.state.output[Keys.LOSS]
-        if not bool(torch.isfinite(loss.detach()).all()):
-            raise _NonFiniteLoss(float(loss.detach().float()))
-
-    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict:
-        try:
-            return super()._iteration(engine, batchdata)
-        except _NonFiniteLoss as e:
-            if not engine.amp:
-                raise self._stop(engine, batchdata, e.args[0]) from None
-            # fp16 autocast can overflow where fp32 does not: train this batch again in fp32
-            logger.warning("non-finite loss under AMP (%s) for batch %s: trained again in fp32", e.args[0],
-                           _batch_ids(batchdata) or engine.state.iteration)  # fmt: skip
-            engine.amp = False
-            try:
-                return super()._iteration(engine, batchdata)
-            except _NonFiniteLoss as e32:
-                raise self._stop(engine, batchdata, e32.args[0]) from None
-            finally:
-                engine.amp = True
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        batchdata = engine.state.batch
+        if not engine.amp:
+            raise SkipTSTrainer._stop(engine, batchdata, float(loss.detach().float()))
+        # fp16 autocast can overflow where fp32 does not: this batch's forward and loss again in fp32
+        # (the backward and the step that follow use this loss; AMP stays on for the next batches)
+        logger.warning("non-finite loss under AMP (%s) for batch %s: trained again in fp32", float(loss.detach().float()),
+                       _batch_ids(batchdata) or engine.state.iteration)  # fmt: skip
+        inputs, targets, args, kwargs = _prepared(engine, batchdata)
+        with torch.autocast(torch.device(engine.state.device).type, enabled=False):
+            pred = engine.inferer(inputs, engine.network, *args, **kwargs)
+            loss32 = engine.loss_function(pred, targets).mean()
+        if not bool(torch.isfinite(loss32.detach()).all()):
+            raise SkipTSTrainer._stop(engine, batchdata, float(loss32.detach()))
+        engine.state.output[Keys.PRED], engine.state.output[Keys.LOSS] = pred, loss32
 
     @staticmethod
     def _stop(engine: SupervisedTrainer, batchdata: Any, loss: float) -> NonFiniteLossError:
@@ -209,8 +206,14 @@ class SkipTSEvaluator(SupervisedEvaluator):
             network's per-level map statistics (buffer ``map_level_stats``) at every iteration and
             standardises the levels when they are present (so statistics set after construction,
             e.g. by :class:`LevelStatsFitter`, are used).
-        amp: honoured on CUDA only.
-        kwargs: passed to :class:`monai.engines.SupervisedEvaluator` (``val_handlers``, ...).
+        amp: honoured on CUDA only. A batch whose map is non-finite under fp16 (an overflow) is scored
+            again in fp32 (a warning names its images); AMP stays on for the next batches.
+        channels_last, plain_tensors: the batch's image reaches the network as a plain tensor in
+            channels-last memory format (:class:`PlainTensorBatch` around ``prepare_batch``); both
+            ``False``: MONAI's ``MetaTensor`` batches as they come (the slower path before issue 14,
+            which ``benchmarks/speed.py`` times side by side). The maps are the same either way.
+        kwargs: passed to :class:`monai.engines.SupervisedEvaluator` (``val_handlers``,
+            ``prepare_batch``, ``iteration_update``, ...).
     """
 
     def __init__(
@@ -220,11 +223,15 @@ class SkipTSEvaluator(SupervisedEvaluator):
         network: torch.nn.Module,
         inferer: SkipTSInferer | None = None,
         amp: bool = True,
+        channels_last: bool = True,
+        plain_tensors: bool = True,
         **kwargs: Any,
     ):
         device = resolve_device(device)
         amp = bool(amp and _uses_cuda(device))
         kwargs.setdefault("decollate", False)
+        if channels_last or plain_tensors:
+            kwargs["prepare_batch"] = PlainTensorBatch(kwargs.get("prepare_batch", default_prepare_batch), channels_last)
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
@@ -233,25 +240,71 @@ class SkipTSEvaluator(SupervisedEvaluator):
             amp=amp,
             **kwargs,
         )
+        self.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._rescore_nonfinite)
+        self.add_event_handler(IterationEvents.MODEL_COMPLETED, self._add_scores)
 
-    def _iteration(self, engine: SupervisedEvaluator, batchdata: dict[str, Any]) -> dict:
-        output = super()._iteration(engine, batchdata)
-        if engine.amp and not bool(torch.isfinite(output["pred"]).all()):
-            # fp16 autocast can overflow on an unusual image (seen on IQ-OTH/NCCD on an H200: one
-            # validation image's map was NaN at epoch 80 while the training loss was finite):
-            # score this batch again in fp32 rather than fail or report a NaN score.
-            ids = list(batchdata.get("id", [])) if isinstance(batchdata, dict) else []
-            logger.warning("non-finite anomaly map under AMP (batch %s): recomputed in fp32", ids or engine.state.iteration)
-            engine.amp = False
-            try:
-                output = super()._iteration(engine, batchdata)
-            finally:
-                engine.amp = True
-        output["pred"] = output["pred"].float()
-        output["score"] = SkipTSInferer.score(output["pred"])
+    @staticmethod
+    def _rescore_nonfinite(engine: SupervisedEvaluator) -> None:
+        """``FORWARD_COMPLETED``: fp16 autocast can overflow on an unusual image (seen on IQ-OTH/NCCD on
+        an H200: one validation image's map was NaN at epoch 80 while the training loss was finite):
+        score this batch again in fp32 rather than fail or report a NaN score."""
+        if not engine.amp or bool(torch.isfinite(engine.state.output[Keys.PRED]).all()):
+            return
+        batchdata = engine.state.batch
+        logger.warning("non-finite anomaly map under AMP (batch %s): recomputed in fp32",
+                       _batch_ids(batchdata) or engine.state.iteration)  # fmt: skip
+        inputs, _, args, kwargs = _prepared(engine, batchdata)
+        with engine.mode(engine.network), torch.autocast(torch.device(engine.state.device).type, enabled=False):
+            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
+
+    @staticmethod
+    def _add_scores(engine: SupervisedEvaluator) -> None:
+        """``MODEL_COMPLETED``: the map in float32, its ``"score"`` and the batch's ``"id"``."""
+        output, batchdata = engine.state.output, engine.state.batch
+        output[Keys.PRED] = output[Keys.PRED].float()
+        output["score"] = SkipTSInferer.score(output[Keys.PRED])
         if isinstance(batchdata, dict) and "id" in batchdata:
             output["id"] = list(batchdata["id"])
-        return output
+
+
+def _prepared(engine: Any, batchdata: Any) -> tuple[Any, Any, tuple, dict]:
+    """``(inputs, targets, args, kwargs)`` of ``batchdata`` through the engine's ``prepare_batch``."""
+    batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+    if len(batch) == 2:
+        return batch[0], batch[1], (), {}
+    return batch[0], batch[1], tuple(batch[2]), dict(batch[3])
+
+
+def _plain(x: Any) -> Any:
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+class PlainTensorBatch:
+    """``prepare_batch`` for :class:`SkipTSEvaluator` (its default): the batch of ``prepare_batch``
+    (MONAI's ``default_prepare_batch`` unless given) with the image and label as plain
+    ``torch.Tensor`` s, the image in channels-last memory format.
+
+    MONAI's ``MetaTensor`` carries its metadata through every operation of the network (per-op
+    bookkeeping that costs more than the small convolutions of the EfficientNet-Lite models), and
+    channels-last is the layout the CPU (oneDNN) and CUDA (cuDNN) convolutions run fastest in; the
+    network's weights are not touched (a convolution given a channels-last input computes in
+    channels-last). ``benchmarks/speed.py`` measures both paths in one run.
+
+    Args:
+        prepare_batch: the inner ``prepare_batch(batchdata, device, non_blocking, **kwargs)``.
+        channels_last: put 4-D images in channels-last memory format (values unchanged).
+    """
+
+    def __init__(self, prepare_batch: Callable = default_prepare_batch, channels_last: bool = True):
+        self.prepare_batch = prepare_batch
+        self.channels_last = bool(channels_last)
+
+    def __call__(self, batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any):
+        batch = self.prepare_batch(batchdata, device, non_blocking, **kwargs)
+        image, label = _plain(batch[0]), _plain(batch[1])
+        if self.channels_last and isinstance(image, torch.Tensor) and image.ndim == 4:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return (image, label) if len(batch) == 2 else (image, label, *batch[2:])
 
 
 class LevelStatsFitter:
@@ -311,19 +364,6 @@ class LevelStatsFitter:
         self.stats = stats
         logger.info("per-level map statistics (mean, std): %s", [[round(float(v), 6) for v in row] for row in stats])
         return stats
-
-
-def has_random_transforms(transform: Any) -> bool:
-    """Whether ``transform`` (a MONAI ``Compose``, list, or single transform) holds a random one."""
-    from monai.transforms import Compose, Randomizable
-
-    if transform is None:
-        return False
-    if isinstance(transform, Compose):
-        return any(has_random_transforms(t) for t in transform.transforms)
-    if isinstance(transform, (list, tuple)):
-        return any(has_random_transforms(t) for t in transform)
-    return isinstance(transform, Randomizable)
 
 
 class TeacherFeatureCache:

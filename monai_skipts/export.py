@@ -26,8 +26,11 @@ anomalib issue #1513) and the image score (map maximum).
   size gives other scores.
 
 Inputs of the exported models: ``image`` ``(B, 3, H, W)`` float32, preprocessed as in training
-(:func:`~monai_skipts.transforms.build_preprocessing`: intensity to [0, 1], resize, 3 channels,
-ImageNet normalisation). Outputs: ``anomaly_map`` ``(B, 1, H, W)`` and ``score`` ``(B,)``; an image
+(:func:`~monai_skipts.transforms.preset_transforms`: intensity to [0, 1], resize, 3 channels,
+ImageNet normalisation). The metadata of :func:`export_checkpoint` holds the preset options under
+``"preprocessing"`` (:func:`~monai_skipts.transforms.preprocessing_spec` of the checkpoint), and
+:func:`export_preprocessing` builds that chain from an export's metadata, so a file fed to an export
+gets the tensor training gave it. Outputs: ``anomaly_map`` ``(B, 1, H, W)`` and ``score`` ``(B,)``; an image
 is anomalous when ``score >= threshold`` (metadata).
 """
 
@@ -50,6 +53,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import CHECKPOINT_KIND, CheckpointError, check_teacher, load_checkpoint, load_model
 from .inferers import SkipTSPredictor, get_level_stats, set_level_stats
+from .transforms.presets import build_preprocessing, preprocessing_spec
 from .utils import atomic_write_bytes
 
 __all__ = [
@@ -64,6 +68,7 @@ __all__ = [
     "load_torchscript",
     "read_onnx_metadata",
     "export_checkpoint",
+    "export_preprocessing",
     "main",
 ]
 
@@ -437,10 +442,41 @@ def export_checkpoint(
         )
     model = SkipTSExportModel.from_checkpoint(ckpt, teacher_weights=teacher_weights, sigma=sigma)
     meta = {k: extra[k] for k in ("modality", "window", "mri_norm") if k in extra}
+    if preprocessing_spec(ckpt)["modality"]:  # the training's preset (export_preprocessing rebuilds it)
+        meta["preprocessing"] = preprocessing_spec(ckpt, spatial_size=list(_size2(spatial_size)))
     meta["checkpoint"] = {"file": Path(checkpoint).name, "epoch": ckpt.get("epoch"), "iteration": ckpt.get("iteration")}
     if fmt == "onnx":
         return export_onnx(model, out, spatial_size, metadata=meta, verify=verify)
     return export_torchscript(model, out, spatial_size, metadata=meta, config_files=config_files, verify=verify)
+
+
+def export_preprocessing(source: Mapping[str, Any] | str | os.PathLike, load: bool = True, **kwargs: Any):
+    """The preprocessing an export's input needs (file path in ``{"image": path}`` -> ``(3, H, W)``):
+    the training's chain, :func:`~monai_skipts.transforms.build_preprocessing` with the preset options.
+
+    Args:
+        source: an export's metadata (:func:`load_torchscript`'s second item,
+            :func:`read_onnx_metadata`; its ``"preprocessing"`` entry, else its flat ``modality``,
+            ``window``, ``mri_norm`` and ``spatial_size``), a checkpoint dict, or a checkpoint's path.
+        load: start from a path (``False``: from a loaded image).
+        kwargs: more options of :func:`~monai_skipts.transforms.build_preprocessing` (``mask_key``,
+            loader options).
+
+    Raises:
+        ValueError: the source names no modality (an export of a checkpoint without one).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = load_checkpoint(source)
+    if source.get("kind") == EXPORT_KIND or "preprocessing" in source:
+        stored = source.get("preprocessing") or {k: source[k] for k in ("modality", "window", "mri_norm", "spatial_size")
+                                                 if source.get(k) is not None}  # fmt: skip
+        spec = preprocessing_spec(stored)
+    else:
+        spec = preprocessing_spec(source)
+    if not spec["modality"]:
+        raise ValueError("the export's metadata names no modality preset: preprocess its input with "
+                         "monai_skipts.transforms.build_preprocessing(<modality>, <spatial size>)")  # fmt: skip
+    return build_preprocessing(**spec, load=load, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,18 +38,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model
+from monai.data import MetaTensor
+
+from .checkpoint import load_checkpoint, load_model
 from .data import is_image_file
 from .data.files import output_relpaths, relative_id
-from .engines import resolve_device
-from .handlers.plots import save_map_png
 from .inferers import SkipTSPredictor
 from .metrics import normalize_score
-from .transforms import aggregate_volume_scores, build_preprocessing, expand_volume_datalist
-from .transforms.io import LoadMedicalImage
-from .utils import InputDataError, atomic_save, atomic_write_text
+from .transforms import (
+    LoadMedicalImage,
+    VolumeToSlices,
+    aggregate_volume_scores,
+    build_preprocessing,
+    expand_volume_datalist,
+    preprocessing_spec,
+    slice_to_plane,
+)
+from .transforms.presets import SPEC_KEYS
+from .utils import InputDataError, atomic_save, atomic_write_text, resolve_device, save_map_png
 
-__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "list_inputs", "main"]
+__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "decide", "list_inputs", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,49 +123,120 @@ def _input_error(exc: BaseException) -> InputDataError | None:
     return None
 
 
+def decide(score: float, threshold: float | None, scale: float | None = None) -> dict[str, Any]:
+    """The decision for one image score: ``{"score", "threshold", "anomalous", "normalized_score"}``.
+
+    ``anomalous`` is ``score >= threshold``; ``normalized_score`` is
+    :func:`~monai_skipts.metrics.normalize_score` (0.5 at the threshold) when ``scale`` is positive.
+    Without a threshold both are ``None`` (and ``normalized_score`` without a scale). The one
+    implementation: inference, MONAI Label, the MLflow model and the score handler's CSV use it.
+    """
+    out: dict[str, Any] = {"score": float(score), "threshold": None, "anomalous": None, "normalized_score": None}
+    if threshold is None:
+        return out
+    out["threshold"] = float(threshold)
+    out["anomalous"] = bool(score >= threshold)
+    if scale is not None and scale > 0:
+        out["normalized_score"] = float(normalize_score(float(score), float(threshold), float(scale)))
+    return out
+
+
 class AnomalyPredictor:
-    """A trained Skip-TS ready to score files.
+    """A trained model ready to score files, datalists, loaded images, arrays and volumes.
+
+    The one predictor of the package: bundle inference (``run``), MONAI Label
+    (:mod:`monai_skipts.label`, which knows it as ``AnomalyScorer``) and the MLflow model
+    (:mod:`monai_skipts.registry`) all score through it.
+
+    - Preprocessing is the training's: :func:`~monai_skipts.transforms.preset_transforms` with the
+      options the checkpoint stores (:func:`~monai_skipts.transforms.preprocessing_spec`: modality,
+      spatial size, CT window, MRI normalisation), on files (``run``, :meth:`predict_items`: the
+      bundle's chain from the path) and on loaded images (:meth:`score_images`, :meth:`score_volume`,
+      :meth:`score_file`: the same chain after :class:`~monai_skipts.transforms.LoadMedicalImage`).
+    - Volumes are scored slice-wise along ``volume_axis``; slice scores aggregate to a volume score
+      (:func:`~monai_skipts.transforms.aggregate_volume_scores`).
+    - The network sees plain tensors in channels-last memory format, batched, under
+      :func:`torch.inference_mode` (:class:`~monai_skipts.inferers.SkipTSPredictor`).
 
     Args:
         checkpoint: the training run's ``model.pt`` (holds the threshold and the preprocessing
-            preset: modality and spatial size).
+            options), or the loaded checkpoint dict.
         teacher_weights: the teacher's weights file when not in the default place.
         device: ``"auto"`` / ``"cpu"`` / ``"cuda"``.
-        volume_axis: slicing axis for volumes (2 = axial).
+        volume_axis: slicing axis for volumes (2 = axial); ``slice_axis`` is the same option under
+            the name MONAI Label's settings use.
         volume_aggregation: ``"max"``, ``"mean"`` or ``"topk"`` slice scores → volume score.
         batch_size: images per forward pass.
         topk: slices averaged by the ``"topk"`` aggregation.
         max_pixels: largest picture or DICOM frame accepted (see
             :class:`~monai_skipts.transforms.LoadMedicalImage`); ``None``: ``$MONAI_SKIPTS_MAX_PIXELS``
             or the default (40 megapixels); 0: no limit.
+        modality, spatial_size, window, mri_norm: override the checkpoint's preprocessing options.
+        sigma: Gaussian sigma of the map; default the checkpoint's ``extra["sigma"]`` or 4.
+
+    Attributes:
+        threshold, scale: the calibrated decision threshold and the scale of the normalised score
+            (``None`` when the checkpoint has none); ``threshold_record`` the whole calibration record.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, teacher_weights: str | os.PathLike | None = None,
-                 device: str = "auto", volume_axis: int = 2, volume_aggregation: str = "max",
-                 batch_size: int = 16, topk: int = 3, max_pixels: int | None = None):  # fmt: skip
+    def __init__(self, checkpoint: str | os.PathLike | dict[str, Any], teacher_weights: str | os.PathLike | None = None,
+                 device: str | torch.device = "auto", volume_axis: int = 2, volume_aggregation: str = "max",
+                 batch_size: int = 16, topk: int = 3, max_pixels: int | None = None, modality: str | None = None,
+                 spatial_size: int | Sequence[int] | None = None, window: str | Sequence[float] | None = None,
+                 mri_norm: str | None = None, sigma: float | None = None, slice_axis: int | None = None):  # fmt: skip
         self.device = resolve_device(device)
-        model, ckpt = load_model(checkpoint, teacher_weights, map_location=self.device)
-        self.predictor = SkipTSPredictor(model).to(self.device).eval()
-        thr = ckpt.get("threshold") or {}
+        source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+        ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        spec = preprocessing_spec(ckpt, modality, spatial_size, window, mri_norm)
+        if not spec["modality"]:
+            raise ValueError(f"{source}: the checkpoint stores no modality; pass modality=<preset name>")
+        self.spec = spec
+        self.modality, self.spatial_size, self.window, self.mri_norm = (spec[k] for k in SPEC_KEYS)
+        extra = ckpt.get("extra") or {}
+        self.sigma = float(sigma if sigma is not None else extra.get("sigma", 4.0))
+        model, _ = load_model(ckpt, teacher_weights, map_location=self.device)
+        self.teacher: str = model.config["teacher"]
+        self.predictor = SkipTSPredictor(model, sigma=self.sigma).to(self.device).eval()
+        self.threshold_record: dict[str, Any] | None = ckpt.get("threshold")
+        thr = self.threshold_record or {}
         self.threshold: float | None = thr.get("value")
         self.scale: float | None = thr.get("scale")
-        extra = ckpt.get("extra", {})
-        self.modality = extra.get("modality", "xray")
-        self.spatial_size = int(extra.get("spatial_size", 256))
         self._loader_kwargs: dict[str, Any] = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
-        self.preprocess = build_preprocessing(self.modality, self.spatial_size, **self._loader_kwargs)
-        self.volume_axis, self.volume_aggregation, self.topk = volume_axis, volume_aggregation, topk
+        self.loader = LoadMedicalImage(**self._loader_kwargs)
+        #: the bundle's chain from a path (``{"image": path[, "slice_index", ...]}``)
+        self.preprocess = build_preprocessing(**spec, **self._loader_kwargs)
+        #: the same chain from a loaded image (``{"image": (C, H, W)}``)
+        self.preprocess_loaded = build_preprocessing(**spec, load=False)
+        self.volume_axis = int(volume_axis if slice_axis is None else slice_axis)
+        self.volume_aggregation, self.topk = volume_aggregation, int(topk)
         self.batch_size = int(batch_size)
+
+    @property
+    def slice_axis(self) -> int:
+        """The volume slicing axis (``volume_axis``)."""
+        return self.volume_axis
+
+    def config(self) -> dict[str, Any]:
+        """The serving configuration (JSON-able), enough to rebuild this predictor from the checkpoint."""
+        size = self.spatial_size if isinstance(self.spatial_size, int) else list(self.spatial_size)
+        return {
+            "modality": self.modality, "spatial_size": size, "window": self.window, "mri_norm": self.mri_norm,
+            "sigma": self.sigma, "volume_aggregation": self.volume_aggregation, "topk": self.topk,
+            "slice_axis": self.volume_axis, "batch_size": self.batch_size,
+        }  # fmt: skip
+
+    # ---- model --------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed images ``(B, 3, S, S)`` → maps ``(B, 1, S, S)`` and scores ``(B,)``.
+        """Preprocessed images ``(B, 3, S, S)`` → maps ``(B, 1, S, S)`` and scores ``(B,)`` (CPU, float32),
+        in one forward pass.
 
         Raises:
             ValueError: the images hold NaN or infinite values (they would give a NaN score, or a
                 meaningless one); the message says which images of the batch.
         """
-        images = torch.as_tensor(images)
+        images = images.as_tensor() if hasattr(images, "as_tensor") else torch.as_tensor(images)
         bad = ~torch.isfinite(images)
         if bool(bad.any()):
             per_image = bad.reshape(bad.shape[0], -1).sum(1) if bad.ndim > 1 else bad.reshape(1, -1).sum(1)
@@ -168,17 +247,104 @@ class AnomalyPredictor:
                 f"{per_image.numel()}; the tensor API scores finite, preprocessed images only (score files "
                 "with predict_items/run, which refuse such files by name, or replace the values first)"
             )
-        amap, score = self.predictor(images.to(self.device))
-        return amap.float().cpu(), score.float().cpu()
+        x = images.to(self.device)
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amap, score = self.predictor(x)
+        return amap.float().cpu().contiguous(), score.float().cpu()
+
+    def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed ``(N, 3, S, S)`` -> maps ``(N, 1, S, S)`` and scores ``(N,)`` (CPU, float32), in
+        forward passes of ``batch_size``."""
+        maps, scores = [], []
+        for i in range(0, len(batch), self.batch_size):
+            m, s = self.predict_tensor(batch[i : i + self.batch_size])
+            maps.append(m)
+            scores.append(s)
+        if not maps:
+            return torch.zeros(0, 1, 1, 1), torch.zeros(0)
+        return torch.cat(maps), torch.cat(scores)
 
     def decide(self, score: float) -> dict[str, Any]:
-        """``{"score", "threshold", "anomalous", "normalized_score"}`` for one score."""
-        out: dict[str, Any] = {"score": float(score), "threshold": self.threshold, "anomalous": None, "normalized_score": None}
-        if self.threshold is not None:
-            out["anomalous"] = bool(score >= self.threshold)
-            if self.scale:
-                out["normalized_score"] = float(normalize_score(score, self.threshold, self.scale))
+        """``{"score", "threshold", "anomalous", "normalized_score"}`` for one score (:func:`decide`
+        with the checkpoint's threshold and scale)."""
+        return decide(score, self.threshold, self.scale)
+
+    # ---- loaded images and volumes (MONAI Label, MLflow) ------------------------------------------
+
+    def model_input(self, image: torch.Tensor | str | os.PathLike) -> torch.Tensor:
+        """The network's input ``(3, S, S)`` (plain float32 tensor) for a 2-D image: a file path (the
+        bundle's chain from the path, as :meth:`predict_items`) or a loaded ``(C, H, W)`` image (the
+        same chain after loading, as :meth:`score_images`)."""
+        if isinstance(image, (str, os.PathLike)):
+            out = self.preprocess({"image": str(image)})["image"]
+        else:
+            out = self.preprocess_loaded({"image": image})["image"]
+        return out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+
+    def _score_slices(self, images: Sequence[torch.Tensor], maps: bool):
+        maps_s, scores = self.predict(torch.stack([self.model_input(im) for im in images]))
+        out = None
+        if maps:
+            out = [
+                F.interpolate(m[None], size=tuple(im.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+                for m, im in zip(maps_s, images)
+            ]
+        return scores.numpy().astype(np.float64), out
+
+    def load(self, path: str | os.PathLike) -> MetaTensor:
+        """Load a file: ``(C, H, W)`` for 2-D sources, ``(C, X, Y, Z)`` RAS for volumes."""
+        return self.loader(str(path))
+
+    def score_images(self, images: Sequence[torch.Tensor], maps: bool = True):
+        """Score 2-D images ``(C, H, W)`` (loaded, or from :func:`~monai_skipts.transforms.array_to_image`).
+
+        Returns:
+            ``(scores (N,) float64, maps)``: maps is a list of ``(H, W)`` float32 tensors at each
+            image's size, or ``None`` when ``maps`` is False.
+        """
+        if not len(images):
+            return np.zeros(0), ([] if maps else None)
+        return self._score_slices(images, maps)
+
+    def score_volume(self, volume: torch.Tensor, maps: bool = True):
+        """Score a RAS volume ``(C, X, Y, Z)`` slice by slice along ``volume_axis``.
+
+        Returns:
+            ``(volume score, slice scores (n,), map)``: map is a ``(X, Y, Z)`` float32 ``MetaTensor``
+            with the volume's affine (zeros on slices not scored), or ``None``.
+        """
+        slicer = VolumeToSlices(axis=self.volume_axis)
+        indices = slicer.indices(volume)
+        if not indices:
+            raise InputDataError(getattr(volume, "meta", {}).get("filename_or_obj"), "volume has no slices to score")
+        slices = slicer(volume, indices)
+        scores, planes = self._score_slices(slices, maps)
+        vid = "volume"
+        vscore = aggregate_volume_scores([vid] * len(scores), scores, self.volume_aggregation, self.topk)[vid]
+        if not maps:
+            return vscore, scores, None
+        out = torch.zeros(volume.shape[1:], dtype=torch.float32)
+        for k, plane in zip(indices, planes):
+            out.select(self.volume_axis, k).copy_(slice_to_plane(plane))
+        affine = volume.affine if isinstance(volume, MetaTensor) else None
+        return vscore, scores, MetaTensor(out, affine=affine)
+
+    def score_file(self, path: str | os.PathLike, maps: bool = True) -> dict[str, Any]:
+        """Score one file (2-D image or volume): ``{"kind", "score", "map", "slice_scores", "image"}``
+        plus the decision (:meth:`decide`)."""
+        img = self.load(path)
+        if img.ndim == 4:
+            score, slice_scores, amap = self.score_volume(img, maps)
+            out = {"kind": "volume", "score": score, "map": amap, "slice_scores": slice_scores.tolist()}
+        else:
+            scores, amaps = self.score_images([img], maps)
+            out = {"kind": "image", "score": float(scores[0]), "map": amaps[0] if maps else None}
+        out["image"] = img
+        out.update(self.decide(out["score"]))
         return out
+
+    # ---- datalists and folders (bundle inference, command line) -----------------------------------
 
     def predict_items(self, items: Iterable[dict]) -> list[dict[str, Any]]:
         """Score datalist items (volumes expanded to slices); each result holds the decision, the
@@ -330,8 +496,7 @@ class AnomalyPredictor:
         grid = np.zeros(shape, np.float32)
         axis = self.volume_axis
         for r in slices:
-            m = torch.from_numpy(r["map"])  # (H, W) display layout: undo transpose, then flips
-            m = m.transpose(0, 1).flip(0, 1).numpy()
+            m = slice_to_plane(torch.from_numpy(r["map"])).numpy()  # (H, W) display layout -> the volume's plane
             idx = [slice(None)] * 3
             idx[axis] = r["slice_index"]
             grid[tuple(idx)] = m

@@ -16,11 +16,12 @@ Input (one column ``image``, MLflow type ``any``), one row per image:
 - arrays ``(H, W)`` / ``(C, H, W)``: ``pd.DataFrame({"image": list(batch)})`` (dtypes kept), or a batch
   ``(N, H, W)`` / ``(N, C, H, W)`` as ``{"image": batch}`` (MLflow passes it as nested lists, so the dtype
   is lost: give ``params={"bit_depth": 8}`` for 8-bit pictures). See
-  :func:`~monai_skipts.label.scorer.array_to_image` for the intensity conventions. A bare ndarray is
+  :func:`~monai_skipts.transforms.array_to_image` for the intensity conventions. A bare ndarray is
   refused by MLflow's schema check for column signatures: wrap it in ``{"image": ...}``.
 
-Preprocessing is the bundle's: :func:`~monai_skipts.transforms.build_preprocessing` with the stored
-modality and spatial size (arrays skip only the loading step).
+Scoring is :class:`~monai_skipts.inference.AnomalyPredictor`'s (the package's one predictor), so the
+preprocessing is the bundle's: :func:`~monai_skipts.transforms.preset_transforms` with the options the
+checkpoint stores (arrays skip only the loading step).
 
 Output, one row per input row: ``score`` (float), ``threshold``, ``anomalous`` (``score >= threshold``),
 ``normalized_score`` (0.5 at the threshold, see :func:`~monai_skipts.metrics.normalize_score`) and, with
@@ -57,6 +58,7 @@ from monai_skipts.utils import InputDataError, atomic_write_json, atomic_write_t
 __all__ = [
     "SERVING_CONFIG",
     "SkipTSPyfuncModel",
+    "serving_config",
     "model_signature",
     "pip_requirements",
     "log_model",
@@ -84,15 +86,16 @@ class SkipTSPyfuncModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from monai_skipts.label.scorer import AnomalyScorer
+        from monai_skipts.inference import AnomalyPredictor
 
         cfg = json.loads(Path(context.artifacts[SERVING_CONFIG]).read_text(encoding="utf-8"))
-        self.scorer = AnomalyScorer(
+        cfg.setdefault("device", "cpu")
+        self.scorer = AnomalyPredictor(
             context.artifacts["checkpoint"], teacher_weights=context.artifacts.get("teacher_weights"), **cfg
         )
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from monai_skipts.label.scorer import array_to_image
+        from monai_skipts.transforms import array_to_image
 
         params = params or {}
         maps, bit_depth = bool(params.get("return_maps", False)), int(params.get("bit_depth", 0) or 0)
@@ -153,6 +156,30 @@ def _input_items(model_input: Any) -> list[tuple[str, Any]]:
         else:
             items.append((f"image[{len(items)}]", cell))
     return items
+
+
+def serving_config(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    modality: str | None = None,
+    spatial_size: int | Sequence[int] | None = None,
+    window: str | Sequence[float] | None = None,
+    mri_norm: str | None = None,
+    sigma: float | None = None,
+    volume_aggregation: str = "max",
+) -> dict[str, Any]:
+    """The ``serving_config`` artifact of a checkpoint's model: the training's preprocessing options
+    (:func:`~monai_skipts.transforms.preprocessing_spec`), sigma and the volume aggregation, i.e. the
+    :class:`~monai_skipts.inference.AnomalyPredictor` options the pyfunc model is rebuilt with.
+    Arguments given override the checkpoint's."""
+    from monai_skipts.transforms import preprocessing_spec
+
+    ckpt = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+    extra = ckpt.get("extra") or {}
+    return {
+        **preprocessing_spec(ckpt, modality, spatial_size, window, mri_norm),
+        "sigma": float(sigma if sigma is not None else extra.get("sigma", 4.0)),
+        "volume_aggregation": volume_aggregation,
+    }
 
 
 def model_signature() -> ModelSignature:
@@ -222,8 +249,8 @@ def log_model(
     """Log the checkpoint as a pyfunc model in the active run; returns MLflow's ``ModelInfo``.
 
     Args:
-        serving_config: :class:`~monai_skipts.label.scorer.AnomalyScorer` options (modality,
-            spatial_size, window, mri_norm, sigma, volume_aggregation, batch_size, ...).
+        serving_config: :class:`~monai_skipts.inference.AnomalyPredictor` options (modality,
+            spatial_size, window, mri_norm, sigma, volume_aggregation, batch_size, device, ...).
         bundle_config_files: config files (logged as ``artifacts/bundle/<name>``) or folders (their
             ``*.json``/``*.yaml`` logged as ``artifacts/bundle/<folder name>/<name>``).
         include_teacher_weights: copy the teacher's weights file into the model (self-contained
@@ -348,15 +375,7 @@ def log_and_register(
     thr = ckpt.get("threshold") or {}
     if thr.get("value") is None:
         raise ValueError(f"{checkpoint_path}: the checkpoint has no calibrated threshold; calibrate before registering")
-    extra = ckpt.get("extra") or {}
-    serving = {
-        "modality": modality or extra.get("modality"),
-        "spatial_size": spatial_size or extra.get("spatial_size") or 256,
-        "window": window if window is not None else extra.get("window"),
-        "mri_norm": mri_norm or extra.get("mri_norm") or "percentile",
-        "sigma": float(sigma if sigma is not None else extra.get("sigma", 4.0)),
-        "volume_aggregation": volume_aggregation,
-    }
+    serving = serving_config(ckpt, modality, spatial_size, window, mri_norm, sigma, volume_aggregation)
     if not serving["modality"]:
         raise ValueError(f"{checkpoint_path}: the checkpoint stores no modality; pass modality=<preset name>")
     cfg = ckpt["model_config"]

@@ -41,9 +41,33 @@ __all__ = [
     "OutputDirLockedError",
     "lock_output_dir",
     "unlock_output_dir",
+    "resolve_device",
+    "save_map_png",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: Any = None):
+    """``None``/``"auto"``: CUDA (this process's local rank under torchrun) when present, else CPU;
+    anything else as ``torch.device(device)``."""
+    import torch
+
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def save_map_png(path: str | os.PathLike, amap: Any, vmax: float) -> None:
+    """An anomaly map as a 16-bit PNG, written atomically: pixel = round(65535 · map / vmax), clipped
+    (``vmax`` in map units)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (np.clip(np.asarray(amap) / max(vmax, 1e-8), 0, 1) * 65535).round().astype(np.uint16)
+    atomic_save(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 class InputDataError(ValueError):

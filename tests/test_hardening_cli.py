@@ -192,7 +192,9 @@ def test_item19_ckpt_export_refuses_a_shape_the_model_was_not_trained_at(tiny_ch
         return _bundle("ckpt_export", "predictor_def", "--config_file", "bundles/demo/train.json",
                        "--ckpt_file", str(tiny_checkpoint), "--filepath", str(out), "--use_trace", "True",
                        "--input_shape", f"[1, 3, {size}, {size}]", "--converter_kwargs", "{'check_trace': False}",
-                       "--teacher", "efficientnet_lite0", "--output_dir", str(tmp_path))  # fmt: skip
+                       "--teacher", "efficientnet_lite0", "--output_dir", str(tmp_path),
+                       # the tiny checkpoint is SkipTS's own defaults (the paper's), not the bundle's default
+                       "--skip", "add", "--bottleneck", "False", "--level_stats", "False")  # fmt: skip
 
     r = export(64, tmp_path / "wrong.ts")
     assert r.returncode != 0 and not (tmp_path / "wrong.ts").exists()

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..data.files import output_relpaths
 from ..metrics import normalize_score
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..utils import atomic_save, atomic_write_json
+from ..utils import atomic_save, atomic_write_json, save_map_png  # noqa: F401 - save_map_png re-exported: it lived here
 
 __all__ = [
     "AnomalyPlotsHandler", "colorize_map", "heatmap_panel", "overlay_heatmap", "save_map_png", "safe_name",
@@ -334,12 +334,6 @@ def heatmap_panel(
     layout = {"header": (0, 0, header_h, content_w), "image": (top, x_img, h, w), "overlay": (top, x_over, h, w),
               "colorbar": (top, x_bar, h, bar_w)}  # fmt: skip
     return panel, layout
-
-
-def save_map_png(path: str | Path, amap: np.ndarray, vmax: float) -> None:
-    """An anomaly map as a 16-bit PNG: pixel = round(65535 · map / vmax), clipped (vmax in metrics)."""
-    arr = (np.clip(amap / max(vmax, 1e-8), 0, 1) * 65535).round().astype(np.uint16)
-    atomic_save(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 def _save_png(path: Path, arr: np.ndarray, text: dict[str, str] | None = None) -> None:

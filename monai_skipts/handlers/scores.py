@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ..metrics import normalize_score, pixel_metrics, report_metrics
+from ..metrics import pixel_metrics, report_metrics
 from ..utils import atomic_write_json, atomic_write_text
 
 __all__ = ["AnomalyScoreHandler", "gather_objects"]
@@ -139,12 +139,14 @@ class AnomalyScoreHandler:
         labels = [r["label"] for r in records]
         t, scale = self.threshold, self.scale
         if t is not None:
+            from ..inference import decide  # the one decision rule (inference, MONAI Label, MLflow)
+
             m["decision_threshold"] = t
             for r in records:
-                r["threshold"] = t
-                r["anomalous"] = bool(r["score"] >= t)
-                if scale:
-                    r["normalized_score"] = float(normalize_score(r["score"], t, scale))
+                d = decide(r["score"], t, scale)
+                r.update(threshold=t, anomalous=d["anomalous"])
+                if d["normalized_score"] is not None:
+                    r["normalized_score"] = d["normalized_score"]
         if None not in labels and len(set(labels)) == 2:
             y = np.array(labels)
             m.update(report_metrics(scores, y, t))

@@ -1,7 +1,9 @@
 """MONAI Label integration: an anomaly-map infer task and a sample app.
 
-- :class:`~monai_skipts.label.scorer.AnomalyScorer`: the serving core (checkpoint -> maps, scores,
-  decisions for 2-D images and volumes); needs no monailabel (the MLflow model uses it too).
+- ``AnomalyScorer``: the serving core (checkpoint -> maps, scores, decisions for 2-D images and
+  volumes), i.e. :class:`~monai_skipts.inference.AnomalyPredictor`, the package's one predictor (bundle
+  inference and the MLflow model use it too); needs no monailabel. :mod:`~monai_skipts.label.scorer`
+  builds it from ``--conf`` settings.
 - :class:`~monai_skipts.label.infer.SkipTSAnomalyInfer`: a MONAI Label ``BasicInferTask`` returning the
   anomaly map as the label and ``{score, threshold, anomalous, ...}`` as the result JSON.
 - ``APP_DIR`` (``monai_skipts/label/app``): the sample app, served by

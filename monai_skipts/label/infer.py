@@ -48,7 +48,7 @@ class SkipTSAnomalyInfer(BasicInferTask):
 
     Args:
         checkpoint: monai-skipts checkpoint (``model.pt`` of a bundle run, with a calibrated threshold).
-        scorer_kwargs: options of :class:`~monai_skipts.label.scorer.AnomalyScorer` (modality,
+        scorer_kwargs: options of :class:`~monai_skipts.inference.AnomalyPredictor` (modality,
             spatial_size, window, mri_norm, sigma, teacher_weights, batch_size, volume_aggregation,
             slice_axis); defaults from the checkpoint.
         description, dimension, config: as for MONAI Label's ``BasicInferTask``; ``config`` may set

@@ -1,7 +1,15 @@
 """Networks: frozen teachers, the skip-connected student decoder and the Skip-TS model."""
 
 from .rd4ad import RD4AD, OneClassBottleneck, RD4ADLoss, RD4ADStudent
-from .skipts import STUDENT_PRESETS, EncoderStudent, SkipTS, TeacherStudentModel, student_expansion, student_preset
+from .skipts import (
+    STUDENT_PRESETS,
+    EncoderStudent,
+    SkipTS,
+    TeacherStudentModel,
+    student_expansion,
+    student_preset,
+    teacher_name_of,
+)
 from .student import SKIP_LEVELS, SKIP_MODES, BasicBlock, Bottleneck, SkipStudent, UpBasicBlock, UpBottleneck
 from .teacher import (
     OFFLINE_DEFAULT_TEACHER,

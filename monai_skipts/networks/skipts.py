@@ -13,6 +13,7 @@ from .teacher import TeacherEncoder, build_teacher
 
 __all__ = [
     "SkipTS", "TeacherStudentModel", "EncoderStudent", "STUDENT_PRESETS", "student_preset", "student_expansion",
+    "teacher_name_of",
 ]  # fmt: skip
 
 #: default student decoder per teacher (kind, blocks per D3/D2/D1, bottleneck widths)
@@ -75,6 +76,16 @@ def student_preset(
     return preset
 
 
+def teacher_name_of(model: nn.Module) -> str:
+    """The teacher a built model uses (``model.config["teacher"]``, DDP unwrapped): the name its
+    ``teacher`` argument resolved to (``"auto"`` is resolved once, when the model builds its teacher).
+
+    A bundle passes ``"teacher": "@teacher"`` (possibly ``"auto"``) to the model and reads the resolved
+    name back from the model (``{"_target_": "monai_skipts.networks.teacher_name_of", "model":
+    "@network_def"}``) instead of resolving it a second time."""
+    return getattr(model, "module", model).config["teacher"]
+
+
 class EncoderStudent(nn.Module):
     """Ablation "traditional KD": a randomly initialised copy of the teacher's architecture fed the
     image, whose E1..E3 are matched to the teacher's (the same ``teacher_taps``). Input ``(B, 3, H, W)``."""
@@ -129,7 +140,8 @@ class SkipTS(TeacherStudentModel):
     """Skip-TS (Liu et al., IEEE TIM 2024).
 
     Args:
-        teacher: registered teacher name or ``"auto"`` (see :mod:`monai_skipts.networks.teacher`).
+        teacher: registered teacher name or ``"auto"`` (see :mod:`monai_skipts.networks.teacher`),
+            resolved here, once; :attr:`config` ``["teacher"]`` (:func:`teacher_name_of`) holds the name.
         pretrained: ImageNet teacher weights (``False`` only for tests/ablations).
         teacher_weights: a weights file for the teacher instead of the default location.
         student: ``"decoder"`` (Skip-TS) or ``"encoder"`` (ablation: traditional KD).

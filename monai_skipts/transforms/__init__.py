@@ -28,10 +28,14 @@ from monai_skipts.transforms.intensity import (
     WindowIntensityd,
 )
 from monai_skipts.transforms.io import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_ENV,
+    default_max_pixels,
     EXTRA_META,
     PICTURE_SUFFIXES,
     LoadMedicalImage,
     LoadMedicalImaged,
+    array_to_image,
     detect_format,
     dicom_frame_count,
     dicom_value_range,
@@ -39,7 +43,13 @@ from monai_skipts.transforms.io import (
     take_slice,
     validate_datalist,
 )
-from monai_skipts.transforms.presets import PRESETS, build_preprocessing, preset_transforms
+from monai_skipts.transforms.presets import (
+    PRESETS,
+    build_preprocessing,
+    has_random_transforms,
+    preprocessing_spec,
+    preset_transforms,
+)
 from monai_skipts.transforms.volume import (
     VolumeToSlices,
     VolumeToSlicesd,
@@ -47,9 +57,13 @@ from monai_skipts.transforms.volume import (
     expand_volume_datalist,
     select_slices,
     slice_foreground_fractions,
+    slice_to_plane,
 )
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "MAX_PIXELS_ENV",
+    "default_max_pixels",
     "EXTRA_META",
     "PICTURE_SUFFIXES",
     "detect_format",
@@ -57,6 +71,7 @@ __all__ = [
     "dicom_value_range",
     "dicom_frame_count",
     "take_slice",
+    "array_to_image",
     "LoadMedicalImage",
     "LoadMedicalImaged",
     "validate_datalist",
@@ -66,6 +81,7 @@ __all__ = [
     "VolumeToSlicesd",
     "expand_volume_datalist",
     "aggregate_volume_scores",
+    "slice_to_plane",
     "WINDOW_PRESETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -86,4 +102,6 @@ __all__ = [
     "PRESETS",
     "preset_transforms",
     "build_preprocessing",
+    "preprocessing_spec",
+    "has_random_transforms",
 ]

@@ -129,19 +129,37 @@ class WindowIntensity(Transform):
 
 
 class PercentileScaleIntensity(Transform):
-    """Clip to the ``lower``/``upper`` percentiles (default 0.5 and 99.5) and scale that range to [0, 1]."""
+    """Clip to the ``lower``/``upper`` percentiles (default 0.5 and 99.5) and scale that range to [0, 1].
 
-    def __init__(self, lower: float = 0.5, upper: float = 99.5):
+    Args:
+        lower, upper: the percentiles mapped to 0 and 1.
+        channel_wise: percentiles of each channel separately (channel first), for images whose
+            channels are different acquisitions, e.g. MRI sequences stacked as channels (LGG's
+            pre-contrast / FLAIR / post-contrast), each on its own intensity scale. ``False`` (the
+            default): one pair of percentiles over all channels, which keeps an RGB image's colours.
+
+    >>> import torch
+    >>> img = torch.stack([torch.linspace(0, 1, 100), torch.linspace(0, 50, 100)]).reshape(2, 10, 10)
+    >>> [round(float(c.max()), 2) for c in PercentileScaleIntensity(0, 100)(img)]
+    [0.02, 1.0]
+    >>> [round(float(c.max()), 2) for c in PercentileScaleIntensity(0, 100, channel_wise=True)(img)]
+    [1.0, 1.0]
+    """
+
+    def __init__(self, lower: float = 0.5, upper: float = 99.5, channel_wise: bool = False):
         if not 0 <= lower < upper <= 100:
             raise ValueError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
-        self.lower, self.upper = lower, upper
+        self.lower, self.upper, self.channel_wise = lower, upper, bool(channel_wise)
 
     def __call__(self, img) -> torch.Tensor:
         img = _as_float(img)
         _require_finite(img)
-        x = (img.as_tensor() if isinstance(img, MetaTensor) else img).detach().cpu().numpy().reshape(-1)
-        lo, hi = np.percentile(x, [self.lower, self.upper])
-        return _scale(img, float(lo), float(hi))
+        x = (img.as_tensor() if isinstance(img, MetaTensor) else img).detach().cpu().numpy()
+        if not self.channel_wise or x.ndim < 2:
+            lo, hi = np.percentile(x.reshape(-1), [self.lower, self.upper])
+            return _scale(img, float(lo), float(hi))
+        bounds = np.percentile(x.reshape(x.shape[0], -1), [self.lower, self.upper], axis=1)
+        return torch.cat([_scale(img[c : c + 1], float(lo), float(hi)) for c, (lo, hi) in enumerate(bounds.T)])
 
 
 class ForegroundZScore(Transform):

@@ -61,6 +61,7 @@ __all__ = [
     "dicom_value_range",
     "dicom_frame_count",
     "take_slice",
+    "array_to_image",
     "LoadMedicalImage",
     "LoadMedicalImaged",
     "validate_datalist",
@@ -620,3 +621,37 @@ def validate_datalist(
         else:
             valid.append(dict(item))
     return valid, errors
+
+
+def array_to_image(array: Any, bit_depth: int | None = None, name: str | None = None) -> MetaTensor:
+    """An in-memory image ``(H, W)`` or ``(C, H, W)`` (C in 1..4) as the loader would give it.
+
+    Intensity conventions (so that an array read from a file scores like the file):
+
+    - ``bit_depth`` 8 or 16, or an ``uint8``/``uint16`` array: a picture with that bit range
+      (0..255 / 0..65535), like a PNG; CT presets scale such pictures by the bit range too;
+    - otherwise raw values: HU for the CT windows, the image's own min-max for bit-range presets.
+
+    Raises:
+        InputDataError: wrong shape, not numeric or not finite (``name`` labels the input).
+    """
+    arr = np.asarray(array)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise InputDataError(name, f"is not a numeric image array (dtype {arr.dtype})")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[0] not in (1, 2, 3, 4):
+        raise InputDataError(name, f"has shape {tuple(np.shape(array))}; expected (H, W) or (C, H, W) with C in 1..4")
+    if bit_depth in (None, 0):
+        bit_depth = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}.get(arr.dtype)
+    if bit_depth not in (None, 8, 16):
+        raise ValueError(f"bit_depth must be 8, 16 or 0/None (raw values), got {bit_depth}")
+    data = torch.from_numpy(arr.astype(np.float32, copy=False))
+    if not bool(torch.isfinite(data).all()):
+        raise InputDataError(name, "contains NaN/inf values")
+    if bit_depth is None:
+        meta = {"source_format": "array", "value_min": math.nan, "value_max": math.nan}
+    else:
+        meta = {"source_format": "picture", "value_min": 0.0, "value_max": float(2**bit_depth - 1)}
+    meta.update(filename_or_obj=name or "", spatial_shape=tuple(arr.shape[1:]))
+    return MetaTensor(data, meta=meta)

@@ -17,13 +17,19 @@ Intensity step per preset:
 ===============  ==============================================================================
 
 CT presets window DICOM/NIfTI values in HU; PNG/JPEG exports are already windowed and are scaled by
-their bit range instead (see :class:`WindowIntensity`). The JSON fragments in the repository's
-``transforms/`` folder wire the same chains for bundles (``keys="image"``, ``mask_key="mask"``).
+their bit range instead (see :class:`WindowIntensity`).
+
+One definition, every path: the repository's ``transforms/<preset>.json`` (what the bundles pull,
+``%transforms/mri.json#preprocessing``) is a ``_target_`` call of :func:`preset_transforms` with
+``keys="image"``, ``mask_key="mask"``; the evaluation bundle, :class:`~monai_skipts.inference.AnomalyPredictor`
+(bundle inference, MONAI Label, the MLflow model) and the exports' documented input all build the chain
+with this function from the options a checkpoint stores (:func:`preprocessing_spec`), so a file gives
+the same tensor on every path (``tests/test_preprocessing_once.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from monai.transforms import Compose, Resized, Transform
@@ -39,7 +45,7 @@ from monai_skipts.transforms.intensity import (
 )
 from monai_skipts.transforms.io import LoadMedicalImaged
 
-__all__ = ["PRESETS", "preset_transforms", "build_preprocessing"]
+__all__ = ["PRESETS", "preset_transforms", "build_preprocessing", "preprocessing_spec", "has_random_transforms"]
 
 PRESETS = ("ct_brain", "ct_lung", "mri", "xray", "ultrasound", "rgb")
 _CT_WINDOWS = {"ct_brain": "brain", "ct_lung": "lung"}
@@ -109,3 +115,64 @@ def build_preprocessing(
         loader_kwargs: options of :class:`LoadMedicalImage` (``nonfinite``, ``min_size``, ...).
     """
     return Compose(preset_transforms(modality, spatial_size, keys, mask_key, window, mri_norm, load, **loader_kwargs))
+
+
+#: the options of :func:`preset_transforms` that define a model's preprocessing (a checkpoint keeps them)
+SPEC_KEYS = ("modality", "spatial_size", "window", "mri_norm")
+
+
+def preprocessing_spec(
+    source: Any = None,
+    modality: str | None = None,
+    spatial_size: int | Sequence[int] | None = None,
+    window: str | Sequence[float] | None = None,
+    mri_norm: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The preset options ``{"modality", "spatial_size", "window", "mri_norm"}`` a model was trained
+    with, for :func:`preset_transforms` / :func:`build_preprocessing` (``**spec``).
+
+    Args:
+        source: a checkpoint dict (its ``extra``), a checkpoint's ``extra`` dict, or ``None``. The
+            options are read from ``extra["preprocessing"]`` (a dict of these keys) when present, else
+            from the flat ``extra`` entries (``modality``, ``spatial_size``, ``window``, ``mri_norm``, as
+            the bundles store them).
+        modality, spatial_size, window, mri_norm: overrides (``None``: the source's).
+        defaults: entries for what neither the overrides nor the source give (e.g. the bundle's own
+            ``modality`` and ``spatial_size`` for a checkpoint that stores none).
+
+    Missing entries get :func:`preset_transforms`' defaults (spatial size 256, percentile MRI
+    normalisation, the preset's own CT window). ``modality`` stays ``None`` when neither the source nor
+    the caller gives one (callers refuse that).
+    """
+    extra: Any = source or {}
+    if isinstance(extra, Mapping) and "extra" in extra and "kind" in extra:  # a whole checkpoint
+        extra = extra.get("extra") or {}
+    nested = extra.get("preprocessing") if isinstance(extra, Mapping) else None
+    stored = {k: v for k, v in (nested if isinstance(nested, Mapping) else extra).items() if k in SPEC_KEYS}
+    for k in SPEC_KEYS:  # flat entries complete a partial nested record
+        if k not in stored and isinstance(extra, Mapping) and k in extra:
+            stored[k] = extra[k]
+    given = {"modality": modality, "spatial_size": spatial_size, "window": window, "mri_norm": mri_norm}
+    spec = {k: given[k] if given[k] not in (None, "") else stored.get(k) for k in SPEC_KEYS}
+    for k, v in (defaults or {}).items():
+        if k in SPEC_KEYS and spec[k] in (None, ""):
+            spec[k] = v
+    size = spec["spatial_size"] or 256
+    spec["spatial_size"] = int(size) if isinstance(size, (int, float)) else [int(v) for v in size]
+    spec["mri_norm"] = spec["mri_norm"] or "percentile"
+    spec["window"] = list(spec["window"]) if isinstance(spec["window"], tuple) else spec["window"]
+    return spec
+
+
+def has_random_transforms(transform: Any) -> bool:
+    """Whether ``transform`` (a MONAI ``Compose``, list, or single transform) holds a random one."""
+    from monai.transforms import Randomizable
+
+    if transform is None:
+        return False
+    if isinstance(transform, Compose):
+        return any(has_random_transforms(t) for t in transform.transforms)
+    if isinstance(transform, (list, tuple)):
+        return any(has_random_transforms(t) for t in transform)
+    return isinstance(transform, Randomizable)

@@ -36,6 +36,7 @@ __all__ = [
     "VolumeToSlicesd",
     "expand_volume_datalist",
     "aggregate_volume_scores",
+    "slice_to_plane",
 ]
 
 
@@ -249,3 +250,9 @@ def aggregate_volume_scores(volume_ids: Sequence[Hashable], scores, method: str 
     if method == "mean":
         return {v: float(np.mean(x)) for v, x in groups.items()}
     return {v: float(np.mean(np.sort(x)[::-1][: int(k)])) for v, x in groups.items()}
+
+
+def slice_to_plane(plane: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`~monai_skipts.transforms.take_slice`'s display layout: an ``(H, W)`` slice
+    map back to the ``(A, B)`` plane of the volume (the two remaining axes in RAS order)."""
+    return plane.transpose(0, 1).flip(0, 1)

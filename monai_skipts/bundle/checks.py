@@ -10,6 +10,10 @@
   file and the problem ends up in the middle of the traceback. The hook prints the traceback as
   before, then the root cause last, where a user reads it.
 
+- :func:`expression_share`: how much of a bundle config file is Python in ``$`` expressions (the
+  bundles keep it under 10 %: logic lives in :mod:`monai_skipts.bundle.workflow`, JSON keeps the
+  wiring); ``python bundles/expression_share.py [FILE...]`` prints it.
+
 The bundles (``bundles/common/{train,evaluate,inference}.json``) call :func:`check_command_line` as the
 first step of ``initialize``. It does nothing when the bundle is run from Python
 (``monai.bundle.run(...)``, ``ConfigWorkflow``): the overrides are then the caller's keyword arguments,
@@ -31,6 +35,7 @@ __all__ = [
     "check_command_line",
     "check_overrides",
     "command_line_overrides",
+    "expression_share",
     "install_root_cause_hook",
     "root_cause",
 ]
@@ -191,4 +196,41 @@ def install_root_cause_hook() -> None:
 
     hook._monai_skipts_root_cause = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+
+def _expressions(config: Any) -> Iterable[str]:
+    """Every string value of ``config`` (nested dicts and lists; keys excluded) that starts with ``$``."""
+    if isinstance(config, str):
+        if config.startswith("$"):
+            yield config
+    elif isinstance(config, dict):
+        for v in config.values():
+            yield from _expressions(v)
+    elif isinstance(config, (list, tuple)):
+        for v in config:
+            yield from _expressions(v)
+
+
+def expression_share(path: str | Path) -> tuple[int, int]:
+    """Characters of Python in a JSON bundle config: the length of every ``$...`` string value (the
+    ``$`` included, as JSON-decoded) and the file's length in characters.
+
+    Args:
+        path: a JSON config file.
+
+    Returns:
+        ``(expression_characters, file_characters)``; their ratio is the ``$`` share.
+
+    Example:
+        >>> import json, tempfile
+        >>> f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        >>> _ = f.write(json.dumps({"net": {"_target_": "Net", "size": "@size"}, "run": ["$@net.run()"]})); f.close()
+        >>> expression_share(f.name)
+        (11, 69)
+    """
+    import json
+
+    text = Path(path).read_text(encoding="utf-8")
+    return sum(len(e) for e in _expressions(json.loads(text))), len(text)
 
