@@ -20,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 sys.path.insert(0, str(HERE.parent))  # the package's dataset table, also without an install
+from monai_skipts.bundle.export import LOGGING_CONF  # noqa: E402  (one logging.conf for generated and exported bundles)
 from monai_skipts.data import DATASETS  # noqa: E402
 
 # Every dataset fact (layout, modality preset, Table I split, paper AUROC, display name, source and
@@ -209,28 +210,6 @@ def metadata(name: str, dataset: str, modality: str, auroc: float | None, source
     }
 
 
-LOGGING_CONF = """[loggers]
-keys=root
-
-[handlers]
-keys=consoleHandler
-
-[formatters]
-keys=fullFormatter
-
-[logger_root]
-level=INFO
-handlers=consoleHandler
-
-[handler_consoleHandler]
-class=StreamHandler
-level=INFO
-formatter=fullFormatter
-args=(sys.stdout,)
-
-[formatter_fullFormatter]
-format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
-"""
 
 
 # measured with this bundle (benchmarks/bundle_runs.py; the top-level README has the commands and the caveats)

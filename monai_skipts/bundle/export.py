@@ -58,6 +58,7 @@ from .. import __version__
 
 __all__ = [
     "BUNDLE_SCHEMA_URL",
+    "LOGGING_CONF",
     "METADATA_REQUIRED",
     "TENSOR_SPEC_REQUIRED",
     "AnomalyMapNetwork",
@@ -86,7 +87,8 @@ METADATA_REQUIRED = (
 #: keys every input/output format specifier of ``network_data_format`` must have
 TENSOR_SPEC_REQUIRED = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range")
 
-_LOGGING_CONF = """[loggers]
+#: the ``configs/logging.conf`` of every bundle: exported ones and the generated ``bundles/<dataset>/``
+LOGGING_CONF = """[loggers]
 keys=root
 
 [handlers]
@@ -731,7 +733,7 @@ def export_bundle(
     files = {
         f"{name}/configs/metadata.json": json.dumps(meta, indent=2).encode(),
         f"{name}/configs/inference.json": json.dumps(config, indent=2).encode(),
-        f"{name}/configs/logging.conf": _LOGGING_CONF.encode(),
+        f"{name}/configs/logging.conf": LOGGING_CONF.encode(),
         f"{name}/models/model.pt": pt.getvalue(),
         f"{name}/models/model.ts": ts.getvalue(),
         f"{name}/docs/README.md": _readme(meta, name).encode(),
