@@ -469,8 +469,8 @@ def _is_atomic_callback(node: ast.Call, parents: dict) -> bool:
 
 def _writes_to_memory(node: ast.Call) -> bool:
     """``fig.savefig(buf)`` / ``img.save(buf)`` with a BytesIO named buf, ``open(p, "rb")``..."""
-    first = node.args[0] if node.args else None
-    return isinstance(first, ast.Name) and first.id in ("buf", "buffer", "bio")
+    targets = node.args[:2] if getattr(node.func, "attr", "") == "save" else node.args[:1]  # torch.save(obj, buf)
+    return any(isinstance(a, ast.Name) and a.id in ("buf", "buffer", "bio") for a in targets)
 
 
 def _non_atomic_writes(paths) -> list[str]:

@@ -709,8 +709,8 @@ def export_bundle(
     net = AnomalyMapNetwork(**{k: v for k, v in config["network_def"].items() if k != "_target_"})
     net.predictor.model.load_state_dict(reference.model.state_dict())
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    pt = io.BytesIO()
-    torch.save(state, pt)
+    buf = io.BytesIO()  # in memory: the zip is written atomically below
+    torch.save(state, buf)
 
     traced = _trace(net, size)
     ts = io.BytesIO()
@@ -724,7 +724,7 @@ def export_bundle(
         with torch.no_grad():
             want = reference(x)[0]
             fresh = AnomalyMapNetwork(**{k: v for k, v in config["network_def"].items() if k != "_target_"})
-            fresh.load_state_dict(torch.load(io.BytesIO(pt.getvalue()), weights_only=True))
+            fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
             _close("models/model.pt", want, fresh(x), atol)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated")
@@ -734,7 +734,7 @@ def export_bundle(
         f"{name}/configs/metadata.json": json.dumps(meta, indent=2).encode(),
         f"{name}/configs/inference.json": json.dumps(config, indent=2).encode(),
         f"{name}/configs/logging.conf": LOGGING_CONF.encode(),
-        f"{name}/models/model.pt": pt.getvalue(),
+        f"{name}/models/model.pt": buf.getvalue(),
         f"{name}/models/model.ts": ts.getvalue(),
         f"{name}/docs/README.md": _readme(meta, name).encode(),
         f"{name}/LICENSE": _license_text().encode(),

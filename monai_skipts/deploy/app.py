@@ -23,6 +23,7 @@ normalised score, per-slice scores), ``skipts_result.json`` (the same, for machi
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from monai.deploy.operators.dicom_utils import EquipmentInfo, ModelInfo
 from monai.transforms import Orientation
 
 from monai_skipts.inference import AnomalyPredictor
+from monai_skipts.utils import atomic_write_bytes, atomic_write_json
 
 __all__ = ["SkipTSOperator", "SkipTSDeployApp", "DEFAULT_RULES", "volume_to_ras", "main"]
 
@@ -119,9 +121,11 @@ class SkipTSOperator(Operator):
             "checkpoint": str(self.checkpoint),
         }  # fmt: skip
         self.output_folder.mkdir(parents=True, exist_ok=True)
-        (self.output_folder / "skipts_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        nib.save(nib.Nifti1Image(amap.numpy(), np.asarray(amap.affine, dtype=np.float64)),
-                 str(self.output_folder / "anomaly_map.nii.gz"))  # fmt: skip
+        # no UIDs in files outside DICOM (as dicom_app): they stay in the SR only
+        atomic_write_json(self.output_folder / "skipts_result.json",
+                          {k: v for k, v in result.items() if not k.endswith("_instance_uid")}, indent=2)
+        nifti = nib.Nifti1Image(amap.numpy(), np.asarray(amap.affine, dtype=np.float64))
+        atomic_write_bytes(self.output_folder / "anomaly_map.nii.gz", gzip.compress(nifti.to_bytes()))
         thr = "not calibrated" if decision["threshold"] is None else f"{decision['threshold']:.6g}"
         verdict = {True: "ANOMALOUS", False: "normal"}.get(decision["anomalous"], "undecided")
         text = (
