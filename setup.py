@@ -15,6 +15,9 @@ OFFLINE_TEACHERS = [
 ]
 MLFLOW = ["mlflow>=2.12"]
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17"]
+# CPU serving backends of AnomalyPredictor(backend=...): the exported graph through ONNX Runtime or OpenVINO
+ONNXRUNTIME = ["onnx>=1.15", "onnxruntime>=1.17"]
+OPENVINO = ["onnx>=1.15", "openvino>=2024.0"]  # ~60 MB wheel, ~180 MB installed
 ITK = ["itk>=5.3"]
 # DICOM results for the PACS (SC/SR/SEG with highdicom) and DICOMweb pull/STOW (python -m monai_skipts.dicom_app)
 DICOM = ["highdicom>=0.25", "dicomweb-client>=0.59"]
@@ -57,11 +60,15 @@ setup(
         "offline": OFFLINE_TEACHERS,
         "mlflow": MLFLOW,
         "export": EXPORT,
+        "onnxruntime": ONNXRUNTIME,
+        "openvino": OPENVINO,
         "itk": ITK,
         "dicom": DICOM,
         "spark": MLFLOW + SPARK,
         "all": OFFLINE_TEACHERS + MLFLOW + EXPORT + ITK + DICOM,
-        "dev": OFFLINE_TEACHERS + MLFLOW + EXPORT + ITK + DICOM + SPARK + DEV,
+        # dev holds both backends so CI runs their parity tests instead of skipping them (openvino adds
+        # ~180 MB installed, less than pyspark's ~0.5 GB already here)
+        "dev": OFFLINE_TEACHERS + MLFLOW + EXPORT + ONNXRUNTIME + OPENVINO + ITK + DICOM + SPARK + DEV,
         # monailabel pins numpy<2: install it in its own environment (see README, .ci/run).
         "label": ["monailabel>=0.8"],
     },

@@ -5,6 +5,8 @@ loop, inference throughput and memory, and utilisation of this machine's measure
     python benchmarks/speed.py --size 128 --epochs 2 --quick     # a smaller check
     OMP_NUM_THREADS=1 python benchmarks/speed.py --evaluator-only --quick --size 128 --rounds 5
                                                                  # the evaluation path before/after issue 14
+    python benchmarks/speed.py --quick --backends torch onnxruntime openvino
+                                                                 # serving backends, 1 and 2 threads, batch 1 and 16
 
 Sections (all in one process, same data, same teacher, same student architecture and init):
 
@@ -501,6 +503,188 @@ def _report_evaluator(res: dict, inf: dict, flops: dict, key: str, work_dir: Pat
     return 0
 
 
+# --------------------------------------------------------------------------- serving backends (issue 16)
+
+
+def memory_bandwidth(threads: int, min_seconds: float = 1.0, mib: int = 256) -> dict:
+    """STREAM-like DRAM bandwidth with ``threads`` torch threads: copy (``b = a``: 2 × N × 4 bytes) and
+    triad (``a = b + s·c``: 3 × N × 4 bytes) over float32 arrays of ``mib`` MiB each (far beyond any
+    cache), GB/s (10⁹ bytes)."""
+    torch.set_num_threads(threads)
+    n = mib * 2**20 // 4
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    cpu = torch.device("cpu")
+    out = {"copy_gbs": 2 * n * 4 / _time(lambda: a.copy_(b), cpu, min_seconds) / 1e9,
+           "triad_gbs": 3 * n * 4 / _time(lambda: torch.add(b, c, alpha=3.0, out=a), cpu, min_seconds) / 1e9}  # fmt: skip
+    del a, b, c
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def traffic_per_image(module: torch.nn.Module, size: int) -> dict:
+    """Bytes one image moves through the network at the least, fp32: per leaf module its input, output
+    and parameters, read or written once (``unfused``: every layer of eager PyTorch, BN and activation
+    as their own passes); ``conv_only``: the convolutions alone (what a runtime that fuses BN,
+    activations and element-wise ops into them still has to move). Functional ops (map, blur) are not
+    counted, so both are lower bounds."""
+    tot = {"unfused": 0, "conv_only": 0}
+
+    def hook(m, inp, out):
+        n = sum(t.numel() for t in inp if isinstance(t, torch.Tensor))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        n += sum(t.numel() for t in outs if isinstance(t, torch.Tensor))
+        n += sum(p.numel() for p in m.parameters(recurse=False))
+        tot["unfused"] += 4 * n
+        if isinstance(m, torch.nn.Conv2d):
+            tot["conv_only"] += 4 * n
+
+    hooks = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return tot
+
+
+def _bench_checkpoint(fresh_model, test_items, modality: str, size: int, work_dir: Path) -> Path:
+    """A real checkpoint of the default model (the chosen teacher's ImageNet weights, the student's init,
+    per-level map statistics fitted on test images) at ``size``: what the backends are compared on."""
+    from monai_skipts.checkpoint import save_checkpoint
+    from monai_skipts.inferers import fit_level_stats, set_level_stats
+
+    model = fresh_model().eval()
+    pre = build_preprocessing(modality, spatial_size=size)
+    x = torch.stack([pre(dict(it))["image"].as_tensor() for it in test_items[:8]]).float()
+    set_level_stats(model, fit_level_stats(model, [x]))
+    path = work_dir / f"bench_model_{size}.pt"
+    save_checkpoint(path, model, threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 8},
+                    extra={"modality": modality, "spatial_size": size}, with_rng=False)  # fmt: skip
+    return path
+
+
+def backends_bench(a, res: dict, fresh_model, test_items, modality: str, min_s: float, work_dir: Path) -> int:
+    """``--backends``: every backend × threads × batch size, interleaved round by round in this run, with
+    the 3×3 conv throughput and the memory bandwidth measured at each thread count, the maps' parity
+    with eager PyTorch, and a roofline from the measured bandwidth."""
+    from monai_skipts.export import MissingExtraError
+    from monai_skipts.inference import AnomalyPredictor
+
+    device = torch.device("cpu")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = _bench_checkpoint(fresh_model, test_items, modality, a.size, work_dir)
+    cache = work_dir / "export_cache"
+    pre = build_preprocessing(modality, spatial_size=a.size)
+    n_img = 2 * max(a.batch_sizes)  # two batches of the largest size
+    images = torch.stack([pre(dict(it))["image"].as_tensor() for it in test_items[: max(n_img, 16)]]).float()
+    images = images[:n_img] if len(images) >= n_img else images.repeat((n_img + len(images) - 1) // len(images), 1, 1, 1)[:n_img]
+    preds: dict[tuple[str, int], AnomalyPredictor] = {}
+    skipped: dict[str, str] = {}
+    export_s: dict[str, float] = {}
+    for backend in a.backends:
+        for t in a.threads:
+            torch.set_num_threads(t)
+            t0 = time.perf_counter()
+            try:
+                preds[backend, t] = AnomalyPredictor(ckpt, device="cpu", backend=backend, num_threads=t,
+                                                     export_cache_dir=cache)  # fmt: skip
+            except MissingExtraError as e:
+                skipped[backend] = str(e)
+                break
+            export_s.setdefault(backend, round(time.perf_counter() - t0, 1))  # the first: export (or cache) + load
+    backends = [b for b in a.backends if b not in skipped]
+    # parity with eager PyTorch on the same checkpoint and images
+    torch.set_num_threads(max(a.threads))
+    ref = preds.get(("torch", a.threads[0])) or AnomalyPredictor(ckpt, device="cpu")
+    want_map, want_score = ref.predict_tensor(images)
+    parity = {}
+    for b in backends:
+        m, s = preds[b, a.threads[0]].predict_tensor(images)
+        parity[b] = {"max_abs_map_diff": float((m - want_map).abs().max()), "max_abs_score_diff": float((s - want_score).abs().max())}
+    flops = flops_per_image(SkipTSPredictor(fresh_model()), a.size, device)
+    traffic = traffic_per_image(SkipTSPredictor(fresh_model()).eval(), a.size)
+    configs = [(b, t, bs) for t in a.threads for bs in a.batch_sizes for b in backends]
+    times: dict[tuple, list[float]] = {c: [] for c in configs}
+    conv: dict[int, list[float]] = {t: [] for t in a.threads}
+    bw: dict[int, list[dict]] = {t: [] for t in a.threads}
+    for r in range(a.rounds):
+        for t in a.threads:
+            torch.set_num_threads(t)
+            conv[t].append(conv_gflops(device, min_s))
+            bw[t].append(memory_bandwidth(t, min_s))
+            for b, tt, bs in [c for c in configs if c[1] == t]:
+                pred = preds[b, t]
+                batches = [images[i : i + bs] for i in range(0, len(images), bs)]
+
+                def _run(pred=pred, batches=batches):
+                    for xb in batches:
+                        pred.predict_tensor(xb)
+
+                s = _time(_run, device, min_s, min_reps=1)
+                times[b, t, bs].append(len(images) / s)
+        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{b}/{t}t/b{bs} {v[-1]:.1f}" for (b, t, bs), v in times.items()),
+              flush=True)  # fmt: skip
+    med = statistics.median
+    rows = []
+    for b, t, bs in configs:
+        ips = med(times[b, t, bs])
+        eager = med(times["torch", t, bs]) if "torch" in backends else float("nan")
+        c = med(conv[t])
+        tri = med([x["triad_gbs"] for x in bw[t]])
+        rows.append({
+            "backend": b, "threads": t, "batch": bs, "images_per_second": round(ips, 2),
+            "rounds_images_per_second": [round(v, 2) for v in times[b, t, bs]], "speedup_vs_eager": round(ips / eager, 2),
+            "gflops": round(ips * flops / 1e9, 2), "conv3x3_gflops": round(c, 1),
+            "utilisation_conv": round(ips * flops / 1e9 / c, 4),
+            "bandwidth_triad_gbs": tri,
+            "roofline_images_per_second_conv_only": round(tri * 1e9 / traffic["conv_only"], 1),
+            "roofline_images_per_second_unfused": round(tri * 1e9 / traffic["unfused"], 1),
+            "achieved_gbs_conv_only": round(ips * traffic["conv_only"] / 1e9, 2),
+        })  # fmt: skip
+    res["backends"] = {
+        "rows": rows, "parity": parity, "skipped": skipped, "export_and_load_seconds": export_s,
+        "flops_per_image": flops, "traffic_bytes_per_image": traffic,
+        "arithmetic_intensity_flop_per_byte": {k: round(flops / v, 2) for k, v in traffic.items()},
+        "conv3x3_gflops_per_round": {str(t): [round(v, 1) for v in conv[t]] for t in a.threads},
+        "bandwidth_per_round": {str(t): bw[t] for t in a.threads},
+    }  # fmt: skip
+    res["meta"].pop("_t0", None)
+    m = res["meta"]
+    L = [
+        f"# Serving backends ({m['data']}, {a.size}², teacher {a.teacher}, CPU {m['machine']}, {m['cpu_count']} cores, "
+        f"{a.rounds} interleaved rounds, {len(images)} images)",
+        "",
+        "| backend | threads | batch | images/s (median) | per round | × eager (same threads, batch) | GFLOP/s | % of 3×3 conv | "
+        "GB/s moved (conv-only lower bound) | roofline images/s (triad BW, conv-only / unfused) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        L.append(f"| {r['backend']} | {r['threads']} | {r['batch']} | {r['images_per_second']:.2f} | {r['rounds_images_per_second']} | "
+                 f"{r['speedup_vs_eager']:.2f} | {r['gflops']:.1f} | {100 * r['utilisation_conv']:.1f} % | "
+                 f"{r['achieved_gbs_conv_only']:.2f} | {r['roofline_images_per_second_conv_only']:.0f} / "
+                 f"{r['roofline_images_per_second_unfused']:.0f} |")  # fmt: skip
+    L += ["", "| backend | max abs map diff vs eager | max abs score diff | export + load (first predictor), s |", "|---|---|---|---|"]
+    for b, p in parity.items():
+        L.append(f"| {b} | {p['max_abs_map_diff']:.2g} | {p['max_abs_score_diff']:.2g} | {export_s.get(b, '')} |")
+    L += ["", f"Measured here, medians over rounds: 3×3 conv GFLOP/s "
+          + ", ".join(f"{t} thread{'s' if t > 1 else ''} {med(conv[t]):.1f}" for t in a.threads)
+          + "; memory bandwidth (triad / copy, GB/s) "
+          + ", ".join(f"{t} thread{'s' if t > 1 else ''} {med([x['triad_gbs'] for x in bw[t]]):.1f} / "
+                      f"{med([x['copy_gbs'] for x in bw[t]]):.1f}" for t in a.threads)
+          + f". Model: {flops / 1e9:.3f} GFLOP per image; at least {traffic['conv_only'] / 2**20:.1f} MiB moved per image by "
+          f"the convolutions alone, {traffic['unfused'] / 2**20:.1f} MiB by eager's unfused layers (fp32) → arithmetic "
+          f"intensity {flops / traffic['conv_only']:.1f} / {flops / traffic['unfused']:.1f} FLOP/byte."]  # fmt: skip
+    for b, why in skipped.items():
+        L.append(f"\n{b}: not measured: {why}")
+    md = "\n".join(L) + "\n"
+    atomic_write_json(work_dir / "speed_backends.json", res, default=float)
+    atomic_write_text(work_dir / "speed_backends.md", md)
+    print()
+    print(md)
+    print(f"written: {work_dir / 'speed_backends.json'}, {work_dir / 'speed_backends.md'}")
+    return 0
+
+
 PORT = "straight port (decode every epoch, teacher every step, fp32)"
 SHIPPED = "ours as shipped (CacheDataset + SkipTSTrainer + TeacherFeatureCache + channels-last)"
 FIXED = "ours + plain tensors (proposed TeacherFeatureCache fix)"
@@ -530,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(plain tensors, channels-last), interleaved in this run, with the machine's limit and the "
                         "utilisation of its measured 3x3 conv throughput")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the evaluator variants")
+    p.add_argument("--backends", nargs="+", default=None, choices=("torch", "onnxruntime", "openvino"),
+                   help="time only AnomalyPredictor's serving backends (CPU), interleaved in this run, for each of "
+                        "--threads and --batch-sizes, with the maps' parity with eager, the 3x3 conv throughput and "
+                        "the memory bandwidth (roofline)")  # fmt: skip
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts of --backends")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes of --backends")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     malloc_tuned = device.type == "cpu" and not a.no_tune_malloc and tune_glibc_malloc()
@@ -555,6 +745,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.compare_configs:
         return compare_configs(json.loads(a.compare_configs), teacher, train_items, modality, a, device, res, work_dir)
+
+    if a.backends:
+        return backends_bench(a, res, fresh_model, test_items, modality, min_s, work_dir)
 
     if a.evaluator_only:
         return _evaluator_only(a, res, fresh_model, test_items, modality, device, min_s, work_dir)

@@ -153,6 +153,8 @@ def inference_config(p: dict, default_input: str) -> dict:
         "save_maps": True,
         "fail_fast": False,  # True: stop at the first input that cannot be scored
         "max_pixels": None,  # largest picture/DICOM frame; None: $MONAI_SKIPTS_MAX_PIXELS or 40 million
+        "backend": "torch",  # torch | onnxruntime | openvino (the exported graph on the CPU, cached by the checkpoint)
+        "num_threads": None,  # CPU threads of the forward pass; None: the runtime's default
     })  # fmt: skip
     cfg.update(wiring("inference"))
     return cfg

@@ -24,6 +24,11 @@ anomalib issue #1513) and the image score (map maximum).
   :class:`SkipTSExportModel` loaded from a checkpoint (e.g. ``ckpt_export --input_shape`` of another
   size): the threshold was calibrated on maps of the trained size, and the traced graph of another
   size gives other scores.
+- Serving backends (:data:`BACKENDS`): :class:`~monai_skipts.inference.AnomalyPredictor` with
+  ``backend="onnxruntime"`` or ``"openvino"`` runs this graph on the CPU; :func:`cached_backend_export`
+  makes it once per checkpoint, size and sigma (:func:`backend_cache_paths`), verified against the
+  eager model, next to the checkpoint; :func:`make_backend_runner` loads it (OpenVINO in f32: no bf16
+  inference precision, no fp16 weight compression, so the maps stay within 1e-4).
 
 Inputs of the exported models: ``image`` ``(B, 3, H, W)`` float32, preprocessed as in training
 (:func:`~monai_skipts.transforms.preset_transforms`: intensity to [0, 1], resize, 3 channels,
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -47,6 +53,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,6 +76,11 @@ __all__ = [
     "read_onnx_metadata",
     "export_checkpoint",
     "export_preprocessing",
+    "BACKENDS",
+    "BackendRunner",
+    "backend_cache_paths",
+    "cached_backend_export",
+    "make_backend_runner",
     "main",
 ]
 
@@ -477,6 +489,200 @@ def export_preprocessing(source: Mapping[str, Any] | str | os.PathLike, load: bo
         raise ValueError("the export's metadata names no modality preset: preprocess its input with "
                          "monai_skipts.transforms.build_preprocessing(<modality>, <spatial size>)")  # fmt: skip
     return build_preprocessing(**spec, load=load, **kwargs)
+
+
+# --------------------------------------------------------------------------- serving backends
+
+#: the network runtimes :class:`~monai_skipts.inference.AnomalyPredictor` can serve with: eager PyTorch
+#: (any device) or the exported graph on the CPU through ONNX Runtime or OpenVINO
+BACKENDS = ("torch", "onnxruntime", "openvino")
+BACKEND_EXTRAS = {
+    "onnxruntime": 'pip install "monai-skipts[onnxruntime]" (from a clone: pip install -e ".[onnxruntime]")',
+    "openvino": 'pip install "monai-skipts[openvino]" (from a clone: pip install -e ".[openvino]")',
+}
+#: bumped when the exported graph or the cache layout changes (part of every cache key)
+BACKEND_CACHE_VERSION = 1
+_CACHE_SUFFIX = {"onnxruntime": ".onnx", "openvino": ".openvino.xml"}
+
+
+def _require_backend(backend: str):
+    """Import the backend's runtime, or :class:`MissingExtraError` naming the extra that installs it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return torch
+    try:
+        if backend == "onnxruntime":
+            import onnxruntime as mod
+        else:
+            import openvino as mod
+    except ImportError as e:
+        raise MissingExtraError(f"backend {backend!r} needs the {backend} package, which is not installed ({e}); "
+                                f"install its extra: {BACKEND_EXTRAS[backend]}") from e  # fmt: skip
+    return mod
+
+
+def _sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _writable_dir(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".skipts-write-probe-{os.getpid()}"
+        atomic_write_bytes(probe, b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def backend_cache_paths(checkpoint: str | os.PathLike, backend: str, spatial_size: int | Sequence[int],
+                        options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> list[Path]:  # fmt: skip
+    """The cached export files of ``checkpoint`` for ``backend`` at ``spatial_size``.
+
+    Named ``<checkpoint name>.<key>.<H>x<W>.onnx`` (ONNX Runtime) or ``... .openvino.xml`` plus its
+    ``.bin`` (OpenVINO IR), next to the checkpoint (``cache_dir`` when given; when the checkpoint's
+    folder cannot be written, ``$XDG_CACHE_HOME/monai-skipts/exports``). ``key`` is the first 12 hex
+    digits of SHA-256 over the checkpoint's bytes, the ``options`` that change the graph (sigma) and
+    :data:`BACKEND_CACHE_VERSION`: another checkpoint, size or sigma gives another file, never a
+    stale one. A ``<first file>.sha256`` record (written last) holds every file's SHA-256; a file
+    that does not match it (partial, corrupted) is rebuilt.
+    """
+    if backend not in _CACHE_SUFFIX:
+        raise ValueError(f"no exported file for backend {backend!r}")
+    ckpt = Path(checkpoint)
+    h = hashlib.sha256(_sha256_file(ckpt).encode())
+    h.update(json.dumps({"v": BACKEND_CACHE_VERSION, **dict(options or {})}, sort_keys=True).encode())
+    hh, ww = _size2(spatial_size)
+    folder = Path(cache_dir) if cache_dir is not None else ckpt.parent
+    if cache_dir is None and not _writable_dir(folder):
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "monai-skipts" / "exports"
+    first = folder / f"{ckpt.name}.{h.hexdigest()[:12]}.{hh}x{ww}{_CACHE_SUFFIX[backend]}"
+    return [first] if backend == "onnxruntime" else [first, first.with_suffix(".bin")]
+
+
+def _record(files: Sequence[Path]) -> Path:
+    return files[0].with_name(files[0].name + ".sha256")
+
+
+def _cache_valid(files: Sequence[Path]) -> bool:
+    """Every file present and matching the ``.sha256`` record written after them."""
+    try:
+        want = json.loads(_record(files).read_text(encoding="utf-8"))
+        return all(want.get(f.name) == _sha256_file(f) for f in files)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_record(files: Sequence[Path]) -> None:
+    from .utils import atomic_write_text
+
+    atomic_write_text(_record(files), json.dumps({f.name: _sha256_file(f) for f in files}, indent=1) + "\n")
+
+
+def _export_for_backend(module: SkipTSExportModel, backend: str, files: Sequence[Path], spatial_size,
+                        metadata: Mapping[str, Any] | None, atol: float) -> None:  # fmt: skip
+    """Write the backend's files (atomically, verified against the eager ``module``), then the record."""
+    if backend == "onnxruntime":
+        export_onnx(module, files[0], spatial_size, metadata=metadata, verify=True, atol=atol)
+    else:
+        ov = _require_backend("openvino")
+        import tempfile
+
+        files[0].parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=files[0].parent, prefix=".skipts-ov-") as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            export_onnx(module, onnx_path, spatial_size, metadata=metadata, verify=False)
+            ov_model = ov.convert_model(str(onnx_path))
+            xml = Path(tmp) / "model.xml"
+            ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # fp16 weights would break the 1e-4 parity
+            runner = OpenVINORunner(xml, num_threads=None)
+            x = _example(spatial_size, 2)
+            with torch.no_grad():
+                want = module(x)
+            _check_close(files[0], want, runner(x), atol)
+            del runner
+            os.replace(xml.with_suffix(".bin"), files[1])  # weights first: the record is the commit
+            os.replace(xml, files[0])
+    _write_record(files)
+
+
+def cached_backend_export(checkpoint: str | os.PathLike, backend: str, module_factory, spatial_size,
+                          options: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
+                          cache_dir: str | os.PathLike | None = None, atol: float = 1e-4) -> list[Path]:  # fmt: skip
+    """The backend's exported files of ``checkpoint``, made once and cached (see
+    :func:`backend_cache_paths`); ``module_factory()`` gives the :class:`SkipTSExportModel` to export
+    when the cache is missing or invalid. The export is checked against that eager model (``atol``)
+    before it is kept."""
+    _require_backend(backend)
+    files = backend_cache_paths(checkpoint, backend, spatial_size, options, cache_dir)
+    if _cache_valid(files):
+        return files
+    with contextlib.suppress(OSError):
+        _record(files).unlink()
+    _export_for_backend(module_factory(), backend, files, spatial_size, metadata, atol)
+    return files
+
+
+class BackendRunner:
+    """``images (B, 3, H, W)`` (torch or numpy float32) -> ``(maps (B, 1, H, W), scores (B,))`` as CPU
+    float32 torch tensors, through an exported graph."""
+
+    backend = "?"
+
+    def __call__(self, x) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class OnnxRuntimeRunner(BackendRunner):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+        ort = _require_backend("onnxruntime")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(num_threads or 0)  # 0: onnxruntime's default (the physical cores)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+        amap, score = self.session.run(list(OUTPUT_NAMES), {"image": x})
+        return torch.from_numpy(amap), torch.from_numpy(score)
+
+
+class OpenVINORunner(BackendRunner):
+    backend = "openvino"
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+        ov = _require_backend("openvino")
+        core = ov.Core()
+        cfg = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}  # f32: no bf16
+        if num_threads:
+            cfg["INFERENCE_NUM_THREADS"] = str(int(num_threads))
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
+        self.request = self.compiled.create_infer_request()
+        self._outs = [self.compiled.output(n) for n in OUTPUT_NAMES]
+
+    def __call__(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+        res = self.request.infer({0: x})
+        return torch.from_numpy(np.array(res[self._outs[0]])), torch.from_numpy(np.array(res[self._outs[1]]))
+
+
+def make_backend_runner(backend: str, files: Sequence[Path], num_threads: int | None = None) -> BackendRunner:
+    """The runner of ``backend`` over its exported ``files`` (:func:`cached_backend_export`)."""
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(files[0], num_threads)
+    if backend == "openvino":
+        return OpenVINORunner(files[0], num_threads)
+    raise ValueError(f"no exported-graph runner for backend {backend!r} (one of {BACKENDS[1:]})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -173,6 +173,15 @@ class AnomalyPredictor:
             or the default (40 megapixels); 0: no limit.
         modality, spatial_size, window, mri_norm: override the checkpoint's preprocessing options.
         sigma: Gaussian sigma of the map; default the checkpoint's ``extra["sigma"]`` or 4.
+        backend: the network's runtime: ``"torch"`` (eager PyTorch, any device; the default),
+            ``"onnxruntime"`` or ``"openvino"`` (the exported graph, standardisation, blur and score
+            included, on the CPU; extras ``onnxruntime`` / ``openvino``). The preprocessing stays
+            the same Python chain; only the forward pass is swapped. The export is made once, checked
+            against the eager model (1e-4) and cached next to the checkpoint
+            (:func:`~monai_skipts.export.backend_cache_paths`: keyed by the checkpoint's SHA-256, the
+            input size and sigma; a partial or corrupted file is rebuilt), or in ``export_cache_dir``.
+        num_threads: CPU threads of the forward pass (``None``: the runtime's default; for
+            ``"torch"`` it sets ``torch.set_num_threads``, which is process-wide).
 
     Attributes:
         threshold, scale: the calibrated decision threshold and the scale of the normalised score
@@ -183,7 +192,23 @@ class AnomalyPredictor:
                  device: str | torch.device = "auto", volume_axis: int = 2, volume_aggregation: str = "max",
                  batch_size: int = 16, topk: int = 3, max_pixels: int | None = None, modality: str | None = None,
                  spatial_size: int | Sequence[int] | None = None, window: str | Sequence[float] | None = None,
-                 mri_norm: str | None = None, sigma: float | None = None, slice_axis: int | None = None):  # fmt: skip
+                 mri_norm: str | None = None, sigma: float | None = None, slice_axis: int | None = None,
+                 backend: str = "torch", num_threads: int | None = None,
+                 export_cache_dir: str | os.PathLike | None = None):  # fmt: skip
+        from .export import BACKENDS
+
+        backend = str(backend or "torch").lower()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.num_threads = None if num_threads in (None, "", 0) else int(num_threads)
+        if backend != "torch":  # the exported graph runs on the CPU
+            if str(device) not in ("auto", "cpu"):
+                raise ValueError(f"backend {backend!r} runs on the CPU; got device={device!r} (use backend='torch' "
+                                 "for a GPU)")  # fmt: skip
+            device = "cpu"
+        elif self.num_threads:
+            torch.set_num_threads(self.num_threads)
         self.device = resolve_device(device)
         source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
@@ -210,6 +235,40 @@ class AnomalyPredictor:
         self.volume_axis = int(volume_axis if slice_axis is None else slice_axis)
         self.volume_aggregation, self.topk = volume_aggregation, int(topk)
         self.batch_size = int(batch_size)
+        self._runner = None
+        if backend != "torch":
+            self._runner = self._backend_runner(checkpoint, export_cache_dir)
+
+    def _backend_runner(self, checkpoint: Any, cache_dir: str | os.PathLike | None):
+        """The exported graph's runner, from the cache (made and verified when missing or invalid)."""
+        import tempfile
+
+        from .export import as_export_model, cached_backend_export, make_backend_runner
+
+        if isinstance(checkpoint, dict):  # no file to key the cache by: a private export for this predictor
+            self._export_tmp = tempfile.TemporaryDirectory(prefix="skipts-export-")
+            checkpoint_path = Path(self._export_tmp.name) / "checkpoint.pt"
+            atomic_save(checkpoint_path, lambda f: torch.save(checkpoint, f))
+            cache_dir = self._export_tmp.name
+        else:
+            checkpoint_path = Path(checkpoint)
+        options = {"sigma": self.sigma}
+        meta = {"preprocessing": dict(self.spec), "checkpoint": {"file": checkpoint_path.name}}
+
+        def module():
+            return as_export_model(self.predictor, self.threshold_record)
+
+        files = cached_backend_export(checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir)
+        try:
+            runner = make_backend_runner(self.backend, files, self.num_threads)
+        except (RuntimeError, ValueError, OSError) as e:  # valid bytes the runtime refuses (e.g. another version)
+            logger.warning("%s: cached export could not be loaded (%s); exporting again", files[0], e)
+            files[0].with_name(files[0].name + ".sha256").unlink(missing_ok=True)  # the record: rebuild
+            files = cached_backend_export(checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir)
+            runner = make_backend_runner(self.backend, files, self.num_threads)
+        self.export_files = files
+        logger.info("backend %s: %s", self.backend, files[0])
+        return runner
 
     @property
     def slice_axis(self) -> int:
@@ -222,7 +281,8 @@ class AnomalyPredictor:
         return {
             "modality": self.modality, "spatial_size": size, "window": self.window, "mri_norm": self.mri_norm,
             "sigma": self.sigma, "volume_aggregation": self.volume_aggregation, "topk": self.topk,
-            "slice_axis": self.volume_axis, "batch_size": self.batch_size,
+            "slice_axis": self.volume_axis, "batch_size": self.batch_size, "backend": self.backend,
+            "num_threads": self.num_threads,
         }  # fmt: skip
 
     # ---- model --------------------------------------------------------------------------------------
@@ -250,7 +310,7 @@ class AnomalyPredictor:
         x = images.to(self.device)
         if x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        amap, score = self.predictor(x)
+        amap, score = self.predictor(x) if self._runner is None else self._runner(x)
         return amap.float().cpu().contiguous(), score.float().cpu()
 
     def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--volume_aggregation", default="max", choices=("max", "mean", "topk"))
     p.add_argument("--max_pixels", type=int, default=None,
                    help="largest picture or DICOM frame accepted, in pixels (default 40 million; 0 = no limit)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "openvino"),
+                   help="runtime of the network: eager PyTorch, or the exported graph on the CPU (cached next to "
+                        "the checkpoint)")  # fmt: skip
+    p.add_argument("--num_threads", type=int, default=None, help="CPU threads of the forward pass")
     p.add_argument("--no_maps", action="store_true", help="do not write the anomaly maps")
     p.add_argument("--fail_fast", action="store_true", help="stop at the first input that cannot be scored")
     args = p.parse_args(argv)
@@ -546,7 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictor = AnomalyPredictor(args.checkpoint, args.teacher_weights, device=args.device,
                                      volume_axis=args.volume_axis, volume_aggregation=args.volume_aggregation,
-                                     batch_size=args.batch_size, max_pixels=args.max_pixels)  # fmt: skip
+                                     batch_size=args.batch_size, max_pixels=args.max_pixels,
+                                     backend=args.backend, num_threads=args.num_threads)  # fmt: skip
         summary = predictor.run(inputs, args.output_dir, save_maps=not args.no_maps, fail_fast=args.fail_fast)
     except (InputDataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

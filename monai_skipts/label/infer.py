@@ -50,7 +50,9 @@ class SkipTSAnomalyInfer(BasicInferTask):
         checkpoint: monai-skipts checkpoint (``model.pt`` of a bundle run, with a calibrated threshold).
         scorer_kwargs: options of :class:`~monai_skipts.inference.AnomalyPredictor` (modality,
             spatial_size, window, mri_norm, sigma, teacher_weights, batch_size, volume_aggregation,
-            slice_axis); defaults from the checkpoint.
+            slice_axis, backend, num_threads); defaults from the checkpoint. With ``backend``
+            ``onnxruntime``/``openvino`` (``--conf backend onnxruntime``) the network runs as the
+            exported graph on the CPU, whatever device a request names.
         description, dimension, config: as for MONAI Label's ``BasicInferTask``; ``config`` may set
             ``output`` (``"map"``/``"mask"``) as the default of requests.
     """
@@ -78,6 +80,8 @@ class SkipTSAnomalyInfer(BasicInferTask):
         if path is None:
             raise FileNotFoundError(f"{self.path[-1] if self.path else None}: checkpoint not found")
         mtime = os.stat(path).st_mtime
+        if str(self.scorer_kwargs.get("backend") or "torch") != "torch":
+            device = "cpu"  # an exported backend (onnxruntime, openvino) serves on the CPU whatever the request
         cached = self._scorers.get(device)
         if cached is None or cached[1] != mtime:
             kwargs = {**self.scorer_kwargs, "device": device}

@@ -46,7 +46,9 @@ def scorer_options(conf: Mapping[str, Any], base_dir: str | os.PathLike | None =
     """``(checkpoint path, AnomalyPredictor keyword arguments)`` from string settings (MONAI Label
     ``--conf`` pairs): ``checkpoint`` (required), ``modality``, ``spatial_size``, ``window``,
     ``mri_norm``, ``sigma``, ``teacher_weights``, ``device``, ``batch_size``, ``volume_aggregation``,
-    ``slice_axis``. Unset keys keep the checkpoint's defaults.
+    ``slice_axis``, ``backend`` (``torch`` | ``onnxruntime`` | ``openvino``: the network's runtime, see
+    :class:`~monai_skipts.inference.AnomalyPredictor`), ``num_threads``. Unset keys keep the
+    checkpoint's defaults.
 
     Paths (``checkpoint``, ``teacher_weights``) are returned absolute; a relative one is taken against
     ``base_dir``, by default the current working directory: for ``monailabel start_server ... --conf
@@ -56,7 +58,7 @@ def scorer_options(conf: Mapping[str, Any], base_dir: str | os.PathLike | None =
     ckpt = _resolve(conf["checkpoint"], base_dir)
     casts = {"modality": str, "spatial_size": int, "window": str, "mri_norm": str, "sigma": float,
              "teacher_weights": lambda p: _resolve(p, base_dir), "device": str, "batch_size": int,
-             "volume_aggregation": str, "slice_axis": int}  # fmt: skip
+             "volume_aggregation": str, "slice_axis": int, "backend": str, "num_threads": int}  # fmt: skip
     kwargs = {k: cast(conf[k]) for k, cast in casts.items() if conf.get(k) not in (None, "")}
     return ckpt, kwargs  # type: ignore[return-value]
 
