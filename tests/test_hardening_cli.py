@@ -258,4 +258,4 @@ def test_item21_readme_links_point_at_files_and_ci_duration_is_given():
             found = (doc.parent / cited).exists() or (REPO / cited).exists()
             assert found, f"{doc.name}: cites {cited}, not in the repository"
     assert "docs/operating_in_a_hospital.md" in _relative_links(README)
-    assert "387 s" in README and "340 passed" in README
+    assert re.search(r"\b\d+ s in all\b", README) and re.search(r"\b\d+ passed\b", README)  # .ci/run's duration
