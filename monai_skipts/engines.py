@@ -231,7 +231,10 @@ class SkipTSEvaluator(SupervisedEvaluator):
         amp = bool(amp and _uses_cuda(device))
         kwargs.setdefault("decollate", False)
         if channels_last or plain_tensors:
-            kwargs["prepare_batch"] = PlainTensorBatch(kwargs.get("prepare_batch", default_prepare_batch), channels_last)
+            inner = kwargs.get("prepare_batch", default_prepare_batch)
+            if isinstance(inner, PlainTensorBatch):  # another evaluator's (e.g. a re-scoring pass): wrap once
+                inner = inner.prepare_batch
+            kwargs["prepare_batch"] = PlainTensorBatch(inner, channels_last)
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
