@@ -29,6 +29,7 @@ DEV = [
     "pydicom-data>=1.0",
     "scikit-image>=0.21",
     "pytest-timeout>=2",
+    "ruff==0.17.6",
 ]
 
 setup(

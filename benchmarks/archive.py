@@ -54,8 +54,15 @@ def register_phantom_model(work_dir: Path, size: int) -> tuple[str, str]:
     extra = {"spatial_size": size, "modality": "xray"}
     ckpt = save_checkpoint(work_dir / "model.pt", model, extra=extra)
     pred = AnomalyPredictor(ckpt, device="cpu")
-    scores = np.array([pred.score_file(p, maps=False)["score"] for p in sorted(glob.glob(str(root / "train/good/*.png")))])
-    threshold = {"value": float(np.median(scores)), "target_fpr": 0.5, "n_normals": len(scores), "scale": float(scores.std())}
+    scores = np.array(
+        [pred.score_file(p, maps=False)["score"] for p in sorted(glob.glob(str(root / "train/good/*.png")))]
+    )
+    threshold = {
+        "value": float(np.median(scores)),
+        "target_fpr": 0.5,
+        "n_normals": len(scores),
+        "scale": float(scores.std()),
+    }
     ckpt = save_checkpoint(work_dir / "model.pt", model, threshold=threshold, extra=extra)
     tracking_uri = f"sqlite:///{work_dir.resolve()}/mlruns.db"
     info = log_and_register(ckpt, "skipts-archive-bench", tracking_uri=tracking_uri, experiment_name="archive-bench")
@@ -66,7 +73,9 @@ def phantom_images(work_dir: Path, n: int, size: int) -> list[str]:
     from monai_skipts.apps import make_phantom_dataset
 
     half = (n + 1) // 2
-    root = make_phantom_dataset(work_dir / "images", n_train=0, n_test_normal=half, n_test_abnormal=n - half, size=size, seed=0)
+    root = make_phantom_dataset(
+        work_dir / "images", n_train=0, n_test_normal=half, n_test_abnormal=n - half, size=size, seed=0
+    )
     return sorted(glob.glob(str(root / "test/*/*.png")))
 
 
@@ -108,10 +117,17 @@ def time_master(master: str, model_uri: str, paths: list[str], rounds: int, batc
     assert len(rows) == len(paths) and all(r["score"] == r["score"] for r in rows), "missing or NaN scores"
     sec = statistics.median(times)
     return {
-        "master": master, "workers": workers, "default_parallelism": parallelism, "images": len(paths), "session_s": session_s, "cold_s": cold_s,
-        "pass_s": times, "median_pass_s": sec, "images_per_s": len(paths) / sec,
+        "master": master,
+        "workers": workers,
+        "default_parallelism": parallelism,
+        "images": len(paths),
+        "session_s": session_s,
+        "cold_s": cold_s,
+        "pass_s": times,
+        "median_pass_s": sec,
+        "images_per_s": len(paths) / sec,
         "scores": {r["image"]: r["score"] for r in rows},
-    }  # fmt: skip
+    }
 
 
 def to_markdown(res: dict) -> str:
@@ -172,10 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     paths = [str(Path(x).resolve()) for x in paths]
 
     res = {
-        "model_uri": model_uri, "tracking_uri": tracking_uri, "n_images": len(paths), "rounds": args.rounds,
-        "batch_rows": args.batch_rows, "cpus": os.cpu_count(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "loadavg_before": os.getloadavg(), "runs": [],
-    }  # fmt: skip
+        "model_uri": model_uri,
+        "tracking_uri": tracking_uri,
+        "n_images": len(paths),
+        "rounds": args.rounds,
+        "batch_rows": args.batch_rows,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "loadavg_before": os.getloadavg(),
+        "runs": [],
+    }
     for master in args.masters:
         print(f"archive: {master} ...", flush=True)
         res["runs"].append(time_master(master, model_uri, paths, args.rounds, args.batch_rows))

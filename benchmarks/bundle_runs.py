@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 from monai_skipts.utils import atomic_write_json  # noqa: E402
 
 
-
 def paper_auroc(dataset: str) -> float | None:
     """The paper's Table II AUROC (%) for this bundle, from its ``metadata.json``."""
     return json.loads((ROOT / "bundles" / dataset / "metadata.json").read_text()).get("paper_auroc")
@@ -68,10 +67,21 @@ def run_one(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
         return done
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", config_files(args.dataset, args.preset),
-        "--dataset_dir", str(args.dataset_dir), "--output_dir", str(out),
-        "--teacher", args.teacher, "--seed", str(seed), *extra,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        config_files(args.dataset, args.preset),
+        "--dataset_dir",
+        str(args.dataset_dir),
+        "--output_dir",
+        str(out),
+        "--teacher",
+        args.teacher,
+        "--seed",
+        str(seed),
+        *extra,
     ]
     t0 = time.perf_counter()
     with open(out / "bundle_run.log", "ab") as log:
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+        argv, extra = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="brainmri")
     p.add_argument("--dataset-dir", type=Path, required=True)
@@ -187,11 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{args.dataset}_{args.preset}" if args.preset else args.dataset
     atomic_write_json(args.work_dir / f"{name}_summary.json", summary)
     paper = summary["paper_auroc"]
-    cells = [f"{summary[k + '_mean']:.1f} ± {summary[k + '_std']:.1f}" if k + "_mean" in summary else "–"
-             for k in SUMMARY_KEYS]  # fmt: skip
+    cells = [
+        f"{summary[k + '_mean']:.1f} ± {summary[k + '_std']:.1f}" if k + "_mean" in summary else "–"
+        for k in SUMMARY_KEYS
+    ]
     print("| dataset | preset | " + " | ".join(SUMMARY_KEYS) + " | seeds | paper |")
-    print(f"| {args.dataset} | {args.preset or 'default'} | " + " | ".join(cells) +
-          f" | {len(per_seed)} | {paper if paper is not None else '–'} |")
+    print(
+        f"| {args.dataset} | {args.preset or 'default'} | "
+        + " | ".join(cells)
+        + f" | {len(per_seed)} | {paper if paper is not None else '–'} |"
+    )
     print("per seed AUROC:", ", ".join(f"{s}: {a:.2f}" for s, a in zip(summary["seeds"], summary["auroc"])))
     return 1 if failed else 0
 

@@ -48,11 +48,14 @@ def bundle_runs(folder: Path) -> list[dict]:
             continue
         test = _read_csv(test_csv)
         split = json.loads((out / "split.json").read_text()) if (out / "split.json").is_file() else {}
-        runs.append({
-            "dataset": split.get("dataset", out.name), "run": str(out),
-            "val": [float(r["score"]) for r in _read_csv(val_csv)],
-            "test_normal": [float(r["score"]) for r in test if str(r.get("label")) == "0"],
-        })  # fmt: skip
+        runs.append(
+            {
+                "dataset": split.get("dataset", out.name),
+                "run": str(out),
+                "val": [float(r["score"]) for r in _read_csv(val_csv)],
+                "test_normal": [float(r["score"]) for r in test if str(r.get("label")) == "0"],
+            }
+        )
     return runs
 
 
@@ -64,8 +67,15 @@ def quality_runs(path: Path) -> list[dict]:
         if not r.get("val_scores") or "test_scores" not in r:
             continue
         normal = [s for s, y in zip(r["test_scores"], r["test_labels"]) if y == 0]
-        runs.append({"dataset": r["dataset"], "run": f"{path}:{r['method']}:s{r['seed']}", "method_of_run": r["method"],
-                     "val": r["val_scores"], "test_normal": normal})  # fmt: skip
+        runs.append(
+            {
+                "dataset": r["dataset"],
+                "run": f"{path}:{r['method']}:s{r['seed']}",
+                "method_of_run": r["method"],
+                "val": r["val_scores"],
+                "test_normal": normal,
+            }
+        )
     return runs
 
 
@@ -88,8 +98,11 @@ def study(runs: list[dict], targets: list[float]) -> dict:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     vals = [observed_fpr(r, target, method) for r in runs if r["dataset"] == d]
-                per_ds[d] = {"values": vals, "mean": statistics.fmean(vals),
-                             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}  # fmt: skip
+                per_ds[d] = {
+                    "values": vals,
+                    "mean": statistics.fmean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                }
             mean = statistics.fmean(v["mean"] for v in per_ds.values())
             by_method[method] = {"datasets": per_ds, "mean": mean, "error": mean - target}
         out[str(target)] = by_method
@@ -103,10 +116,16 @@ def markdown(result: dict, targets: list[float]) -> str:
     lines = []
     for target in targets:
         res = result[str(target)]
-        lines += [f"Observed test FPR (%) at the calibrated threshold, target {100 * target:g} %, mean ± std over runs:", "",
-                  "| method | " + " | ".join(f"{d} (n_val {'/'.join(map(str, result['n_val'][d]))}, {result['n_runs'][d]} runs)"
-                                             for d in datasets) + " | mean | mean − target |",
-                  "|---|" + "---|" * (len(datasets) + 2)]  # fmt: skip
+        lines += [
+            f"Observed test FPR (%) at the calibrated threshold, target {100 * target:g} %, mean ± std over runs:",
+            "",
+            "| method | "
+            + " | ".join(
+                f"{d} (n_val {'/'.join(map(str, result['n_val'][d]))}, {result['n_runs'][d]} runs)" for d in datasets
+            )
+            + " | mean | mean − target |",
+            "|---|" + "---|" * (len(datasets) + 2),
+        ]
         for method, r in res.items():
             cells = [f"{100 * r['datasets'][d]['mean']:.1f} ± {100 * r['datasets'][d]['std']:.1f}" for d in datasets]
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * r['mean']:.1f} | {100 * r['error']:+.1f} |")
@@ -116,7 +135,9 @@ def markdown(result: dict, targets: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", type=Path, help="bundle run folders (searched recursively) or quality.json files")
+    p.add_argument(
+        "inputs", nargs="+", type=Path, help="bundle run folders (searched recursively) or quality.json files"
+    )
     p.add_argument("--target-fpr", type=float, nargs="+", default=[0.05])
     p.add_argument("--method-of-run", default=None, help="quality.json: only runs of this quality.py method")
     p.add_argument("--out", type=Path, default=Path("runs/benchmarks/calibration.json"))

@@ -66,9 +66,14 @@ def run_protocol(
     g = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g, num_workers=0)
     trainer = SkipTSTrainer(
-        device, epochs, train_loader, model, lr=lr, loss_function=DRKDLoss(**(loss_kwargs or {})),
+        device,
+        epochs,
+        train_loader,
+        model,
+        lr=lr,
+        loss_function=DRKDLoss(**(loss_kwargs or {})),
         prepare_batch=TeacherFeatureCache(model, pre),
-    )  # fmt: skip
+    )
     t0 = time.time()
     log_epochs(trainer, log_every, t0)
     trainer.run()
@@ -83,14 +88,18 @@ def run_protocol(
 
     evaluator.run()
     m = image_metrics(np.asarray(scores), np.asarray(labels))
-    m.update(train_seconds=round(train_s, 1), n_train=len(split["train"]), final_loss=float(trainer.state.output["loss"]))
+    m.update(
+        train_seconds=round(train_s, 1), n_train=len(split["train"]), final_loss=float(trainer.state.output["loss"])
+    )
     return m
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="brainmri")
-    p.add_argument("--root", default=None, help="dataset folder (default: $SKIPTS_DATA_ROOT or ../shared/data/<dataset>)")
+    p.add_argument(
+        "--root", default=None, help="dataset folder (default: $SKIPTS_DATA_ROOT or ../shared/data/<dataset>)"
+    )
     p.add_argument("--teacher", default="efficientnet_lite0")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -104,20 +113,44 @@ def main(argv=None) -> int:
     data_root = Path(os.environ.get("SKIPTS_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"))
     ds = get_dataset(a.dataset)
     # the first of the table's folder names present under the data root (quality.py tries the same)
-    root = Path(a.root) if a.root else next((data_root / f for f in ds.folders if (data_root / f).is_dir()), data_root / ds.name)
+    root = (
+        Path(a.root)
+        if a.root
+        else next((data_root / f for f in ds.folders if (data_root / f).is_dir()), data_root / ds.name)
+    )
     aurocs = []
     for seed in a.seeds:
-        m = run_protocol(a.dataset, root, a.work_dir, a.teacher, a.epochs, seed, a.size,
-                         model_kwargs=json.loads(a.model), loss_kwargs=json.loads(a.loss), log_every=a.log_every)  # fmt: skip
-        rec = {"dataset": a.dataset, "teacher": a.teacher, "epochs": a.epochs, "seed": seed, "size": a.size,
-               "model": json.loads(a.model), "loss": json.loads(a.loss), **m}  # fmt: skip
+        m = run_protocol(
+            a.dataset,
+            root,
+            a.work_dir,
+            a.teacher,
+            a.epochs,
+            seed,
+            a.size,
+            model_kwargs=json.loads(a.model),
+            loss_kwargs=json.loads(a.loss),
+            log_every=a.log_every,
+        )
+        rec = {
+            "dataset": a.dataset,
+            "teacher": a.teacher,
+            "epochs": a.epochs,
+            "seed": seed,
+            "size": a.size,
+            "model": json.loads(a.model),
+            "loss": json.loads(a.loss),
+            **m,
+        }
         print(json.dumps(rec), flush=True)
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         aurocs.append(m["auroc"])
     sd = statistics.stdev(aurocs) if len(aurocs) > 1 else 0.0
-    print(f"{a.dataset} {a.teacher} {a.epochs} epochs seeds {a.seeds}: AUROC {100 * statistics.mean(aurocs):.1f} ± {100 * sd:.1f}")
+    print(
+        f"{a.dataset} {a.teacher} {a.epochs} epochs seeds {a.seeds}: AUROC {100 * statistics.mean(aurocs):.1f} ± {100 * sd:.1f}"
+    )
     return 0
 
 

@@ -53,7 +53,6 @@ from monai.engines.utils import default_prepare_batch
 from monai.utils import set_determinism
 from torch.utils.data import Subset
 
-
 from monai_skipts.baselines import PatchCore
 from monai_skipts.data import DATASETS, DatasetPreset, get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, resolve_device
@@ -90,19 +89,46 @@ METHODS: dict[str, dict[str, Any]] = {
     "expanded": {"label": "expanded taps", "kind": "skipts", "model": {}, "loss": dict, "teacher_taps": "expanded"},
     # RD4AD's one-class bottleneck in front of the Skip-TS decoder (D3 gets the fused E1-E3 code, not E4)
     "ocb": {"label": "OCB + SC", "kind": "skipts", "model": {"bottleneck": True}, "loss": dict},
-    "ocb_no_skip": {"label": "OCB w/o SC (DRKD loss)", "kind": "skipts", "model": {"bottleneck": True, "skip": "none"},
-                    "loss": dict},
-    "ocb_l3": {"label": "OCB + SC level 3", "kind": "skipts", "model": {"bottleneck": True, "skip_levels": (3,)},
-               "loss": dict},
-    "ocb_noise": {"label": "OCB + SC noise 1.0", "kind": "skipts", "model": {"bottleneck": True, "skip_noise": 1.0},
-                  "loss": dict},
+    "ocb_no_skip": {
+        "label": "OCB w/o SC (DRKD loss)",
+        "kind": "skipts",
+        "model": {"bottleneck": True, "skip": "none"},
+        "loss": dict,
+    },
+    "ocb_l3": {
+        "label": "OCB + SC level 3",
+        "kind": "skipts",
+        "model": {"bottleneck": True, "skip_levels": (3,)},
+        "loss": dict,
+    },
+    "ocb_noise": {
+        "label": "OCB + SC noise 1.0",
+        "kind": "skipts",
+        "model": {"bottleneck": True, "skip_noise": 1.0},
+        "loss": dict,
+    },
     # the same with RD4AD's loss (1 - cos of the flattened maps) instead of DRKD's
-    "ocb_noise_rdloss": {"label": "OCB + SC noise, RD4AD loss", "kind": "skipts", "loss_kind": "rd4ad",
-                         "model": {"bottleneck": True, "skip_noise": 1.0}, "loss": dict},
-    "ocb_l3_rdloss": {"label": "OCB + SC level 3, RD4AD loss", "kind": "skipts", "loss_kind": "rd4ad",
-                      "model": {"bottleneck": True, "skip_levels": (3,)}, "loss": dict},
-    "expanded_no_skip": {"label": "expanded, w/o SC", "kind": "skipts", "model": {"skip": "none"}, "loss": dict,
-                         "teacher_taps": "expanded"},
+    "ocb_noise_rdloss": {
+        "label": "OCB + SC noise, RD4AD loss",
+        "kind": "skipts",
+        "loss_kind": "rd4ad",
+        "model": {"bottleneck": True, "skip_noise": 1.0},
+        "loss": dict,
+    },
+    "ocb_l3_rdloss": {
+        "label": "OCB + SC level 3, RD4AD loss",
+        "kind": "skipts",
+        "loss_kind": "rd4ad",
+        "model": {"bottleneck": True, "skip_levels": (3,)},
+        "loss": dict,
+    },
+    "expanded_no_skip": {
+        "label": "expanded, w/o SC",
+        "kind": "skipts",
+        "model": {"skip": "none"},
+        "loss": dict,
+        "teacher_taps": "expanded",
+    },
 }
 #: ``<method>+std``: the same trained model, its per-level maps standardised with training-normal
 #: statistics before summing (``monai_skipts.inferers.fit_level_stats``): evaluated for every
@@ -120,6 +146,8 @@ def method_spec(name: str) -> dict:
 
 def method_choices() -> list[str]:
     return list(METHODS) + [m + STD_SUFFIX for m, s in METHODS.items() if s["kind"] != "patchcore"]
+
+
 QUICK = {"size": 128, "steps": 100, "seeds": [0]}
 
 
@@ -127,8 +155,10 @@ def find_datasets(data_root: Path, only: list[str] | None = None) -> list[tuple[
     """``(name, modality, paper AUROC, folder)`` for every paper dataset present under ``data_root``."""
     wanted = None if only is None else {get_dataset(n).name for n in only}
     if wanted is not None and wanted - {p.name for p in BENCHMARK_DATASETS}:
-        raise ValueError(f"not a benchmark dataset: {sorted(wanted - {p.name for p in BENCHMARK_DATASETS})}; "
-                         f"known: {', '.join(p.name for p in BENCHMARK_DATASETS)}")  # fmt: skip
+        raise ValueError(
+            f"not a benchmark dataset: {sorted(wanted - {p.name for p in BENCHMARK_DATASETS})}; "
+            f"known: {', '.join(p.name for p in BENCHMARK_DATASETS)}"
+        )
     found = []
     for ds in BENCHMARK_DATASETS:
         if wanted is not None and ds.name not in wanted:
@@ -152,10 +182,15 @@ def default_teacher() -> str:
 def log_epochs(trainer, every: int, t0: float, label: str = "") -> None:
     """Print ``  <label>epoch N loss L Ts`` to stderr every ``every`` epochs (0: never), T counted from ``t0``."""
     if every:
+
         @trainer.on(Events.EPOCH_COMPLETED(every=every))
         def _log(engine):
-            print(f"  {label}epoch {engine.state.epoch} loss {float(engine.state.output['loss']):.4f} "
-                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"  {label}epoch {engine.state.epoch} loss {float(engine.state.output['loss']):.4f} "
+                f"{time.time() - t0:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _channels_last(model: torch.nn.Module) -> torch.nn.Module:
@@ -221,11 +256,27 @@ def _feature_bytes(teacher, size: int, dtype: torch.dtype) -> int:
 class DatasetRun:
     """Everything the methods of one (dataset, seed) share: split, decoded images, teacher, features."""
 
-    def __init__(self, name: str, root: Path, modality: str, seed: int, size: int, teacher, work_dir: Path,
-                 batch_size: int, device: torch.device, image_cache: dict):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        modality: str,
+        seed: int,
+        size: int,
+        teacher,
+        work_dir: Path,
+        batch_size: int,
+        device: torch.device,
+        image_cache: dict,
+    ):
         self.name, self.seed, self.size, self.batch_size, self.device = name, seed, size, batch_size, device
-        split = prepare_split(name, root, split_file=work_dir / "splits" / f"{name}_seed{seed}.json", seed=seed,
-                              val_fraction=get_dataset(name).val_fraction)  # fmt: skip
+        split = prepare_split(
+            name,
+            root,
+            split_file=work_dir / "splits" / f"{name}_seed{seed}.json",
+            seed=seed,
+            val_fraction=get_dataset(name).val_fraction,
+        )
         self.report = split["report"]
         self.has_masks = any(it.get("mask") for it in split["test"])
         keep = ("image", "label", "id") + (("mask", "extra_masks") if self.has_masks else ())
@@ -248,7 +299,11 @@ class DatasetRun:
             cache["ds"] = ds if cache["ds"] is None else torch.utils.data.ConcatDataset([cache["ds"], ds])
             for it in new:
                 cache["index"][it["id"]] = len(cache["index"])
-            print(f"[{name}] decoded {len(new)} images at {size}² in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"[{name}] decoded {len(new)} images at {size}² in {time.time() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         self.train_ds = Subset(cache["ds"], [cache["index"][it["id"]] for it in self.train_items])
         self.test_ds = Subset(cache["ds"], [cache["index"][it["id"]] for it in self.test_items])
         self.val_ds = Subset(cache["ds"], [cache["index"][it["id"]] for it in self.val_items])
@@ -285,9 +340,12 @@ def _evaluate_kd(run: DatasetRun, model, similarity: str, subset: str = "test") 
     out: dict[str, list] = {"scores": [], "labels": [], "maps": [], "masks": []}
     use_cache = subset == "test" and run.cache_test
     evaluator = SkipTSEvaluator(
-        run.device, run.test_loader(subset), model, inferer=SkipTSInferer(similarity=similarity),
+        run.device,
+        run.test_loader(subset),
+        model,
+        inferer=SkipTSInferer(similarity=similarity),
         prepare_batch=run.feature_cache(model, run.test_store if use_cache else None),
-    )  # fmt: skip
+    )
 
     @evaluator.on(Events.ITERATION_COMPLETED)
     def _collect(engine):
@@ -335,9 +393,15 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0,
         model, loss = SkipTS(run.teacher, **spec["model"]), build_loss(spec.get("loss_kind", "drkd"), **spec["loss"]())
     model = _channels_last(model)
     trainer = SkipTSTrainer(
-        run.device, epochs, run.train_loader(), model, lr=PAPER_HPARAMS["lr"], betas=PAPER_HPARAMS["betas"],
-        loss_function=loss, prepare_batch=run.feature_cache(model, run.train_store),
-    )  # fmt: skip
+        run.device,
+        epochs,
+        run.train_loader(),
+        model,
+        lr=PAPER_HPARAMS["lr"],
+        betas=PAPER_HPARAMS["betas"],
+        loss_function=loss,
+        prepare_batch=run.feature_cache(model, run.train_store),
+    )
     t0 = time.time()
     log_epochs(trainer, log_every, t0, f"[{run.name} s{run.seed} {method}] ")
     trainer.run()
@@ -347,19 +411,30 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0,
     similarity = getattr(loss, "similarity", "cosine")
     n_params = sum(p.numel() for p in model.student.parameters())
     base = method[: -len(STD_SUFFIX)] if method.endswith(STD_SUFFIX) else method
-    variants = ([base] if not spec.get("level_stats") else []) + ([base + STD_SUFFIX] if with_std or spec.get("level_stats") else [])
+    variants = ([base] if not spec.get("level_stats") else []) + (
+        [base + STD_SUFFIX] if with_std or spec.get("level_stats") else []
+    )
     out = {}
     for name in variants:
         t1 = time.time()
         if name.endswith(STD_SUFFIX):
-            stats = fit_level_stats(model, run.train_loader(), device=run.device, similarity=similarity,
-                                    prepare_batch=run.feature_cache(model, run.train_store))  # fmt: skip
+            stats = fit_level_stats(
+                model,
+                run.train_loader(),
+                device=run.device,
+                similarity=similarity,
+                prepare_batch=run.feature_cache(model, run.train_store),
+            )
             set_level_stats(model, stats)
         test = _evaluate_kd(run, model, similarity)
         val = _evaluate_kd(run, model, similarity, "val") if run.val_items else None
         m = _metrics(test, val)
-        m.update(train_seconds=round(train_s, 1), eval_seconds=round(time.time() - t1, 1),
-                 final_loss=float(trainer.state.output["loss"].detach()), student_params=n_params)  # fmt: skip
+        m.update(
+            train_seconds=round(train_s, 1),
+            eval_seconds=round(time.time() - t1, 1),
+            final_loss=float(trainer.state.output["loss"].detach()),
+            student_params=n_params,
+        )
         out[name] = m
     return out
 
@@ -387,7 +462,9 @@ def run_patchcore(run: DatasetRun, seed: int) -> dict:
             for batch in run.test_loader(subset):
                 image, label, *rest = cache(batch, run.device)
                 amap, s = model(image, teacher_feats=rest[1]["teacher_feats"] if rest else None)
-                _collect_output(out, {"score": s, "label": label, "pred": amap}, batch, run.has_masks and subset == "test")
+                _collect_output(
+                    out, {"score": s, "label": label, "pred": amap}, batch, run.has_masks and subset == "test"
+                )
         results[subset] = out
         if subset == "test":
             eval_s = time.time() - t0
@@ -416,10 +493,15 @@ def summarise(records: list[dict], methods: list[str], datasets: list[tuple[str,
         for m in methods:
             vals = [r["auroc"] for r in records if r["dataset"] == name and r["method"] == m]
             if vals:
-                table[name][m] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                                  "n": len(vals), "values": vals,
-                                  "train_seconds": statistics.mean(r["train_seconds"] for r in records
-                                                                   if r["dataset"] == name and r["method"] == m)}  # fmt: skip
+                table[name][m] = {
+                    "mean": statistics.mean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "n": len(vals),
+                    "values": vals,
+                    "train_seconds": statistics.mean(
+                        r["train_seconds"] for r in records if r["dataset"] == name and r["method"] == m
+                    ),
+                }
     average = {}
     for m in methods:
         seeds = sorted({r["seed"] for r in records if r["method"] == m})
@@ -430,8 +512,11 @@ def summarise(records: list[dict], methods: list[str], datasets: list[tuple[str,
                 per_seed.append(statistics.mean(vals))
         means = [table[d][m]["mean"] for d, _ in datasets if m in table[d]]
         if means and len(means) == len(datasets):
-            average[m] = {"mean": statistics.mean(means),
-                          "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0, "n_seeds": len(per_seed)}  # fmt: skip
+            average[m] = {
+                "mean": statistics.mean(means),
+                "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
+                "n_seeds": len(per_seed),
+            }
     ranking = sorted(average, key=lambda m: -average[m]["mean"])
     pixel: dict[str, dict[str, dict]] = {}
     for name, _ in datasets:
@@ -439,13 +524,20 @@ def summarise(records: list[dict], methods: list[str], datasets: list[tuple[str,
             recs = [r for r in records if r["dataset"] == name and r["method"] == m and "pixel_auroc" in r]
             if recs:
                 pixel.setdefault(name, {})[m] = {k: [r[k] for r in recs] for k in PIXEL_KEYS}
-    return {"table": table, "average": average, "ranking": ranking, "pixel": pixel,
-            "selection": selection_scores(table, pixel, methods)}
+    return {
+        "table": table,
+        "average": average,
+        "ranking": ranking,
+        "pixel": pixel,
+        "selection": selection_scores(table, pixel, methods),
+    }
 
 
 PIXEL_KEYS = ("pixel_auroc", "aupro", "dice_best", "hit_rate")
-SELECTION_RULE = ("mean rank, lower is better: half from the image AUROC ranks (averaged over the dev "
-                  "datasets), a quarter each from the LGG pixel AUROC and AUPRO ranks; means over seeds")
+SELECTION_RULE = (
+    "mean rank, lower is better: half from the image AUROC ranks (averaged over the dev "
+    "datasets), a quarter each from the LGG pixel AUROC and AUPRO ranks; means over seeds"
+)
 
 
 def _ranks(values: dict[str, float]) -> dict[str, float]:
@@ -515,26 +607,41 @@ def markdown(summary: dict, methods: list[str], datasets: list[tuple[str, float]
     papers = [p for _, p in datasets if p is not None]
     paper_avg = statistics.mean(papers) if papers else PAPER_AVERAGE
     lines.append("| **average** | " + " | ".join(cells) + f" | {paper_avg:.1f} |")
-    lines += ["", "Training seconds per run (mean over seeds; PatchCore: feature extraction + coreset):", "",
-              "| dataset | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]  # fmt: skip
+    lines += [
+        "",
+        "Training seconds per run (mean over seeds; PatchCore: feature extraction + coreset):",
+        "",
+        "| dataset | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
     for name, _ in datasets:
         row = summary["table"].get(name, {})
-        lines.append(f"| {name} | " + " | ".join(f"{row[m]['train_seconds']:.0f}" if m in row else "–" for m in methods) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{row[m]['train_seconds']:.0f}" if m in row else "–" for m in methods) + " |"
+        )
     if summary["ranking"]:
         lines += ["", "Ranking by average AUROC: " + " > ".join(method_spec(m)["label"] for m in summary["ranking"])]
     for name, _ in datasets:
         pix = summary.get("pixel", {}).get(name)
         if not pix:
             continue
-        lines += ["", f"Localisation on {name} (pixel metrics, %, mean ± std over seeds; Dice at the best threshold "
-                      "of the test maps, an upper bound; hit rate = lesion images whose map maximum is inside the lesion):", "",
-                  "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]  # fmt: skip
+        lines += [
+            "",
+            f"Localisation on {name} (pixel metrics, %, mean ± std over seeds; Dice at the best threshold "
+            "of the test maps, an upper bound; hit rate = lesion images whose map maximum is inside the lesion):",
+            "",
+            "| metric | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
         for key in PIXEL_KEYS:
             lines.append(f"| {key} | " + " | ".join(_fmt(pix[m][key]) if m in pix else "–" for m in methods) + " |")
     if summary.get("selection"):
         sel = summary["selection"]
-        lines += ["", f"Selection rule ({SELECTION_RULE}): " + ", ".join(
-            f"{method_spec(m)['label']} {v:.2f}" for m, v in sorted(sel.items(), key=lambda kv: kv[1]))]
+        lines += [
+            "",
+            f"Selection rule ({SELECTION_RULE}): "
+            + ", ".join(f"{method_spec(m)['label']} {v:.2f}" for m, v in sorted(sel.items(), key=lambda kv: kv[1])),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -553,9 +660,14 @@ def combine(files: list[Path], work_dir: Path, methods: list[str] | None = None)
     methods = methods or list(dict.fromkeys(r["method"] for r in records))
     names = list(dict.fromkeys(r["dataset"] for r in records))
     ds_pairs = [(n, get_dataset(n).paper_auroc) for n in names]
-    meta = {**docs[0]["meta"], "datasets": names, "methods": methods, "combined_from": [str(f) for f in files],
-            "seeds": sorted({r["seed"] for r in records}),
-            "wall_seconds": sum(d["meta"].get("wall_seconds", 0) for d in docs)}  # fmt: skip
+    meta = {
+        **docs[0]["meta"],
+        "datasets": names,
+        "methods": methods,
+        "combined_from": [str(f) for f in files],
+        "seeds": sorted({r["seed"] for r in records}),
+        "wall_seconds": sum(d["meta"].get("wall_seconds", 0) for d in docs),
+    }
     summary = summarise(records, methods, ds_pairs)
     atomic_write_json(work_dir / "quality.json", {"meta": meta, "summary": summary, "runs": records})
     md = markdown(summary, methods, ds_pairs, meta)
@@ -571,11 +683,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=method_choices())
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 3 4 (quick: 0)")
     p.add_argument("--epochs", type=int, default=None, help="default 200 (the paper)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="train every method for this many optimizer steps instead (epochs = ceil(steps / "
-                        "batches per epoch) per dataset); quick mode: 100")  # fmt: skip
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train every method for this many optimizer steps instead (epochs = ceil(steps / "
+        "batches per epoch) per dataset); quick mode: 100",
+    )
     p.add_argument("--size", type=int, default=None, help="default 256 (quick: 128)")
-    p.add_argument("--teacher", default=None, help="default: wide_resnet50_2 when its weights are present, else efficientnet_lite0")
+    p.add_argument(
+        "--teacher", default=None, help="default: wide_resnet50_2 when its weights are present, else efficientnet_lite0"
+    )
     p.add_argument("--batch-size", type=int, default=PAPER_HPARAMS["batch_size"])
     p.add_argument("--quick", action="store_true", help=f"{QUICK['size']}², {QUICK['steps']} steps per method, seed 0")
     p.add_argument("--device", default="auto")
@@ -583,9 +701,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the runs already in <work-dir>/quality.json")
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's default malloc (see tune_glibc_malloc)")
-    p.add_argument("--combine", type=Path, nargs="+", default=None,
-                   help="train nothing: merge the runs of these quality.json files (e.g. datasets run side by side "
-                        "in separate processes) into one table in --work-dir")  # fmt: skip
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="train nothing: merge the runs of these quality.json files (e.g. datasets run side by side "
+        "in separate processes) into one table in --work-dir",
+    )
     a = p.parse_args(argv)
     if a.combine:
         return combine(a.combine, Path(a.work_dir), a.methods if "--methods" in (argv or sys.argv) else None)
@@ -595,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = a.steps if a.steps is not None else (QUICK["steps"] if a.quick and a.epochs is None else None)
     epochs = a.epochs or PAPER_HPARAMS["max_epochs"]
     teacher_name = a.teacher or default_teacher()
-    data_root = Path(a.data_root or os.environ.get("SKIPTS_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    data_root = Path(
+        a.data_root or os.environ.get("SKIPTS_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     work_dir = Path(a.work_dir)
     datasets = find_datasets(data_root, a.datasets)
     if not datasets:
@@ -605,22 +730,39 @@ def main(argv: list[str] | None = None) -> int:
     malloc_tuned = device.type == "cpu" and not a.no_tune_malloc and tune_glibc_malloc()
     out_json, out_md = work_dir / "quality.json", work_dir / "quality.md"
     meta = {
-        "teacher": teacher_name, "size": size, "seeds": seeds, "batch_size": a.batch_size, "device": str(device),
+        "teacher": teacher_name,
+        "size": size,
+        "seeds": seeds,
+        "batch_size": a.batch_size,
+        "device": str(device),
         "schedule": f"{steps} optimizer steps per method" if steps else f"{epochs} epochs",
-        "epochs": None if steps else epochs, "steps": steps, "methods": a.methods,
-        "datasets": [d[0] for d in datasets], "data_root": str(data_root), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "epochs": None if steps else epochs,
+        "steps": steps,
+        "methods": a.methods,
+        "datasets": [d[0] for d in datasets],
+        "data_root": str(data_root),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
         "malloc_tuned": malloc_tuned,
-    }  # fmt: skip
+    }
     records: list[dict] = []
     if a.resume and out_json.is_file():
         import json
 
-        records = [r for r in json.loads(out_json.read_text())["runs"]
-                   if r["teacher"] == teacher_name and r["size"] == size and r.get("steps") == steps
-                   and (steps or r["epochs"] == epochs)]  # fmt: skip
-    print(f"quality: {[d[0] for d in datasets]} x {a.methods} x seeds {seeds}; teacher {teacher_name}, {size}², "
-          f"{meta['schedule']}, device {device}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+        records = [
+            r
+            for r in json.loads(out_json.read_text())["runs"]
+            if r["teacher"] == teacher_name
+            and r["size"] == size
+            and r.get("steps") == steps
+            and (steps or r["epochs"] == epochs)
+        ]
+    print(
+        f"quality: {[d[0] for d in datasets]} x {a.methods} x seeds {seeds}; teacher {teacher_name}, {size}², "
+        f"{meta['schedule']}, device {device}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     teachers: dict = {}
 
     def _teacher(taps):
@@ -642,7 +784,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, modality, _, root in datasets:
         for seed in seeds:
-            todo = [m for m in a.methods if not any(r["dataset"] == name and r["method"] == m and r["seed"] == seed for r in records)]
+            todo = [
+                m
+                for m in a.methods
+                if not any(r["dataset"] == name and r["method"] == m and r["seed"] == seed for r in records)
+            ]
             if not todo:
                 continue
             runs: dict = {}
@@ -652,8 +798,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec = method_spec(method)
                 taps = spec.get("teacher_taps")
                 if taps not in runs:
-                    runs[taps] = DatasetRun(name, root, modality, seed, size, _teacher(taps), work_dir, a.batch_size,
-                                            device, image_cache)  # fmt: skip
+                    runs[taps] = DatasetRun(
+                        name, root, modality, seed, size, _teacher(taps), work_dir, a.batch_size, device, image_cache
+                    )
                 run = runs[taps]
                 n_batches = math.ceil(len(run.train_items) / a.batch_size)
                 ep = math.ceil(steps / n_batches) if steps else epochs
@@ -663,15 +810,31 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     results = run_kd_method(run, method, ep, a.log_every, with_std=method + STD_SUFFIX in todo)
                 for meth, m in results.items():
-                    rec = {"dataset": name, "method": meth, "seed": seed, "teacher": teacher_name, "size": size,
-                           "epochs": ep, "steps": steps, "n_train": len(run.train_items), "n_test": len(run.test_items),
-                           "wall_seconds": round(time.time() - t0, 1), **m}  # fmt: skip
+                    rec = {
+                        "dataset": name,
+                        "method": meth,
+                        "seed": seed,
+                        "teacher": teacher_name,
+                        "size": size,
+                        "epochs": ep,
+                        "steps": steps,
+                        "n_train": len(run.train_items),
+                        "n_test": len(run.test_items),
+                        "wall_seconds": round(time.time() - t0, 1),
+                        **m,
+                    }
                     records.append(rec)
-                    pix = f"  pixel AUROC {100 * m['pixel_auroc']:.1f} AUPRO {100 * m['aupro']:.1f} hit {100 * m['hit_rate']:.0f}%" \
-                        if "pixel_auroc" in m else ""
-                    print(f"[{name} seed {seed}] {method_spec(meth)['label']:<12} AUROC {100 * m['auroc']:.1f}{pix}  "
-                          f"train {m['train_seconds']:.0f}s ({ep} epochs)  eval {m['eval_seconds']:.0f}s  "
-                          f"[{time.time() - t_start:.0f}s]", flush=True)  # fmt: skip
+                    pix = (
+                        f"  pixel AUROC {100 * m['pixel_auroc']:.1f} AUPRO {100 * m['aupro']:.1f} hit {100 * m['hit_rate']:.0f}%"
+                        if "pixel_auroc" in m
+                        else ""
+                    )
+                    print(
+                        f"[{name} seed {seed}] {method_spec(meth)['label']:<12} AUROC {100 * m['auroc']:.1f}{pix}  "
+                        f"train {m['train_seconds']:.0f}s ({ep} epochs)  eval {m['eval_seconds']:.0f}s  "
+                        f"[{time.time() - t_start:.0f}s]",
+                        flush=True,
+                    )
                 _write()
     md = _write()
     print()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -49,7 +48,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
@@ -117,8 +115,11 @@ class PeakMemory:
         return False
 
     def as_dict(self) -> dict:
-        return {"peak_rss_gib": round(self.rss_gib, 3), "rss_phase_only": self.resettable,
-                "cuda_max_allocated_gib": None if self.cuda_gib is None else round(self.cuda_gib, 3)}  # fmt: skip
+        return {
+            "peak_rss_gib": round(self.rss_gib, 3),
+            "rss_phase_only": self.resettable,
+            "cuda_max_allocated_gib": None if self.cuda_gib is None else round(self.cuda_gib, 3),
+        }
 
 
 def _sync(device: torch.device) -> None:
@@ -135,15 +136,29 @@ def training_items(size: int, work_dir: Path, data_root: Path | None) -> tuple[l
     if root is not None and root.is_dir():
         split = prepare_split("brainmri", root, split_file=work_dir / "split_brainmri_seed0.json", seed=0)
         keep = ("image", "label", "id")
-        return ([{k: it[k] for k in keep} for it in split["train"]], [{k: it[k] for k in keep} for it in split["test"]],
-                "mri", f"BrainMRI ({root})")  # fmt: skip
+        return (
+            [{k: it[k] for k in keep} for it in split["train"]],
+            [{k: it[k] for k in keep} for it in split["test"]],
+            "mri",
+            f"BrainMRI ({root})",
+        )
     from monai_skipts.apps import make_phantom_dataset
 
-    ph = make_phantom_dataset(Path(tempfile.gettempdir()) / "skipts_speed_phantom", n_train=46, n_test_normal=40,
-                              n_test_abnormal=40, size=max(size, 256), seed=0)  # fmt: skip
+    ph = make_phantom_dataset(
+        Path(tempfile.gettempdir()) / "skipts_speed_phantom",
+        n_train=46,
+        n_test_normal=40,
+        n_test_abnormal=40,
+        size=max(size, 256),
+        seed=0,
+    )
     items = lambda pat, lab: [{"image": str(p), "label": lab, "id": str(p)} for p in sorted(ph.glob(pat))]  # noqa: E731
-    return items("train/good/*.png", 0), items("test/good/*.png", 0) + items("test/lesion/*.png", 1), "mri", \
-        f"synthetic phantoms ({ph})"
+    return (
+        items("train/good/*.png", 0),
+        items("test/good/*.png", 0) + items("test/lesion/*.png", 1),
+        "mri",
+        f"synthetic phantoms ({ph})",
+    )
 
 
 class PortDataset(torch.utils.data.Dataset):
@@ -154,8 +169,9 @@ class PortDataset(torch.utils.data.Dataset):
         from torchvision import transforms as T
 
         self.items = items
-        self.tf = T.Compose([T.Resize((size, size)), T.ToTensor(),
-                             T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])  # fmt: skip
+        self.tf = T.Compose(
+            [T.Resize((size, size)), T.ToTensor(), T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])]
+        )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -172,8 +188,9 @@ class PortDataset(torch.utils.data.Dataset):
 
 def port_training(model: SkipTS, items: list[dict], size: int, epochs: int, batch_size: int, device, seed: int) -> dict:
     """The paper's loop, straight: decode every epoch, teacher every step, fp32, NCHW."""
-    loader = torch.utils.data.DataLoader(PortDataset(items, size), batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        PortDataset(items, size), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     model = model.to(device)
     opt = torch.optim.Adam(model.student.parameters(), lr=0.005, betas=(0.5, 0.999))
     loss_fn = DRKDLoss()
@@ -199,8 +216,17 @@ def port_training(model: SkipTS, items: list[dict], size: int, epochs: int, batc
     return {"epoch_seconds": times, "decode_seconds_per_epoch": load_s / epochs, "final_loss": float(loss.detach())}
 
 
-def our_training(model: SkipTS, items: list[dict], modality: str, size: int, epochs: int, batch_size: int, device,
-                 seed: int, plain_tensors: bool = False) -> dict:  # fmt: skip
+def our_training(
+    model: SkipTS,
+    items: list[dict],
+    modality: str,
+    size: int,
+    epochs: int,
+    batch_size: int,
+    device,
+    seed: int,
+    plain_tensors: bool = False,
+) -> dict:
     """CacheDataset + SkipTSTrainer + TeacherFeatureCache + channels-last (``plain_tensors``: with
     the MetaTensor → Tensor fix proposed for TeacherFeatureCache, :class:`quality.PlainTensorBatch`)."""
     pre = build_preprocessing(modality, spatial_size=size)
@@ -208,7 +234,9 @@ def our_training(model: SkipTS, items: list[dict], modality: str, size: int, epo
     ds = CacheDataset(items, pre, progress=False, num_workers=0)
     cache_fill = time.perf_counter() - t0
     model = model.to(device, memory_format=torch.channels_last)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed), num_workers=0)
+    loader = DataLoader(
+        ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed), num_workers=0
+    )
     prepare = TeacherFeatureCache(model, pre)
     if plain_tensors:
         prepare = PlainTensorBatch(prepare)
@@ -226,8 +254,12 @@ def our_training(model: SkipTS, items: list[dict], modality: str, size: int, epo
         times.append(time.perf_counter() - engine.state._t0)
 
     trainer.run()
-    return {"epoch_seconds": times, "cache_fill_seconds": cache_fill, "final_loss": float(trainer.state.output["loss"].detach()),
-            "amp": bool(trainer.amp)}  # fmt: skip
+    return {
+        "epoch_seconds": times,
+        "cache_fill_seconds": cache_fill,
+        "final_loss": float(trainer.state.output["loss"].detach()),
+        "amp": bool(trainer.amp),
+    }
 
 
 def compare_configs(configs: dict, teacher, train_items, modality: str, a, device, res: dict, work_dir: Path) -> int:
@@ -237,16 +269,24 @@ def compare_configs(configs: dict, teacher, train_items, modality: str, a, devic
     for name, kwargs in configs.items():
         torch.manual_seed(0)
         with PeakMemory(device) as mem:
-            r = our_training(SkipTS(teacher, **kwargs), train_items, modality, a.size, a.epochs, a.batch_size, device, 0)
+            r = our_training(
+                SkipTS(teacher, **kwargs), train_items, modality, a.size, a.epochs, a.batch_size, device, 0
+            )
         e = r["epoch_seconds"]
-        rows[name] = {"kwargs": kwargs, "epoch_seconds": e, "steady": statistics.mean(e[1:]) if len(e) > 1 else e[0],
-                      "memory": mem.as_dict()}  # fmt: skip
+        rows[name] = {
+            "kwargs": kwargs,
+            "epoch_seconds": e,
+            "steady": statistics.mean(e[1:]) if len(e) > 1 else e[0],
+            "memory": mem.as_dict(),
+        }
     first = next(iter(rows.values()))["steady"]
     lines = ["| configuration | SkipTS kwargs | steady s/epoch | ratio | peak RSS GiB |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         r["ratio"] = r["steady"] / first
-        lines.append(f"| {name} | `{json.dumps(r['kwargs'])}` | {r['steady']:.3f} | {r['ratio']:.2f} | "
-                     f"{r['memory']['peak_rss_gib']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | `{json.dumps(r['kwargs'])}` | {r['steady']:.3f} | {r['ratio']:.2f} | "
+            f"{r['memory']['peak_rss_gib']:.2f} |"
+        )
     res["compare_configs"] = rows
     atomic_write_json(work_dir / "speed_configs.json", res, default=float)
     print("\n".join(lines))
@@ -293,7 +333,10 @@ def machine_limit(device, min_seconds: float = 2.0) -> dict:
         out["limit_gflops"] = max(out["matmul_gflops"], out["conv3x3_gflops"])
         if device.type == "cuda":  # the limit AMP rows are compared with
             n = 8192
-            a16, b16 = a.new_empty(n, n, dtype=torch.bfloat16).normal_(), a.new_empty(n, n, dtype=torch.bfloat16).normal_()
+            a16, b16 = (
+                a.new_empty(n, n, dtype=torch.bfloat16).normal_(),
+                a.new_empty(n, n, dtype=torch.bfloat16).normal_(),
+            )
             out["matmul_bf16_gflops"] = 2 * n**3 / _time(lambda: a16 @ b16, device, min_seconds) / 1e9
             x16, w16 = x.to(torch.bfloat16), w.to(torch.bfloat16)
             out["conv3x3_bf16_gflops"] = flops / _time(lambda: F.conv2d(x16, w16, padding=1), device, min_seconds) / 1e9
@@ -301,9 +344,16 @@ def machine_limit(device, min_seconds: float = 2.0) -> dict:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def inference_throughput(predictor: torch.nn.Module, images: torch.Tensor, batch_size: int, device,
-                         channels_last: bool, autocast: torch.dtype | None = None, inference_mode: bool = True,
-                         min_seconds: float = 3.0) -> dict:  # fmt: skip
+def inference_throughput(
+    predictor: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    device,
+    channels_last: bool,
+    autocast: torch.dtype | None = None,
+    inference_mode: bool = True,
+    min_seconds: float = 3.0,
+) -> dict:
     """Images/s of ``predictor`` over ``images`` (already preprocessed, on the CPU), batched."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     predictor = predictor.to(device, memory_format=fmt).eval()
@@ -343,8 +393,18 @@ def conv_gflops(device, min_seconds: float = 1.0) -> float:
         return 2 * 16 * 32 * 32 * 256 * 256 * 9 / _time(lambda: F.conv2d(x, w, padding=1), device, min_seconds) / 1e9
 
 
-def evaluator_paths(model: SkipTS, items: list[dict], modality: str, size: int, batch_size: int, device,
-                    rounds: int, min_seconds: float, cl_weights: bool = True, flops: float | None = None) -> dict:  # fmt: skip
+def evaluator_paths(
+    model: SkipTS,
+    items: list[dict],
+    modality: str,
+    size: int,
+    batch_size: int,
+    device,
+    rounds: int,
+    min_seconds: float,
+    cl_weights: bool = True,
+    flops: float | None = None,
+) -> dict:
     """Images/s of the evaluation path before and after issue 14 item 6, in this process, on the same
     model, data and loader: ``SkipTSEvaluator`` over a ``CacheDataset`` (decoding excluded: the cache is
     filled first). The variants are timed interleaved (``rounds`` rounds, the order alternating), so a
@@ -369,7 +429,9 @@ def evaluator_paths(model: SkipTS, items: list[dict], modality: str, size: int, 
         evaluators[EVAL_AFTER_CL_WEIGHTS] = SkipTSEvaluator(device, loader, cl_model)
     scores: dict[str, list] = {name: [] for name in evaluators}
     for name, ev in evaluators.items():
-        ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e, n=name: scores[n].append(e.state.output["score"].cpu()))
+        ev.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e, n=name: scores[n].append(e.state.output["score"].cpu())
+        )
     times: dict[str, list[float]] = {name: [] for name in evaluators}
     mems: dict[str, dict] = {}
     names = list(evaluators)
@@ -415,8 +477,10 @@ def _md(res: dict) -> str:
     ]
     for name, r in tr["pipelines"].items():
         one_off = f"{r['cache_fill_seconds']:.2f} (CacheDataset)" if "cache_fill_seconds" in r else "–"
-        L.append(f"| {name} | {r['steady']:.2f} | {r['first']:.2f} | {one_off} | {r['amortised_200']:.2f} | "
-                 f"**{r['ratio_amortised_200']:.2f}** | {r['memory']['peak_rss_gib']:.2f} |")  # fmt: skip
+        L.append(
+            f"| {name} | {r['steady']:.2f} | {r['first']:.2f} | {one_off} | {r['amortised_200']:.2f} | "
+            f"**{r['ratio_amortised_200']:.2f}** | {r['memory']['peak_rss_gib']:.2f} |"
+        )
     L += [
         "",
         f"Target ≤ 0.5 × port: {'met' if res['targets']['train_ratio_le_0.5'] else 'NOT met'} by the shipped trainer "
@@ -430,16 +494,22 @@ def _md(res: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for name, r in inf.items():
-        L.append(f"| {name} | {r['images_per_second']:.2f} | {r.get('achieved_gflops', float('nan')):.1f} | "
-                 f"{100 * r.get('utilisation', float('nan')):.1f} % | {r['peak_rss_gib']:.2f} |")  # fmt: skip
+        L.append(
+            f"| {name} | {r['images_per_second']:.2f} | {r.get('achieved_gflops', float('nan')):.1f} | "
+            f"{100 * r.get('utilisation', float('nan')):.1f} % | {r['peak_rss_gib']:.2f} |"
+        )
     L += [
         "",
         f"Limit measured here: matmul {lim['matmul_gflops']} GFLOP/s, 3×3 conv {lim['conv3x3_gflops']} GFLOP/s "
         f"(limit = {lim['limit_gflops']} GFLOP/s"
-        + (f"; bf16: matmul {lim['matmul_bf16_gflops']}, conv {lim['conv3x3_bf16_gflops']}, the limit of AMP rows"
-           if "limit_lowp_gflops" in lim else "")
+        + (
+            f"; bf16: matmul {lim['matmul_bf16_gflops']}, conv {lim['conv3x3_bf16_gflops']}, the limit of AMP rows"
+            if "limit_lowp_gflops" in lim
+            else ""
+        )
         + "). Model FLOPs per image (1 MAC = 2 FLOPs): "
-        + ", ".join(f"{k} {v / 1e9:.2f} GFLOP" for k, v in res["flops_per_image"].items()) + ".",
+        + ", ".join(f"{k} {v / 1e9:.2f} GFLOP" for k, v in res["flops_per_image"].items())
+        + ".",
     ]
     if res.get("notes"):
         L += ["", *[f"- {n}" for n in res["notes"]]]
@@ -457,8 +527,9 @@ def _evaluator_only(a, res: dict, fresh_model, test_items, modality: str, device
     inf: dict[str, dict] = {}
     bs = a.batch_size
     amp = device.type == "cuda"
-    for name, r in evaluator_paths(model, test_items, modality, a.size, bs, device, a.rounds, min_s,
-                                   flops=flops[key]).items():  # fmt: skip
+    for name, r in evaluator_paths(
+        model, test_items, modality, a.size, bs, device, a.rounds, min_s, flops=flops[key]
+    ).items():
         r["achieved_gflops"] = r["images_per_second"] * flops[key] / 1e9
         lim = limit.get("limit_lowp_gflops", limit["limit_gflops"]) if amp else limit["limit_gflops"]
         conv = limit.get("conv3x3_bf16_gflops", limit["conv3x3_gflops"]) if amp else limit["conv3x3_gflops"]
@@ -487,13 +558,18 @@ def _report_evaluator(res: dict, inf: dict, flops: dict, key: str, work_dir: Pat
     ]
     for name, r in inf.items():
         u = r.get("utilisation_conv_same_round", r["utilisation_conv"])
-        lines.append(f"| {name} | {r['images_per_second']:.2f} | {r['rounds_images_per_second']} | "
-                     f"{r['achieved_gflops']:.1f} | {100 * u:.1f} % | "
-                     f"{r['max_abs_score_difference_vs_before']:.2g} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['images_per_second']:.2f} | {r['rounds_images_per_second']} | "
+            f"{r['achieved_gflops']:.1f} | {100 * u:.1f} % | "
+            f"{r['max_abs_score_difference_vs_before']:.2g} |"
+        )
     convs = after.get("conv_gflops_per_round")
-    lines += ["", f"speed-up as shipped / before: {res['evaluator_speedup']:.2f}×; target ≥ 50 % of the conv "
-              f"throughput: {'met' if res['targets']['evaluator_utilisation_of_conv_ge_50pct'] else 'NOT met'} "
-              f"({100 * util:.1f} %)" + (f"; 3×3 conv GFLOP/s measured in each round: {convs}" if convs else "")]  # fmt: skip
+    lines += [
+        "",
+        f"speed-up as shipped / before: {res['evaluator_speedup']:.2f}×; target ≥ 50 % of the conv "
+        f"throughput: {'met' if res['targets']['evaluator_utilisation_of_conv_ge_50pct'] else 'NOT met'} "
+        f"({100 * util:.1f} %)" + (f"; 3×3 conv GFLOP/s measured in each round: {convs}" if convs else ""),
+    ]
     md = "\n".join(lines) + "\n"
     atomic_write_json(work_dir / "speed_evaluator.json", res, default=float)
     atomic_write_text(work_dir / "speed_evaluator.md", md)
@@ -514,9 +590,10 @@ def memory_bandwidth(threads: int, min_seconds: float = 1.0, mib: int = 256) -> 
     n = mib * 2**20 // 4
     a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
     cpu = torch.device("cpu")
-    out = {"copy_gbs": 2 * n * 4 / _time(lambda: a.copy_(b), cpu, min_seconds) / 1e9,
-           "triad_gbs": 3 * n * 4 / _time(lambda: torch.add(b, c, alpha=3.0, out=a), cpu, min_seconds) / 1e9}  # fmt: skip
-    del a, b, c
+    out = {
+        "copy_gbs": 2 * n * 4 / _time(lambda: a.copy_(b), cpu, min_seconds) / 1e9,
+        "triad_gbs": 3 * n * 4 / _time(lambda: torch.add(b, c, alpha=3.0, out=a), cpu, min_seconds) / 1e9,
+    }
     return {k: round(v, 2) for k, v in out.items()}
 
 
@@ -558,8 +635,13 @@ def _bench_checkpoint(fresh_model, test_items, modality: str, size: int, work_di
     x = torch.stack([pre(dict(it))["image"].as_tensor() for it in test_items[:8]]).float()
     set_level_stats(model, fit_level_stats(model, [x]))
     path = work_dir / f"bench_model_{size}.pt"
-    save_checkpoint(path, model, threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 8},
-                    extra={"modality": modality, "spatial_size": size}, with_rng=False)  # fmt: skip
+    save_checkpoint(
+        path,
+        model,
+        threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 8},
+        extra={"modality": modality, "spatial_size": size},
+        with_rng=False,
+    )
     return path
 
 
@@ -577,7 +659,11 @@ def backends_bench(a, res: dict, fresh_model, test_items, modality: str, min_s: 
     pre = build_preprocessing(modality, spatial_size=a.size)
     n_img = 2 * max(a.batch_sizes)  # two batches of the largest size
     images = torch.stack([pre(dict(it))["image"].as_tensor() for it in test_items[: max(n_img, 16)]]).float()
-    images = images[:n_img] if len(images) >= n_img else images.repeat((n_img + len(images) - 1) // len(images), 1, 1, 1)[:n_img]
+    images = (
+        images[:n_img]
+        if len(images) >= n_img
+        else images.repeat((n_img + len(images) - 1) // len(images), 1, 1, 1)[:n_img]
+    )
     preds: dict[tuple[str, int], AnomalyPredictor] = {}
     skipped: dict[str, str] = {}
     export_s: dict[str, float] = {}
@@ -586,8 +672,9 @@ def backends_bench(a, res: dict, fresh_model, test_items, modality: str, min_s: 
             torch.set_num_threads(t)
             t0 = time.perf_counter()
             try:
-                preds[backend, t] = AnomalyPredictor(ckpt, device="cpu", backend=backend, num_threads=t,
-                                                     export_cache_dir=cache)  # fmt: skip
+                preds[backend, t] = AnomalyPredictor(
+                    ckpt, device="cpu", backend=backend, num_threads=t, export_cache_dir=cache
+                )
             except MissingExtraError as e:
                 skipped[backend] = str(e)
                 break
@@ -600,7 +687,10 @@ def backends_bench(a, res: dict, fresh_model, test_items, modality: str, min_s: 
     parity = {}
     for b in backends:
         m, s = preds[b, a.threads[0]].predict_tensor(images)
-        parity[b] = {"max_abs_map_diff": float((m - want_map).abs().max()), "max_abs_score_diff": float((s - want_score).abs().max())}
+        parity[b] = {
+            "max_abs_map_diff": float((m - want_map).abs().max()),
+            "max_abs_score_diff": float((s - want_score).abs().max()),
+        }
     flops = flops_per_image(SkipTSPredictor(fresh_model()), a.size, device)
     traffic = traffic_per_image(SkipTSPredictor(fresh_model()).eval(), a.size)
     configs = [(b, t, bs) for t in a.threads for bs in a.batch_sizes for b in backends]
@@ -622,8 +712,10 @@ def backends_bench(a, res: dict, fresh_model, test_items, modality: str, min_s: 
 
                 s = _time(_run, device, min_s, min_reps=1)
                 times[b, t, bs].append(len(images) / s)
-        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{b}/{t}t/b{bs} {v[-1]:.1f}" for (b, t, bs), v in times.items()),
-              flush=True)  # fmt: skip
+        print(
+            f"round {r + 1}/{a.rounds}: " + ", ".join(f"{b}/{t}t/b{bs} {v[-1]:.1f}" for (b, t, bs), v in times.items()),
+            flush=True,
+        )
     med = statistics.median
     rows = []
     for b, t, bs in configs:
@@ -631,23 +723,34 @@ def backends_bench(a, res: dict, fresh_model, test_items, modality: str, min_s: 
         eager = med(times["torch", t, bs]) if "torch" in backends else float("nan")
         c = med(conv[t])
         tri = med([x["triad_gbs"] for x in bw[t]])
-        rows.append({
-            "backend": b, "threads": t, "batch": bs, "images_per_second": round(ips, 2),
-            "rounds_images_per_second": [round(v, 2) for v in times[b, t, bs]], "speedup_vs_eager": round(ips / eager, 2),
-            "gflops": round(ips * flops / 1e9, 2), "conv3x3_gflops": round(c, 1),
-            "utilisation_conv": round(ips * flops / 1e9 / c, 4),
-            "bandwidth_triad_gbs": tri,
-            "roofline_images_per_second_conv_only": round(tri * 1e9 / traffic["conv_only"], 1),
-            "roofline_images_per_second_unfused": round(tri * 1e9 / traffic["unfused"], 1),
-            "achieved_gbs_conv_only": round(ips * traffic["conv_only"] / 1e9, 2),
-        })  # fmt: skip
+        rows.append(
+            {
+                "backend": b,
+                "threads": t,
+                "batch": bs,
+                "images_per_second": round(ips, 2),
+                "rounds_images_per_second": [round(v, 2) for v in times[b, t, bs]],
+                "speedup_vs_eager": round(ips / eager, 2),
+                "gflops": round(ips * flops / 1e9, 2),
+                "conv3x3_gflops": round(c, 1),
+                "utilisation_conv": round(ips * flops / 1e9 / c, 4),
+                "bandwidth_triad_gbs": tri,
+                "roofline_images_per_second_conv_only": round(tri * 1e9 / traffic["conv_only"], 1),
+                "roofline_images_per_second_unfused": round(tri * 1e9 / traffic["unfused"], 1),
+                "achieved_gbs_conv_only": round(ips * traffic["conv_only"] / 1e9, 2),
+            }
+        )
     res["backends"] = {
-        "rows": rows, "parity": parity, "skipped": skipped, "export_and_load_seconds": export_s,
-        "flops_per_image": flops, "traffic_bytes_per_image": traffic,
+        "rows": rows,
+        "parity": parity,
+        "skipped": skipped,
+        "export_and_load_seconds": export_s,
+        "flops_per_image": flops,
+        "traffic_bytes_per_image": traffic,
         "arithmetic_intensity_flop_per_byte": {k: round(flops / v, 2) for k, v in traffic.items()},
         "conv3x3_gflops_per_round": {str(t): [round(v, 1) for v in conv[t]] for t in a.threads},
         "bandwidth_per_round": {str(t): bw[t] for t in a.threads},
-    }  # fmt: skip
+    }
     res["meta"].pop("_t0", None)
     m = res["meta"]
     L = [
@@ -659,21 +762,33 @@ def backends_bench(a, res: dict, fresh_model, test_items, modality: str, min_s: 
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        L.append(f"| {r['backend']} | {r['threads']} | {r['batch']} | {r['images_per_second']:.2f} | {r['rounds_images_per_second']} | "
-                 f"{r['speedup_vs_eager']:.2f} | {r['gflops']:.1f} | {100 * r['utilisation_conv']:.1f} % | "
-                 f"{r['achieved_gbs_conv_only']:.2f} | {r['roofline_images_per_second_conv_only']:.0f} / "
-                 f"{r['roofline_images_per_second_unfused']:.0f} |")  # fmt: skip
-    L += ["", "| backend | max abs map diff vs eager | max abs score diff | export + load (first predictor), s |", "|---|---|---|---|"]
+        L.append(
+            f"| {r['backend']} | {r['threads']} | {r['batch']} | {r['images_per_second']:.2f} | {r['rounds_images_per_second']} | "
+            f"{r['speedup_vs_eager']:.2f} | {r['gflops']:.1f} | {100 * r['utilisation_conv']:.1f} % | "
+            f"{r['achieved_gbs_conv_only']:.2f} | {r['roofline_images_per_second_conv_only']:.0f} / "
+            f"{r['roofline_images_per_second_unfused']:.0f} |"
+        )
+    L += [
+        "",
+        "| backend | max abs map diff vs eager | max abs score diff | export + load (first predictor), s |",
+        "|---|---|---|---|",
+    ]
     for b, p in parity.items():
         L.append(f"| {b} | {p['max_abs_map_diff']:.2g} | {p['max_abs_score_diff']:.2g} | {export_s.get(b, '')} |")
-    L += ["", f"Measured here, medians over rounds: 3×3 conv GFLOP/s "
-          + ", ".join(f"{t} thread{'s' if t > 1 else ''} {med(conv[t]):.1f}" for t in a.threads)
-          + "; memory bandwidth (triad / copy, GB/s) "
-          + ", ".join(f"{t} thread{'s' if t > 1 else ''} {med([x['triad_gbs'] for x in bw[t]]):.1f} / "
-                      f"{med([x['copy_gbs'] for x in bw[t]]):.1f}" for t in a.threads)
-          + f". Model: {flops / 1e9:.3f} GFLOP per image; at least {traffic['conv_only'] / 2**20:.1f} MiB moved per image by "
-          f"the convolutions alone, {traffic['unfused'] / 2**20:.1f} MiB by eager's unfused layers (fp32) → arithmetic "
-          f"intensity {flops / traffic['conv_only']:.1f} / {flops / traffic['unfused']:.1f} FLOP/byte."]  # fmt: skip
+    L += [
+        "",
+        "Measured here, medians over rounds: 3×3 conv GFLOP/s "
+        + ", ".join(f"{t} thread{'s' if t > 1 else ''} {med(conv[t]):.1f}" for t in a.threads)
+        + "; memory bandwidth (triad / copy, GB/s) "
+        + ", ".join(
+            f"{t} thread{'s' if t > 1 else ''} {med([x['triad_gbs'] for x in bw[t]]):.1f} / "
+            f"{med([x['copy_gbs'] for x in bw[t]]):.1f}"
+            for t in a.threads
+        )
+        + f". Model: {flops / 1e9:.3f} GFLOP per image; at least {traffic['conv_only'] / 2**20:.1f} MiB moved per image by "
+        f"the convolutions alone, {traffic['unfused'] / 2**20:.1f} MiB by eager's unfused layers (fp32) → arithmetic "
+        f"intensity {flops / traffic['conv_only']:.1f} / {flops / traffic['unfused']:.1f} FLOP/byte.",
+    ]
     for b, why in skipped.items():
         L.append(f"\n{b}: not measured: {why}")
     md = "\n".join(L) + "\n"
@@ -694,47 +809,83 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--teacher", default="efficientnet_lite0")
-    p.add_argument("--epochs", type=int, default=3, help="epochs timed per pipeline (the first of ours fills the cache)")
+    p.add_argument(
+        "--epochs", type=int, default=3, help="epochs timed per pipeline (the first of ours fills the cache)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dense-arch", default="wide_resnet50_2",
-                   help="dense teacher architecture also timed for utilisation (random weights); 'none' to skip")  # fmt: skip
+    p.add_argument(
+        "--dense-arch",
+        default="wide_resnet50_2",
+        help="dense teacher architecture also timed for utilisation (random weights); 'none' to skip",
+    )
     p.add_argument("--dense-images", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="shorter timing loops")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None, help="default: $SKIPTS_DATA_ROOT or ../shared/data")
     p.add_argument("--work-dir", default="runs/benchmarks/speed")
-    p.add_argument("--no-tune-malloc", action="store_true",
-                   help="keep glibc's default malloc (default on CPU: large buffers stay in the heap, see "
-                        "quality.tune_glibc_malloc); applies to every pipeline alike")  # fmt: skip
-    p.add_argument("--compare-configs", default=None,
-                   help="JSON {name: SkipTS kwargs}: time only our training for each configuration, side by side in "
-                        "this run, as ratios to the first (e.g. the paper preset against the shipped default)")  # fmt: skip
-    p.add_argument("--evaluator-only", action="store_true",
-                   help="time only the evaluation path, before issue 14 (MetaTensor batches, NCHW) and as shipped "
-                        "(plain tensors, channels-last), interleaved in this run, with the machine's limit and the "
-                        "utilisation of its measured 3x3 conv throughput")  # fmt: skip
+    p.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="keep glibc's default malloc (default on CPU: large buffers stay in the heap, see "
+        "quality.tune_glibc_malloc); applies to every pipeline alike",
+    )
+    p.add_argument(
+        "--compare-configs",
+        default=None,
+        help="JSON {name: SkipTS kwargs}: time only our training for each configuration, side by side in "
+        "this run, as ratios to the first (e.g. the paper preset against the shipped default)",
+    )
+    p.add_argument(
+        "--evaluator-only",
+        action="store_true",
+        help="time only the evaluation path, before issue 14 (MetaTensor batches, NCHW) and as shipped "
+        "(plain tensors, channels-last), interleaved in this run, with the machine's limit and the "
+        "utilisation of its measured 3x3 conv throughput",
+    )
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the evaluator variants")
-    p.add_argument("--backends", nargs="+", default=None, choices=("torch", "onnxruntime", "openvino"),
-                   help="time only AnomalyPredictor's serving backends (CPU), interleaved in this run, for each of "
-                        "--threads and --batch-sizes, with the maps' parity with eager, the 3x3 conv throughput and "
-                        "the memory bandwidth (roofline)")  # fmt: skip
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        choices=("torch", "onnxruntime", "openvino"),
+        help="time only AnomalyPredictor's serving backends (CPU), interleaved in this run, for each of "
+        "--threads and --batch-sizes, with the maps' parity with eager, the 3x3 conv throughput and "
+        "the memory bandwidth (roofline)",
+    )
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts of --backends")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes of --backends")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     malloc_tuned = device.type == "cpu" and not a.no_tune_malloc and tune_glibc_malloc()
     min_s = 1.0 if a.quick else 3.0
-    data_root = Path(a.data_root or os.environ.get("SKIPTS_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    data_root = Path(
+        a.data_root or os.environ.get("SKIPTS_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     work_dir = Path(a.work_dir)
-    train_items, test_items, modality, data_desc = training_items(a.size, work_dir, data_root if data_root.is_dir() else None)
-    meta = {"device": str(device), "threads": torch.get_num_threads(), "size": a.size, "teacher": a.teacher,
-            "data": data_desc, "n_train": len(train_items), "n_test": len(test_items), "batch_size": a.batch_size,
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "malloc_tuned": malloc_tuned}  # fmt: skip
+    train_items, test_items, modality, data_desc = training_items(
+        a.size, work_dir, data_root if data_root.is_dir() else None
+    )
+    meta = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "size": a.size,
+        "teacher": a.teacher,
+        "data": data_desc,
+        "n_train": len(train_items),
+        "n_test": len(test_items),
+        "batch_size": a.batch_size,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "malloc_tuned": malloc_tuned,
+    }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
-    print(f"speed: {data_desc}, {len(train_items)} train / {len(test_items)} test, {a.size}², teacher {a.teacher}, "
-          f"{device}, {torch.get_num_threads()} threads, malloc tuned: {malloc_tuned}", flush=True)  # fmt: skip
+    print(
+        f"speed: {data_desc}, {len(train_items)} train / {len(test_items)} test, {a.size}², teacher {a.teacher}, "
+        f"{device}, {torch.get_num_threads()} threads, malloc tuned: {malloc_tuned}",
+        flush=True,
+    )
     res: dict = {"meta": {**meta, "_t0": time.perf_counter()}, "notes": []}
     t_start = res["meta"]["_t0"]
     teacher = build_teacher(a.teacher)
@@ -765,12 +916,17 @@ def main(argv: list[str] | None = None) -> int:
         e = r["epoch_seconds"]
         r["first"] = e[0]
         r["steady"] = statistics.mean(e[1:]) if len(e) > 1 else e[0]  # epoch 1 fills caches / warms oneDNN up
-        r["amortised_200"] = (r.get("cache_fill_seconds", 0.0) + e[0] + 199 * r["steady"]) / 200 if name != PORT else r["steady"]
+        r["amortised_200"] = (
+            (r.get("cache_fill_seconds", 0.0) + e[0] + 199 * r["steady"]) / 200 if name != PORT else r["steady"]
+        )
     for name, r in pipes.items():
         r["ratio_steady"] = r["steady"] / pipes[PORT]["steady"]
         r["ratio_amortised_200"] = r["amortised_200"] / pipes[PORT]["steady"]
-        print(f"train {name}: epochs {[round(t, 2) for t in r['epoch_seconds']]} s; amortised {r['amortised_200']:.2f} s; "
-              f"ratio {r['ratio_amortised_200']:.3f}; peak RSS {r['memory']['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
+        print(
+            f"train {name}: epochs {[round(t, 2) for t in r['epoch_seconds']]} s; amortised {r['amortised_200']:.2f} s; "
+            f"ratio {r['ratio_amortised_200']:.3f}; peak RSS {r['memory']['peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
     res["training"] = {"pipelines": pipes}
 
     # ---- 2./3. inference and the machine's limit
@@ -789,11 +945,17 @@ def main(argv: list[str] | None = None) -> int:
         r["achieved_gflops"] = r["images_per_second"] * f / 1e9
         lim = limit.get("limit_lowp_gflops", limit["limit_gflops"]) if low_precision else limit["limit_gflops"]
         r["utilisation"] = r["achieved_gflops"] / lim
-        r["utilisation_conv"] = r["achieved_gflops"] / (limit["conv3x3_bf16_gflops"] if low_precision and
-                                                        "conv3x3_bf16_gflops" in limit else limit["conv3x3_gflops"])
+        r["utilisation_conv"] = r["achieved_gflops"] / (
+            limit["conv3x3_bf16_gflops"]
+            if low_precision and "conv3x3_bf16_gflops" in limit
+            else limit["conv3x3_gflops"]
+        )
         inf[name] = r
-        print(f"inference {name}: {r['images_per_second']:.2f} img/s, {r['achieved_gflops']:.1f} GFLOP/s "
-              f"({100 * r['utilisation']:.1f} % of limit, {100 * r['utilisation_conv']:.1f} % of conv), peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
+        print(
+            f"inference {name}: {r['images_per_second']:.2f} img/s, {r['achieved_gflops']:.1f} GFLOP/s "
+            f"({100 * r['utilisation']:.1f} % of limit, {100 * r['utilisation_conv']:.1f} % of conv), peak RSS {r['peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
 
     bs = a.batch_size
     amp = device.type == "cuda"  # the evaluator runs AMP on CUDA
@@ -823,23 +985,33 @@ def main(argv: list[str] | None = None) -> int:
         n = min(a.dense_images, len(images))
         for b in sorted({min(bs, n), 1}):
             r = inference_throughput(dpred, images[:n], b, device, True, None, min_seconds=min_s)
-            _add(f"dense {a.dense_arch} Skip-TS (random weights): batch {b}, inference_mode, channels-last", r, flops[dkey])
+            _add(
+                f"dense {a.dense_arch} Skip-TS (random weights): batch {b}, inference_mode, channels-last",
+                r,
+                flops[dkey],
+            )
         del dense, dpred
     res["inference"] = inf
     res["flops_per_image"] = flops
     best = f"SkipTSPredictor: batch {bs}, inference_mode, channels-last"
-    res["inference_speedup_vs_port"] = inf[best]["images_per_second"] / inf["port: batch 1, no_grad, NCHW, fp32"]["images_per_second"]
+    res["inference_speedup_vs_port"] = (
+        inf[best]["images_per_second"] / inf["port: batch 1, no_grad, NCHW, fp32"]["images_per_second"]
+    )
     res["targets"] = {
         "train_ratio_le_0.5": pipes[SHIPPED]["ratio_amortised_200"] <= 0.5,
         "train_ratio_le_0.5_with_fix": pipes[FIXED]["ratio_amortised_200"] <= 0.5,
         "inference_utilisation_ge_50pct": inf[best]["utilisation"] >= 0.5,
-        "peak_rss_training_le_4GiB": max(pipes[SHIPPED]["memory"]["peak_rss_gib"], pipes[FIXED]["memory"]["peak_rss_gib"]) <= 4.0,
+        "peak_rss_training_le_4GiB": max(
+            pipes[SHIPPED]["memory"]["peak_rss_gib"], pipes[FIXED]["memory"]["peak_rss_gib"]
+        )
+        <= 4.0,
     }
     if not res["targets"]["inference_utilisation_ge_50pct"]:
         res["notes"].append(
             f"{a.teacher} and its mirrored student are mostly depthwise and 1×1 convolutions (few FLOPs per byte, "
             "memory-bound), so they cannot approach a dense-GEMM limit; the dense rows run the same code path on the "
-            "paper's Wide-ResNet50 architecture.")  # fmt: skip
+            "paper's Wide-ResNet50 architecture."
+        )
     res["meta"].pop("_t0", None)
     res["meta"]["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     out = work_dir / "speed.json"

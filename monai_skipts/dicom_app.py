@@ -50,19 +50,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     from monai_skipts.utils import InputDataError
 
     try:
-        predictor = AnomalyPredictor(args.checkpoint, args.teacher_weights, device=args.device,
-                                     volume_aggregation=args.volume_aggregation, batch_size=args.batch_size)  # fmt: skip
-        summary = run_app(predictor, args.output, input=args.input, dicomweb_url=args.dicomweb, study_uid=args.study,
-                          seg=args.seg, checkpoint=args.checkpoint)  # fmt: skip
+        predictor = AnomalyPredictor(
+            args.checkpoint,
+            args.teacher_weights,
+            device=args.device,
+            volume_aggregation=args.volume_aggregation,
+            batch_size=args.batch_size,
+        )
+        summary = run_app(
+            predictor,
+            args.output,
+            input=args.input,
+            dicomweb_url=args.dicomweb,
+            study_uid=args.study,
+            seg=args.seg,
+            checkpoint=args.checkpoint,
+        )
     except (InputDataError, OSError, PacsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     brief = {
-        "series": [{"series": s["series"], "units": [{k: u[k] for k in ("unit", "score", "threshold", "anomalous",
-                                                                          "normalized_score")} for u in s["units"]]}
-                   for s in summary["series"]],
-        "skipped": summary["skipped"], "errors": summary["errors"], "n_files": len(summary["files"]),
-    }  # fmt: skip
+        "series": [
+            {
+                "series": s["series"],
+                "units": [
+                    {k: u[k] for k in ("unit", "score", "threshold", "anomalous", "normalized_score")}
+                    for u in s["units"]
+                ],
+            }
+            for s in summary["series"]
+        ],
+        "skipped": summary["skipped"],
+        "errors": summary["errors"],
+        "n_files": len(summary["files"]),
+    }
     for key in ("n_pulled", "n_stored"):
         if key in summary:
             brief[key] = summary[key]

@@ -35,11 +35,19 @@ from .transforms.presets import has_random_transforms
 from .utils import resolve_device
 
 __all__ = [
-    "SkipTSTrainer", "SkipTSEvaluator", "NonFiniteLossError", "LevelStatsFitter", "TeacherFeatureCache",
-    "PlainTensorBatch", "build_optimizer", "distribute_student", "PAPER_HPARAMS",
+    "SkipTSTrainer",
+    "SkipTSEvaluator",
+    "NonFiniteLossError",
+    "LevelStatsFitter",
+    "TeacherFeatureCache",
+    "PlainTensorBatch",
+    "build_optimizer",
+    "distribute_student",
+    "PAPER_HPARAMS",
     # moved (kept importable from here: bundles call monai_skipts.engines.resolve_device)
-    "has_random_transforms", "resolve_device",
-]  # fmt: skip
+    "has_random_transforms",
+    "resolve_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +78,9 @@ def distribute_student(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-def build_optimizer(network: torch.nn.Module, lr: float = 0.005, betas: Sequence[float] = (0.5, 0.999)) -> torch.optim.Adam:
+def build_optimizer(
+    network: torch.nn.Module, lr: float = 0.005, betas: Sequence[float] = (0.5, 0.999)
+) -> torch.optim.Adam:
     """Adam over the student's parameters only (the teacher is frozen)."""
     return torch.optim.Adam(_student(network).parameters(), lr=lr, betas=tuple(betas))
 
@@ -170,8 +180,11 @@ class SkipTSTrainer(SupervisedTrainer):
             raise SkipTSTrainer._stop(engine, batchdata, float(loss.detach().float()))
         # fp16 autocast can overflow where fp32 does not: this batch's forward and loss again in fp32
         # (the backward and the step that follow use this loss; AMP stays on for the next batches)
-        logger.warning("non-finite loss under AMP (%s) for batch %s: trained again in fp32", float(loss.detach().float()),
-                       _batch_ids(batchdata) or engine.state.iteration)  # fmt: skip
+        logger.warning(
+            "non-finite loss under AMP (%s) for batch %s: trained again in fp32",
+            float(loss.detach().float()),
+            _batch_ids(batchdata) or engine.state.iteration,
+        )
         inputs, targets, args, kwargs = _prepared(engine, batchdata)
         with torch.autocast(torch.device(engine.state.device).type, enabled=False):
             pred = engine.inferer(inputs, engine.network, *args, **kwargs)
@@ -184,13 +197,18 @@ class SkipTSTrainer(SupervisedTrainer):
     def _stop(engine: SupervisedTrainer, batchdata: Any, loss: float) -> NonFiniteLossError:
         ids = _batch_ids(batchdata)
         bad = _nonfinite_images(batchdata)
-        what = (f"images with non-finite pixel values: {bad}" if bad else
-                "no image of the batch holds non-finite pixel values (look at the model's weights, the "
-                "learning rate and these images' intensities)")  # fmt: skip
-        msg = (f"non-finite training loss ({loss}) at epoch {engine.state.epoch}, iteration "
-               f"{engine.state.iteration}, batch {ids or '(no ids)'}: {what}. Training stopped before this "
-               "step, so the weights stay finite; model.pt is not written (checkpoint.pt, if any, keeps the "
-               "last complete epoch)")  # fmt: skip
+        what = (
+            f"images with non-finite pixel values: {bad}"
+            if bad
+            else "no image of the batch holds non-finite pixel values (look at the model's weights, the "
+            "learning rate and these images' intensities)"
+        )
+        msg = (
+            f"non-finite training loss ({loss}) at epoch {engine.state.epoch}, iteration "
+            f"{engine.state.iteration}, batch {ids or '(no ids)'}: {what}. Training stopped before this "
+            "step, so the weights stay finite; model.pt is not written (checkpoint.pt, if any, keeps the "
+            "last complete epoch)"
+        )
         return NonFiniteLossError(msg)
 
 
@@ -254,8 +272,10 @@ class SkipTSEvaluator(SupervisedEvaluator):
         if not engine.amp or bool(torch.isfinite(engine.state.output[Keys.PRED]).all()):
             return
         batchdata = engine.state.batch
-        logger.warning("non-finite anomaly map under AMP (batch %s): recomputed in fp32",
-                       _batch_ids(batchdata) or engine.state.iteration)  # fmt: skip
+        logger.warning(
+            "non-finite anomaly map under AMP (batch %s): recomputed in fp32",
+            _batch_ids(batchdata) or engine.state.iteration,
+        )
         inputs, _, args, kwargs = _prepared(engine, batchdata)
         with engine.mode(engine.network), torch.autocast(torch.device(engine.state.device).type, enabled=False):
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
@@ -407,7 +427,9 @@ class TeacherFeatureCache:
             raise KeyError(f"TeacherFeatureCache needs batches with a unique '{self.key}' per image")
         image = batchdata["image"]
         # plain tensors: MetaTensor bookkeeping on every student op costs ~2x per step (benchmarks/speed.py)
-        image = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(device=device, non_blocking=non_blocking, **kwargs)
+        image = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(
+            device=device, non_blocking=non_blocking, **kwargs
+        )
         label = batchdata.get("label")
         label = label.to(device=device, non_blocking=non_blocking) if isinstance(label, torch.Tensor) else None
         ids = [str(i) for i in batchdata[self.key]]
@@ -418,7 +440,9 @@ class TeacherFeatureCache:
             for j, i in enumerate(missing):
                 self.store[ids[i]] = [f[j].to(self.storage_device, self.dtype) for f in feats]
         feats = [
-            torch.stack([self.store[k][level] for k in ids]).to(device=device, dtype=image.dtype, non_blocking=non_blocking)
+            torch.stack([self.store[k][level] for k in ids]).to(
+                device=device, dtype=image.dtype, non_blocking=non_blocking
+            )
             for level in range(4)
         ]
         return image, label, (), {"teacher_feats": feats}

@@ -167,7 +167,7 @@ class SkipTSExportModel(nn.Module):
                 raise ValueError(
                     f"input of {got[0]}x{got[1]} pixels, but the model was trained at {h}x{w} (its checkpoint's "
                     f"spatial_size); export and serve it at that size, "
-                    f"e.g. ckpt_export --input_shape \"[1, 3, {h}, {w}]\""
+                    f'e.g. ckpt_export --input_shape "[1, 3, {h}, {w}]"'
                 )
         return self.predictor(x)
 
@@ -245,11 +245,18 @@ def export_metadata(
         "spatial_size": [h, w],
         "sigma": model.sigma,
         "map_level_stats": stats.detach().cpu().double().tolist() if stats is not None else None,
-        "inputs": {"image": {"shape": ["B", 3, h, w], "dtype": "float32",
-                             "preprocessing": "intensity to [0, 1], resize, 3 channels, ImageNet normalisation"}},
-        "outputs": {"anomaly_map": {"shape": ["B", 1, h, w], "dtype": "float32"},
-                    "score": {"shape": ["B"], "dtype": "float32", "anomalous_if": "score >= threshold.value"}},
-    }  # fmt: skip
+        "inputs": {
+            "image": {
+                "shape": ["B", 3, h, w],
+                "dtype": "float32",
+                "preprocessing": "intensity to [0, 1], resize, 3 channels, ImageNet normalisation",
+            }
+        },
+        "outputs": {
+            "anomaly_map": {"shape": ["B", 1, h, w], "dtype": "float32"},
+            "score": {"shape": ["B"], "dtype": "float32", "anomalous_if": "score >= threshold.value"},
+        },
+    }
     meta.update(extra or {})
     return meta
 
@@ -360,10 +367,16 @@ def export_onnx(
     axes = {"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
     with _tracing():
         torch.onnx.export(
-            module, (_example(spatial_size),), buf, dynamo=False, input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
+            module,
+            (_example(spatial_size),),
+            buf,
+            dynamo=False,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=axes,
+            opset_version=opset,
             do_constant_folding=constant_folding,
-        )  # fmt: skip
+        )
     proto = onnx.load_from_string(buf.getvalue())
     thr = meta["threshold"] or {}
     props = {
@@ -388,8 +401,9 @@ def _verify_onnx(path: Path, module: nn.Module, data: bytes, spatial_size, atol:
     try:
         import onnxruntime as ort
     except ImportError:  # pragma: no cover - depends on the install
-        warnings.warn(f"{path}: onnxruntime is not installed, the ONNX export was not verified; {EXPORT_EXTRA}",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: onnxruntime is not installed, the ONNX export was not verified; {EXPORT_EXTRA}", stacklevel=3
+        )
         return
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     x = _example(spatial_size, 2)
@@ -480,14 +494,17 @@ def export_preprocessing(source: Mapping[str, Any] | str | os.PathLike, load: bo
     if isinstance(source, (str, os.PathLike)):
         source = load_checkpoint(source)
     if source.get("kind") == EXPORT_KIND or "preprocessing" in source:
-        stored = source.get("preprocessing") or {k: source[k] for k in ("modality", "window", "mri_norm", "spatial_size")
-                                                 if source.get(k) is not None}  # fmt: skip
+        stored = source.get("preprocessing") or {
+            k: source[k] for k in ("modality", "window", "mri_norm", "spatial_size") if source.get(k) is not None
+        }
         spec = preprocessing_spec(stored)
     else:
         spec = preprocessing_spec(source)
     if not spec["modality"]:
-        raise ValueError("the export's metadata names no modality preset: preprocess its input with "
-                         "monai_skipts.transforms.build_preprocessing(<modality>, <spatial size>)")  # fmt: skip
+        raise ValueError(
+            "the export's metadata names no modality preset: preprocess its input with "
+            "monai_skipts.transforms.build_preprocessing(<modality>, <spatial size>)"
+        )
     return build_preprocessing(**spec, load=load, **kwargs)
 
 
@@ -517,8 +534,10 @@ def _require_backend(backend: str):
         else:
             import openvino as mod
     except ImportError as e:
-        raise MissingExtraError(f"backend {backend!r} needs the {backend} package, which is not installed ({e}); "
-                                f"install its extra: {BACKEND_EXTRAS[backend]}") from e  # fmt: skip
+        raise MissingExtraError(
+            f"backend {backend!r} needs the {backend} package, which is not installed ({e}); "
+            f"install its extra: {BACKEND_EXTRAS[backend]}"
+        ) from e
     return mod
 
 
@@ -541,8 +560,13 @@ def _writable_dir(folder: Path) -> bool:
         return False
 
 
-def backend_cache_paths(checkpoint: str | os.PathLike, backend: str, spatial_size: int | Sequence[int],
-                        options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> list[Path]:  # fmt: skip
+def backend_cache_paths(
+    checkpoint: str | os.PathLike,
+    backend: str,
+    spatial_size: int | Sequence[int],
+    options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[Path]:
     """The cached export files of ``checkpoint`` for ``backend`` at ``spatial_size``.
 
     Named ``<checkpoint name>.<key>.<H>x<W>.onnx`` (ONNX Runtime) or ``... .openvino.xml`` plus its
@@ -585,8 +609,14 @@ def _write_record(files: Sequence[Path]) -> None:
     atomic_write_text(_record(files), json.dumps({f.name: _sha256_file(f) for f in files}, indent=1) + "\n")
 
 
-def _export_for_backend(module: SkipTSExportModel, backend: str, files: Sequence[Path], spatial_size,
-                        metadata: Mapping[str, Any] | None, atol: float) -> None:  # fmt: skip
+def _export_for_backend(
+    module: SkipTSExportModel,
+    backend: str,
+    files: Sequence[Path],
+    spatial_size,
+    metadata: Mapping[str, Any] | None,
+    atol: float,
+) -> None:
     """Write the backend's files (atomically, verified against the eager ``module``), then the record."""
     if backend == "onnxruntime":
         export_onnx(module, files[0], spatial_size, metadata=metadata, verify=True, atol=atol)
@@ -612,9 +642,16 @@ def _export_for_backend(module: SkipTSExportModel, backend: str, files: Sequence
     _write_record(files)
 
 
-def cached_backend_export(checkpoint: str | os.PathLike, backend: str, module_factory, spatial_size,
-                          options: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
-                          cache_dir: str | os.PathLike | None = None, atol: float = 1e-4) -> list[Path]:  # fmt: skip
+def cached_backend_export(
+    checkpoint: str | os.PathLike,
+    backend: str,
+    module_factory,
+    spatial_size,
+    options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    atol: float = 1e-4,
+) -> list[Path]:
     """The backend's exported files of ``checkpoint``, made once and cached (see
     :func:`backend_cache_paths`); ``module_factory()`` gives the :class:`SkipTSExportModel` to export
     when the cache is missing or invalid. The export is checked against that eager model (``atol``)

@@ -37,7 +37,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from monai.data import MetaTensor
 
 from .checkpoint import load_checkpoint, load_model
@@ -76,8 +75,13 @@ class InferenceIncompleteError(InputDataError):
         errors: ``[{"file": id, "reason": ...}]``.
     """
 
-    def __init__(self, path: str | os.PathLike | None, problem: str, summary: dict | None = None,
-                 errors: list[dict] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        problem: str,
+        summary: dict | None = None,
+        errors: list[dict] | None = None,
+    ):
         super().__init__(path, problem)
         self.summary = dict(summary or {})
         self.errors = list(errors or [])
@@ -95,7 +99,9 @@ def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     if isinstance(inputs, (str, os.PathLike)):
         root = Path(inputs)
         if root.is_dir():
-            files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and is_image_file(p))
+            files = sorted(
+                p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and is_image_file(p)
+            )
             if not files:
                 raise InputDataError(root, "no image files (PNG/JPG/DICOM/NIfTI/NRRD) found in this folder")
             return [{"image": str(p), "id": p.relative_to(root).as_posix()} for p in files]
@@ -188,13 +194,26 @@ class AnomalyPredictor:
             (``None`` when the checkpoint has none); ``threshold_record`` the whole calibration record.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike | dict[str, Any], teacher_weights: str | os.PathLike | None = None,
-                 device: str | torch.device = "auto", volume_axis: int = 2, volume_aggregation: str = "max",
-                 batch_size: int = 16, topk: int = 3, max_pixels: int | None = None, modality: str | None = None,
-                 spatial_size: int | Sequence[int] | None = None, window: str | Sequence[float] | None = None,
-                 mri_norm: str | None = None, sigma: float | None = None, slice_axis: int | None = None,
-                 backend: str = "torch", num_threads: int | None = None,
-                 export_cache_dir: str | os.PathLike | None = None):  # fmt: skip
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | dict[str, Any],
+        teacher_weights: str | os.PathLike | None = None,
+        device: str | torch.device = "auto",
+        volume_axis: int = 2,
+        volume_aggregation: str = "max",
+        batch_size: int = 16,
+        topk: int = 3,
+        max_pixels: int | None = None,
+        modality: str | None = None,
+        spatial_size: int | Sequence[int] | None = None,
+        window: str | Sequence[float] | None = None,
+        mri_norm: str | None = None,
+        sigma: float | None = None,
+        slice_axis: int | None = None,
+        backend: str = "torch",
+        num_threads: int | None = None,
+        export_cache_dir: str | os.PathLike | None = None,
+    ):
         from .export import BACKENDS
 
         backend = str(backend or "torch").lower()
@@ -204,8 +223,9 @@ class AnomalyPredictor:
         self.num_threads = None if num_threads in (None, "", 0) else int(num_threads)
         if backend != "torch":  # the exported graph runs on the CPU
             if str(device) not in ("auto", "cpu"):
-                raise ValueError(f"backend {backend!r} runs on the CPU; got device={device!r} (use backend='torch' "
-                                 "for a GPU)")  # fmt: skip
+                raise ValueError(
+                    f"backend {backend!r} runs on the CPU; got device={device!r} (use backend='torch' for a GPU)"
+                )
             device = "cpu"
         elif self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -258,13 +278,17 @@ class AnomalyPredictor:
         def module():
             return as_export_model(self.predictor, self.threshold_record)
 
-        files = cached_backend_export(checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir)
+        files = cached_backend_export(
+            checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir
+        )
         try:
             runner = make_backend_runner(self.backend, files, self.num_threads)
         except (RuntimeError, ValueError, OSError) as e:  # valid bytes the runtime refuses (e.g. another version)
             logger.warning("%s: cached export could not be loaded (%s); exporting again", files[0], e)
             files[0].with_name(files[0].name + ".sha256").unlink(missing_ok=True)  # the record: rebuild
-            files = cached_backend_export(checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir)
+            files = cached_backend_export(
+                checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir
+            )
             runner = make_backend_runner(self.backend, files, self.num_threads)
         self.export_files = files
         logger.info("backend %s: %s", self.backend, files[0])
@@ -279,11 +303,18 @@ class AnomalyPredictor:
         """The serving configuration (JSON-able), enough to rebuild this predictor from the checkpoint."""
         size = self.spatial_size if isinstance(self.spatial_size, int) else list(self.spatial_size)
         return {
-            "modality": self.modality, "spatial_size": size, "window": self.window, "mri_norm": self.mri_norm,
-            "sigma": self.sigma, "volume_aggregation": self.volume_aggregation, "topk": self.topk,
-            "slice_axis": self.volume_axis, "batch_size": self.batch_size, "backend": self.backend,
+            "modality": self.modality,
+            "spatial_size": size,
+            "window": self.window,
+            "mri_norm": self.mri_norm,
+            "sigma": self.sigma,
+            "volume_aggregation": self.volume_aggregation,
+            "topk": self.topk,
+            "slice_axis": self.volume_axis,
+            "batch_size": self.batch_size,
+            "backend": self.backend,
             "num_threads": self.num_threads,
-        }  # fmt: skip
+        }
 
     # ---- model --------------------------------------------------------------------------------------
 
@@ -301,7 +332,9 @@ class AnomalyPredictor:
         if bool(bad.any()):
             per_image = bad.reshape(bad.shape[0], -1).sum(1) if bad.ndim > 1 else bad.reshape(1, -1).sum(1)
             idx = [int(i) for i in per_image.nonzero().flatten()]
-            which = ", ".join(f"{i} ({int(per_image[i])} values)" for i in idx[:10]) + (", ..." if len(idx) > 10 else "")
+            which = ", ".join(f"{i} ({int(per_image[i])} values)" for i in idx[:10]) + (
+                ", ..." if len(idx) > 10 else ""
+            )
             raise ValueError(
                 f"input is not finite: NaN/inf values in image{'s' if len(idx) > 1 else ''} {which} of a batch of "
                 f"{per_image.numel()}; the tensor API scores finite, preprocessed images only (score files "
@@ -442,7 +475,10 @@ class AnomalyPredictor:
             maps, scores = self.predict_tensor(torch.stack([x for _, _, x in pending]))
             for (it, d, _), amap, s in zip(pending, maps, scores):
                 if not torch.isfinite(s):
-                    fail(it, InputDataError(it["image"], "the anomaly score is not finite; the image holds invalid values"))
+                    fail(
+                        it,
+                        InputDataError(it["image"], "the anomaly score is not finite; the image holds invalid values"),
+                    )
                     continue
                 size = tuple(int(v) for v in d["image"].meta.get("spatial_shape", amap.shape[-2:]))[-2:]
                 full = F.interpolate(amap[None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -457,8 +493,9 @@ class AnomalyPredictor:
             item["id"] = str(item.get("id", item["image"]))
             had_vid = bool(item.get("volume_id"))
             try:  # volumes -> one item per slice, named by the (relative) id, never by the path
-                expanded = expand_volume_datalist([{**item, "volume_id": item.get("volume_id") or item["id"]}],
-                                                  axis=self.volume_axis, loader=loader)  # fmt: skip
+                expanded = expand_volume_datalist(
+                    [{**item, "volume_id": item.get("volume_id") or item["id"]}], axis=self.volume_axis, loader=loader
+                )
             except Exception as e:
                 fail(item, e)
                 continue
@@ -483,8 +520,13 @@ class AnomalyPredictor:
         results = [r for r in results if (r["id"], r["image"]) not in failed]
         return results, errors
 
-    def run(self, inputs: str | os.PathLike | Sequence, output_dir: str | os.PathLike, save_maps: bool = True,
-            fail_fast: bool = False) -> dict[str, Any]:  # fmt: skip
+    def run(
+        self,
+        inputs: str | os.PathLike | Sequence,
+        output_dir: str | os.PathLike,
+        save_maps: bool = True,
+        fail_fast: bool = False,
+    ) -> dict[str, Any]:
         """Score ``inputs`` (folder, file or list of paths) and write the outputs (see the module
         docstring); returns a summary ``{"n_images", "n_volumes", "n_anomalous", "n_errors"}``.
 
@@ -517,15 +559,21 @@ class AnomalyPredictor:
             for vid in volumes:
                 slices = [r for r in results if r.get("volume_id") == vid]
                 self._save_volume_map(out / names[vid], slices[0]["image"], slices)
-        rows = [{k: r.get(k, "") for k in PREDICTION_COLUMNS[:-1]} | {"map": names.get(r.get("volume_id", r["id"]), "")}
-                for r in results]  # fmt: skip
+        rows = [
+            {k: r.get(k, "") for k in PREDICTION_COLUMNS[:-1]} | {"map": names.get(r.get("volume_id", r["id"]), "")}
+            for r in results
+        ]
         _write_csv(out / "predictions.csv", rows, PREDICTION_COLUMNS)
         if volumes:
             vrows = [{"volume_id": v, **d, "map": names.get(v, "")} for v, d in volumes.items()]
             _write_csv(out / "volume_predictions.csv", vrows, VOLUME_COLUMNS)
         _write_csv(out / "errors.csv", errors, ERROR_COLUMNS)  # always: no stale list from an earlier run
-        summary = {"n_images": len(results), "n_volumes": len(volumes),
-                   "n_anomalous": sum(bool(r["anomalous"]) for r in rows), "n_errors": len(errors)}  # fmt: skip
+        summary = {
+            "n_images": len(results),
+            "n_volumes": len(volumes),
+            "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
+            "n_errors": len(errors),
+        }
         logger.info("scored %d images (%d volumes) into %s", len(results), len(volumes), out)
         if errors:
             first = errors[0]
@@ -543,9 +591,17 @@ class AnomalyPredictor:
         sl = [r for r in results if "volume_id" in r]
         if not sl:
             return {}
-        agg = aggregate_volume_scores([r["volume_id"] for r in sl], [r["score"] for r in sl], self.volume_aggregation, self.topk)
-        return {v: {**self.decide(s), "n_slices": sum(r["volume_id"] == v for r in sl), "aggregation": self.volume_aggregation}
-                for v, s in agg.items()}  # fmt: skip
+        agg = aggregate_volume_scores(
+            [r["volume_id"] for r in sl], [r["score"] for r in sl], self.volume_aggregation, self.topk
+        )
+        return {
+            v: {
+                **self.decide(s),
+                "n_slices": sum(r["volume_id"] == v for r in sl),
+                "aggregation": self.volume_aggregation,
+            }
+            for v, s in agg.items()
+        }
 
     def _save_volume_map(self, path: Path, volume_path: str, slices: list[dict]) -> None:
         """Stack slice maps back into the volume's RAS grid (inverse of the slice display layout)."""
@@ -596,11 +652,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--volume_axis", type=int, default=2, help="slicing axis of volumes (2 = axial)")
     p.add_argument("--volume_aggregation", default="max", choices=("max", "mean", "topk"))
-    p.add_argument("--max_pixels", type=int, default=None,
-                   help="largest picture or DICOM frame accepted, in pixels (default 40 million; 0 = no limit)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "openvino"),
-                   help="runtime of the network: eager PyTorch, or the exported graph on the CPU (cached next to "
-                        "the checkpoint)")  # fmt: skip
+    p.add_argument(
+        "--max_pixels",
+        type=int,
+        default=None,
+        help="largest picture or DICOM frame accepted, in pixels (default 40 million; 0 = no limit)",
+    )
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime", "openvino"),
+        help="runtime of the network: eager PyTorch, or the exported graph on the CPU (cached next to the checkpoint)",
+    )
     p.add_argument("--num_threads", type=int, default=None, help="CPU threads of the forward pass")
     p.add_argument("--no_maps", action="store_true", help="do not write the anomaly maps")
     p.add_argument("--fail_fast", action="store_true", help="stop at the first input that cannot be scored")
@@ -608,10 +671,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     inputs = args.input[0] if len(args.input) == 1 else args.input
     try:
-        predictor = AnomalyPredictor(args.checkpoint, args.teacher_weights, device=args.device,
-                                     volume_axis=args.volume_axis, volume_aggregation=args.volume_aggregation,
-                                     batch_size=args.batch_size, max_pixels=args.max_pixels,
-                                     backend=args.backend, num_threads=args.num_threads)  # fmt: skip
+        predictor = AnomalyPredictor(
+            args.checkpoint,
+            args.teacher_weights,
+            device=args.device,
+            volume_axis=args.volume_axis,
+            volume_aggregation=args.volume_aggregation,
+            batch_size=args.batch_size,
+            max_pixels=args.max_pixels,
+            backend=args.backend,
+            num_threads=args.num_threads,
+        )
         summary = predictor.run(inputs, args.output_dir, save_maps=not args.no_maps, fail_fast=args.fail_fast)
     except (InputDataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

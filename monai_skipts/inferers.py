@@ -16,7 +16,6 @@ bit-identical to the plain eq 7.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Sequence
 
 import torch

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["anomaly_maps", "similarity_loss", "mac_loss", "DRKDLoss", "RD4ADLoss", "LOSSES", "build_loss", "SIMILARITIES"]
+__all__ = [
+    "anomaly_maps",
+    "similarity_loss",
+    "mac_loss",
+    "DRKDLoss",
+    "RD4ADLoss",
+    "LOSSES",
+    "build_loss",
+    "SIMILARITIES",
+]
 
 SIMILARITIES = ("cosine", "mse")
 
@@ -63,7 +72,9 @@ def mac_loss(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     A single map gives 0.
     """
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-    up = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+    up = [
+        m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps
+    ]
     total = torch.zeros((), device=maps[0].device, dtype=up[0].dtype)
     for i in range(len(up)):
         for j in range(i + 1, len(up)):
@@ -86,7 +97,9 @@ class DRKDLoss(nn.Module):
     After each call ``last`` holds the float components ``{"sim", "mac", "total"}``.
     """
 
-    def __init__(self, beta: float = 0.05, mac: bool = True, similarity: str = "cosine", layers: Sequence[int] | None = None):
+    def __init__(
+        self, beta: float = 0.05, mac: bool = True, similarity: str = "cosine", layers: Sequence[int] | None = None
+    ):
         super().__init__()
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got '{similarity}'")

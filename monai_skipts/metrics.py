@@ -121,9 +121,7 @@ def _image_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     s = _to_numpy(scores)
     y = _to_numpy(labels)
     if s.ndim != 1 or y.ndim != 1:
-        raise ValueError(
-            f"scores and labels must be 1-D (one value per image); got shapes {s.shape} and {y.shape}"
-        )
+        raise ValueError(f"scores and labels must be 1-D (one value per image); got shapes {s.shape} and {y.shape}")
     if s.shape[0] != y.shape[0]:
         raise ValueError(f"scores and labels differ in length: {s.shape[0]} scores, {y.shape[0]} labels")
     s = _as_float(s, "scores").astype(np.float64, copy=False)
@@ -137,9 +135,7 @@ def _image_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
             got = f"only normal images ({n_normal} with label 0, none with label 1)"
         else:
             got = f"only anomalous images ({n_abnormal} with label 1, none with label 0)"
-        raise ValueError(
-            f"the test set needs both normal (label 0) and anomalous (label 1) images; got {got}"
-        )
+        raise ValueError(f"the test set needs both normal (label 0) and anomalous (label 1) images; got {got}")
     return s, y
 
 
@@ -718,8 +714,14 @@ def pixel_metrics(
     m, g = _pixel_inputs(maps, masks)  # checked once for all
     best, t_best = _best_dice(m, g)
     hits, n_lesion = _hit_rate(m, g)
-    out = {"pixel_auroc": _pixel_auroc(m, g), "aupro": _aupro(m, g, fpr_limit, num_thresholds),
-           "dice_best": best, "dice_best_threshold": t_best, "hit_rate": hits, "n_lesion_images": n_lesion}
+    out = {
+        "pixel_auroc": _pixel_auroc(m, g),
+        "aupro": _aupro(m, g, fpr_limit, num_thresholds),
+        "dice_best": best,
+        "dice_best_threshold": t_best,
+        "hit_rate": hits,
+        "n_lesion_images": n_lesion,
+    }
     if threshold is not None:
         out["dice"] = _dice_at(m, g, float(threshold))
     return out

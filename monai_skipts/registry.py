@@ -121,8 +121,12 @@ class SkipTSPyfuncModel(mlflow.pyfunc.PythonModel):
         out = []
         for row in rows:
             d = scorer.decide(row["score"])
-            rec = {"score": row["score"], "threshold": _nan(d["threshold"]), "anomalous": bool(d["anomalous"]),
-                   "normalized_score": _nan(d["normalized_score"])}  # fmt: skip
+            rec = {
+                "score": row["score"],
+                "threshold": _nan(d["threshold"]),
+                "anomalous": bool(d["anomalous"]),
+                "normalized_score": _nan(d["normalized_score"]),
+            }
             if maps:
                 rec["anomaly_map"] = row["anomaly_map"]
             out.append(rec)
@@ -179,7 +183,6 @@ def serving_config(
     logged backend; an exported backend caches its graph next to the model's checkpoint artifact (or
     under ``~/.cache/monai-skipts/exports`` when that folder is read-only)."""
     from monai_skipts.export import BACKENDS
-
     from monai_skipts.transforms import preprocessing_spec
 
     ckpt = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
@@ -202,21 +205,33 @@ def _check_backend(backend: str, backends: Sequence[str]) -> str:
 def model_signature() -> ModelSignature:
     """Input column ``image`` (any: path or array), output columns, params ``return_maps``, ``bit_depth``."""
     inputs = Schema([ColSpec(AnyType(), "image")])
-    outputs = Schema([
-        ColSpec(DataType.double, "score"),
-        ColSpec(DataType.double, "threshold"),
-        ColSpec(DataType.boolean, "anomalous"),
-        ColSpec(DataType.double, "normalized_score"),
-        ColSpec(AnyType(), "anomaly_map", required=False),
-    ])  # fmt: skip
+    outputs = Schema(
+        [
+            ColSpec(DataType.double, "score"),
+            ColSpec(DataType.double, "threshold"),
+            ColSpec(DataType.boolean, "anomalous"),
+            ColSpec(DataType.double, "normalized_score"),
+            ColSpec(AnyType(), "anomaly_map", required=False),
+        ]
+    )
     params = ParamSchema([ParamSpec("return_maps", DataType.boolean, False), ParamSpec("bit_depth", DataType.long, 0)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 _REQUIREMENTS = (
-    "torch", "torchvision", "monai", "pytorch-ignite", "numpy", "scipy", "scikit-learn", "pillow", "pydicom",
-    "nibabel", "pandas", "mlflow",
-)  # fmt: skip
+    "torch",
+    "torchvision",
+    "monai",
+    "pytorch-ignite",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "pillow",
+    "pydicom",
+    "nibabel",
+    "pandas",
+    "mlflow",
+)
 
 
 def pip_requirements(teacher: str | None = None, backend: str = "torch") -> list[str]:
@@ -243,8 +258,11 @@ def _config_files(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
     out: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += [(f, f"{p.resolve().name}/{f.name}") for f in sorted(p.iterdir())
-                    if f.is_file() and f.name.endswith(_CONFIG_SUFFIXES)]  # fmt: skip
+            out += [
+                (f, f"{p.resolve().name}/{f.name}")
+                for f in sorted(p.iterdir())
+                if f.is_file() and f.name.endswith(_CONFIG_SUFFIXES)
+            ]
         elif p.is_file():
             out.append((p, p.name))
         else:
@@ -410,24 +428,35 @@ def log_and_register(
             from .handlers.mlflow import run_owner_tags  # a killed registration is marked KILLED later
 
             mlflow.set_tags({**version_tags, **run_owner_tags()})
-            mlflow.log_params({
-                "teacher": cfg["teacher"], "student": cfg["student"], "skip": cfg["skip"],
-                "modality": serving["modality"], "spatial_size": serving["spatial_size"], "sigma": serving["sigma"],
-                "target_fpr": thr.get("target_fpr"), "epoch": ckpt.get("epoch"),
-            })  # fmt: skip
+            mlflow.log_params(
+                {
+                    "teacher": cfg["teacher"],
+                    "student": cfg["student"],
+                    "skip": cfg["skip"],
+                    "modality": serving["modality"],
+                    "spatial_size": serving["spatial_size"],
+                    "sigma": serving["sigma"],
+                    "target_fpr": thr.get("target_fpr"),
+                    "epoch": ckpt.get("epoch"),
+                }
+            )
             numbers = {"threshold": float(thr["value"]), **_flat_metrics(metrics)}
             if thr.get("scale") is not None:
                 numbers["threshold_scale"] = float(thr["scale"])
             mlflow.log_metrics(numbers)
             info = log_model(
                 checkpoint_path, "model", serving, bundle_config_files, include_teacher_weights, name, teacher_weights
-            )  # fmt: skip
+            )
         version = str(info.registered_model_version)
         client = mlflow.MlflowClient()
         client.set_registered_model_alias(name, alias, version)
         for k, v in version_tags.items():
             client.set_model_version_tag(name, version, k, v)
     return {
-        "name": name, "version": version, "alias": alias, "model_uri": f"models:/{name}@{alias}",
-        "run_id": run.info.run_id, "source": info.model_uri,
-    }  # fmt: skip
+        "name": name,
+        "version": version,
+        "alias": alias,
+        "model_uri": f"models:/{name}@{alias}",
+        "run_id": run.info.run_id,
+        "source": info.model_uri,
+    }

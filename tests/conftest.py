@@ -52,17 +52,24 @@ def phantom_root(tmp_path_factory):
     """A small phantom dataset (MVTec layout) shared by the engine and bundle tests."""
     from monai_skipts.apps import make_phantom_dataset
 
-    return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_train=24, n_test_normal=8, n_test_abnormal=8, size=64, seed=0)
+    return make_phantom_dataset(
+        tmp_path_factory.mktemp("phantom"), n_train=24, n_test_normal=8, n_test_abnormal=8, size=64, seed=0
+    )
 
 
 # ---- DICOM results and the PACS (tests/test_dicom_out.py, tests/test_pacs.py) ----------------------
 
 #: patient/study values of the DICOM test study: they must reach the DICOM results, never a log or JSON
 DICOM_PHI = {
-    "PatientName": "ZQDCMNAME^SENTINEL", "PatientID": "ZQDCMID4711", "PatientBirthDate": "19670101",
-    "AccessionNumber": "ZQDCMACC0815", "StudyID": "ZQDCMSTUDY", "ReferringPhysicianName": "ZQDCMDOC^REF",
-    "StudyDescription": "ZQDCMSTUDYDESC", "InstitutionName": "ZQDCM General Hospital",
-}  # fmt: skip
+    "PatientName": "ZQDCMNAME^SENTINEL",
+    "PatientID": "ZQDCMID4711",
+    "PatientBirthDate": "19670101",
+    "AccessionNumber": "ZQDCMACC0815",
+    "StudyID": "ZQDCMSTUDY",
+    "ReferringPhysicianName": "ZQDCMDOC^REF",
+    "StudyDescription": "ZQDCMSTUDYDESC",
+    "InstitutionName": "ZQDCM General Hospital",
+}
 
 
 def apt_tool(binary: str, package: str) -> str:
@@ -158,8 +165,10 @@ def orthanc(tmp_path_factory):
     import urllib.request
 
     exe = apt_tool("Orthanc", "orthanc")
-    plugins = sorted(glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*")
-                     + glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*"))  # fmt: skip
+    plugins = sorted(
+        glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*")
+        + glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*")
+    )
     if not plugins:
         apt_tool("no-such-binary-orthanc-dicomweb", "orthanc-dicomweb")
 
@@ -171,11 +180,18 @@ def orthanc(tmp_path_factory):
     root = tmp_path_factory.mktemp("orthanc")
     port = free_port()
     config = {
-        "Name": "skipts-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-        "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(), "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "Plugins": [plugins[0]], "StableAge": 1,
+        "Name": "skipts-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "DicomPort": free_port(),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [plugins[0]],
+        "StableAge": 1,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
-    }  # fmt: skip
+    }
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "wb")
     proc = subprocess.Popen([exe, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)

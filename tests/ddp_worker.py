@@ -10,9 +10,16 @@ out = sys.argv[1]
 wf = ConfigWorkflow(
     config_file=["bundles/demo/train.json", "bundles/common/multi_gpu_train.json"],
     workflow_type="train",
-    output_dir=out, epochs=2, n_train_images=8, spatial_size=64, batch_size=2, progress_bar=False, mlflow=False,
-    target_fpr=0.5, calibration="empirical",  # 8 normals: too few to calibrate 5 %
-)  # fmt: skip
+    output_dir=out,
+    epochs=2,
+    n_train_images=8,
+    spatial_size=64,
+    batch_size=2,
+    progress_bar=False,
+    mlflow=False,
+    target_fpr=0.5,
+    calibration="empirical",  # 8 normals: too few to calibrate 5 %
+)
 wf.initialize()
 wf.run()
 rank = torch.distributed.get_rank()

@@ -74,7 +74,9 @@ def test_backend_matches_eager(tmp_path, checkpoint, images, eager, backend, one
     assert got_map.shape == want_map.shape == (5, 1, SIZE, SIZE) and got_score.shape == (5,)
     assert (got_map - want_map).abs().max().item() <= 1e-4
     assert (got_score - want_score).abs().max().item() <= 1e-4
-    assert [pred.decide(float(s))["anomalous"] for s in got_score] == [eager.decide(float(s))["anomalous"] for s in want_score]
+    assert [pred.decide(float(s))["anomalous"] for s in got_score] == [
+        eager.decide(float(s))["anomalous"] for s in want_score
+    ]
     # loaded images through the whole scoring path (preprocessing in Python, the forward swapped)
     img = torch.rand(1, 40, 48)
     s_eager, m_eager = eager.score_images([img])
@@ -146,9 +148,28 @@ def test_bundle_run_with_onnxruntime_backend(tmp_path, checkpoint):
     results = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / f"out_{backend}"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/demo/inference.json"),
-               "--checkpoint", str(ckpt), "--input", str(inp), "--inference_dir", str(out), "--output_dir", str(tmp_path),
-               "--backend", backend, "--num_threads", "1", "--save_maps", "False"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(REPO / "bundles/demo/inference.json"),
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            str(inp),
+            "--inference_dir",
+            str(out),
+            "--output_dir",
+            str(tmp_path),
+            "--backend",
+            backend,
+            "--num_threads",
+            "1",
+            "--save_maps",
+            "False",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]

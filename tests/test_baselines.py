@@ -27,7 +27,7 @@ def test_rd4ad_forward_contract_matches_skipts(teacher):
     t = build_teacher(teacher, pretrained=False)
     x = torch.randn(2, 3, 64, 64)
     rd, st = RD4AD(t), SkipTS(t)
-    (t_rd, s_rd), (t_st, s_st) = rd(x), st(x)
+    (t_rd, s_rd), (t_st, _) = rd(x), st(x)
     assert [f.shape for f in t_rd] == [f.shape for f in t_st]
     assert [f.shape for f in s_rd] == [f.shape for f in t_rd]
     assert rd.config["skip"] == "none" and rd.config["teacher"] == teacher
@@ -53,7 +53,9 @@ def test_rd4ad_trains_with_the_skipts_trainer_and_evaluator():
     before_s = {k: v.clone() for k, v in model.student.state_dict().items()}
     before_t = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     cache = TeacherFeatureCache(model)
-    trainer = SkipTSTrainer("cpu", 2, DataLoader(data, batch_size=4), model, loss_function=RD4ADLoss(), prepare_batch=cache)
+    trainer = SkipTSTrainer(
+        "cpu", 2, DataLoader(data, batch_size=4), model, loss_function=RD4ADLoss(), prepare_batch=cache
+    )
     trainer.run()
     assert np.isfinite(float(trainer.state.output["loss"].detach()))
     assert len(cache.store) == 8
@@ -83,7 +85,11 @@ def test_greedy_coreset_covers_clusters_and_nearest_distances():
 def _smooth(seed: int, size: int = 64) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
-    img = 0.5 + 0.3 * np.sin(2 * np.pi * (xx + rng.uniform(0, 0.1))) * np.cos(2 * np.pi * yy) + 0.02 * rng.standard_normal((size, size))
+    img = (
+        0.5
+        + 0.3 * np.sin(2 * np.pi * (xx + rng.uniform(0, 0.1))) * np.cos(2 * np.pi * yy)
+        + 0.02 * rng.standard_normal((size, size))
+    )
     return torch.as_tensor(np.repeat(img[None], 3, 0), dtype=torch.float32)
 
 
@@ -122,8 +128,26 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path, capsys, m
         import quality
     finally:
         sys.path.remove(str(BENCH))
-    rc = quality.main(["--data-root", str(tmp_path / "data"), "--methods", "skipts", "kd_encoder", "rd4ad", "patchcore",
-                       "--steps", "1", "--size", "32", "--seeds", "0", "--work-dir", str(tmp_path / "out"), "--no-tune-malloc"])  # fmt: skip
+    rc = quality.main(
+        [
+            "--data-root",
+            str(tmp_path / "data"),
+            "--methods",
+            "skipts",
+            "kd_encoder",
+            "rd4ad",
+            "patchcore",
+            "--steps",
+            "1",
+            "--size",
+            "32",
+            "--seeds",
+            "0",
+            "--work-dir",
+            str(tmp_path / "out"),
+            "--no-tune-malloc",
+        ]
+    )
     assert rc == 0
     doc = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert {r["method"] for r in doc["runs"]} == {"skipts", "kd_encoder", "rd4ad", "patchcore"}
@@ -132,12 +156,50 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path, capsys, m
     md = (tmp_path / "out" / "quality.md").read_text()
     assert "| brainmri |" in md and "**average**" in md and "88.2" in md
     # --resume keeps finished runs and trains nothing new
-    assert quality.main(["--data-root", str(tmp_path / "data"), "--methods", "skipts", "--steps", "1", "--size", "32",
-                         "--seeds", "0", "--work-dir", str(tmp_path / "out"), "--resume", "--no-tune-malloc"]) == 0  # fmt: skip
+    assert (
+        quality.main(
+            [
+                "--data-root",
+                str(tmp_path / "data"),
+                "--methods",
+                "skipts",
+                "--steps",
+                "1",
+                "--size",
+                "32",
+                "--seeds",
+                "0",
+                "--work-dir",
+                str(tmp_path / "out"),
+                "--resume",
+                "--no-tune-malloc",
+            ]
+        )
+        == 0
+    )
     assert "Skip-TS      AUROC" not in capsys.readouterr().out.split("quality:")[-1]
     # features too large to cache: fp16 train features, test images through the teacher
     monkeypatch.setattr(quality, "_feature_bytes", lambda *a, **k: 2**40)
-    assert quality.main(["--data-root", str(tmp_path / "data"), "--methods", "skipts", "patchcore", "--steps", "1",
-                         "--size", "32", "--seeds", "0", "--work-dir", str(tmp_path / "big"), "--no-tune-malloc"]) == 0  # fmt: skip
+    assert (
+        quality.main(
+            [
+                "--data-root",
+                str(tmp_path / "data"),
+                "--methods",
+                "skipts",
+                "patchcore",
+                "--steps",
+                "1",
+                "--size",
+                "32",
+                "--seeds",
+                "0",
+                "--work-dir",
+                str(tmp_path / "big"),
+                "--no-tune-malloc",
+            ]
+        )
+        == 0
+    )
     big = json.loads((tmp_path / "big" / "quality.json").read_text())
     assert {r["method"] for r in big["runs"]} == {"skipts", "patchcore"}

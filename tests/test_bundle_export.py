@@ -22,15 +22,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 from test_bundles import make_layout
 
 from monai_skipts.bundle.export import METADATA_REQUIRED, TENSOR_SPEC_REQUIRED, check_metadata, running_bundle_root
 
 NAME = "skipts_brainmri"
-LAYOUT = ["configs/metadata.json", "configs/inference.json", "configs/logging.conf", "models/model.pt",
-          "models/model.ts", "docs/README.md", "LICENSE"]  # fmt: skip
+LAYOUT = [
+    "configs/metadata.json",
+    "configs/inference.json",
+    "configs/logging.conf",
+    "models/model.pt",
+    "models/model.ts",
+    "docs/README.md",
+    "LICENSE",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -38,7 +44,9 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "MONAI_SKIPTS_OFFLINE": "1", **extra}
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or _env())
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
@@ -50,13 +58,49 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bundle_export")
     data, run = tmp / "data", tmp / "run"
     make_layout("brainmri", data)
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/brainmri/train.json",
-          "--dataset_dir", str(data), "--output_dir", str(run), "--epochs", "1", "--spatial_size", "64",
-          "--teacher", "efficientnet_lite0", "--mlflow", "False", "--target_fpr", "0.5",
-          "--calibration", "empirical"], cwd=REPO)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "bundles/brainmri/train.json",
+            "--dataset_dir",
+            str(data),
+            "--output_dir",
+            str(run),
+            "--epochs",
+            "1",
+            "--spatial_size",
+            "64",
+            "--teacher",
+            "efficientnet_lite0",
+            "--mlflow",
+            "False",
+            "--target_fpr",
+            "0.5",
+            "--calibration",
+            "empirical",
+        ],
+        cwd=REPO,
+    )
     out = tmp / f"{NAME}.zip"
-    r = _run([sys.executable, "-m", "monai_skipts.bundle", "export", "--config_file", "bundles/brainmri/train.json",
-              "--checkpoint", str(run / "model.pt"), "--out", str(out)], cwd=REPO)  # fmt: skip
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "monai_skipts.bundle",
+            "export",
+            "--config_file",
+            "bundles/brainmri/train.json",
+            "--checkpoint",
+            str(run / "model.pt"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+    )
     assert json.loads(r.stdout.strip().splitlines()[-1])["out"] == str(out)
     return out, run / "model.pt", data
 
@@ -97,29 +141,49 @@ SPEC_SCHEMA = {
     "type": "object",
     "required": list(METADATA_REQUIRED),
     "properties": {
-        **{k: {"type": "string"} for k in ("version", "monai_version", "pytorch_version", "numpy_version", "task",
-                                            "description", "authors", "copyright")},
+        **{
+            k: {"type": "string"}
+            for k in (
+                "version",
+                "monai_version",
+                "pytorch_version",
+                "numpy_version",
+                "task",
+                "description",
+                "authors",
+                "copyright",
+            )
+        },
         "changelog": {"type": "object"},
         "required_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
         "references": {"type": "array"},
         "network_data_format": {
             "type": "object",
             "required": ["inputs", "outputs"],
-            "properties": {"inputs": {"type": "object", "additionalProperties": {"$ref": "#/definitions/tensor"}},
-                           "outputs": {"type": "object", "additionalProperties": {"$ref": "#/definitions/tensor"}}},
+            "properties": {
+                "inputs": {"type": "object", "additionalProperties": {"$ref": "#/definitions/tensor"}},
+                "outputs": {"type": "object", "additionalProperties": {"$ref": "#/definitions/tensor"}},
+            },
         },
     },
     "definitions": {
         "tensor": {
             "type": "object",
             "required": list(TENSOR_SPEC_REQUIRED),
-            "properties": {"type": {"type": "string"}, "format": {"type": "string"}, "modality": {"type": "string"},
-                           "num_channels": {"type": "integer"}, "spatial_shape": {"type": "array"},
-                           "dtype": {"type": "string"}, "value_range": {"type": "array"},
-                           "is_patch_data": {"type": "boolean"}, "channel_def": {"type": "object"}},
+            "properties": {
+                "type": {"type": "string"},
+                "format": {"type": "string"},
+                "modality": {"type": "string"},
+                "num_channels": {"type": "integer"},
+                "spatial_shape": {"type": "array"},
+                "dtype": {"type": "string"},
+                "value_range": {"type": "array"},
+                "is_patch_data": {"type": "boolean"},
+                "channel_def": {"type": "object"},
+            },
         }
     },
-}  # fmt: skip
+}
 
 
 def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
@@ -160,7 +224,10 @@ def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
     parser["bundle_root"] = str(root)
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))  # strict: every key
-    assert "spatial_size" in (root / "docs" / "README.md").read_text() or "64x64" in (root / "docs" / "README.md").read_text()
+    assert (
+        "spatial_size" in (root / "docs" / "README.md").read_text()
+        or "64x64" in (root / "docs" / "README.md").read_text()
+    )
     assert "Apache License" in (root / "LICENSE").read_text()
 
     # models/model.ts: MONAI's TorchScript with the metadata embedded; the map of the checkpoint's model
@@ -206,8 +273,21 @@ def test_monai_bundle_run_from_another_working_directory(exported, tmp_path):
     root = _unzip(zip_path, tmp_path / "unzipped")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
-          "--input", str(data), "--output_dir", "out"], cwd=cwd)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(root / "configs" / "inference.json"),
+            "--input",
+            str(data),
+            "--output_dir",
+            "out",
+        ],
+        cwd=cwd,
+    )
     want = _reference(checkpoint, data)
     _check_scores(_predictions(cwd / "out" / "predictions.csv"), want)
     # the maps at the network's size, in MONAI's x-first layout (as MONAI reads the PNG/JPG)
@@ -229,11 +309,35 @@ def test_running_bundle_root_outside_a_workflow_is_the_default():
 def test_cli_refuses_what_it_cannot_write(tmp_path, capsys):
     from monai_skipts.bundle.__main__ import main
 
-    assert main(["export", "--config_file", "bundles/brainmri/train.json", "--checkpoint", str(tmp_path / "m.pt"),
-                 "--out", str(tmp_path / "b.tar")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "--config_file",
+                "bundles/brainmri/train.json",
+                "--checkpoint",
+                str(tmp_path / "m.pt"),
+                "--out",
+                str(tmp_path / "b.tar"),
+            ]
+        )
+        == 1
+    )
     assert "written as a .zip" in capsys.readouterr().err
-    assert main(["export", "--config_file", str(REPO / "bundles/brainmri/train.json"), "--checkpoint",
-                 str(tmp_path / "missing.pt"), "--out", str(tmp_path / "b.zip")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "--config_file",
+                str(REPO / "bundles/brainmri/train.json"),
+                "--checkpoint",
+                str(tmp_path / "missing.pt"),
+                "--out",
+                str(tmp_path / "b.zip"),
+            ]
+        )
+        == 1
+    )
     assert "checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "b.zip").exists()
 
@@ -254,8 +358,10 @@ def test_fresh_venv_with_the_package_installed_from_a_wheel(exported, tmp_path):
         shutil.copy(REPO / f, src / f)
     shutil.copytree(REPO / "monai_skipts", src / "monai_skipts", ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
-         cwd=tmp_path)  # fmt: skip
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        cwd=tmp_path,
+    )
     (wheel,) = wheels.glob("monai_skipts-*.whl")
     with zipfile.ZipFile(wheel) as z:
         assert "monai_skipts/bundle/export.py" in z.namelist() and not any(n.startswith("tests/") for n in z.namelist())
@@ -267,23 +373,43 @@ def test_fresh_venv_with_the_package_installed_from_a_wheel(exported, tmp_path):
     if full:
         _run([str(py), "-m", "pip", "install", "-q", f"{wheel}[offline]"], cwd=tmp_path, timeout=3600)
     else:
-        site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                            text=True).strip())  # fmt: skip
+        site = Path(
+            subprocess.check_output(
+                [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+            ).strip()
+        )
         _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)], cwd=tmp_path)
         (site / "_skipts_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    probe = ("import json, sys, monai_skipts, monai_skipts.bundle.export as e; from importlib import metadata; "
-             "d = metadata.distribution('monai-skipts'); "
-             "print(json.dumps({'file': monai_skipts.__file__, 'path': sys.path, 'prefix': sys.prefix, "
-             "'direct_url': d.read_text('direct_url.json')}))")  # fmt: skip
+    probe = (
+        "import json, sys, monai_skipts, monai_skipts.bundle.export as e; from importlib import metadata; "
+        "d = metadata.distribution('monai-skipts'); "
+        "print(json.dumps({'file': monai_skipts.__file__, 'path': sys.path, 'prefix': sys.prefix, "
+        "'direct_url': d.read_text('direct_url.json')}))"
+    )
     info = json.loads(_run([str(py), "-c", probe], cwd=cwd).stdout.strip().splitlines()[-1])
     assert info["file"].startswith(str(venv)) and not info["file"].startswith(str(REPO))
     assert not any(p and Path(p).resolve() == REPO for p in info["path"]), "the repository is importable"
     assert "editable" not in (info["direct_url"] or "")  # installed from the wheel file
 
     root = _unzip(zip_path, tmp_path / "unzipped")
-    _run([str(py), "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
-          "--input", str(data), "--output_dir", str(cwd / "out"), "--save_maps", "False"], cwd=cwd)  # fmt: skip
+    _run(
+        [
+            str(py),
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(root / "configs" / "inference.json"),
+            "--input",
+            str(data),
+            "--output_dir",
+            str(cwd / "out"),
+            "--save_maps",
+            "False",
+        ],
+        cwd=cwd,
+    )
     _check_scores(_predictions(cwd / "out" / "predictions.csv"), _reference(checkpoint, data))

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 from monai_skipts import bundle
 from monai_skipts.bundle import workflow
 
 COMMON = sorted((REPO / "bundles" / "common").glob("*.json"))
-GENERATED = sorted(p for p in (REPO / "bundles").glob("*/*.json")
-                   if p.parent.name not in ("common", "presets") and p.name != "metadata.json")  # fmt: skip
+GENERATED = sorted(
+    p
+    for p in (REPO / "bundles").glob("*/*.json")
+    if p.parent.name not in ("common", "presets") and p.name != "metadata.json"
+)
 MAX_SHARE = 0.10
 
 
@@ -84,13 +86,33 @@ def test_bundle_trains_and_evaluates_from_another_working_directory(tmp_path, mo
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    tiny = {"epochs": 1, "spatial_size": 64, "batch_size": 4, "teacher": "efficientnet_lite0", "n_heatmaps": 0,
-            "target_fpr": 0.5, "calibration": "empirical", "mlflow": False}  # fmt: skip
-    bundle_run(config_file=str(REPO / "bundles/brainmri/train.json"), dataset_dir=str(data), output_dir=str(out), **tiny)
+    tiny = {
+        "epochs": 1,
+        "spatial_size": 64,
+        "batch_size": 4,
+        "teacher": "efficientnet_lite0",
+        "n_heatmaps": 0,
+        "target_fpr": 0.5,
+        "calibration": "empirical",
+        "mlflow": False,
+    }
+    bundle_run(
+        config_file=str(REPO / "bundles/brainmri/train.json"), dataset_dir=str(data), output_dir=str(out), **tiny
+    )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["teacher"] == "efficientnet_lite0" and metrics["split"] and metrics["calibration"]["method"] == "empirical"
-    bundle_run(config_file=str(REPO / "bundles/brainmri/evaluate.json"), dataset_dir=str(data), output_dir=str(out),
-               mlflow=False, batch_size=4, n_heatmaps=0)  # fmt: skip
+    assert (
+        metrics["teacher"] == "efficientnet_lite0"
+        and metrics["split"]
+        and metrics["calibration"]["method"] == "empirical"
+    )
+    bundle_run(
+        config_file=str(REPO / "bundles/brainmri/evaluate.json"),
+        dataset_dir=str(data),
+        output_dir=str(out),
+        mlflow=False,
+        batch_size=4,
+        n_heatmaps=0,
+    )
     ev = json.loads((out / "eval" / "metrics.json").read_text())
     assert ev["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)
     assert ev["checkpoint"] == str(out / "model.pt") and ev["teacher"] == "efficientnet_lite0"
@@ -142,8 +164,12 @@ def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts
     from monai_skipts.checkpoint import save_checkpoint
 
     path = tmp_path / "model.pt"
-    save_checkpoint(path, skipts, threshold={"value": 1.5, "scale": 0.2, "target_fpr": 0.05},
-                    extra={"modality": "mri", "spatial_size": 32})  # fmt: skip
+    save_checkpoint(
+        path,
+        skipts,
+        threshold={"value": 1.5, "scale": 0.2, "target_fpr": 0.05},
+        extra={"modality": "mri", "spatial_size": 32},
+    )
     loaded = bundle.load_trained_model(path, device="cpu", modality="xray", spatial_size=256)
     assert loaded.threshold == 1.5 and loaded.score_scale == 0.2 and loaded.teacher == "efficientnet_lite0"
     assert (loaded.modality, loaded.spatial_size) == ("mri", 32)  # the checkpoint's, not the arguments'
@@ -222,11 +248,19 @@ def test_deferred_values_and_metrics_extras_follow_the_calibrator(skipts, tmp_pa
     assert threshold() is None and extras()["calibration"] is None
     calibrator.threshold, calibrator.record = 0.8, {"value": 0.8, "method": "empirical"}
     assert threshold() == 0.8
-    assert extras() == {"split": {"train": 5, "val": 2}, "teacher": "efficientnet_lite0", "epochs": 1, "seed": 0,
-                        "calibration": {"value": 0.8, "method": "empirical"}}  # fmt: skip
+    assert extras() == {
+        "split": {"train": 5, "val": 2},
+        "teacher": "efficientnet_lite0",
+        "epochs": 1,
+        "seed": 0,
+        "calibration": {"value": 0.8, "method": "empirical"},
+    }
     evaluated = bundle.metrics_extras(split, network=skipts, checkpoint="runs/x/model.pt")()
-    assert evaluated == {"checkpoint": os.path.abspath("runs/x/model.pt"), "teacher": "efficientnet_lite0",
-                         "split": {"train": 5, "val": 2}}  # fmt: skip
+    assert evaluated == {
+        "checkpoint": os.path.abspath("runs/x/model.pt"),
+        "teacher": "efficientnet_lite0",
+        "split": {"train": 5, "val": 2},
+    }
 
 
 def test_register_model_logs_the_bundle_and_skips_when_switched_off(skipts, tmp_path, monkeypatch, caplog):
@@ -235,12 +269,22 @@ def test_register_model_logs_the_bundle_and_skips_when_switched_off(skipts, tmp_
     from monai_skipts.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
-    save_checkpoint(out / "model.pt", skipts, threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05},
-                    extra={"modality": "xray", "spatial_size": 32})  # fmt: skip
+    save_checkpoint(
+        out / "model.pt",
+        skipts,
+        threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05},
+        extra={"modality": "xray", "spatial_size": 32},
+    )
     (out / "metrics.json").write_text(json.dumps({"auroc": 0.75}))
     uri = bundle.tracking_uri(out)
-    args = dict(output_dir=out, name="skipts-unit", tracking_uri=uri, experiment_name="monai-skipts-unit",
-                modality="xray", spatial_size=32)  # fmt: skip
+    args = dict(
+        output_dir=out,
+        name="skipts-unit",
+        tracking_uri=uri,
+        experiment_name="monai-skipts-unit",
+        modality="xray",
+        spatial_size=32,
+    )
     assert bundle.register_model(**args, mlflow=False) is None and not (out / "mlruns.db").exists()
     assert bundle.register_model(**args, register=False) is None and not (out / "mlruns.db").exists()
     bundle_dir = tmp_path / "bundle"

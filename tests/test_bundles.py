@@ -12,14 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from monai.bundle import run as bundle_run
 from PIL import Image
 
-from conftest import REPO
-
 # target_fpr 0.5 with the empirical calibration needs only 2 validation normals (the tiny data's)
-TINY = {"epochs": 1, "spatial_size": 64, "batch_size": 4, "teacher": "efficientnet_lite0", "n_heatmaps": 2,
-        "target_fpr": 0.5, "calibration": "empirical"}
+TINY = {
+    "epochs": 1,
+    "spatial_size": 64,
+    "batch_size": 4,
+    "teacher": "efficientnet_lite0",
+    "n_heatmaps": 2,
+    "target_fpr": 0.5,
+    "calibration": "empirical",
+}
 
 
 def _img(path: Path, seed: int, rgb: bool = False, lesion: bool = False, fmt: str | None = None) -> None:
@@ -33,8 +39,9 @@ def _img(path: Path, seed: int, rgb: bool = False, lesion: bool = False, fmt: st
     im.save(path, format=fmt)
 
 
-def _class_folders(root: Path, folders: dict[str, int], n: int = 10, ext: str = "png", rgb: bool = False,
-                   seed0: int = 0) -> None:
+def _class_folders(
+    root: Path, folders: dict[str, int], n: int = 10, ext: str = "png", rgb: bool = False, seed0: int = 0
+) -> None:
     k = seed0  # distinct seeds per call: identical images would be removed as duplicates
     for folder, label in folders.items():
         for i in range(n if label == 0 else 3):
@@ -99,8 +106,21 @@ def make_layout(name: str, root: Path) -> dict:
     return {}
 
 
-DATASETS = ["headct", "brainmri", "lungct", "busi", "breastmri", "retinal_oct", "cpchild_a", "cpchild_b",
-            "nafld", "iqothnccd", "covid_xray", "malaria", "lgg"]  # fmt: skip
+DATASETS = [
+    "headct",
+    "brainmri",
+    "lungct",
+    "busi",
+    "breastmri",
+    "retinal_oct",
+    "cpchild_a",
+    "cpchild_b",
+    "nafld",
+    "iqothnccd",
+    "covid_xray",
+    "malaria",
+    "lgg",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -115,9 +135,21 @@ def test_bundle_files_are_generated_from_the_table():
         for f in ("train.json", "evaluate.json", "inference.json", "metadata.json", "logging.conf"):
             assert (REPO / "bundles" / name / f).is_file(), (name, f)
         meta = json.loads((REPO / "bundles" / name / "metadata.json").read_text())
-        for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
-                    "task", "description", "authors", "copyright", "network_data_format", "intended_use",
-                    "data_source", "references"):  # fmt: skip
+        for key in (
+            "version",
+            "monai_version",
+            "pytorch_version",
+            "numpy_version",
+            "required_packages_version",
+            "task",
+            "description",
+            "authors",
+            "copyright",
+            "network_data_format",
+            "intended_use",
+            "data_source",
+            "references",
+        ):
             assert key in meta, (name, key)
 
 
@@ -125,9 +157,19 @@ def test_bundle_files_are_generated_from_the_table():
 def test_dataset_bundle_train_evaluate_infer(name, tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     make_layout(name, data)
-    bundle_run(config_file=f"bundles/{name}/train.json", dataset_dir=str(data), output_dir=str(out), mlflow=False, **TINY)
-    for f in ("model.pt", "checkpoint.pt", "metrics.json", "split.json", "scores.csv", "threshold.json",
-              "roc.png", "score_distribution.png"):  # fmt: skip
+    bundle_run(
+        config_file=f"bundles/{name}/train.json", dataset_dir=str(data), output_dir=str(out), mlflow=False, **TINY
+    )
+    for f in (
+        "model.pt",
+        "checkpoint.pt",
+        "metrics.json",
+        "split.json",
+        "scores.csv",
+        "threshold.json",
+        "roc.png",
+        "score_distribution.png",
+    ):
         assert (out / f).is_file(), f
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["teacher"] == "efficientnet_lite0"
@@ -146,11 +188,19 @@ def test_dataset_bundle_train_evaluate_infer(name, tmp_path):
         split = json.loads((out / "split.json").read_text())
         patients = {s: {it["volume_id"] for it in split[s]} for s in ("train", "val", "test")}
         assert patients["train"] and patients["val"] and patients["test"]
-        assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
-                    or patients["val"] & patients["test"])
+        assert not (
+            patients["train"] & patients["val"]
+            or patients["train"] & patients["test"]
+            or patients["val"] & patients["test"]
+        )
         assert all(it["label"] == 0 for s in ("train", "val") for it in split[s])
-    bundle_run(config_file=f"bundles/{name}/evaluate.json", dataset_dir=str(data), output_dir=str(out), mlflow=False,
-               batch_size=4)  # fmt: skip
+    bundle_run(
+        config_file=f"bundles/{name}/evaluate.json",
+        dataset_dir=str(data),
+        output_dir=str(out),
+        mlflow=False,
+        batch_size=4,
+    )
     ev = json.loads((out / "eval" / "metrics.json").read_text())
     assert ev["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)  # the checkpoint rebuilds the same model
     bundle_run(config_file=f"bundles/{name}/inference.json", output_dir=str(out), input=str(data), batch_size=4)
@@ -164,8 +214,17 @@ def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "demo"
-    bundle_run(config_file="bundles/demo/train.json", output_dir=str(out), epochs=2, n_train_images=8,
-               spatial_size=64, val_interval=1, progress_bar=False, target_fpr=0.5, calibration="empirical")  # fmt: skip
+    bundle_run(
+        config_file="bundles/demo/train.json",
+        output_dir=str(out),
+        epochs=2,
+        n_train_images=8,
+        spatial_size=64,
+        val_interval=1,
+        progress_bar=False,
+        target_fpr=0.5,
+        calibration="empirical",
+    )
     assert (out / "mlruns.db").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
     exp = client.get_experiment_by_name("monai-skipts-mvtec")
@@ -183,17 +242,30 @@ def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "scores.csv", "split.json", "roc.png", "score_distribution.png", "heatmaps"} <= arts
     assert any(a.path.startswith("heatmaps/") for a in client.list_artifacts(run.info.run_id, "heatmaps"))
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="metrics.json",
-                                                tracking_uri=f"sqlite:///{out / 'mlruns.db'}", dst_path=str(tmp_path / "dl"))  # fmt: skip
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id,
+        artifact_path="metrics.json",
+        tracking_uri=f"sqlite:///{out / 'mlruns.db'}",
+        dst_path=str(tmp_path / "dl"),
+    )
     assert json.loads(Path(local).read_text())["auroc"] == pytest.approx(run.data.metrics["test_auroc"])
     # the trained model is registered with an alias, and the bundle exports through MONAI's ckpt_export
     mv = client.get_model_version_by_alias("skipts-demo", "champion")
     assert mv.run_id is not None
     from monai.bundle import ckpt_export
 
-    ckpt_export(net_id="predictor_def", config_file="bundles/demo/train.json", ckpt_file=str(out / "model.pt"),
-                filepath=str(out / "model.ts"), use_trace=True, input_shape=[1, 3, 64, 64],
-                converter_kwargs={"check_trace": False}, spatial_size=64, n_train_images=8, output_dir=str(out))  # fmt: skip
+    ckpt_export(
+        net_id="predictor_def",
+        config_file="bundles/demo/train.json",
+        ckpt_file=str(out / "model.pt"),
+        filepath=str(out / "model.ts"),
+        use_trace=True,
+        input_shape=[1, 3, 64, 64],
+        converter_kwargs={"check_trace": False},
+        spatial_size=64,
+        n_train_images=8,
+        output_dir=str(out),
+    )
     import torch
 
     ts = torch.jit.load(str(out / "model.ts"))
@@ -205,11 +277,35 @@ def test_user_command_from_repo_root(tmp_path):
     """`python -m monai.bundle run --config_file bundles/brainmri/train.json` with overrides, as a user runs it."""
     data, out = tmp_path / "data", tmp_path / "run"
     make_layout("brainmri", data)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/brainmri/train.json",
-           "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64",
-           "--teacher", "efficientnet_lite0", "--seed", "3", "--mlflow", "False",
-           "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundles/brainmri/train.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--spatial_size",
+        "64",
+        "--teacher",
+        "efficientnet_lite0",
+        "--seed",
+        "3",
+        "--mlflow",
+        "False",
+        "--target_fpr",
+        "0.5",
+        "--calibration",
+        "empirical",
+    ]
+    r = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     split = json.loads((out / "split.json").read_text())
     assert split["seed"] == 3
@@ -223,12 +319,32 @@ def test_too_few_normals_to_calibrate_fails_before_training(tmp_path):
     checkpoint and no MLflow run behind."""
     data, out = tmp_path / "data", tmp_path / "run"
     make_layout("brainmri", data)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/brainmri/train.json",
-           "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64",
-           "--teacher", "efficientnet_lite0"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundles/brainmri/train.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--spatial_size",
+        "64",
+        "--teacher",
+        "efficientnet_lite0",
+    ]
+    r = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"}
+    )
     assert r.returncode != 0
-    assert "validation normals cannot calibrate target_fpr=0.05 with the 'lognormal' calibration (needs at least 10)" in r.stderr
+    assert (
+        "validation normals cannot calibrate target_fpr=0.05 with the 'lognormal' calibration (needs at least 10)"
+        in r.stderr
+    )
     assert str(out / "split.json") in r.stderr
     assert not (out / "checkpoint.pt").exists() and not (out / "mlruns.db").exists()
 
@@ -238,9 +354,23 @@ def test_lower_case_false_on_the_command_line_is_refused(config, tmp_path):
     """`--mlflow false` reaches the bundle as the string 'false' (true in Python): refused by name
     before anything runs, instead of silently logging to MLflow."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/brainmri/{config}.json",
-           "--dataset_dir", str(tmp_path / "data"), "--output_dir", str(out), "--mlflow", "false"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        f"bundles/brainmri/{config}.json",
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        "--output_dir",
+        str(out),
+        "--mlflow",
+        "false",
+    ]
+    r = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MONAI_SKIPTS_OFFLINE": "1"}
+    )
     assert r.returncode != 0
     assert "--mlflow must be True or False, got 'false' (write False)" in r.stderr
     assert not (out / "mlruns.db").exists() and not (out / "checkpoint.pt").exists()
@@ -252,9 +382,28 @@ def test_auto_teacher_falls_back_loudly_offline(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     make_layout("malaria", data)
     env = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch_home")}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/malaria/train.json",
-           "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1", "--spatial_size", "64", "--mlflow", "False",
-           "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundles/malaria/train.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--spatial_size",
+        "64",
+        "--mlflow",
+        "False",
+        "--target_fpr",
+        "0.5",
+        "--calibration",
+        "empirical",
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
@@ -270,10 +419,36 @@ def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
     metrics each wrote gathered into mean ± sd; a second call reuses finished runs."""
     data, work = tmp_path / "data", tmp_path / "work"
     make_layout("brainmri", data)
-    cmd = [sys.executable, "benchmarks/bundle_runs.py", "--dataset", "brainmri", "--dataset-dir", str(data),
-           "--seeds", "0", "1", "--teacher", "efficientnet_lite0", "--work-dir", str(work),
-           "--", "--epochs", "1", "--spatial_size", "64", "--batch_size", "4", "--mlflow", "False", "--n_heatmaps", "0",
-           "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "benchmarks/bundle_runs.py",
+        "--dataset",
+        "brainmri",
+        "--dataset-dir",
+        str(data),
+        "--seeds",
+        "0",
+        "1",
+        "--teacher",
+        "efficientnet_lite0",
+        "--work-dir",
+        str(work),
+        "--",
+        "--epochs",
+        "1",
+        "--spatial_size",
+        "64",
+        "--batch_size",
+        "4",
+        "--mlflow",
+        "False",
+        "--n_heatmaps",
+        "0",
+        "--target_fpr",
+        "0.5",
+        "--calibration",
+        "empirical",
+    ]
     env = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1"}
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -283,7 +458,10 @@ def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
     assert summary["auroc_mean"] == pytest.approx(np.mean(per_seed))
     assert summary["auroc_std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert summary["paper_auroc"] == 88.2 and "| brainmri |" in r.stdout
-    spec = [100 * (1 - json.loads((work / f"brainmri_s{s}" / "metrics.json").read_text())["specificity_at_decision"]) for s in (0, 1)]
+    spec = [
+        100 * (1 - json.loads((work / f"brainmri_s{s}" / "metrics.json").read_text())["specificity_at_decision"])
+        for s in (0, 1)
+    ]
     assert summary["test_fpr_at_threshold"] == pytest.approx(spec) and summary["target_fpr"] == 0.5
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r2.returncode == 0 and r2.stdout.count("already finished") == 2
@@ -292,20 +470,35 @@ def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
 def test_bundle_runs_rank_applies_the_selection_rule(tmp_path):
     """`bundle_runs.py --rank NAME=DIR ...` ranks configurations from their summaries with
     quality.SELECTION_RULE: ½ mean image-AUROC rank over the dev sets + ¼ LGG pixel-AUROC rank + ¼ AUPRO rank."""
+
     def write(folder, brain, iq, lgg, pix, pro):
         folder.mkdir()
         for d, a in (("brainmri", brain), ("iqothnccd", iq), ("lgg", lgg)):
             sm = {"dataset": d, "auroc_mean": a, "auroc_std": 1.0}
             if d == "lgg":
-                sm.update(pixel_auroc=[pix], pixel_auroc_mean=pix, pixel_auroc_std=0.0, aupro=[pro], aupro_mean=pro,
-                          aupro_std=0.0, hit_rate_mean=10.0, hit_rate_std=0.0)  # fmt: skip
+                sm.update(
+                    pixel_auroc=[pix],
+                    pixel_auroc_mean=pix,
+                    pixel_auroc_std=0.0,
+                    aupro=[pro],
+                    aupro_mean=pro,
+                    aupro_std=0.0,
+                    hit_rate_mean=10.0,
+                    hit_rate_std=0.0,
+                )
             (folder / f"{d}_summary.json").write_text(json.dumps(sm))
+
     # a: best image AUROC on two of three sets, worst localisation; b: the reverse; c: worst images, mid pixel
     write(tmp_path / "a", 91.0, 95.0, 70.0, 92.0, 70.0)
     write(tmp_path / "b", 88.0, 90.0, 78.0, 94.0, 77.0)
     write(tmp_path / "c", 85.0, 89.0, 71.0, 93.0, 72.0)
-    r = subprocess.run([sys.executable, "benchmarks/bundle_runs.py", "--rank", *(f"{n}={tmp_path / n}" for n in "abc")],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "benchmarks/bundle_runs.py", "--rank", *(f"{n}={tmp_path / n}" for n in "abc")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split(" | ") for line in r.stdout.splitlines() if line[:4] in ("| a ", "| b ", "| c ")]
     # a: images (1+1+3)/3, pixel 3, AUPRO 3 -> 0.5*5/3 + 0.75 + 0.75 = 2.33; b: (2+2+1)/3, 1, 1 -> 1.33; c: (3+3+2)/3, 2, 2 -> 2.33
@@ -323,8 +516,15 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
 
     data, out = tmp_path / "data", tmp_path / "run"
     make_layout("lgg", data)
-    bundle_run(config_file="bundles/lgg/train.json", dataset_dir=str(data), output_dir=str(out), mlflow=False,
-               level_stats=True, val_interval=1, **{**TINY, "epochs": 2})  # fmt: skip
+    bundle_run(
+        config_file="bundles/lgg/train.json",
+        dataset_dir=str(data),
+        output_dir=str(out),
+        mlflow=False,
+        level_stats=True,
+        val_interval=1,
+        **{**TINY, "epochs": 2},
+    )
     model, ckpt = load_model(out / "model.pt")
     assert model.map_level_stats is not None
     split = json.loads((out / "split.json").read_text())
@@ -340,11 +540,20 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
     assert ckpt["threshold"]["n_normals"] == len(split["val"])
 
 
-@pytest.mark.parametrize("preset, expect, loss, level_stats, epochs", [
-    (None, {"skip": "none", "bottleneck": True, "skip_levels": []}, "RD4ADLoss", True, 25),  # the default
-    ("paper", {"skip": "add", "bottleneck": False, "skip_levels": [3, 2], "teacher_taps": "project"}, "DRKDLoss", False, 200),
-    ("paper_std", {"skip": "add", "bottleneck": False, "skip_levels": [3, 2]}, "DRKDLoss", True, 200),
-])
+@pytest.mark.parametrize(
+    "preset, expect, loss, level_stats, epochs",
+    [
+        (None, {"skip": "none", "bottleneck": True, "skip_levels": []}, "RD4ADLoss", True, 25),  # the default
+        (
+            "paper",
+            {"skip": "add", "bottleneck": False, "skip_levels": [3, 2], "teacher_taps": "project"},
+            "DRKDLoss",
+            False,
+            200,
+        ),
+        ("paper_std", {"skip": "add", "bottleneck": False, "skip_levels": [3, 2]}, "DRKDLoss", True, 200),
+    ],
+)
 def test_presets_merged_over_a_bundle_build_their_model(preset, expect, loss, level_stats, epochs, tmp_path):
     """`--config_file "['bundles/<d>/train.json','bundles/presets/<p>.json']"` (bundle_runs.py --preset):
     the preset's ids win over the bundle's, and the model, loss, map standardisation and schedule
@@ -352,7 +561,9 @@ def test_presets_merged_over_a_bundle_build_their_model(preset, expect, loss, le
     from monai.bundle import ConfigWorkflow
 
     files = ["bundles/lgg/train.json"] + ([f"bundles/presets/{preset}.json"] if preset else [])
-    wf = ConfigWorkflow(config_file=files, workflow_type="train", teacher="efficientnet_lite0", output_dir=str(tmp_path))
+    wf = ConfigWorkflow(
+        config_file=files, workflow_type="train", teacher="efficientnet_lite0", output_dir=str(tmp_path)
+    )
     parser = wf.parser
     net = parser.get_parsed_content("network_def")
     assert {k: net.config[k] for k in expect} == expect

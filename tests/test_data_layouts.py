@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import png
 
 from monai_skipts.data import (
     LAYOUTS,
@@ -15,7 +16,6 @@ from monai_skipts.data import (
     is_image_file,
     list_images,
 )
-from conftest import png
 from monai_skipts.utils import InputDataError
 
 
@@ -178,14 +178,21 @@ def test_csv_and_json_datalists(tmp_path):
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "dl.csv").write_text(
         "image,label,mask,slice_index\n../img/a.png,0,,\n../img/b.png,1,../img/b_mask.png,\n"
-        "../vol.nii.gz,abnormal,,3\n../vol.nii.gz,normal,,4\n")
+        "../vol.nii.gz,abnormal,,3\n../vol.nii.gz,normal,,4\n"
+    )
     items = file_datalist(tmp_path / "lists" / "dl.csv")
-    assert [it["id"] for it in items] == ["../img/a.png", "../img/b.png", "../vol.nii.gz#slice_index=3",
-                                          "../vol.nii.gz#slice_index=4"]
+    assert [it["id"] for it in items] == [
+        "../img/a.png",
+        "../img/b.png",
+        "../vol.nii.gz#slice_index=3",
+        "../vol.nii.gz#slice_index=4",
+    ]
     assert labels_of(items) == [0, 1, 1, 0] and items[2]["slice_index"] == 3
     assert items[1]["mask"] == str(tmp_path / "img" / "b_mask.png") and "mask" not in items[0]
-    rows = [{"image": str(tmp_path / "img" / "a.png"), "label": 0, "id": "p1"},
-            {"image": "img/b.png", "label": 1, "class_name": "tumour"}]
+    rows = [
+        {"image": str(tmp_path / "img" / "a.png"), "label": 0, "id": "p1"},
+        {"image": "img/b.png", "label": 1, "class_name": "tumour"},
+    ]
     (tmp_path / "dl.json").write_text(json.dumps({"data": rows}))
     items = build_datalist("datalist", tmp_path / "dl.json")
     assert [it["id"] for it in items] == ["img/b.png", "p1"] and items[0]["class_name"] == "tumour"
@@ -206,7 +213,7 @@ def test_datalist_errors_name_the_datalist(tmp_path):
     (tmp_path / "dl.json").write_text("[]")
     with pytest.raises(InputDataError, match="dl.json: the datalist lists no items"):
         file_datalist(tmp_path / "dl.json")
-    (tmp_path / "dl.json").write_text("{\"x\": 1}")
+    (tmp_path / "dl.json").write_text('{"x": 1}')
     with pytest.raises(InputDataError, match="expected a JSON list"):
         file_datalist(tmp_path / "dl.json")
     with pytest.raises(InputDataError, match="datalist file does not exist"):

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from monai_skipts.data import build_datalist, prepare_split
 from monai_skipts.utils import InputDataError
-
-from conftest import REPO
 
 REAL = REPO.parent / "shared" / "data" / "lgg_mri"
 
@@ -72,8 +71,11 @@ def test_lgg_split_is_by_patient(tmp_path, seed):
     patients = {s: {it["volume_id"] for it in split[s]} for s in ("train", "val", "test")}
     # 10 patients: 4 to test, round(0.25 * 6) = 2 (half up) to validation, 4 to training
     assert [len(patients[s]) for s in ("train", "val", "test")] == [4, 2, 4]
-    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
-                or patients["val"] & patients["test"])  # fmt: skip
+    assert not (
+        patients["train"] & patients["val"]
+        or patients["train"] & patients["test"]
+        or patients["val"] & patients["test"]
+    )
     assert all(it["label"] == 0 for s in ("train", "val") for it in split[s])  # lesion slices never train
     assert {it["label"] for it in split["test"]} == {0, 1}  # test keeps every slice of its patients
     assert len(split["test"]) == 4 * 10 and len(split["train"]) == 4 * 7

@@ -24,10 +24,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("folder", [
-    pytest.param(f, marks=pytest.mark.skipif(not (DATA_ROOT / f).is_dir(), reason=f"{DATA_ROOT / f} not present"))
-    for f in sorted(CASES)
-])
+@pytest.mark.parametrize(
+    "folder",
+    [
+        pytest.param(f, marks=pytest.mark.skipif(not (DATA_ROOT / f).is_dir(), reason=f"{DATA_ROOT / f} not present"))
+        for f in sorted(CASES)
+    ],
+)
 def test_real_dataset_dedup_and_split(folder, tmp_path):
     root = DATA_ROOT / folder
     dataset, n_files, n_dup, counts = CASES[folder]

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import png
 
 from monai_skipts.data import DATASETS, get_dataset, prepare_split, remove_duplicates, split_datalist
-from conftest import png
 from monai_skipts.utils import InputDataError
 
 
@@ -44,9 +44,11 @@ def test_remove_duplicates_keeps_first_sorted_path(tmp_path):
     items = build_datalist("brainmri", brainmri(tmp_path))
     kept, report = remove_duplicates(items)
     assert (report["n_input"], report["n_removed"], report["n_kept"]) == (35, 3, 32)
-    assert report["removed"] == [{"id": "no/no 90.jpg", "duplicate_of": "no/0 no.jpg"},
-                                 {"id": "no/no 91.jpg", "duplicate_of": "no/1 no.jpg"},
-                                 {"id": "yes/Y99.jpg", "duplicate_of": "yes/Y0.jpg"}]
+    assert report["removed"] == [
+        {"id": "no/no 90.jpg", "duplicate_of": "no/0 no.jpg"},
+        {"id": "no/no 91.jpg", "duplicate_of": "no/1 no.jpg"},
+        {"id": "yes/Y99.jpg", "duplicate_of": "yes/Y0.jpg"},
+    ]
     assert report["cross_class"] == [] and report["label_conflicts"] == []
     assert remove_duplicates(list(reversed(items)))[1] == report  # independent of input order
 
@@ -56,15 +58,21 @@ def test_cross_class_and_label_conflicts(tmp_path):
         image = str(png(tmp_path / cls / name, value))
         return {"image": image, "id": f"{cls}/{name}", "label": label, "class_name": cls}
 
-    items = [item("a.png", 1, 0, "normal"), item("b.png", 1, 1, "benign"),  # conflict
-             item("c.png", 2, 1, "benign"), item("d.png", 2, 1, "malignant"),  # cross-class, same label
-             item("e.png", 3, 0, "normal")]
+    items = [
+        item("a.png", 1, 0, "normal"),
+        item("b.png", 1, 1, "benign"),  # conflict
+        item("c.png", 2, 1, "benign"),
+        item("d.png", 2, 1, "malignant"),  # cross-class, same label
+        item("e.png", 3, 0, "normal"),
+    ]
     kept, report = remove_duplicates(items)
     assert ids(kept) == ["benign/c.png", "normal/e.png"]
-    assert report["cross_class"] == [{"ids": ["benign/c.png", "malignant/d.png"], "classes": ["benign", "malignant"],
-                                      "kept": "benign/c.png"}]
+    assert report["cross_class"] == [
+        {"ids": ["benign/c.png", "malignant/d.png"], "classes": ["benign", "malignant"], "kept": "benign/c.png"}
+    ]
     assert report["label_conflicts"] == [
-        {"ids": ["benign/b.png", "normal/a.png"], "labels": [1, 0], "action": "dropped"}]
+        {"ids": ["benign/b.png", "normal/a.png"], "labels": [1, 0], "action": "dropped"}
+    ]
     assert (report["n_removed"], report["n_conflict_dropped"]) == (1, 2)
     kept, report = remove_duplicates(items, on_conflict="keep_abnormal")
     assert ids(kept) == ["benign/b.png", "benign/c.png", "normal/e.png"]
@@ -75,8 +83,9 @@ def test_cross_class_and_label_conflicts(tmp_path):
 def test_slices_of_one_file_are_not_duplicates(tmp_path):
     vol = png(tmp_path / "v.png", 1)
     copy = png(tmp_path / "w.png", 1)
-    items = [{"image": str(p), "id": f"{p.name}#{s}", "label": 0, "slice_index": s}
-             for p in (vol, copy) for s in (0, 1)]
+    items = [
+        {"image": str(p), "id": f"{p.name}#{s}", "label": 0, "slice_index": s} for p in (vol, copy) for s in (0, 1)
+    ]
     kept, report = remove_duplicates(items)
     assert ids(kept) == ["v.png#0", "v.png#1"] and report["n_removed"] == 2
 
@@ -86,13 +95,24 @@ def test_slices_of_one_file_are_not_duplicates(tmp_path):
 
 def test_table_counts_scaled_or_subsampled():
     splits, info = split_datalist(fake_items(87, 141), n_train=58, n_test_normal=40, n_test_abnormal=154)
-    assert info["counts"] == {"train": 46, "val": 5, "test_normal": 36, "test_abnormal": 141,
-                              "unused_normal": 0, "unused_abnormal": 0}
+    assert info["counts"] == {
+        "train": 46,
+        "val": 5,
+        "test_normal": 36,
+        "test_abnormal": 141,
+        "unused_normal": 0,
+        "unused_abnormal": 0,
+    }
     assert info["scaled"] and "scaled to 51 + 36" in info["notes"][0]
     splits, info = split_datalist(fake_items(120, 200), n_train=58, n_test_normal=40, n_test_abnormal=154)
     c = info["counts"]
-    assert (c["train"] + c["val"], c["test_normal"], c["test_abnormal"], c["unused_normal"], c["unused_abnormal"]) == \
-        (58, 40, 154, 22, 46)
+    assert (c["train"] + c["val"], c["test_normal"], c["test_abnormal"], c["unused_normal"], c["unused_abnormal"]) == (
+        58,
+        40,
+        154,
+        22,
+        46,
+    )
     assert len(splits["unused"]) == 68 and sum(it["label"] for it in splits["test"]) == 154
     assert not any(it["label"] for it in splits["train"] + splits["val"])
 
@@ -151,8 +171,14 @@ def test_prepare_split_writes_portable_file_and_reuses_it(tmp_path):
     report = out["report"]
     assert report["dedup"]["n_removed"] == 3 and not report["reused"]
     # 20 normals for 58 + 40 -> 12 + 8; val 1 of 12; all 12 tumours to test
-    assert report["counts"] == {"train": 11, "val": 1, "test_normal": 8, "test_abnormal": 12,
-                                "unused_normal": 0, "unused_abnormal": 0}
+    assert report["counts"] == {
+        "train": 11,
+        "val": 1,
+        "test_normal": 8,
+        "test_abnormal": 12,
+        "unused_normal": 0,
+        "unused_abnormal": 0,
+    }
     doc = json.loads(split_file.read_text())
     assert doc["seed"] == 1 and doc["train"][0]["image"].startswith("no/") and doc["unused"] == []
     assert doc["counts"] == report["counts"] and doc["dedup"]["n_removed"] == 3
@@ -180,7 +206,7 @@ def test_split_file_validation(tmp_path):
     with pytest.raises(InputDataError) as e:
         prepare_split("brainmri", root, split_file)
     assert str(e.value).startswith(f"{split_file}: 1 file it lists does not exist") and str(gone) in str(e.value)
-    split_file.write_text("{\"format\": \"other\"}")
+    split_file.write_text('{"format": "other"}')
     with pytest.raises(InputDataError, match="split.json: not a monai-skipts-split/1 split file"):
         prepare_split("brainmri", root, split_file)
 
@@ -193,8 +219,14 @@ def test_prepare_split_mvtec_follows_source_folders(tmp_path):
     png(tmp_path / "test" / "scratch" / "000.png", 20)
     png(tmp_path / "ground_truth" / "scratch" / "000_mask.png", 255)
     out = prepare_split("mvtec", tmp_path, tmp_path / "split.json")
-    assert out["report"]["counts"] == {"train": 3, "val": 1, "test_normal": 2, "test_abnormal": 1,
-                                       "unused_normal": 0, "unused_abnormal": 0}
+    assert out["report"]["counts"] == {
+        "train": 3,
+        "val": 1,
+        "test_normal": 2,
+        "test_abnormal": 1,
+        "unused_normal": 0,
+        "unused_abnormal": 0,
+    }
     assert out["report"]["dedup"]["removed"] == [{"id": "train/good/000.png", "duplicate_of": "test/good/001.png"}]
     assert out["test"][-1]["mask"] == str(tmp_path / "ground_truth" / "scratch" / "000_mask.png")
     doc = json.loads((tmp_path / "split.json").read_text())

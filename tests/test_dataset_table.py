@@ -72,10 +72,23 @@ def test_table_is_complete_and_consistent():
 
 def test_modalities_are_the_medically_right_presets():
     """Pinned choices (the table's comments give the reasons); a change here is a change of results."""
-    want = {"headct": "ct_brain", "brainmri": "mri", "lungct": "ct_lung", "busi": "ultrasound", "breastmri": "mri",
-            "retinal_oct": "ultrasound", "cp_child_a": "rgb", "cp_child_b": "rgb", "nafld": "ultrasound",
-            "iq_oth_nccd": "ct_lung", "covid_xray": "xray", "malaria": "rgb", "lgg": "mri", "mvtec": "rgb",
-            "demo": "xray"}  # fmt: skip
+    want = {
+        "headct": "ct_brain",
+        "brainmri": "mri",
+        "lungct": "ct_lung",
+        "busi": "ultrasound",
+        "breastmri": "mri",
+        "retinal_oct": "ultrasound",
+        "cp_child_a": "rgb",
+        "cp_child_b": "rgb",
+        "nafld": "ultrasound",
+        "iq_oth_nccd": "ct_lung",
+        "covid_xray": "xray",
+        "malaria": "rgb",
+        "lgg": "mri",
+        "mvtec": "rgb",
+        "demo": "xray",
+    }
     assert {n: p.modality for n, p in DATASETS.items()} == want
 
 
@@ -128,7 +141,10 @@ def test_bundle_readme_agrees_with_the_table(bundle):
         assert split == []
     if p.group_by:
         shares = re.search(r"(\d+) % of the patients go to test .*?, (\d+) % of the others", flat)
-        assert shares and (int(shares[1]), int(shares[2])) == (round(100 * p.test_fraction), round(100 * p.val_fraction))
+        assert shares and (int(shares[1]), int(shares[2])) == (
+            round(100 * p.test_fraction),
+            round(100 * p.val_fraction),
+        )
     assert f"Data: {p.source}." in flat and f"Source layout under `--dataset_dir`: {p.layout_text}." in flat
 
 
@@ -223,7 +239,10 @@ def test_quality_resolves_every_dataset_to_the_table(tmp_path, monkeypatch):
     assert all(root.name in DATASETS[n].folders for n, _, _, root in found)
     # spellings and aliases select the same entries
     assert [f[0] for f in quality.find_datasets(tmp_path, ["IQ-OTH/NCCD", "HeadCT", "cpchild_b"])] == [
-        "headct", "cp_child_b", "iq_oth_nccd"]
+        "headct",
+        "cp_child_b",
+        "iq_oth_nccd",
+    ]
     with pytest.raises(ValueError, match="unknown dataset"):
         quality.find_datasets(tmp_path, ["mnist"])
     with pytest.raises(ValueError, match="not a benchmark dataset"):

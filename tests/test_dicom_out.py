@@ -49,7 +49,10 @@ def test_read_study_finds_stack_multiframe_and_image(dicom_study, tmp_path):
 
     series, skipped = read_study(dicom_study)
     assert [(s.name, [u.kind for u in s.units]) for s in series] == [
-        ("series-001-CT", ["volume"]), ("series-002-MR", ["volume"]), ("series-003-CR", ["image"])]  # fmt: skip
+        ("series-001-CT", ["volume"]),
+        ("series-002-MR", ["volume"]),
+        ("series-003-CR", ["image"]),
+    ]
     ct = series[0]
     z = [float(h.ImagePositionPatient[2]) for h in ct.headers]
     assert z == sorted(z) and len(ct.units[0].slices) == 3  # slice order, whatever the file names
@@ -144,8 +147,12 @@ def test_sr_holds_the_predictors_scores_and_references_the_source(results, dicom
     assert g["values"][CODES["normalized_score"][1]] == pytest.approx(want["normalized_score"], rel=1e-6)
     assert g["evals"][CODES["anomalous"][1]] == ("Yes" if want["anomalous"] else "No")
     assert g["refs"] == [(src["cr/1.dcm"].SOPInstanceUID, None)]
-    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}  # fmt: skip
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for i in se.ReferencedSOPSequence
+    }
     assert evidence == {src["cr/1.dcm"].SOPInstanceUID}
     # algorithm identification: model name, version, teacher
     blob = (out / "series-003-CR" / "SR.dcm").read_bytes()
@@ -205,19 +212,40 @@ sys.exit(main(sys.argv[1:]))
 def test_cli_keeps_patient_data_in_the_dicom_objects_only(dicom_study, dicom_checkpoint, tmp_path):
     out = tmp_path / "results"
     env = dict(os.environ, OMP_NUM_THREADS="1", MONAI_SKIPTS_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", _CLI, "--input", str(dicom_study), "--output", str(out), "--checkpoint",
-                        str(dicom_checkpoint), "--seg", "--device", "cpu"], cwd=REPO, env=env, capture_output=True,
-                       timeout=900)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CLI,
+            "--input",
+            str(dicom_study),
+            "--output",
+            str(out),
+            "--checkpoint",
+            str(dicom_checkpoint),
+            "--seg",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
     assert b"DEBUG" in r.stderr, "the run did not log at DEBUG"
     printed = json.loads(r.stdout.decode().strip().splitlines()[-1])
     assert [s["series"] for s in printed["series"]] == ["series-001-CT", "series-002-MR", "series-003-CR"]
     needles = _needles(_sources(dicom_study))
-    leaks = [f"{name}: {n!r}" for name, blob in (("stdout", r.stdout), ("stderr", r.stderr)) for n in needles if n in blob]
+    leaks = [
+        f"{name}: {n!r}" for name, blob in (("stdout", r.stdout), ("stderr", r.stderr)) for n in needles if n in blob
+    ]
     blob = (out / "dicom_results.json").read_bytes()
     leaks += [f"dicom_results.json: {n!r}" for n in needles if n in blob]
     for p in out.rglob("*"):
-        leaks += [f"file name {p.relative_to(out)}: {n!r}" for n in needles if n in p.relative_to(out).as_posix().encode()]
+        leaks += [
+            f"file name {p.relative_to(out)}: {n!r}" for n in needles if n in p.relative_to(out).as_posix().encode()
+        ]
     assert not leaks, "patient data leaked:\n" + "\n".join(leaks)
     # control: the same values are in the DICOM objects (the PACS needs them there)
     sr = (out / "series-003-CR" / "SR.dcm").read_bytes()
@@ -228,10 +256,17 @@ def test_bundle_config_writes_the_same_results(dicom_study, dicom_checkpoint, re
     from monai.bundle import run
 
     out = tmp_path / "bundle"
-    run(config_file=[str(REPO / "bundles/demo/inference.json"), str(REPO / "bundles/common/dicom_app.json")], checkpoint=str(dicom_checkpoint),
-        study_dir=str(dicom_study), dicom_output=str(out), write_seg=False, device_name="cpu")  # fmt: skip
+    run(
+        config_file=[str(REPO / "bundles/demo/inference.json"), str(REPO / "bundles/common/dicom_app.json")],
+        checkpoint=str(dicom_checkpoint),
+        study_dir=str(dicom_study),
+        dicom_output=str(out),
+        write_seg=False,
+        device_name="cpu",
+    )
     got = json.loads((out / "dicom_results.json").read_text())
     want = results[1]
     assert [u["score"] for s in got["series"] for u in s["units"]] == pytest.approx(
-        [u["score"] for s in want["series"] for u in s["units"]], rel=1e-6)  # fmt: skip
+        [u["score"] for s in want["series"] for u in s["units"]], rel=1e-6
+    )
     assert not list(out.rglob("SEG-*.dcm")) and len(list(out.rglob("SR.dcm"))) == 3

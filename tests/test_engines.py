@@ -57,7 +57,9 @@ def test_only_student_gets_gradients_and_teacher_bn_never_changes():
     assert not trainer.amp  # AMP is for CUDA; on CPU the trainer falls back to fp32
     opt = build_optimizer(model)
     assert opt.defaults["lr"] == 0.005 and opt.defaults["betas"] == (0.5, 0.999)
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.student.parameters())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.student.parameters()
+    )
 
 
 def test_teacher_cache_gives_the_same_training_as_recomputing(tmp_path):
@@ -84,8 +86,16 @@ def test_quality_on_lesion_phantom_with_offline_teacher(tmp_path):
     ones can hide in the dark ventricles, invisible to a reader too). Real
     ImageNet EfficientNet-Lite0 teacher, a few epochs: image AUROC > 0.9."""
     torch.manual_seed(0)
-    root = make_phantom_dataset(tmp_path / "ph", n_train=32, n_test_normal=16, n_test_abnormal=16, size=128,
-                                seed=1, lesion_contrast=(0.5, 0.8), lesion_polarity="bright")  # fmt: skip
+    root = make_phantom_dataset(
+        tmp_path / "ph",
+        n_train=32,
+        n_test_normal=16,
+        n_test_abnormal=16,
+        size=128,
+        seed=1,
+        lesion_contrast=(0.5, 0.8),
+        lesion_polarity="bright",
+    )
     pre = build_preprocessing("xray", spatial_size=128)
     train = _items(root, "train/good/*.png", 0)
     test = _items(root, "test/good/*.png", 0) + _items(root, "test/lesion/*.png", 1)

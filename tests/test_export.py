@@ -115,19 +115,41 @@ def test_monai_bundle_ckpt_export(tmp_path, lite_checkpoint):
         "network_def": {"_target_": "monai_skipts.networks.SkipTS", "teacher": "efficientnet_lite0"},
         "predictor_def": {"_target_": "monai_skipts.export.SkipTSExportModel", "model": "@network_def", "sigma": 4.0},
     }
-    meta = {"version": "0.1.0", "network_data_format": {
-        "inputs": {"image": {"type": "image", "num_channels": 3, "spatial_shape": [SIZE, SIZE], "dtype": "float32"}},
-        "outputs": {"pred": {"type": "image", "num_channels": 1, "spatial_shape": [SIZE, SIZE], "dtype": "float32"}},
-    }}  # fmt: skip
+    meta = {
+        "version": "0.1.0",
+        "network_data_format": {
+            "inputs": {
+                "image": {"type": "image", "num_channels": 3, "spatial_shape": [SIZE, SIZE], "dtype": "float32"}
+            },
+            "outputs": {
+                "pred": {"type": "image", "num_channels": 1, "spatial_shape": [SIZE, SIZE], "dtype": "float32"}
+            },
+        },
+    }
     (tmp_path / "train.json").write_text(json.dumps(config))
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
     out = tmp_path / "model.ts"
     cmd = [
-        sys.executable, "-m", "monai.bundle", "ckpt_export", "predictor_def", "--filepath", str(out),
-        "--ckpt_file", str(lite_checkpoint), "--config_file", str(tmp_path / "train.json"),
-        "--meta_file", str(tmp_path / "metadata.json"), "--use_trace", "True",
-        "--input_shape", f"[1, 3, {SIZE}, {SIZE}]", "--converter_kwargs", "{'check_trace': False}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "predictor_def",
+        "--filepath",
+        str(out),
+        "--ckpt_file",
+        str(lite_checkpoint),
+        "--config_file",
+        str(tmp_path / "train.json"),
+        "--meta_file",
+        str(tmp_path / "metadata.json"),
+        "--use_trace",
+        "True",
+        "--input_shape",
+        f"[1, 3, {SIZE}, {SIZE}]",
+        "--converter_kwargs",
+        "{'check_trace': False}",
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -15,13 +15,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 ENV = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # what tests/test_bundles.py runs: 1 epoch at 64², 2 validation normals enough to calibrate
-TINY = ["--epochs", "1", "--spatial_size", "64", "--batch_size", "4", "--teacher", "efficientnet_lite0",
-        "--n_heatmaps", "0", "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
+TINY = [
+    "--epochs",
+    "1",
+    "--spatial_size",
+    "64",
+    "--batch_size",
+    "4",
+    "--teacher",
+    "efficientnet_lite0",
+    "--n_heatmaps",
+    "0",
+    "--target_fpr",
+    "0.5",
+    "--calibration",
+    "empirical",
+]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
@@ -47,8 +60,18 @@ def tiny_run(tmp_path_factory):
     """One tiny BrainMRI training run through the user's command (MLflow on, no registration)."""
     tmp = tmp_path_factory.mktemp("tiny_run")
     data, out = _brainmri_layout(tmp / "data"), tmp / "run"
-    r = _bundle("run", "--config_file", "bundles/brainmri/train.json", "--dataset_dir", str(data),
-                "--output_dir", str(out), "--register", "False", *TINY)  # fmt: skip
+    r = _bundle(
+        "run",
+        "--config_file",
+        "bundles/brainmri/train.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--register",
+        "False",
+        *TINY,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return data, out
 
@@ -61,8 +84,12 @@ def tiny_checkpoint(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, SkipTS("efficientnet_lite0"), threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05},
-                    extra={"spatial_size": 32, "modality": "xray"})  # fmt: skip
+    save_checkpoint(
+        path,
+        SkipTS("efficientnet_lite0"),
+        threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05},
+        extra={"spatial_size": 32, "modality": "xray"},
+    )
     return path
 
 
@@ -71,26 +98,54 @@ def test_item06_missing_dataset_folder_is_named_in_the_last_lines(tmp_path):
     ``RuntimeError: Failed to evaluate ...``; the last lines a user sees must still name the folder
     and the problem. MONAI's own arguments (meta, logging, run ids) pass the option check."""
     missing = tmp_path / "no_such_folder"
-    r = _bundle("run", "--config_file", "bundles/brainmri/train.json", "--meta_file", "bundles/brainmri/metadata.json",
-                "--logging_file", "bundles/brainmri/logging.conf", "--run_id", "run", "--init_id", "initialize",
-                "--dataset_dir", str(missing), "--output_dir", str(tmp_path / "run"), "--mlflow", "False")  # fmt: skip
+    r = _bundle(
+        "run",
+        "--config_file",
+        "bundles/brainmri/train.json",
+        "--meta_file",
+        "bundles/brainmri/metadata.json",
+        "--logging_file",
+        "bundles/brainmri/logging.conf",
+        "--run_id",
+        "run",
+        "--init_id",
+        "initialize",
+        "--dataset_dir",
+        str(missing),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--mlflow",
+        "False",
+    )
     assert r.returncode != 0
     tail = _last_lines(r.stderr, 2)
     assert str(missing) in tail and "dataset folder does not exist" in tail, tail
     assert "Failed to evaluate" not in tail
 
 
-@pytest.mark.parametrize("config, typo, meant", [
-    ("train", "--epoch", "--epochs"),
-    ("evaluate", "--batch_sise", "--batch_size"),
-    ("inference", "--inputs", "--input"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "config, typo, meant",
+    [
+        ("train", "--epoch", "--epochs"),
+        ("evaluate", "--batch_sise", "--batch_size"),
+        ("inference", "--inputs", "--input"),
+    ],
+)
 def test_item07_unknown_override_refused(config, typo, meant, tmp_path):
     """``--epoch 1`` used to train the full 25 epochs: an id that is not a top-level id of the
     bundle is refused before anything runs, with the closest known one."""
     out = tmp_path / "run"
-    r = _bundle("run", "--config_file", f"bundles/brainmri/{config}.json", "--output_dir", str(out),
-                "--dataset_dir", str(tmp_path / "data"), typo, "1")  # fmt: skip
+    r = _bundle(
+        "run",
+        "--config_file",
+        f"bundles/brainmri/{config}.json",
+        "--output_dir",
+        str(out),
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        typo,
+        "1",
+    )
     assert r.returncode != 0
     tail = _last_lines(r.stderr, 2)
     assert f"unknown option {typo}" in tail and f"did you mean {meant}?" in tail, tail
@@ -116,8 +171,18 @@ def test_item11_deleted_training_file_rerun_says_what_to_do(tiny_run, tmp_path):
     split = json.loads((out / "split.json").read_text())
     gone = data / split["train"][0]["image"]
     gone.unlink()
-    args = ["run", "--config_file", "bundles/brainmri/train.json", "--dataset_dir", str(data), "--output_dir", str(out),
-            "--mlflow", "False", *TINY]  # fmt: skip
+    args = [
+        "run",
+        "--config_file",
+        "bundles/brainmri/train.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--mlflow",
+        "False",
+        *TINY,
+    ]
     r = _bundle(*args)
     assert r.returncode != 0
     tail = _last_lines(r.stderr, 2)
@@ -134,17 +199,21 @@ def test_item16_onnx_export_without_onnx_names_the_extra(tiny_checkpoint, tmp_pa
     """Without the ``onnx`` package the export CLI says which extra to install (and writes nothing);
     the README says that ONNX export needs it."""
     out = tmp_path / "model.onnx"
-    code = ("import sys; sys.modules['onnx'] = None  # as if onnx were not installed\n"
-            "from monai_skipts.export import main\n"
-            f"sys.exit(main(['--checkpoint', {str(tiny_checkpoint)!r}, '--format', 'onnx', '--out', {str(out)!r}]))")  # fmt: skip
+    code = (
+        "import sys; sys.modules['onnx'] = None  # as if onnx were not installed\n"
+        "from monai_skipts.export import main\n"
+        f"sys.exit(main(['--checkpoint', {str(tiny_checkpoint)!r}, '--format', 'onnx', '--out', {str(out)!r}]))"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 1
     tail = _last_lines(r.stderr, 1)
     assert "onnx" in tail and 'pip install "monai-skipts[export]"' in tail, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not out.exists()
-    block = README[README.index("Export, registry, MONAI Label"):]
+    block = README[README.index("Export, registry, MONAI Label") :]
     before = block[: block.index("monai_skipts.export --checkpoint")]
-    assert re.search(r'pip install -e "\.\[export\]"', before), "README: install the [export] extra before the ONNX export"
+    assert re.search(r'pip install -e "\.\[export\]"', before), (
+        "README: install the [export] extra before the ONNX export"
+    )
 
 
 def test_item17_demo_registers_as_skipts_demo_and_metadata_matches_its_size():
@@ -178,23 +247,44 @@ def test_item18_label_paths_resolve_against_the_start_folder_and_readme_has_the_
     assert ckpt == tmp_path / "runs/x/model.pt"
     ckpt, _ = scorer_options({"checkpoint": "runs/x/model.pt"}, base_dir=APP_DIR)  # an explicit base still wins
     assert ckpt == APP_DIR / "runs/x/model.pt"
-    for needed in ("requirements-label.txt", "monailabel start_server", "--conf checkpoint runs/",
-                   "python3 -m venv"):  # fmt: skip
+    for needed in ("requirements-label.txt", "monailabel start_server", "--conf checkpoint runs/", "python3 -m venv"):
         assert needed in README, needed
-    block = README[README.index("requirements-label.txt") - 400: README.index("monailabel start_server") + 400]
+    block = README[README.index("requirements-label.txt") - 400 : README.index("monailabel start_server") + 400]
     assert "pip install" in block and ("-r requirements-label.txt" in block), block
 
 
 def test_item19_ckpt_export_refuses_a_shape_the_model_was_not_trained_at(tiny_checkpoint, tmp_path):
     """``ckpt_export --input_shape "[1, 3, 64, 64]"`` on a model trained at 32² used to export a model
     whose scores differ from the ONNX one; it is refused, naming both sizes. The trained size exports."""
+
     def export(size: int, out: Path) -> subprocess.CompletedProcess:
-        return _bundle("ckpt_export", "predictor_def", "--config_file", "bundles/demo/train.json",
-                       "--ckpt_file", str(tiny_checkpoint), "--filepath", str(out), "--use_trace", "True",
-                       "--input_shape", f"[1, 3, {size}, {size}]", "--converter_kwargs", "{'check_trace': False}",
-                       "--teacher", "efficientnet_lite0", "--output_dir", str(tmp_path),
-                       # the tiny checkpoint is SkipTS's own defaults (the paper's), not the bundle's default
-                       "--skip", "add", "--bottleneck", "False", "--level_stats", "False")  # fmt: skip
+        return _bundle(
+            "ckpt_export",
+            "predictor_def",
+            "--config_file",
+            "bundles/demo/train.json",
+            "--ckpt_file",
+            str(tiny_checkpoint),
+            "--filepath",
+            str(out),
+            "--use_trace",
+            "True",
+            "--input_shape",
+            f"[1, 3, {size}, {size}]",
+            "--converter_kwargs",
+            "{'check_trace': False}",
+            "--teacher",
+            "efficientnet_lite0",
+            "--output_dir",
+            str(tmp_path),
+            # the tiny checkpoint is SkipTS's own defaults (the paper's), not the bundle's default
+            "--skip",
+            "add",
+            "--bottleneck",
+            "False",
+            "--level_stats",
+            "False",
+        )
 
     r = export(64, tmp_path / "wrong.ts")
     assert r.returncode != 0 and not (tmp_path / "wrong.ts").exists()
@@ -208,15 +298,43 @@ def test_item19_ckpt_export_refuses_a_shape_the_model_was_not_trained_at(tiny_ch
     # the export CLI takes the checkpoint's size, and refuses another one given explicitly
     from monai_skipts.export import main
 
-    assert main(["--checkpoint", str(tiny_checkpoint), "--format", "torchscript", "--out", str(tmp_path / "x.ts"),
-                 "--spatial-size", "64", "--no-verify"]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--format",
+                "torchscript",
+                "--out",
+                str(tmp_path / "x.ts"),
+                "--spatial-size",
+                "64",
+                "--no-verify",
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "x.ts").exists()
 
 
-DECISION_KEYS = {"decision_threshold", "sensitivity_at_decision", "specificity_at_decision", "tp_at_decision",
-                 "fp_at_decision", "tn_at_decision", "fn_at_decision"}  # fmt: skip
-YOUDEN_KEYS = {"youden_threshold_on_test", "sensitivity_at_youden", "specificity_at_youden", "tp_at_youden",
-               "fp_at_youden", "tn_at_youden", "fn_at_youden"}  # fmt: skip
+DECISION_KEYS = {
+    "decision_threshold",
+    "sensitivity_at_decision",
+    "specificity_at_decision",
+    "tp_at_decision",
+    "fp_at_decision",
+    "tn_at_decision",
+    "fn_at_decision",
+}
+YOUDEN_KEYS = {
+    "youden_threshold_on_test",
+    "sensitivity_at_youden",
+    "specificity_at_youden",
+    "tp_at_youden",
+    "fp_at_youden",
+    "tn_at_youden",
+    "fn_at_youden",
+}
 
 
 def test_item20_metrics_say_which_threshold_they_belong_to(tiny_run):

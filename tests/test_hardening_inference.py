@@ -16,13 +16,13 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from conftest import REPO
-from monai_skipts.checkpoint import save_checkpoint
 import monai_skipts.data.files as files
 import monai_skipts.inference as inference
+from monai_skipts.checkpoint import save_checkpoint
 from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import LoadMedicalImage
@@ -35,8 +35,13 @@ def checkpoint(tmp_path_factory):
     calibrated threshold, at 64²: what training writes, minus the training time."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, SkipTS("efficientnet_lite0"), threshold={"value": 2.0, "target_fpr": 0.05, "n_normals": 20, "scale": 0.1},
-                    extra={"modality": "mri", "spatial_size": 64}, with_rng=False)  # fmt: skip
+    save_checkpoint(
+        path,
+        SkipTS("efficientnet_lite0"),
+        threshold={"value": 2.0, "target_fpr": 0.05, "n_normals": 20, "scale": 0.1},
+        extra={"modality": "mri", "spatial_size": 64},
+        with_rng=False,
+    )
     return path
 
 
@@ -80,8 +85,14 @@ def test_item01_map_names_unique_stable_and_listed_in_predictions(tmp_path, pred
     """6 pictures whose old names collided pairwise, and two patients' ``ct.nii.gz``: every input gets its
     own map (its own size proves it is its own), under its relative folders, named in the CSVs."""
     inp = tmp_path / "in"
-    sizes = {"a/b.png": (20, 30), "a_b.png": (21, 31), "ü.png": (22, 32), "é.png": (23, 33),
-             "img.png": (24, 34), "img.jpg": (25, 35)}  # fmt: skip
+    sizes = {
+        "a/b.png": (20, 30),
+        "a_b.png": (21, 31),
+        "ü.png": (22, 32),
+        "é.png": (23, 33),
+        "img.png": (24, 34),
+        "img.jpg": (25, 35),
+    }
     for k, (rel, (h, w)) in enumerate(sizes.items()):
         _png(inp / rel, h, w, seed=k)
     vols = {"p1/ct.nii.gz": (20, 24, 3), "p2/ct.nii.gz": (22, 26, 4)}
@@ -165,9 +176,20 @@ def test_item04_bad_files_are_listed_and_the_rest_is_scored(tmp_path, predictor)
 def test_item04_command_line_and_bundle_exit_non_zero_and_write_errors_csv(tmp_path, checkpoint, monkeypatch):
     inp = _batch_with_bad_files(tmp_path / "in")
     env = dict(os.environ, OMP_NUM_THREADS="1", MONAI_SKIPTS_OFFLINE="1")
-    cli = [sys.executable, "-m", "monai_skipts.inference", "--checkpoint", str(checkpoint), "--input", str(inp),
-           "--device", "cpu"]  # fmt: skip
-    r = subprocess.run(cli + ["--output_dir", str(tmp_path / "cli")], capture_output=True, text=True, env=env, timeout=300)
+    cli = [
+        sys.executable,
+        "-m",
+        "monai_skipts.inference",
+        "--checkpoint",
+        str(checkpoint),
+        "--input",
+        str(inp),
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(
+        cli + ["--output_dir", str(tmp_path / "cli")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     assert "2 of 7" in r.stderr and "errors.csv" in r.stderr
     assert len(_rows(tmp_path / "cli" / "predictions.csv")) == 5 and len(_rows(tmp_path / "cli" / "errors.csv")) == 2
@@ -179,13 +201,21 @@ def test_item04_command_line_and_bundle_exit_non_zero_and_write_errors_csv(tmp_p
     run_dir.mkdir()
     shutil.copy(checkpoint, run_dir / "model.pt")
     with pytest.raises(Exception) as e:  # monai.bundle run exits non-zero on it
-        bundle_run(config_file="bundles/demo/inference.json", output_dir=str(run_dir), input=str(inp), device_name="cpu")
+        bundle_run(
+            config_file="bundles/demo/inference.json", output_dir=str(run_dir), input=str(inp), device_name="cpu"
+        )
     assert "InferenceIncompleteError" in _chain(e.value) and "2 of 7" in _chain(e.value)
     assert len(_rows(run_dir / "inference" / "predictions.csv")) == 5
     assert len(_rows(run_dir / "inference" / "errors.csv")) == 2
     with pytest.raises(Exception) as e:
-        bundle_run(config_file="bundles/demo/inference.json", output_dir=str(run_dir), input=str(inp),
-                   device_name="cpu", inference_dir=str(tmp_path / "bundle_ff"), fail_fast=True)  # fmt: skip
+        bundle_run(
+            config_file="bundles/demo/inference.json",
+            output_dir=str(run_dir),
+            input=str(inp),
+            device_name="cpu",
+            inference_dir=str(tmp_path / "bundle_ff"),
+            fail_fast=True,
+        )
     assert "InputDataError" in _chain(e.value) and "broken.png" in _chain(e.value)
     assert not (tmp_path / "bundle_ff" / "predictions.csv").exists()
 
@@ -232,8 +262,13 @@ def test_item12_pixel_limit_refuses_large_pictures_and_dicom_before_decoding(tmp
     monkeypatch.chdir(REPO)
     shutil.copy(checkpoint, tmp_path / "model.pt")
     with pytest.raises(Exception) as e:
-        bundle_run(config_file="bundles/demo/inference.json", output_dir=str(tmp_path), input=str(tmp_path / "in"),
-                   device_name="cpu", max_pixels=10_000)  # fmt: skip
+        bundle_run(
+            config_file="bundles/demo/inference.json",
+            output_dir=str(tmp_path),
+            input=str(tmp_path / "in"),
+            device_name="cpu",
+            max_pixels=10_000,
+        )
     assert "InferenceIncompleteError" in _chain(e.value)
     assert [r["file"] for r in _rows(tmp_path / "inference" / "errors.csv")] == ["big.png"]
     # a limit raised above Pillow's own decompression-bomb limit is honoured, without its warning

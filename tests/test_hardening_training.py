@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -45,14 +44,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def data_dir(tmp_path_factory):
     from monai_skipts.apps import make_phantom_dataset
 
-    return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_train=12, n_test_normal=4, n_test_abnormal=4, size=64, seed=0)
+    return make_phantom_dataset(
+        tmp_path_factory.mktemp("phantom"), n_train=12, n_test_normal=4, n_test_abnormal=4, size=64, seed=0
+    )
 
 
 def _train_cmd(data: Path | None, out: Path, config: str = "bundles/demo/train.json", **over) -> list[str]:
     """The user's command, with the tiny overrides of tests/test_bundles.py (one epoch, 64², the
     empirical calibration at FPR 0.5 that 2 validation normals can resolve)."""
-    args = {"epochs": 1, "spatial_size": 64, "batch_size": 4, "teacher": "efficientnet_lite0", "progress_bar": False,
-            "n_heatmaps": 0, "save_maps": False, "target_fpr": 0.5, "calibration": "empirical", "mlflow": False}  # fmt: skip
+    args = {
+        "epochs": 1,
+        "spatial_size": 64,
+        "batch_size": 4,
+        "teacher": "efficientnet_lite0",
+        "progress_bar": False,
+        "n_heatmaps": 0,
+        "save_maps": False,
+        "target_fpr": 0.5,
+        "calibration": "empirical",
+        "mlflow": False,
+    }
     args.update(over)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--output_dir", str(out)]
     if data is not None:
@@ -99,8 +110,9 @@ def test_item03_output_dir_locked(data_dir, tmp_path):
     writing anything (no split, no checkpoint, no MLflow store), naming the folder and the holder's
     PID. Once the holder is gone (killed: its PID is still written in ``.lock``), the folder is free."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], cwd=REPO, env=ENV,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(out)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         r = _run(_train_cmd(data_dir, out, mlflow=True))
@@ -129,12 +141,18 @@ def test_item05_nan_pixel_stops_training_naming_the_image(data_dir, tmp_path):
     batch, and writes neither model.pt nor a checkpoint with NaN weights."""
     poisoned = ["train/good/001.png", "train/good/003.png", "train/good/005.png"]
     override = tmp_path / "nan_pixel.json"
-    inject = ("monai.transforms.Lambda(lambda d: (d['image'].__setitem__((0, 5, 5), float('nan')), d)[1] "
-              f"if d['id'] in {poisoned!r} else d)")  # fmt: skip
-    override.write_text(json.dumps({
-        "preprocessing_clean": "%transforms/xray.json#preprocessing",
-        "preprocessing": f"$list(@preprocessing_clean) + [{inject}]",
-    }))  # fmt: skip
+    inject = (
+        "monai.transforms.Lambda(lambda d: (d['image'].__setitem__((0, 5, 5), float('nan')), d)[1] "
+        f"if d['id'] in {poisoned!r} else d)"
+    )
+    override.write_text(
+        json.dumps(
+            {
+                "preprocessing_clean": "%transforms/xray.json#preprocessing",
+                "preprocessing": f"$list(@preprocessing_clean) + [{inject}]",
+            }
+        )
+    )
     out = tmp_path / "run"
     config = f"['bundles/demo/train.json', '{override}']"
     r = _run(_train_cmd(data_dir, out, config=config, epochs=2))

@@ -21,8 +21,13 @@ from monai_skipts.utils import InputDataError
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, SkipTS("efficientnet_lite0"), threshold={"value": 2.0, "target_fpr": 0.05, "n_normals": 20, "scale": 0.1},
-                    extra={"modality": "mri", "spatial_size": 64}, with_rng=False)  # fmt: skip
+    save_checkpoint(
+        path,
+        SkipTS("efficientnet_lite0"),
+        threshold={"value": 2.0, "target_fpr": 0.05, "n_normals": 20, "scale": 0.1},
+        extra={"modality": "mri", "spatial_size": 64},
+        with_rng=False,
+    )
     return path
 
 
@@ -88,7 +93,7 @@ def test_heatmap_panel_marks_the_maps_peak_where_the_lesion_is():
     assert p.dtype == np.uint8 and p.shape[2] == 3
     (iy, ix, ih, iw), (oy, ox, oh, ow) = lay["image"], lay["overlay"]
     assert (ih, iw) == (oh, ow) == (64, 64)  # full resolution
-    assert (p[iy:iy + 64, ix:ix + 64] == round(0.9 * 255)).all()  # first pane: the image untouched
-    o = p[oy:oy + 64, ox:ox + 64]  # overlay: white cross centred on the peak
+    assert (p[iy : iy + 64, ix : ix + 64] == round(0.9 * 255)).all()  # first pane: the image untouched
+    o = p[oy : oy + 64, ox : ox + 64]  # overlay: white cross centred on the peak
     assert (o[45, 15] == 255).all() and (o[43, 15] == 255).all() and (o[45, 13] == 255).all()
     assert o[10, 50, 2] > o[10, 50, 0] + 40  # zero map: jet's dark blue blended over the tissue

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-
-from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

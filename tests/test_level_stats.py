@@ -137,7 +137,9 @@ def test_evaluator_uses_the_fitted_stats_and_fitter_honours_cached_features():
     assert len(cache.store) == 4 and torch.allclose(cached, stats, rtol=1e-5, atol=0)
     assert LevelStatsFitter(model, [], enabled=False)() is None
 
-    ev = SkipTSEvaluator("cpu", DataLoader(_items(x), batch_size=4), model, amp=False, channels_last=False)  # NCHW: exact reference
+    ev = SkipTSEvaluator(
+        "cpu", DataLoader(_items(x), batch_size=4), model, amp=False, channels_last=False
+    )  # NCHW: exact reference
     out = []
     ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: out.append(e.state.output))
     ev.run()

@@ -17,13 +17,13 @@ from monai_skipts.metrics import (
     CalibrationWarning,
     aupro,
     calibrate_threshold,
+    dice_scores,
+    hit_rate,
     image_metrics,
     metrics_at_threshold,
     normalize_score,
     pixel_auroc,
     pixel_metrics,
-    dice_scores,
-    hit_rate,
 )
 
 # ----------------------------------------------------------------------------------------------

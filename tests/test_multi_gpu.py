@@ -8,14 +8,20 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REPO
 
 
 def test_torchrun_two_ranks_cpu_gloo_identical_students(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_worker.py"), str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "ddp_worker.py"),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MONAI_SKIPTS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

@@ -20,8 +20,13 @@ from monai_skipts.networks import (
 
 def test_registry_lists_all_teachers():
     assert set(list_teachers()) == {
-        "wide_resnet50_2", "resnet50", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-    }  # fmt: skip
+        "wide_resnet50_2",
+        "resnet50",
+        "resnet18",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    }
 
 
 @pytest.mark.parametrize(

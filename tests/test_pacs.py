@@ -34,8 +34,21 @@ def test_pull_score_store_back(orthanc, dicom_study, dicom_checkpoint, tmp_path,
     before = client.search_for_series(study_uid)
     assert len(before) == 3
 
-    rc = main(["--dicomweb", orthanc, "--study", study_uid, "--checkpoint", str(dicom_checkpoint), "--seg",
-               "--device", "cpu", "--output", str(tmp_path / "out")])  # fmt: skip
+    rc = main(
+        [
+            "--dicomweb",
+            orthanc,
+            "--study",
+            study_uid,
+            "--checkpoint",
+            str(dicom_checkpoint),
+            "--seg",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert study_uid not in printed and DICOM_PHI["PatientID"] not in printed
@@ -62,8 +75,9 @@ def test_pull_score_store_back(orthanc, dicom_study, dicom_checkpoint, tmp_path,
         score = {m.name.meaning: float(m.value) for m in groups[0].get_measurements()}[CODES["score"][1]]
         items = [{"image": str(dicom_study / k), "id": k} for k in keys]
         slice_scores = [r["score"] for r in predictor.predict_items(items)]
-        want = aggregate_volume_scores([0] * len(slice_scores), slice_scores, predictor.volume_aggregation,
-                                       predictor.topk)[0]  # fmt: skip
+        want = aggregate_volume_scores(
+            [0] * len(slice_scores), slice_scores, predictor.volume_aggregation, predictor.topk
+        )[0]
         assert score == pytest.approx(want, rel=1e-6), keys
         checked.add(keys[0].split("/")[0])
     assert checked == {"ct", "mr", "cr"}

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from monai_skipts.transforms import LoadMedicalImage, build_preprocessing
 
 #: header values no output may contain
@@ -51,8 +51,15 @@ def _needles() -> list[bytes]:
     return sorted(out)
 
 
-def _write_dicom(path: Path, arr: np.ndarray, k: int, series: str | None = None, z: int = 0, modality=MODALITY,
-                 malformed: bool = False) -> None:
+def _write_dicom(
+    path: Path,
+    arr: np.ndarray,
+    k: int,
+    series: str | None = None,
+    z: int = 0,
+    modality=MODALITY,
+    malformed: bool = False,
+) -> None:
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -151,16 +158,29 @@ def test_no_header_value_reaches_any_output(dicom_data, tmp_path):
     env.update(MONAI_SKIPTS_OFFLINE="1", OMP_NUM_THREADS="1")
     log_conf = tmp_path / "logging.conf"  # the bundle's logging at DEBUG: everything any logger says
     log_conf.write_text((REPO / "bundles/demo/logging.conf").read_text().replace("level=INFO", "level=DEBUG"))
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(dicom_data), str(out), str(log_conf)], cwd=REPO, env=env,
-                       capture_output=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(dicom_data), str(out), str(log_conf)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-4000:]
     assert b" - DEBUG - " in r.stdout, "the run did not log at DEBUG"
 
     # the run did write what we mean to search: MLflow store and artifacts, metrics, maps, predictions
     written = [p for p in out.rglob("*") if p.is_file()]
     names = {p.relative_to(out).as_posix() for p in written}
-    for expected in ("mlruns.db", "metrics.json", "scores.csv", "split.json", "threshold.json", "eval/metrics.json",
-                     "inference/predictions.csv", "inference_series/volume_predictions.csv"):  # fmt: skip
+    for expected in (
+        "mlruns.db",
+        "metrics.json",
+        "scores.csv",
+        "split.json",
+        "threshold.json",
+        "eval/metrics.json",
+        "inference/predictions.csv",
+        "inference_series/volume_predictions.csv",
+    ):
         assert expected in names, expected
     assert any(n.startswith("mlruns/") and n.endswith("metrics.json") for n in names), "no MLflow artifacts"
     assert any(n.startswith("heatmaps/") for n in names) and any(n.startswith("inference/maps/") for n in names)
@@ -175,7 +195,9 @@ def test_no_header_value_reaches_any_output(dicom_data, tmp_path):
 
             blob += gzip.decompress(blob)
         leaks += [f"{p.relative_to(out)}: {n!r}" for n in needles if n in blob]
-        leaks += [f"file name {p.relative_to(out)}: {n!r}" for n in needles if n in p.relative_to(out).as_posix().encode()]
+        leaks += [
+            f"file name {p.relative_to(out)}: {n!r}" for n in needles if n in p.relative_to(out).as_posix().encode()
+        ]
     for stream, blob in (("stdout", r.stdout), ("stderr", r.stderr)):
         leaks += [f"{stream}: {n!r}" for n in needles if n in blob]
     assert not leaks, "PHI leaked:\n" + "\n".join(leaks)
@@ -185,7 +207,11 @@ def test_no_header_value_reaches_any_output(dicom_data, tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert sorted(r.info.run_name.split("-")[0] for r in runs) == ["datalist", "evaluate", "register"]  # train, evaluation, registration
+    assert sorted(r.info.run_name.split("-")[0] for r in runs) == [
+        "datalist",
+        "evaluate",
+        "register",
+    ]  # train, evaluation, registration
     for run in runs:
         values = [*run.data.params.values(), *run.data.tags.values(), *run.data.metrics, run.info.run_name]
         text = "\n".join(map(str, values)).encode()

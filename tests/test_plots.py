@@ -32,7 +32,7 @@ def _roundtrip(panel: np.ndarray, tmp_path, name="p.png") -> np.ndarray:
 
 def _box(p: np.ndarray, box) -> np.ndarray:
     y, x, h, w = box
-    return p[y:y + h, x:x + w]
+    return p[y : y + h, x : x + w]
 
 
 def _assert_colorbar_follows_jet(p: np.ndarray, box) -> None:
@@ -72,7 +72,10 @@ def test_one_fixed_colour_scale_per_model_and_the_threshold_is_jet_half(tmp_path
     a[60, 60] = 1.5  # the maxima (and their crosses) away from the sampled pixels
     pa, la = heatmap_panel(img, a, threshold=T, scale=S, alpha=1.0, return_layout=True)
     pb, lb = heatmap_panel(img, b, threshold=T, scale=S, alpha=1.0, return_layout=True)
-    oa, ob = _box(_roundtrip(pa, tmp_path, "a.png"), la["overlay"]), _box(_roundtrip(pb, tmp_path, "b.png"), lb["overlay"])
+    oa, ob = (
+        _box(_roundtrip(pa, tmp_path, "a.png"), la["overlay"]),
+        _box(_roundtrip(pb, tmp_path, "b.png"), lb["overlay"]),
+    )
     assert (oa[50, 10] == ob[10, 40]).all()
     np.testing.assert_array_equal(oa[50, 10], _jet255(normalize_score(0.37, T, S)))
     np.testing.assert_array_equal(oa[22, 22], _jet255(0.5))  # inside the block: the threshold is jet(0.5)
@@ -130,8 +133,14 @@ def _batch(ids, scores, labels, h=32, seed=0):
         pred[k, 0, h // 2, h // 2] = s
     mask = torch.zeros(n, 1, h, h)
     mask[:, :, 4:10, 4:10] = torch.tensor(labels, dtype=torch.float32).view(n, 1, 1, 1)
-    return {"image": (rgb - mean) / std, "mask": mask, "label": torch.tensor(labels), "id": list(ids), "_pred": pred,
-            "_score": torch.tensor(scores, dtype=torch.float32)}  # fmt: skip
+    return {
+        "image": (rgb - mean) / std,
+        "mask": mask,
+        "label": torch.tensor(labels),
+        "id": list(ids),
+        "_pred": pred,
+        "_score": torch.tensor(scores, dtype=torch.float32),
+    }
 
 
 def _run(tmp_path, batches, n_samples, threshold, check=None):
@@ -155,7 +164,7 @@ def test_handler_writes_the_errors_a_reader_needs_with_bounded_memory(tmp_path):
     labels = [k % 2 for k in range(n_items)]
     scores = rng.uniform(0.1, 0.9, n_items).round(4).tolist()
     ids = [f"case/{k:03d}.png" for k in range(n_items)]
-    batches = [_batch(ids[i:i + 4], scores[i:i + 4], labels[i:i + 4], seed=i) for i in range(0, n_items, 4)]
+    batches = [_batch(ids[i : i + 4], scores[i : i + 4], labels[i : i + 4], seed=i) for i in range(0, n_items, 4)]
     kept = []
 
     def check(plots):
@@ -201,8 +210,12 @@ def test_handler_without_threshold_uses_the_largest_score_as_vmax(tmp_path):
     scale = json.loads((tmp_path / "heatmaps" / "scale.json").read_text())
     assert scale["threshold"] is None and scale["vmax"] == pytest.approx(1.3)
     names = sorted(p.name for p in (tmp_path / "heatmaps").glob("*.png"))
-    assert names == ["anomalous_first_01_b.png", "anomalous_lowest_01_b.png", "normal_first_01_a.png",
-                     "normal_highest_01_c.png"]  # fmt: skip
+    assert names == [
+        "anomalous_first_01_b.png",
+        "anomalous_lowest_01_b.png",
+        "normal_first_01_a.png",
+        "normal_highest_01_c.png",
+    ]
 
 
 def test_training_maps_never_overwrite_each_other(tmp_path):

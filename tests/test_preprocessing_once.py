@@ -23,11 +23,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from PIL import Image
 
-from conftest import REPO
 from monai_skipts.checkpoint import save_checkpoint
 from monai_skipts.engines import SkipTSEvaluator
 from monai_skipts.networks import SkipTS
@@ -61,9 +61,12 @@ def checkpoints(tmp_path_factory):
     out = {}
     for bundle, modality in CASES.values():
         out[modality] = save_checkpoint(
-            root / f"{modality}.pt", model, threshold={"value": 1.0, "scale": 0.1},
-            extra={"dataset": bundle, "modality": modality, "spatial_size": SIZE}, with_rng=False,
-        )  # fmt: skip
+            root / f"{modality}.pt",
+            model,
+            threshold={"value": 1.0, "scale": 0.1},
+            extra={"dataset": bundle, "modality": modality, "spatial_size": SIZE},
+            with_rng=False,
+        )
     return out
 
 
@@ -98,8 +101,9 @@ def test_every_path_gives_the_same_tensor(kind, files, checkpoints, tmp_path, mo
     got["train bundle"] = _plain(train({"image": path})["image"])
 
     # evaluation: bundles/<ds>/evaluate.json (preset from the checkpoint), and the evaluator's batch
-    evaluate = _bundle_item(bundle, "evaluate.json", "eval_dataset#transform", monkeypatch, checkpoint=ckpt,
-                            device_name="cpu")  # fmt: skip
+    evaluate = _bundle_item(
+        bundle, "evaluate.json", "eval_dataset#transform", monkeypatch, checkpoint=ckpt, device_name="cpu"
+    )
     got["evaluate bundle"] = _plain(evaluate({"image": path})["image"])
     got["SkipTSEvaluator batch"] = _plain(_evaluator_input(evaluate, path))
 

@@ -23,7 +23,9 @@ from monai_skipts.metrics import calibrate_threshold, normalize_score
 from monai_skipts.transforms import EXTRA_META, PRESETS, LoadMedicalImage, build_preprocessing, preset_transforms
 from monai_skipts.utils import InputDataError
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 DTYPES = {"uint8": (0, 255), "uint16": (0, 65535), "int16": (-32768, 32767), "float32": (math.nan, math.nan)}
 SIZE = 32
 BIG = float(np.float32(1e30))
@@ -60,8 +62,15 @@ def images(draw, allow_nonfinite: bool = True):
 def _loaded(arr: np.ndarray, dtype: str, source_format: str) -> MetaTensor:
     """What LoadMedicalImage hands on: float32 MetaTensor with the representable range in meta."""
     lo, hi = DTYPES[dtype]
-    meta = {**EXTRA_META, "filename_or_obj": "/data/case.dcm", "source_format": source_format, "value_min": lo,
-            "value_max": hi, "window_center": 40.0, "window_width": 400.0}  # fmt: skip
+    meta = {
+        **EXTRA_META,
+        "filename_or_obj": "/data/case.dcm",
+        "source_format": source_format,
+        "value_min": lo,
+        "value_max": hi,
+        "window_center": 40.0,
+        "window_width": 400.0,
+    }
     return MetaTensor(torch.from_numpy(arr.astype(np.float32)), meta=meta)
 
 
@@ -104,7 +113,9 @@ def test_constant_images_become_a_constant_finite_input(img, modality):
     out = build_preprocessing(modality, SIZE, load=False)({"image": _loaded(arr, dtype, "dicom")})["image"]
     assert torch.isfinite(out).all()
     per_channel = out.flatten(1)
-    assert torch.allclose(per_channel.min(1).values, per_channel.max(1).values, atol=1e-3)  # anti-aliasing wiggles ~1e-4
+    assert torch.allclose(
+        per_channel.min(1).values, per_channel.max(1).values, atol=1e-3
+    )  # anti-aliasing wiggles ~1e-4
 
 
 @st.composite
@@ -186,10 +197,13 @@ def test_files_of_any_dtype_load_and_preprocess_to_finite_images_or_clear_errors
 
 @SETTINGS
 @given(
-    x=hnp.arrays(np.float32, st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 20), st.integers(1, 20)),
-                 elements=st.floats(-1e4, 1e4, width=32)),
+    x=hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 20), st.integers(1, 20)),
+        elements=st.floats(-1e4, 1e4, width=32),
+    ),
     sigma=st.sampled_from([0.0, 0.5, 1.0, 4.0]),
-)  # fmt: skip
+)
 def test_gaussian_blur_is_finite_bounded_and_matches_scipy(x, sigma):
     from scipy.ndimage import gaussian_filter
 
@@ -198,7 +212,9 @@ def test_gaussian_blur_is_finite_bounded_and_matches_scipy(x, sigma):
     tol = 1e-3 * max(1.0, float(np.abs(x).max()))
     assert float(y.min()) >= x.min() - tol and float(y.max()) <= x.max() + tol  # a weighted mean
     if sigma > 0:
-        ref = np.stack([[gaussian_filter(c.astype(np.float64), sigma, truncate=4.0, mode="reflect") for c in b] for b in x])
+        ref = np.stack(
+            [[gaussian_filter(c.astype(np.float64), sigma, truncate=4.0, mode="reflect") for c in b] for b in x]
+        )
         np.testing.assert_allclose(y.numpy(), ref, atol=tol)
 
 

@@ -61,9 +61,14 @@ def registered(phantom_root, tmp_path_factory):
     (bundle / "notes.txt").write_text("not a config")
     uri = f"sqlite:///{tmp}/mlruns.db"
     info = registry.log_and_register(
-        ckpt, "skipts-phantom", alias="champion", tracking_uri=uri, experiment_name="skipts-test",
-        bundle_config_files=[bundle, bundle / "train.json"], metrics={"image": {"auroc": 0.9}, "note": "text"},
-    )  # fmt: skip
+        ckpt,
+        "skipts-phantom",
+        alias="champion",
+        tracking_uri=uri,
+        experiment_name="skipts-test",
+        bundle_config_files=[bundle, bundle / "train.json"],
+        metrics={"image": {"auroc": 0.9}, "note": "text"},
+    )
     return {"info": info, "uri": uri, "model": model, "pre": pre, "threshold": threshold, "tmp": tmp}
 
 

@@ -19,10 +19,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from ignite.engine import Engine
 from monai.bundle import run as bundle_run
 
-from conftest import REPO
 from monai_skipts.checkpoint import (
     CHECKPOINT_KIND,
     CheckpointError,
@@ -62,15 +62,46 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def data_dir(tmp_path_factory):
     from monai_skipts.apps import make_phantom_dataset
 
-    return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_train=16, n_test_normal=4, n_test_abnormal=4, size=64, seed=0)
+    return make_phantom_dataset(
+        tmp_path_factory.mktemp("phantom"), n_train=16, n_test_normal=4, n_test_abnormal=4, size=64, seed=0
+    )
 
 
 def _train_cmd(data: Path, out: Path, epochs: int = EPOCHS, seed: int = 0) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/demo/train.json",
-            "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", str(epochs), "--seed", str(seed),
-            "--spatial_size", "64", "--batch_size", "4", "--teacher", "efficientnet_lite0", "--val_interval", "1",
-            "--progress_bar", "False", "--n_heatmaps", "0", "--save_maps", "False",
-            "--target_fpr", "0.5", "--calibration", "empirical"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundles/demo/train.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--spatial_size",
+        "64",
+        "--batch_size",
+        "4",
+        "--teacher",
+        "efficientnet_lite0",
+        "--val_interval",
+        "1",
+        "--progress_bar",
+        "False",
+        "--n_heatmaps",
+        "0",
+        "--save_maps",
+        "False",
+        "--target_fpr",
+        "0.5",
+        "--calibration",
+        "empirical",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +111,19 @@ def reference_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     args = _train_cmd(data_dir, out)[6:]
     over = {k[2:]: v for k, v in zip(args[::2], args[1::2])}
-    over.update(epochs=EPOCHS, seed=0, spatial_size=64, batch_size=4, val_interval=1, n_heatmaps=0, progress_bar=False,
-                save_maps=False, mlflow=False, target_fpr=0.5, calibration="empirical")  # fmt: skip
+    over.update(
+        epochs=EPOCHS,
+        seed=0,
+        spatial_size=64,
+        batch_size=4,
+        val_interval=1,
+        n_heatmaps=0,
+        progress_bar=False,
+        save_maps=False,
+        mlflow=False,
+        target_fpr=0.5,
+        calibration="empirical",
+    )
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
@@ -155,7 +197,9 @@ def test_kill_9_mid_training_then_same_command_resumes_to_identical_weights(data
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == load_checkpoint(ckpt)["extra"]["run_name"]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert len(steps) == len(set(steps)) and set(range(killed_at + 1, EPOCHS + 1)) <= set(steps) <= set(range(1, EPOCHS + 1))
+    assert len(steps) == len(set(steps)) and set(range(killed_at + 1, EPOCHS + 1)) <= set(steps) <= set(
+        range(1, EPOCHS + 1)
+    )
     assert "test_auroc" in run.data.metrics
 
 
@@ -164,9 +208,21 @@ def test_rerun_of_a_finished_training_does_not_train_again(reference_run, data_d
     ckpt = out / "checkpoint.pt"
     before = os.stat(ckpt)
     monkeypatch.chdir(REPO)
-    bundle_run(config_file="bundles/demo/train.json", dataset_dir=str(data_dir), output_dir=str(out), epochs=EPOCHS,
-               spatial_size=64, batch_size=4, teacher="efficientnet_lite0", progress_bar=False, n_heatmaps=0,
-               save_maps=False, mlflow=False, target_fpr=0.5, calibration="empirical")  # fmt: skip
+    bundle_run(
+        config_file="bundles/demo/train.json",
+        dataset_dir=str(data_dir),
+        output_dir=str(out),
+        epochs=EPOCHS,
+        spatial_size=64,
+        batch_size=4,
+        teacher="efficientnet_lite0",
+        progress_bar=False,
+        n_heatmaps=0,
+        save_maps=False,
+        mlflow=False,
+        target_fpr=0.5,
+        calibration="empirical",
+    )
     after = os.stat(ckpt)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "checkpoint.pt was rewritten"
     model, done = load_checkpoint(out / "model.pt"), load_checkpoint(ckpt)
@@ -217,8 +273,14 @@ def lite2():
 
 def _trainer(handler, loader, max_epochs, seen):
     def step(engine, batch):
-        seen.append((engine.state.epoch, list(loader.sampler), torch.randint(0, 10**9, (1,)).item(),
-                     torch.randint(0, 10**9, (1,), generator=loader.generator).item()))  # fmt: skip
+        seen.append(
+            (
+                engine.state.epoch,
+                list(loader.sampler),
+                torch.randint(0, 10**9, (1,)).item(),
+                torch.randint(0, 10**9, (1,), generator=loader.generator).item(),
+            )
+        )
 
     engine = Engine(step)
     handler.attach(engine)
@@ -446,11 +508,18 @@ def test_full_disk_keeps_the_previous_file_and_names_it(writer, how, tmp_path, m
 
 _WRITE_CALLS = {
     "open": "builtin open() for writing",
-    "write_text": "Path.write_text", "write_bytes": "Path.write_bytes",
-    "dump": "json.dump/pickle.dump to a file", "save": "torch.save/np.save/nib.save/PIL save",
-    "savefig": "savefig", "to_filename": "nibabel to_filename", "to_csv": "DataFrame.to_csv",
-    "copy": "shutil.copy", "copy2": "shutil.copy2", "copyfile": "shutil.copyfile", "move": "shutil.move",
-}  # fmt: skip
+    "write_text": "Path.write_text",
+    "write_bytes": "Path.write_bytes",
+    "dump": "json.dump/pickle.dump to a file",
+    "save": "torch.save/np.save/nib.save/PIL save",
+    "savefig": "savefig",
+    "to_filename": "nibabel to_filename",
+    "to_csv": "DataFrame.to_csv",
+    "copy": "shutil.copy",
+    "copy2": "shutil.copy2",
+    "copyfile": "shutil.copyfile",
+    "move": "shutil.move",
+}
 #: non-atomic-looking calls that are fine: (file, call, why)
 _ALLOWED = {
     ("utils.py", "open"): "the atomic helpers themselves",
@@ -485,12 +554,20 @@ def _non_atomic_writes(paths) -> list[str]:
             if name not in _WRITE_CALLS or (path.name, name) in _ALLOWED:
                 continue
             if name == "open":
-                mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+                mode = (
+                    node.args[1]
+                    if len(node.args) > 1
+                    else next((k.value for k in node.keywords if k.arg == "mode"), None)
+                )
                 if not (isinstance(mode, ast.Constant) and re.search(r"[wax+]", str(mode.value))):
                     continue
             if name in ("save", "savefig", "dump") and (_is_atomic_callback(node, parents) or _writes_to_memory(node)):
                 continue
-            if name == "copy" and isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") != "shutil":
+            if (
+                name == "copy"
+                and isinstance(node.func, ast.Attribute)
+                and getattr(node.func.value, "id", "") != "shutil"
+            ):
                 continue  # dict.copy(), tensor.copy_ ...
             offenders.append(f"{path.name}:{node.lineno}: {_WRITE_CALLS[name]}")
     return offenders
@@ -501,14 +578,14 @@ def test_the_write_scan_finds_non_atomic_writes(tmp_path):
     src.write_text(
         "import torch, json, shutil\n"
         "def f(p, x, fig, buf):\n"
-        "    open(p, 'w').write('x')\n"            # 3: flagged
-        "    torch.save(x, p)\n"                     # 4: flagged
-        "    p.write_text('x')\n"                    # 5: flagged
-        "    json.dump(x, open(p, 'wb'))\n"          # 6: flagged twice
-        "    fig.savefig(buf)\n"                     # in memory: fine
+        "    open(p, 'w').write('x')\n"  # 3: flagged
+        "    torch.save(x, p)\n"  # 4: flagged
+        "    p.write_text('x')\n"  # 5: flagged
+        "    json.dump(x, open(p, 'wb'))\n"  # 6: flagged twice
+        "    fig.savefig(buf)\n"  # in memory: fine
         "    atomic_save(p, lambda f: torch.save(x, f))\n"  # fine
-        "    open(p).read(); x.copy()\n"             # reading, dict copy: fine
-        "    shutil.copy(p, p)\n"                    # 10: flagged
+        "    open(p).read(); x.copy()\n"  # reading, dict copy: fine
+        "    shutil.copy(p, p)\n"  # 10: flagged
     )
     assert sorted(int(o.split(":")[1]) for o in _non_atomic_writes([src])) == [3, 4, 5, 6, 6, 10]
 
@@ -548,7 +625,9 @@ def _entry_points(lite0):
     from monai_skipts.networks.teacher import build_teacher
 
     def resume(path):
-        handler = SkipTSCheckpointHandler(path.parent, lite0, torch.optim.Adam(lite0.student.parameters()), filename=path.name)
+        handler = SkipTSCheckpointHandler(
+            path.parent, lite0, torch.optim.Adam(lite0.student.parameters()), filename=path.name
+        )
         _trainer(handler, _Loader(["a"]), 1, [])
 
     return {
@@ -563,8 +642,15 @@ def _entry_points(lite0):
 @pytest.mark.parametrize("entry", ["load_checkpoint", "load_model", "inference", "resume", "teacher weights"])
 def test_pickled_code_in_a_checkpoint_is_refused_and_never_runs(entry, lite0, tmp_path):
     sentinel = tmp_path / "pwned.txt"
-    like = {"kind": CHECKPOINT_KIND, "version": 1, "model_config": dict(lite0.config), "student": lite0.student.state_dict(),
-            "epoch": 1, "iteration": 1, "threshold": None}  # fmt: skip
+    like = {
+        "kind": CHECKPOINT_KIND,
+        "version": 1,
+        "model_config": dict(lite0.config),
+        "student": lite0.student.state_dict(),
+        "epoch": 1,
+        "iteration": 1,
+        "threshold": None,
+    }
     path = _crafted_checkpoint(tmp_path / "checkpoint.pt", sentinel, like)
     with pytest.raises((UnsafeCheckpointError, RuntimeError)) as err:
         _entry_points(lite0)[entry](path)
@@ -632,9 +718,20 @@ def test_truncated_and_foreign_files_are_clear_errors(lite0, tmp_path):
 
 def test_same_seed_same_scores_other_seed_other_scores(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    over = dict(dataset_dir=str(data_dir), epochs=2, spatial_size=64, batch_size=4, teacher="efficientnet_lite0",
-                progress_bar=False, n_heatmaps=0, save_maps=False, mlflow=False, val_interval=2,
-                target_fpr=0.5, calibration="empirical")  # fmt: skip
+    over = dict(
+        dataset_dir=str(data_dir),
+        epochs=2,
+        spatial_size=64,
+        batch_size=4,
+        teacher="efficientnet_lite0",
+        progress_bar=False,
+        n_heatmaps=0,
+        save_maps=False,
+        mlflow=False,
+        val_interval=2,
+        target_fpr=0.5,
+        calibration="empirical",
+    )
     scores = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         bundle_run(config_file="bundles/demo/train.json", output_dir=str(tmp_path / name), seed=seed, **over)

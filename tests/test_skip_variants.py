@@ -50,8 +50,14 @@ def test_shapes_for_each_variant(skip, levels):
 
 
 def test_invalid_options_are_refused():
-    for kw in ({"skip_levels": (1,)}, {"skip_levels": (3, 3)}, {"skip_dropout": 1.0}, {"skip_dropout": -0.1},
-               {"skip_noise": -1.0}, {"skip": "mul"}):  # fmt: skip
+    for kw in (
+        {"skip_levels": (1,)},
+        {"skip_levels": (3, 3)},
+        {"skip_dropout": 1.0},
+        {"skip_dropout": -0.1},
+        {"skip_noise": -1.0},
+        {"skip": "mul"},
+    ):
         with pytest.raises(ValueError):
             SkipStudent(CH, **kw)
 
@@ -110,8 +116,12 @@ def test_skip_levels_cut_the_teacher_feature_they_leave_out():
     t = _feats()
     t2_changed = [t[0], t[1] + 1.0, t[2], t[3]]  # only F_t^2 (the skip into D1) changes
     t3_changed = [t[0], t[1], t[2] + 1.0, t[3]]  # only F_t^3 (the skip into D2) changes
-    for levels, d1_sees_t2, d2_sees_t3 in (((3, 2), True, True), ((3,), False, True), ((2,), True, False),
-                                            ((), False, False)):  # fmt: skip
+    for levels, d1_sees_t2, d2_sees_t3 in (
+        ((3, 2), True, True),
+        ((3,), False, True),
+        ((2,), True, False),
+        ((), False, False),
+    ):
         st = _student(skip_levels=levels)
         a, b, c = _run(st, t), _run(st, t2_changed), _run(st, t3_changed)
         assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])  # F_t^2 reaches D1 only
@@ -141,8 +151,15 @@ def test_defaults_are_the_paper_model():
     torch.manual_seed(0)
     default = SkipTS("resnet18", pretrained=False)
     torch.manual_seed(0)
-    explicit = SkipTS("resnet18", pretrained=False, skip="add", skip_levels=(3, 2), skip_dropout=0.0, skip_noise=0.0,
-                      teacher_taps="layer")  # fmt: skip
+    explicit = SkipTS(
+        "resnet18",
+        pretrained=False,
+        skip="add",
+        skip_levels=(3, 2),
+        skip_dropout=0.0,
+        skip_noise=0.0,
+        teacher_taps="layer",
+    )
     a, b = default.student.state_dict(), explicit.student.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert default.config == explicit.config
@@ -226,8 +243,9 @@ def _predictions(model: SkipTS, x: torch.Tensor):
 @needs_lite0
 def test_checkpoint_round_trip_of_the_new_options(tmp_path):
     torch.manual_seed(0)
-    model = SkipTS("efficientnet_lite0", skip="gate", skip_levels=(3,), skip_dropout=0.3, skip_noise=0.5,
-                   teacher_taps="expanded")  # fmt: skip
+    model = SkipTS(
+        "efficientnet_lite0", skip="gate", skip_levels=(3,), skip_dropout=0.3, skip_noise=0.5, teacher_taps="expanded"
+    )
     with torch.no_grad():
         for p in model.student.skip_gate.values():
             p.normal_()

@@ -52,7 +52,9 @@ def registered(phantom_root, tmp_path_factory, one_thread):
         warnings.simplefilter("ignore")  # 4 normals cannot resolve 25 %: fine for a round trip
         value = calibrate_threshold(scores, 0.25)
     threshold = {"value": value, "target_fpr": 0.25, "n_normals": 4, "scale": float(scores.std())}
-    ckpt = save_checkpoint(tmp / "model.pt", model, threshold=threshold, extra={"spatial_size": SIZE, "modality": "xray"})
+    ckpt = save_checkpoint(
+        tmp / "model.pt", model, threshold=threshold, extra={"spatial_size": SIZE, "modality": "xray"}
+    )
     uri = f"sqlite:///{tmp}/mlruns.db"
     info = registry.log_and_register(ckpt, "skipts-spark", tracking_uri=uri, experiment_name="skipts-spark")
     return {"info": info, "uri": uri, "checkpoint": ckpt, "tmp": tmp}

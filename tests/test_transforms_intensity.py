@@ -186,8 +186,13 @@ def test_extra_masks_are_joined_and_batches_mixing_them_collate(tmp_path):
 
     img = png("a.png", np.s_[2:14, 2:14], 120)
     items = [
-        {"image": img, "mask": png("a_mask.png", np.s_[0:4, 0:4]), "extra_masks": [png("a_mask_1.png", np.s_[8:12, 8:12])],
-         "label": 1, "id": "a"},
+        {
+            "image": img,
+            "mask": png("a_mask.png", np.s_[0:4, 0:4]),
+            "extra_masks": [png("a_mask_1.png", np.s_[8:12, 8:12])],
+            "label": 1,
+            "id": "a",
+        },
         {"image": img, "mask": png("b_mask.png", np.s_[0:4, 0:4]), "label": 1, "id": "b"},
         {"image": img, "mask": None, "label": 0, "id": "c"},
     ]

@@ -133,14 +133,23 @@ def make_phantom_dataset(
     root = Path(root)
     manifest = root / "phantom.json"
     spec = {
-        "n_train": n_train, "n_test_normal": n_test_normal, "n_test_abnormal": n_test_abnormal,
-        "size": size, "seed": seed, "lesion_contrast": list(lesion_contrast), "lesion_radius": list(lesion_radius),
+        "n_train": n_train,
+        "n_test_normal": n_test_normal,
+        "n_test_abnormal": n_test_abnormal,
+        "size": size,
+        "seed": seed,
+        "lesion_contrast": list(lesion_contrast),
+        "lesion_radius": list(lesion_radius),
         "lesion_polarity": lesion_polarity,
-    }  # fmt: skip
+    }
     if manifest.is_file() and json.loads(manifest.read_text()) == spec:
         return root
     rng = np.random.default_rng(seed)
-    for split, n, anomalous in (("train/good", n_train, False), ("test/good", n_test_normal, False), ("test/lesion", n_test_abnormal, True)):
+    for split, n, anomalous in (
+        ("train/good", n_train, False),
+        ("test/good", n_test_normal, False),
+        ("test/lesion", n_test_abnormal, True),
+    ):
         for i in range(n):
             img, mask = make_phantom_image(size, anomalous, rng, lesion_contrast, lesion_radius, lesion_polarity)
             _write_png(root / split / f"{i:03d}.png", img)

@@ -29,9 +29,7 @@ from ..networks.teacher import TeacherEncoder, build_teacher
 __all__ = ["PatchCore", "greedy_coreset", "nearest_distances"]
 
 
-def greedy_coreset(
-    features: torch.Tensor, n: int, projection_dim: int | None = 128, seed: int = 0
-) -> torch.Tensor:
+def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int | None = 128, seed: int = 0) -> torch.Tensor:
     """Indices of ``n`` rows of ``features`` ``(N, D)`` chosen by greedy k-center selection (each
     new row is the one farthest from those already chosen), on a Gaussian random projection to
     ``projection_dim`` dimensions when ``D`` is larger (Johnson-Lindenstrauss, as in PatchCore).
@@ -105,8 +103,10 @@ class PatchCore(nn.Module):
         download: bool = True,
     ):
         super().__init__()
-        self.teacher = teacher if isinstance(teacher, TeacherEncoder) else build_teacher(
-            teacher, pretrained=pretrained, weights=teacher_weights, download=download
+        self.teacher = (
+            teacher
+            if isinstance(teacher, TeacherEncoder)
+            else build_teacher(teacher, pretrained=pretrained, weights=teacher_weights, download=download)
         )
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -194,7 +194,9 @@ class PatchCore(nn.Module):
         return self
 
     @torch.inference_mode()
-    def patch_scores(self, x: torch.Tensor | None = None, teacher_feats: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def patch_scores(
+        self, x: torch.Tensor | None = None, teacher_feats: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Nearest-memory distance of each patch: ``(B, 1, h, w)``."""
         if self.memory.numel() == 0:
             raise RuntimeError("PatchCore has an empty memory bank: call fit() on training normals first")

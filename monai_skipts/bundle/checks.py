@@ -41,10 +41,21 @@ __all__ = [
 ]
 
 #: arguments of ``monai.bundle.run`` / ``create_workflow`` / ``ConfigWorkflow`` that are not config ids
-MONAI_RUN_ARGS = frozenset({
-    "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
-    "workflow_name", "workflow_type", "properties_path",
-})  # fmt: skip
+MONAI_RUN_ARGS = frozenset(
+    {
+        "run_id",
+        "init_id",
+        "final_id",
+        "meta_file",
+        "config_file",
+        "logging_file",
+        "tracking",
+        "args_file",
+        "workflow_name",
+        "workflow_type",
+        "properties_path",
+    }
+)
 #: messages of the RuntimeErrors MONAI wraps the real error in
 _WRAPPERS = ("Failed to evaluate", "Failed to instantiate")
 _REFERENCE = re.compile(r"@(\w+)")
@@ -101,9 +112,7 @@ def _as_files(value: Any) -> list[str]:
     return [str(v).strip() for v in value]
 
 
-def check_overrides(
-    overrides: Iterable[str], config_files: Sequence[str], extra_ids: Iterable[str] = ()
-) -> None:
+def check_overrides(overrides: Iterable[str], config_files: Sequence[str], extra_ids: Iterable[str] = ()) -> None:
     """Raise :class:`UnknownOptionError` for the first override that names no top-level id of the
     config files (``net#x``: its first part ``net``), nor an id they reference (``"input":
     "@dataset_dir"`` makes ``--dataset_dir`` meaningful), nor an argument of MONAI's ``run``.
@@ -198,7 +207,6 @@ def install_root_cause_hook() -> None:
     sys.excepthook = hook
 
 
-
 def _expressions(config: Any) -> Iterable[str]:
     """Every string value of ``config`` (nested dicts and lists; keys excluded) that starts with ``$``."""
     if isinstance(config, str):
@@ -233,4 +241,3 @@ def expression_share(path: str | Path) -> tuple[int, int]:
 
     text = Path(path).read_text(encoding="utf-8")
     return sum(len(e) for e in _expressions(json.loads(text))), len(text)
-

@@ -81,9 +81,18 @@ BUNDLE_SCHEMA_URL = (
 )
 #: top-level keys the MONAI bundle specification requires in ``configs/metadata.json``
 METADATA_REQUIRED = (
-    "version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
-    "task", "description", "authors", "copyright", "network_data_format",
-)  # fmt: skip
+    "version",
+    "changelog",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "network_data_format",
+)
 #: keys every input/output format specifier of ``network_data_format`` must have
 TENSOR_SPEC_REQUIRED = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range")
 
@@ -126,14 +135,22 @@ def _skipts_from_config(cfg: Mapping[str, Any]) -> nn.Module:
     from ..networks import SkipTS
 
     return SkipTS(
-        teacher=cfg["teacher"], pretrained=False, student=cfg["student"], skip=cfg["skip"],
-        upsample_kernel=cfg["upsample_kernel"], student_kind=cfg.get("student_kind"),
-        student_blocks=cfg.get("student_blocks"), student_widths=cfg.get("student_widths"),
-        student_up_widths=cfg.get("student_up_widths"), download=False,
-        skip_levels=cfg.get("skip_levels", (3, 2)), skip_dropout=cfg.get("skip_dropout", 0.0),
-        skip_noise=cfg.get("skip_noise", 0.0), teacher_taps=cfg.get("teacher_taps"),
+        teacher=cfg["teacher"],
+        pretrained=False,
+        student=cfg["student"],
+        skip=cfg["skip"],
+        upsample_kernel=cfg["upsample_kernel"],
+        student_kind=cfg.get("student_kind"),
+        student_blocks=cfg.get("student_blocks"),
+        student_widths=cfg.get("student_widths"),
+        student_up_widths=cfg.get("student_up_widths"),
+        download=False,
+        skip_levels=cfg.get("skip_levels", (3, 2)),
+        skip_dropout=cfg.get("skip_dropout", 0.0),
+        skip_noise=cfg.get("skip_noise", 0.0),
+        teacher_taps=cfg.get("teacher_taps"),
         bottleneck=cfg.get("bottleneck", False),
-    )  # fmt: skip
+    )
 
 
 class AnomalyMapNetwork(nn.Module):
@@ -351,8 +368,16 @@ def check_metadata(meta: Mapping[str, Any]) -> None:
         ValueError: naming every missing or malformed field.
     """
     problems = [f"missing '{k}'" for k in METADATA_REQUIRED if k not in meta]
-    for k in ("version", "monai_version", "pytorch_version", "numpy_version", "task", "description", "authors",
-              "copyright"):  # fmt: skip
+    for k in (
+        "version",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+    ):
         if k in meta and not isinstance(meta[k], str):
             problems.append(f"'{k}' must be a string")
     for k in ("changelog", "required_packages_version"):
@@ -411,28 +436,50 @@ def bundle_metadata(
     version = str(version or base.get("version") or "0.1.0")
     modality = str(extra.get("modality", "xray"))
     changelog = {str(k): str(v) for k, v in (base.get("changelog") or {}).items()}
-    changelog[version] = changelog_note or changelog.get(version) or (
-        f"exported with monai-skipts {__version__} (teacher {cfg['teacher']}, {size[0]}x{size[1]})"
+    changelog[version] = (
+        changelog_note
+        or changelog.get(version)
+        or (f"exported with monai-skipts {__version__} (teacher {cfg['teacher']}, {size[0]}x{size[1]})")
     )
-    changelog = dict(sorted(changelog.items(), key=lambda kv: [int(p) if p.isdigit() else p for p in kv[0].split(".")],
-                            reverse=True))  # fmt: skip
+    changelog = dict(
+        sorted(changelog.items(), key=lambda kv: [int(p) if p.isdigit() else p for p in kv[0].split(".")], reverse=True)
+    )
     in_spec = dict((base.get("network_data_format") or {}).get("inputs", {}).get("image", {}))
-    in_spec.update({
-        "type": "image", "format": in_spec.get("format", "magnitude"), "modality": modality, "num_channels": 3,
-        "spatial_shape": size, "dtype": "float32", "value_range": in_spec.get("value_range", _IMAGENET_RANGE),
-        "is_patch_data": False, "channel_def": {"0": "R", "1": "G", "2": "B"},
-    })  # fmt: skip
+    in_spec.update(
+        {
+            "type": "image",
+            "format": in_spec.get("format", "magnitude"),
+            "modality": modality,
+            "num_channels": 3,
+            "spatial_shape": size,
+            "dtype": "float32",
+            "value_range": in_spec.get("value_range", _IMAGENET_RANGE),
+            "is_patch_data": False,
+            "channel_def": {"0": "R", "1": "G", "2": "B"},
+        }
+    )
     base_pred = dict((base.get("network_data_format") or {}).get("outputs", {}).get("pred", {}))
     map_spec = {
-        "type": "image", "format": "anomaly map", "modality": modality, "num_channels": 1, "spatial_shape": size,
-        "dtype": "float32", "value_range": base_pred.get("value_range", [0, 6]), "is_patch_data": False,
+        "type": "image",
+        "format": "anomaly map",
+        "modality": modality,
+        "num_channels": 1,
+        "spatial_shape": size,
+        "dtype": "float32",
+        "value_range": base_pred.get("value_range", [0, 6]),
+        "is_patch_data": False,
         "channel_def": {"0": "anomaly"},
-    }  # fmt: skip
+    }
     score_spec = {
-        "type": "number", "format": "anomaly score (the map's maximum); anomalous when >= the threshold",
-        "num_channels": 1, "spatial_shape": [1], "dtype": "float32", "value_range": map_spec["value_range"],
-        "is_patch_data": False, "channel_def": {"0": "score"},
-    }  # fmt: skip
+        "type": "number",
+        "format": "anomaly score (the map's maximum); anomalous when >= the threshold",
+        "num_channels": 1,
+        "spatial_shape": [1],
+        "dtype": "float32",
+        "value_range": map_spec["value_range"],
+        "is_patch_data": False,
+        "channel_def": {"0": "score"},
+    }
     meta: dict[str, Any] = {
         "schema": BUNDLE_SCHEMA_URL,
         "version": version,
@@ -444,8 +491,11 @@ def bundle_metadata(
         "supported_apps": {"monailabel": "0.8"},
         "name": base.get("name", f"Skip-TS anomaly detection ({extra.get('dataset', 'custom')})"),
         "task": base.get("task", "Unsupervised anomaly detection and localisation (trained on normal images only)"),
-        "description": base.get("description", "Skip-TS teacher-student anomaly detector: an anomaly map and an "
-                                "image score with a decision threshold calibrated on held-out normals."),
+        "description": base.get(
+            "description",
+            "Skip-TS teacher-student anomaly detector: an anomaly map and an "
+            "image score with a decision threshold calibrated on held-out normals.",
+        ),
         "authors": base.get("authors", "monai-skipts developers"),
         "copyright": base.get("copyright", "Copyright (c) monai-skipts developers; code Apache-2.0."),
         "data_source": base.get("data_source", str(extra.get("dataset", "unknown"))),
@@ -462,12 +512,17 @@ def bundle_metadata(
         },
         "anomaly_threshold": thr,
         "monai_skipts": {
-            "version": __version__, "teacher": cfg["teacher"], "model_config": cfg, "modality": modality,
-            "spatial_size": size, "sigma": float(extra.get("sigma", 4.0)),
-            "window": extra.get("window"), "mri_norm": extra.get("mri_norm"),
+            "version": __version__,
+            "teacher": cfg["teacher"],
+            "model_config": cfg,
+            "modality": modality,
+            "spatial_size": size,
+            "sigma": float(extra.get("sigma", 4.0)),
+            "window": extra.get("window"),
+            "mri_norm": extra.get("mri_norm"),
             "checkpoint": {"epoch": ckpt.get("epoch"), "iteration": ckpt.get("iteration")},
         },
-    }  # fmt: skip
+    }
     for k in ("paper_auroc",):
         if k in base:
             meta[k] = base[k]
@@ -490,8 +545,16 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
     stats = None if stats is None else torch.as_tensor(stats).double().tolist()
     size = _size2(extra.get("spatial_size", 256))
     return {
-        "imports": ["$import os", "$import torch", "$import numpy", "$import monai", "$import monai_skipts", "$import monai_skipts.bundle.export",
-                    "$import monai_skipts.inference", "$import monai_skipts.transforms"],
+        "imports": [
+            "$import os",
+            "$import torch",
+            "$import numpy",
+            "$import monai",
+            "$import monai_skipts",
+            "$import monai_skipts.bundle.export",
+            "$import monai_skipts.inference",
+            "$import monai_skipts.transforms",
+        ],
         "bundle_root": "$monai_skipts.bundle.export.running_bundle_root()",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
         "output_dir": "$@bundle_root + '/eval'",
@@ -519,29 +582,60 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
         "network": "$@network_def.to(@device)",
         "preprocessing": "$monai_skipts.transforms.build_preprocessing(@modality, @spatial_size, window=@window, mri_norm=@mri_norm)",
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": "@batch_size", "shuffle": False,
-                       "num_workers": "@num_workers"},
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": "@batch_size",
+            "shuffle": False,
+            "num_workers": "@num_workers",
+        },
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
-                {"_target_": "Lambdad", "keys": "pred", "func": "$monai_skipts.bundle.export.map_score", "overwrite": "score"},
-                {"_target_": "Lambdad", "keys": "score", "overwrite": "result",
-                 "func": "$lambda s: monai_skipts.bundle.export.decision(s, @threshold, @threshold_scale)"},
+                {
+                    "_target_": "Lambdad",
+                    "keys": "pred",
+                    "func": "$monai_skipts.bundle.export.map_score",
+                    "overwrite": "score",
+                },
+                {
+                    "_target_": "Lambdad",
+                    "keys": "score",
+                    "overwrite": "result",
+                    "func": "$lambda s: monai_skipts.bundle.export.decision(s, @threshold, @threshold_scale)",
+                },
                 {"_target_": "monai_skipts.bundle.export.ToMonaiLayoutd", "keys": ["pred", "image"]},
-                {"_target_": "SaveImaged", "_disabled_": "$not @save_maps", "keys": "pred",
-                 "output_dir": "$@output_dir + '/maps'", "output_postfix": "map", "output_ext": ".nii.gz",
-                 "output_dtype": "$numpy.float32", "resample": False, "separate_folder": False, "print_log": False,
-                 "data_root_dir": "$@input if isinstance(@input, str) and os.path.isdir(@input) else ''"},
+                {
+                    "_target_": "SaveImaged",
+                    "_disabled_": "$not @save_maps",
+                    "keys": "pred",
+                    "output_dir": "$@output_dir + '/maps'",
+                    "output_postfix": "map",
+                    "output_ext": ".nii.gz",
+                    "output_dtype": "$numpy.float32",
+                    "resample": False,
+                    "separate_folder": False,
+                    "print_log": False,
+                    "data_root_dir": "$@input if isinstance(@input, str) and os.path.isdir(@input) else ''",
+                },
             ],
         },
         "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
-             "map_location": "@device"},
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": "@ckpt_path",
+                "load_dict": {"model": "@network"},
+                "map_location": "@device",
+            },
             {"_target_": "StatsHandler", "iteration_log": False},
-            {"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": "predictions.csv",
-             "batch_transform": "$monai_skipts.bundle.export.item_names",
-             "output_transform": "$lambda out: [torch.cat([o['score'], torch.tensor([float('nan') if o['result']['anomalous'] is None else float(o['result']['anomalous'])])]) for o in out]"},
+            {
+                "_target_": "ClassificationSaver",
+                "output_dir": "@output_dir",
+                "filename": "predictions.csv",
+                "batch_transform": "$monai_skipts.bundle.export.item_names",
+                "output_transform": "$lambda out: [torch.cat([o['score'], torch.tensor([float('nan') if o['result']['anomalous'] is None else float(o['result']['anomalous'])])]) for o in out]",
+            },
         ],
         "evaluator": {
             "_target_": "SupervisedEvaluator",
@@ -556,7 +650,7 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@evaluator.run()"],
         "finalize": [],
-    }  # fmt: skip
+    }
 
 
 def _readme(meta: Mapping[str, Any], name: str) -> str:
@@ -565,25 +659,25 @@ def _readme(meta: Mapping[str, Any], name: str) -> str:
     s = sk["spatial_size"]
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in meta.get("eval_metrics", {}).items()) or "not recorded"
     pkgs = " ".join(f'"{k}=={v}"' for k, v in meta["required_packages_version"].items())
-    return f"""# {meta['name']}
+    return f"""# {meta["name"]}
 
-{meta['description']}
+{meta["description"]}
 
-Task: {meta['task']}. Intended use: {meta['intended_use']}
+Task: {meta["task"]}. Intended use: {meta["intended_use"]}
 
 ## Model
 
 Skip-TS teacher-student anomaly detector (Liu et al., IEEE TIM 2024) trained on normal images only;
-teacher `{sk['teacher']}`, input {s[0]}x{s[1]}, modality preset `{sk['modality']}`. Training data:
-{meta.get('data_source', 'not recorded')}. Test metrics of the training run: {metrics}.
+teacher `{sk["teacher"]}`, input {s[0]}x{s[1]}, modality preset `{sk["modality"]}`. Training data:
+{meta.get("data_source", "not recorded")}. Test metrics of the training run: {metrics}.
 
 - `models/model.pt`: state dict of `network_def` (`monai_skipts.bundle.export.AnomalyMapNetwork`),
   teacher and student weights; `models/model.ts`: TorchScript of the same network.
 - Network input `image`: `(B, 3, {s[0]}, {s[1]})` float32, preprocessed by `preprocessing` (intensity to
-  [0, 1] for the `{sk['modality']}` preset, resize, 3 channels, ImageNet normalisation).
+  [0, 1] for the `{sk["modality"]}` preset, resize, 3 channels, ImageNet normalisation).
 - Network output `pred`: the anomaly map `(B, 1, {s[0]}, {s[1]})`. The image score is its maximum; an
-  image is anomalous when `score >= {thr.get('value')}` (threshold calibrated on held-out normals at a
-  false-positive rate of {thr.get('target_fpr')}; `configs/metadata.json` `anomaly_threshold`).
+  image is anomalous when `score >= {thr.get("value")}` (threshold calibrated on held-out normals at a
+  false-positive rate of {thr.get("target_fpr")}; `configs/metadata.json` `anomaly_threshold`).
 
 ## Install and run
 
@@ -716,8 +810,9 @@ def export_bundle(
     ts = io.BytesIO()
     with warnings.catch_warnings():  # as MONAI's ckpt_export writes it: metadata and config embedded
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.save.*deprecated")
-        save_net_with_metadata(traced, ts, meta_values=meta,
-                               more_extra_files={"inference.json": json.dumps(config).encode()})  # fmt: skip
+        save_net_with_metadata(
+            traced, ts, meta_values=meta, more_extra_files={"inference.json": json.dumps(config).encode()}
+        )
 
     if verify:
         x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))

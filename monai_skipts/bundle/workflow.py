@@ -67,8 +67,12 @@ logger = logging.getLogger(__name__)
 
 #: files a training run writes into its ``output_dir``
 SPLIT_FILE, CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE, MLFLOW_DB = (
-    "split.json", "checkpoint.pt", "model.pt", "metrics.json", "mlruns.db",
-)  # fmt: skip
+    "split.json",
+    "checkpoint.pt",
+    "model.pt",
+    "metrics.json",
+    "mlruns.db",
+)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -116,8 +120,15 @@ def build_split(
     from monai_skipts.metrics import min_calibration_normals
 
     min_val = 0 if target_fpr is None else min_calibration_normals(target_fpr, calibration)
-    return prepare_split(dataset, dataset_dir, split_file=os.path.join(output_dir, SPLIT_FILE), seed=seed,
-                         val_fraction=val_fraction, min_val_normals=min_val, **dict(dataset_kwargs or {}))  # fmt: skip
+    return prepare_split(
+        dataset,
+        dataset_dir,
+        split_file=os.path.join(output_dir, SPLIT_FILE),
+        seed=seed,
+        val_fraction=val_fraction,
+        min_val_normals=min_val,
+        **dict(dataset_kwargs or {}),
+    )
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -222,8 +233,9 @@ def load_trained_model(
     spec = preprocessing_spec(ckpt, defaults={"modality": modality, "spatial_size": spatial_size})
     if not spec["modality"]:
         raise ValueError(f"{checkpoint}: the checkpoint records no modality; pass --modality <preset name>")
-    return TrainedModel(network=network, checkpoint=ckpt, threshold=thr.get("value"), score_scale=thr.get("scale"),
-                        spec=spec)  # fmt: skip
+    return TrainedModel(
+        network=network, checkpoint=ckpt, threshold=thr.get("value"), score_scale=thr.get("scale"), spec=spec
+    )
 
 
 # ------------------------------------------------------------------------------- folder and processes
@@ -334,8 +346,9 @@ def registered_model_name(dataset: str) -> str:
     return f"skipts-{dataset}"
 
 
-def training_run_name(dataset: str, seed: int, output_dir: str | os.PathLike | None = None, resume: bool = True,
-                      mlflow: bool = True) -> str | None:  # fmt: skip
+def training_run_name(
+    dataset: str, seed: int, output_dir: str | os.PathLike | None = None, resume: bool = True, mlflow: bool = True
+) -> str | None:
     """The MLflow run name of a training: the one stored in ``<output_dir>/checkpoint.pt`` when the run
     resumes (the resumed training continues its MLflow run), else ``<dataset>-seed<seed>-<UTC time>``.
 
@@ -419,11 +432,22 @@ def register_model(
         if Path(bundle_root).is_dir():
             files.append(str(bundle_root))
         else:
-            logger.warning("bundle folder %s not found from %s: the model is registered without its config files",
-                           bundle_root, os.getcwd())  # fmt: skip
-    return log_and_register(os.path.join(output_dir, MODEL_FILE), name=name, alias="champion", tracking_uri=tracking_uri,
-                            experiment_name=experiment_name, modality=modality, spatial_size=spatial_size,
-                            bundle_config_files=files, metrics=os.path.join(output_dir, METRICS_FILE))  # fmt: skip
+            logger.warning(
+                "bundle folder %s not found from %s: the model is registered without its config files",
+                bundle_root,
+                os.getcwd(),
+            )
+    return log_and_register(
+        os.path.join(output_dir, MODEL_FILE),
+        name=name,
+        alias="champion",
+        tracking_uri=tracking_uri,
+        experiment_name=experiment_name,
+        modality=modality,
+        spatial_size=spatial_size,
+        bundle_config_files=files,
+        metrics=os.path.join(output_dir, METRICS_FILE),
+    )
 
 
 # ---------------------------------------------------------------------------- values known only later

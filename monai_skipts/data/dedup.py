@@ -84,8 +84,9 @@ def remove_duplicates(items: list[dict], on_conflict: str = "drop") -> tuple[lis
             removed.append({"id": items[i]["id"], "duplicate_of": items[first]["id"]})
         classes = [items[i].get("class_name") for i in members]
         if len(set(classes)) > 1:
-            cross_class.append({"ids": [items[i]["id"] for i in members], "classes": classes,
-                                "kept": items[first]["id"]})
+            cross_class.append(
+                {"ids": [items[i]["id"] for i in members], "classes": classes, "kept": items[first]["id"]}
+            )
     kept = [item for i, item in enumerate(items) if i in keep]
     report = {
         "n_input": len(items),

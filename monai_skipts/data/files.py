@@ -17,8 +17,14 @@ from pathlib import Path
 from monai_skipts.utils import file_sha256
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "is_image_file", "list_images", "file_sha256", "relative_id", "output_relpath", "output_relpaths",
-]  # fmt: skip
+    "IMAGE_EXTENSIONS",
+    "is_image_file",
+    "list_images",
+    "file_sha256",
+    "relative_id",
+    "output_relpath",
+    "output_relpaths",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz", ".nrrd")
 _IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
@@ -87,8 +93,9 @@ _MAX_COMPONENT = 200  # bytes; file systems allow 255, leave room for the suffix
 
 
 def _encode_component(part: str) -> str:
-    enc = "".join(c if _NAME_SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
-                  for c in part)  # fmt: skip
+    enc = "".join(
+        c if _NAME_SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")) for c in part
+    )
     # names a file system treats specially: hidden or relative (leading dot), stripped trailing dots or
     # spaces (Windows), leading spaces, reserved device names (Windows)
     if enc.startswith("."):

@@ -181,8 +181,11 @@ def class_folders_datalist(
         if names and not found[label]:
             where = [c for _, c in containers]
             seen = sorted({d.name for c in where for d in _subdirs(c).values()})
-            raise InputDataError(base, f"no {'ab' if label else ''}normal class folder {list(names)} found; "
-                                       f"expected {expected} (folders there: {seen})")
+            raise InputDataError(
+                base,
+                f"no {'ab' if label else ''}normal class folder {list(names)} found; "
+                f"expected {expected} (folders there: {seen})",
+            )
         if names and not any(it["label"] == label for it in items):
             raise InputDataError(found[label][0], f"no images found ({_EXPECTED_EXT} files expected)")
     return sorted(items, key=lambda it: it["id"])
@@ -198,15 +201,34 @@ def _preset(name: str, doc: str, **defaults) -> None:
 
 
 _preset("brainmri", "BrainMRI (Kaggle navoneel)", normal=("no",), abnormal=("yes",))
-_preset("iq_oth_nccd", "IQ-OTH/NCCD lung CT ('Bengin' is the published spelling; 'Benign' also accepted)",
-        normal=("Normal cases",), abnormal=("Bengin cases", "Benign cases", "Malignant cases"))
-_preset("covid_xray", "Covid-19 Image Dataset (Kaggle)", normal=("Normal",), abnormal=("Covid", "Viral Pneumonia"),
-        subsets=("train", "test"))
+_preset(
+    "iq_oth_nccd",
+    "IQ-OTH/NCCD lung CT ('Bengin' is the published spelling; 'Benign' also accepted)",
+    normal=("Normal cases",),
+    abnormal=("Bengin cases", "Benign cases", "Malignant cases"),
+)
+_preset(
+    "covid_xray",
+    "Covid-19 Image Dataset (Kaggle)",
+    normal=("Normal",),
+    abnormal=("Covid", "Viral Pneumonia"),
+    subsets=("train", "test"),
+)
 _preset("malaria", "Malaria cell images (NIH)", normal=("Uninfected",), abnormal=("Parasitized",))
-_preset("retinal_oct", "Retinal OCT (Kermany 2018)", normal=("NORMAL",), abnormal=("CNV", "DME", "DRUSEN"),
-        subsets=("train", "val", "test"))
-_preset("cp_child", "CP-CHILD-A/B colonoscopy; pass subdir='CP-CHILD-A' or 'CP-CHILD-B' when root holds both",
-        normal=("Non-Polyp",), abnormal=("Polyp",), subsets=("Train", "Test"))
+_preset(
+    "retinal_oct",
+    "Retinal OCT (Kermany 2018)",
+    normal=("NORMAL",),
+    abnormal=("CNV", "DME", "DRUSEN"),
+    subsets=("train", "val", "test"),
+)
+_preset(
+    "cp_child",
+    "CP-CHILD-A/B colonoscopy; pass subdir='CP-CHILD-A' or 'CP-CHILD-B' when root holds both",
+    normal=("Non-Polyp",),
+    abnormal=("Polyp",),
+    subsets=("Train", "Test"),
+)
 # Layouts not pinned down by the paper: folder names are parameters (defaults normal/ and abnormal/).
 _preset("lung_ct", "Lung CT, class folders named by the caller")
 _preset("breast_mri", "Breast MRI, class folders named by the caller")
@@ -314,8 +336,11 @@ def busi_datalist(
         if masks:
             logger.warning("%s: %d masks without an image: %s", class_dir, len(masks), _listing(sorted(masks)))
     if not items:
-        raise InputDataError(base, f"no images found in class folders {list(normal) + list(abnormal)} "
-                                   f"(expected <name> (<n>).png with <name> (<n>)_mask.png beside)")
+        raise InputDataError(
+            base,
+            f"no images found in class folders {list(normal) + list(abnormal)} "
+            f"(expected <name> (<n>).png with <name> (<n>)_mask.png beside)",
+        )
     if no_mask:
         logger.warning("%s: %d anomalous images without a mask: %s", base, len(no_mask), _listing(no_mask))
     return sorted(items, key=lambda it: it["id"])
@@ -352,8 +377,16 @@ def mvtec_datalist(root: str | os.PathLike, good: str = "good") -> list[dict]:
                 continue
             for image in list_images(class_dir):
                 mask = gt_masks.get((class_dir.name, _stem(image))) if label else None
-                items.append(_item(image, label, root, class_name=class_dir.name, subset=subset,
-                                   mask=None if mask is None else str(mask)))
+                items.append(
+                    _item(
+                        image,
+                        label,
+                        root,
+                        class_name=class_dir.name,
+                        subset=subset,
+                        mask=None if mask is None else str(mask),
+                    )
+                )
     if not any(it["subset"] == "train" for it in items):
         raise InputDataError(subs["train"], f"no images found in train/{good}/ ({_EXPECTED_EXT} files expected)")
     return sorted(items, key=lambda it: it["id"])
@@ -414,8 +447,9 @@ def lgg_datalist(
     base = root / subdir if (root / subdir).is_dir() else root
     patients = [d for d in _subdirs(base).values() if any(_SLICE_RE.match(_stem(p)) for p in list_images(d))]
     if not patients:
-        raise InputDataError(base, "no patient folders found (expected <patient>/<patient>_<n>.png with "
-                                   "<patient>_<n>_mask.png beside)")
+        raise InputDataError(
+            base, "no patient folders found (expected <patient>/<patient>_<n>.png with <patient>_<n>_mask.png beside)"
+        )
     items, no_mask, dropped = [], [], 0
     for folder in patients:
         images, masks = {}, {}
@@ -438,17 +472,32 @@ def lgg_datalist(
                 dropped += 1
                 continue
             label = int(bool(_read_plain(mask).any()))
-            items.append(_item(image, label, root, mask=str(mask), volume_id=folder.name,
-                               slice_number=int(_SLICE_RE.match(stem)["n"]), foreground=round(frac, 4),
-                               class_name="lesion" if label else "no_lesion"))
+            items.append(
+                _item(
+                    image,
+                    label,
+                    root,
+                    mask=str(mask),
+                    volume_id=folder.name,
+                    slice_number=int(_SLICE_RE.match(stem)["n"]),
+                    foreground=round(frac, 4),
+                    class_name="lesion" if label else "no_lesion",
+                )
+            )
         if masks:
             logger.warning("%s: %d masks without an image: %s", folder, len(masks), _listing(sorted(masks)))
     if no_mask:
         raise InputDataError(base, f"{len(no_mask)} slices have no _mask file beside them: {_listing(no_mask)}")
     if not items:
         raise InputDataError(base, f"no slice has a brain fraction >= {min_foreground}")
-    logger.info("%s: %d slices of %d patients kept, %d mostly-background slices dropped (brain fraction < %s)",
-                base, len(items), len(patients), dropped, min_foreground)
+    logger.info(
+        "%s: %d slices of %d patients kept, %d mostly-background slices dropped (brain fraction < %s)",
+        base,
+        len(items),
+        len(patients),
+        dropped,
+        min_foreground,
+    )
     return sorted(items, key=lambda it: (it["volume_id"], it["slice_number"]))
 
 
@@ -462,8 +511,10 @@ _INT_KEYS = ("slice_index", "frame")
 def _read_rows(path: Path, key: str | None) -> list[dict]:
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as f:
-            return [{(k or "").strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
-                    for row in csv.DictReader(f, skipinitialspace=True)]
+            return [
+                {(k or "").strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
+                for row in csv.DictReader(f, skipinitialspace=True)
+            ]
     if path.suffix.lower() != ".json":
         raise InputDataError(path, "expected a .csv or .json datalist")
     try:
@@ -474,8 +525,10 @@ def _read_rows(path: Path, key: str | None) -> list[dict]:
         key = key or next((k for k in ("data", "items", "training") if k in data), None)
         data = data.get(key) if key else None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise InputDataError(path, "expected a JSON list of items (or an object with a 'data' list), "
-                                   "each like {\"image\": ..., \"label\": 0|1}")
+        raise InputDataError(
+            path,
+            'expected a JSON list of items (or an object with a \'data\' list), each like {"image": ..., "label": 0|1}',
+        )
     return data
 
 

@@ -60,8 +60,10 @@ def _normal_counts(n: int, n_train, n_test, test_fraction: float, notes: list) -
             notes.append(f"{n - n_train - n_test} of {n} normal images unused ({n_train} train + {n_test} test asked)")
         return n_train, n_test
     te = _half_up(n * n_test / (n_train + n_test))
-    notes.append(f"only {n} normal images for {n_train} train + {n_test} test: scaled to {n - te} + {te}, "
-                 f"keeping the train:test ratio")
+    notes.append(
+        f"only {n} normal images for {n_train} train + {n_test} test: scaled to {n - te} + {te}, "
+        f"keeping the train:test ratio"
+    )
     return n - te, te
 
 
@@ -131,14 +133,16 @@ def split_datalist(
         test_n, train_pool, unused = rest[:te], pool[:tr], pool[tr:] + rest[te:]
     else:
         tr, te = _normal_counts(len(normals), n_train, n_test_normal, test_fraction, notes)
-        test_n, train_pool, unused = normals[:te], normals[te:te + tr], normals[te + tr:]
+        test_n, train_pool, unused = normals[:te], normals[te : te + tr], normals[te + tr :]
     if tr < 1:
         raise InputDataError(source, f"{len(normals)} normal images leave none for training ({te} to test)")
     n_val = 0 if val_fraction <= 0 or tr < 2 else min(tr - 1, max(1, _half_up(tr * val_fraction)))
     if val_fraction > 0 and n_val < min_val_normals:
         n_val = max(n_val, min(int(min_val_normals), tr // 2))
-        notes.append(f"{n_val} validation normals (val_fraction {val_fraction:g} gives fewer; "
-                     f"{int(min_val_normals)} asked for the calibration)")
+        notes.append(
+            f"{n_val} validation normals (val_fraction {val_fraction:g} gives fewer; "
+            f"{int(min_val_normals)} asked for the calibration)"
+        )
     n_abn = len(abnormals) if n_test_abnormal is None else min(n_test_abnormal, len(abnormals))
     if n_test_abnormal is not None and len(abnormals) < n_test_abnormal:
         notes.append(f"only {len(abnormals)} anomalous images ({n_test_abnormal} asked): all used")
@@ -150,14 +154,22 @@ def split_datalist(
         "test": _by_id(test_n + abnormals[:n_abn]),
         "unused": _by_id(unused + abnormals[n_abn:]),
     }
-    counts = {"train": tr - n_val, "val": n_val, "test_normal": len(test_n), "test_abnormal": n_abn,
-              "unused_normal": len(unused), "unused_abnormal": len(abnormals) - n_abn}
+    counts = {
+        "train": tr - n_val,
+        "val": n_val,
+        "test_normal": len(test_n),
+        "test_abnormal": n_abn,
+        "unused_normal": len(unused),
+        "unused_abnormal": len(abnormals) - n_abn,
+    }
     info = {
         "counts": counts,
         "available": {"normal": len(normals), "abnormal": len(abnormals)},
         "requested": {"n_train": n_train, "n_test_normal": n_test_normal, "n_test_abnormal": n_test_abnormal},
-        "scaled": any(asked is not None and got < asked for got, asked in
-                      ((tr, n_train), (te, n_test_normal), (n_abn, n_test_abnormal))),
+        "scaled": any(
+            asked is not None and got < asked
+            for got, asked in ((tr, n_train), (te, n_test_normal), (n_abn, n_test_abnormal))
+        ),
         "notes": notes,
     }
     for note in notes:
@@ -190,8 +202,9 @@ def split_by_group(
     missing = [it["id"] for it in items if it.get(group_by) in (None, "")]
     if missing:
         raise InputDataError(source, f"{len(missing)} items have no {group_by!r} to split by: {_listing(missing)}")
-    groups = sorted({str(it[group_by]) for it in items},
-                    key=lambda g: (hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), g))
+    groups = sorted(
+        {str(it[group_by]) for it in items}, key=lambda g: (hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), g)
+    )
     n_test = _half_up(len(groups) * test_fraction)
     rest = len(groups) - n_test
     n_val = 0 if val_fraction <= 0 or rest < 2 else min(rest - 1, max(1, _half_up(rest * val_fraction)))
@@ -200,10 +213,11 @@ def split_by_group(
     normals_in = {g: 0 for g in groups}
     for it in items:
         normals_in[str(it[group_by])] += it["label"] == 0
-    while (sum(normals_in[g] for g in groups[n_test:n_test + n_val]) < min_val_normals
-           and n_val + 1 <= (rest - n_val - 1)):  # fmt: skip
+    while sum(normals_in[g] for g in groups[n_test : n_test + n_val]) < min_val_normals and n_val + 1 <= (
+        rest - n_val - 1
+    ):
         n_val += 1
-    subset_of = {g: "test" for g in groups[:n_test]} | {g: "val" for g in groups[n_test:n_test + n_val]}
+    subset_of = {g: "test" for g in groups[:n_test]} | {g: "val" for g in groups[n_test : n_test + n_val]}
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": [], "unused": []}
     for it in items:
         subset = subset_of.get(str(it[group_by]), "train")
@@ -211,18 +225,30 @@ def split_by_group(
     splits = {k: _by_id(v) for k, v in splits.items()}
     if not splits["train"]:
         raise InputDataError(source, f"the training {group_by} groups hold no normal items")
-    counts = {"train": len(splits["train"]), "val": len(splits["val"]),
-              "test_normal": sum(it["label"] == 0 for it in splits["test"]),
-              "test_abnormal": sum(it["label"] == 1 for it in splits["test"]),
-              "unused_normal": 0, "unused_abnormal": len(splits["unused"])}
+    counts = {
+        "train": len(splits["train"]),
+        "val": len(splits["val"]),
+        "test_normal": sum(it["label"] == 0 for it in splits["test"]),
+        "test_abnormal": sum(it["label"] == 1 for it in splits["test"]),
+        "unused_normal": 0,
+        "unused_abnormal": len(splits["unused"]),
+    }
     names = {k: sorted(g for g, s in subset_of.items() if s == k) for k in ("test", "val")}
     names["train"] = sorted(set(groups) - set(subset_of))
-    info = {"counts": counts, "available": {"normal": sum(it["label"] == 0 for it in items),
-                                            "abnormal": sum(it["label"] == 1 for it in items)},
-            "requested": {"group_by": group_by, "test_fraction": test_fraction, "val_fraction": val_fraction},
-            "scaled": False, "groups": names,
-            "notes": [f"split by {group_by}: {len(names['train'])} train, {len(names['val'])} val, "
-                      f"{len(names['test'])} test groups"]}
+    info = {
+        "counts": counts,
+        "available": {
+            "normal": sum(it["label"] == 0 for it in items),
+            "abnormal": sum(it["label"] == 1 for it in items),
+        },
+        "requested": {"group_by": group_by, "test_fraction": test_fraction, "val_fraction": val_fraction},
+        "scaled": False,
+        "groups": names,
+        "notes": [
+            f"split by {group_by}: {len(names['train'])} train, {len(names['val'])} val, "
+            f"{len(names['test'])} test groups"
+        ],
+    }
     return splits, info
 
 
@@ -317,9 +343,15 @@ def _check_reuse(split_file: Path, doc: dict, params: dict, items: list[dict]) -
     current = {it["id"]: it["label"] for it in items}
     new, gone = sorted(current.keys() - known), sorted(known - current.keys())
     relabelled = sorted(i for i, lab in recorded.items() if i in current and current[i] != lab)
-    problems = [f"{len(ids)} {what}: {_listing(ids)}" for ids, what in
-                ((new, "images not in the split"), (gone, "split images no longer in the dataset"),
-                 (relabelled, "images with another label now")) if ids]
+    problems = [
+        f"{len(ids)} {what}: {_listing(ids)}"
+        for ids, what in (
+            (new, "images not in the split"),
+            (gone, "split images no longer in the dataset"),
+            (relabelled, "images with another label now"),
+        )
+        if ids
+    ]
     if problems:
         raise InputDataError(split_file, "the dataset changed since the split was made: " + "; ".join(problems) + hint)
 
@@ -395,24 +427,48 @@ def prepare_split(
         return {k: (_uniform_mask_key(v) if k in _SPLITS else v) for k, v in loaded.items()}
     kept, dedup = remove_duplicates(items, on_conflict)
     if preset.group_by:
-        splits, info = split_by_group(kept, preset.group_by, params["seed"], params["val_fraction"],
-                                      params["test_fraction"], source=layout_base(root),
-                                      min_val_normals=int(min_val_normals))  # fmt: skip
+        splits, info = split_by_group(
+            kept,
+            preset.group_by,
+            params["seed"],
+            params["val_fraction"],
+            params["test_fraction"],
+            source=layout_base(root),
+            min_val_normals=int(min_val_normals),
+        )
     else:
         splits, info = split_datalist(
-            kept, params["seed"], params["n_train"], params["n_test_normal"], params["n_test_abnormal"],
-            params["val_fraction"], params["test_fraction"], params["source_split"], source=layout_base(root),
+            kept,
+            params["seed"],
+            params["n_train"],
+            params["n_test_normal"],
+            params["n_test_abnormal"],
+            params["val_fraction"],
+            params["test_fraction"],
+            params["source_split"],
+            source=layout_base(root),
             min_val_normals=int(min_val_normals),
         )
     counts = info.pop("counts")
-    report = {"dataset": preset.name, "layout": preset.layout, "seed": params["seed"], "params": params,
-              "counts": counts, "layout_kwargs": json.loads(json.dumps(kwargs, default=str)),
-              "dedup": dedup, "split": info}
+    report = {
+        "dataset": preset.name,
+        "layout": preset.layout,
+        "seed": params["seed"],
+        "params": params,
+        "counts": counts,
+        "layout_kwargs": json.loads(json.dumps(kwargs, default=str)),
+        "dedup": dedup,
+        "split": info,
+    }
     if split_file is not None:
         save_split(split_file, splits, root, **report)
     report.update(split_file=None if split_file is None else str(split_file), reused=False)
-    return {"train": _uniform_mask_key(splits["train"]), "val": _uniform_mask_key(splits["val"]),
-            "test": _uniform_mask_key(splits["test"]), "report": report}  # fmt: skip
+    return {
+        "train": _uniform_mask_key(splits["train"]),
+        "val": _uniform_mask_key(splits["val"]),
+        "test": _uniform_mask_key(splits["test"]),
+        "report": report,
+    }
 
 
 def _uniform_mask_key(items: list[dict]) -> list[dict]:

@@ -60,8 +60,11 @@ def volume_to_ras(image) -> MetaTensor:
     affine = torch.as_tensor(np.asarray(meta["nifti_affine_transform"], dtype=np.float64))
     vol = MetaTensor(torch.from_numpy(data)[None], affine=affine)
     vol = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(vol)
-    vol.meta.update(source_format="dicom_series", spatial_shape=tuple(vol.shape[1:]),
-                    series_instance_uid=str(meta.get("SeriesInstanceUID", "")))  # fmt: skip
+    vol.meta.update(
+        source_format="dicom_series",
+        spatial_shape=tuple(vol.shape[1:]),
+        series_instance_uid=str(meta.get("SeriesInstanceUID", "")),
+    )
     return vol
 
 
@@ -72,8 +75,15 @@ class SkipTSOperator(Operator):
     ``result_text`` (the SR's text). Files: ``skipts_result.json``, ``anomaly_map.nii.gz``.
     """
 
-    def __init__(self, fragment: Fragment, *args, checkpoint: str | os.PathLike, output_folder: str | os.PathLike,
-                 device: str = "auto", **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        checkpoint: str | os.PathLike,
+        output_folder: str | os.PathLike,
+        device: str = "auto",
+        **kwargs,
+    ):
         self.checkpoint = Path(checkpoint)
         self.output_folder = Path(output_folder)
         self.device = device
@@ -119,11 +129,14 @@ class SkipTSOperator(Operator):
             "modality": str(meta.get("Modality", "")),
             "map_shape": list(amap.shape),
             "checkpoint": str(self.checkpoint),
-        }  # fmt: skip
+        }
         self.output_folder.mkdir(parents=True, exist_ok=True)
         # no UIDs in files outside DICOM (as dicom_app): they stay in the SR only
-        atomic_write_json(self.output_folder / "skipts_result.json",
-                          {k: v for k, v in result.items() if not k.endswith("_instance_uid")}, indent=2)
+        atomic_write_json(
+            self.output_folder / "skipts_result.json",
+            {k: v for k, v in result.items() if not k.endswith("_instance_uid")},
+            indent=2,
+        )
         nifti = nib.Nifti1Image(amap.numpy(), np.asarray(amap.affine, dtype=np.float64))
         atomic_write_bytes(self.output_folder / "anomaly_map.nii.gz", gzip.compress(nifti.to_bytes()))
         thr = "not calibrated" if decision["threshold"] is None else f"{decision['threshold']:.6g}"
@@ -158,10 +171,14 @@ class SkipTSDeployApp(Application):
         skipts = SkipTSOperator(self, checkpoint=checkpoint, output_folder=output_path, name="skipts")
         model_info = ModelInfo("monai-skipts", "Skip-TS anomaly detection", "0.1.0", "")
         sr_writer = DICOMTextSRWriterOperator(
-            self, copy_tags=True, model_info=model_info, equipment_info=EquipmentInfo(manufacturer="monai-skipts"),
-            output_folder=output_path, custom_tags={"SeriesDescription": "Skip-TS anomaly score (not for diagnosis)"},
+            self,
+            copy_tags=True,
+            model_info=model_info,
+            equipment_info=EquipmentInfo(manufacturer="monai-skipts"),
+            output_folder=output_path,
+            custom_tags={"SeriesDescription": "Skip-TS anomaly score (not for diagnosis)"},
             name="sr_writer",
-        )  # fmt: skip
+        )
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, to_volume, {("study_selected_series_list", "study_selected_series_list")})
         self.add_flow(to_volume, skipts, {("image", "image")})

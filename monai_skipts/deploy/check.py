@@ -73,15 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = json.loads((out / "skipts_result.json").read_text(encoding="utf-8"))
     files = [f for f in sorted(study.iterdir()) if f.is_file()]
-    one_image = len(files) == 1 and int(pydicom.dcmread(files[0], stop_before_pixels=True).get("NumberOfFrames", 1) or 1) == 1
+    one_image = (
+        len(files) == 1 and int(pydicom.dcmread(files[0], stop_before_pixels=True).get("NumberOfFrames", 1) or 1) == 1
+    )
     want = AnomalyPredictor(ckpt, device="cpu").score_file(files[0] if one_image else study, maps=False)
     want.setdefault("slice_scores", [want["score"]])
     problems = []
     if abs(result["score"] - want["score"]) > 1e-5:
         problems.append(f"volume score {result['score']} != predictor's {want['score']}")
-    if len(result["slice_scores"]) != len(want["slice_scores"]) or max(
-        abs(a - b) for a, b in zip(result["slice_scores"], want["slice_scores"])
-    ) > 1e-5:  # fmt: skip
+    if (
+        len(result["slice_scores"]) != len(want["slice_scores"])
+        or max(abs(a - b) for a, b in zip(result["slice_scores"], want["slice_scores"])) > 1e-5
+    ):
         problems.append(f"slice scores {result['slice_scores']} != predictor's {want['slice_scores']}")
     srs = [pydicom.dcmread(f) for f in out.glob("*.dcm")]
     src = pydicom.dcmread(next(f for f in sorted(study.iterdir()) if f.is_file()), stop_before_pixels=True)

@@ -10,10 +10,27 @@ from .web import PacsError, connect, pull_study, score_pacs_study, store_files
 from .writers import CODES, SCHEME, ModelInfo, make_sc, make_seg, make_sr, save_dataset
 
 __all__ = [
-    "CODES", "MANUFACTURER", "ModelInfo", "PacsError", "SCHEME", "Series", "Unit", "connect", "make_sc", "make_seg",
-    "make_sr", "model_info", "pull_study", "read_study", "run_app", "save_dataset", "score_pacs_study", "score_study",
-    "scrub", "store_files",
-]  # fmt: skip
+    "CODES",
+    "MANUFACTURER",
+    "ModelInfo",
+    "PacsError",
+    "SCHEME",
+    "Series",
+    "Unit",
+    "connect",
+    "make_sc",
+    "make_seg",
+    "make_sr",
+    "model_info",
+    "pull_study",
+    "read_study",
+    "run_app",
+    "save_dataset",
+    "score_pacs_study",
+    "score_study",
+    "scrub",
+    "store_files",
+]
 
 
 def run_app(predictor, output, input=None, dicomweb_url=None, study_uid=None, seg=False, checkpoint=None):

@@ -39,9 +39,22 @@ logger = logging.getLogger(__name__)
 SERIES_NUMBER_BASE = {"SC": 9000, "SR": 9300, "SEG": 9600}
 """New series are numbered ``base + source series index`` (viewers list them after the source)."""
 
-_PHI_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName", "StudyID",
-             "ReferringPhysicianName", "StudyDescription", "SeriesDescription", "OperatorsName", "PatientAddress",
-             "OtherPatientIDs", "InstitutionAddress", "PerformingPhysicianName")  # fmt: skip
+_PHI_KEYS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "SeriesDescription",
+    "OperatorsName",
+    "PatientAddress",
+    "OtherPatientIDs",
+    "InstitutionAddress",
+    "PerformingPhysicianName",
+)
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
@@ -83,9 +96,14 @@ def model_info(predictor, checkpoint: str | os.PathLike | None = None) -> ModelI
 
         digest = file_sha256(checkpoint)
     extra = {"modality_preset": str(getattr(predictor, "modality", "") or "")}
-    return ModelInfo(name="Skip-TS", version=f"monai-skipts {monai_skipts.__version__}",
-                     teacher=str(getattr(predictor, "teacher", "")), checkpoint_sha256=digest,
-                     aggregation=str(getattr(predictor, "volume_aggregation", "max")), parameters=extra)  # fmt: skip
+    return ModelInfo(
+        name="Skip-TS",
+        version=f"monai-skipts {monai_skipts.__version__}",
+        teacher=str(getattr(predictor, "teacher", "")),
+        checkpoint_sha256=digest,
+        aggregation=str(getattr(predictor, "volume_aggregation", "max")),
+        parameters=extra,
+    )
 
 
 def _fit(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -120,8 +138,9 @@ def _score_series(predictor, s: Series) -> dict[tuple[int, int], dict[str, Any]]
 def _volume_decision(predictor, scores: list[float]) -> dict[str, Any]:
     from monai_skipts.transforms import aggregate_volume_scores
 
-    agg = aggregate_volume_scores([0] * len(scores), scores, getattr(predictor, "volume_aggregation", "max"),
-                                  int(getattr(predictor, "topk", 3)))[0]  # fmt: skip
+    agg = aggregate_volume_scores(
+        [0] * len(scores), scores, getattr(predictor, "volume_aggregation", "max"), int(getattr(predictor, "topk", 3))
+    )[0]
     return predictor.decide(agg)
 
 
@@ -153,8 +172,9 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
             r = results[sl]
             sv = "n/a" if r["anomalous"] is None else ("above" if r["anomalous"] else "below")
             if u.kind == "volume":
-                groups.append({"kind": "slice", "label": f"{s.name} {u.label} slice {n + 1}", "slices": [sl],
-                               "decision": r})  # fmt: skip
+                groups.append(
+                    {"kind": "slice", "label": f"{s.name} {u.label} slice {n + 1}", "slices": [sl], "decision": r}
+                )
                 slice_text[sl] = [
                     f"Skip-TS slice {n + 1}/{len(u.slices)}: score {_fmt(r['score'])} ({sv} threshold {_fmt(threshold)})",
                     f"Volume ({aggregation} of {len(u.slices)} slices): {_fmt(dec['score'])} {verdict}",
@@ -176,14 +196,22 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
         r = results[(i, f)]
         grey = frame_to_grey(src, f)
         rgb = overlay_rgb(grey, _fit(r["map"], grey.shape[:2]), threshold, vmax)
-        rgb = burn_in_text(rgb, slice_text[(i, f)], [DISCLAIMER], alarm=slice_alarm[(i, f)], compact=slice_short[(i, f)])
+        rgb = burn_in_text(
+            rgb, slice_text[(i, f)], [DISCLAIMER], alarm=slice_alarm[(i, f)], compact=slice_short[(i, f)]
+        )
         sc = make_sc(src, f, rgb, sc_uid, SERIES_NUMBER_BASE["SC"] + s.index, n, model, desc)
         path = folder / "SC" / f"{n:04d}.dcm"
         save_dataset(sc, path)
         written.append(path.relative_to(out).as_posix())
 
-    sr = make_sr(s.headers, groups, model, generate_uid(), SERIES_NUMBER_BASE["SR"] + s.index,
-                 f"Skip-TS anomaly report {s.modality} #{s.index}"[:64])  # fmt: skip
+    sr = make_sr(
+        s.headers,
+        groups,
+        model,
+        generate_uid(),
+        SERIES_NUMBER_BASE["SR"] + s.index,
+        f"Skip-TS anomaly report {s.modality} #{s.index}"[:64],
+    )
     save_dataset(sr, folder / "SR.dcm")
     written.append(f"{s.name}/SR.dcm")
 
@@ -194,23 +222,46 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
         else:
             seg_uid = generate_uid()
             for k, u in enumerate(s.units, start=1):
-                masks = np.stack([_fit(results[sl]["map"], (int(s.headers[sl[0]].Rows), int(s.headers[sl[0]].Columns)))
-                                  >= threshold for sl in u.slices])  # fmt: skip
+                masks = np.stack(
+                    [
+                        _fit(results[sl]["map"], (int(s.headers[sl[0]].Rows), int(s.headers[sl[0]].Columns)))
+                        >= threshold
+                        for sl in u.slices
+                    ]
+                )
                 try:
-                    obj = make_seg(s.headers, u.slices, masks, model, seg_uid, SERIES_NUMBER_BASE["SEG"] + s.index,
-                                   f"Skip-TS region above threshold {s.modality} #{s.index}"[:64])  # fmt: skip
+                    obj = make_seg(
+                        s.headers,
+                        u.slices,
+                        masks,
+                        model,
+                        seg_uid,
+                        SERIES_NUMBER_BASE["SEG"] + s.index,
+                        f"Skip-TS region above threshold {s.modality} #{s.index}"[:64],
+                    )
                 except Exception as e:  # highdicom refuses some geometries (mixed orientations...)
                     seg_notes.append(f"no SEG for {u.label}: {type(e).__name__}: {scrub(e, s.headers)}")
                     continue
                 obj.InstanceNumber = k
                 save_dataset(obj, folder / f"SEG-{k:02d}.dcm")
                 written.append(f"{s.name}/SEG-{k:02d}.dcm")
-    return {"series": s.name, "modality": s.modality, "n_instances": len(s.files), "units": units,
-            "files": written, "notes": seg_notes}  # fmt: skip
+    return {
+        "series": s.name,
+        "modality": s.modality,
+        "n_instances": len(s.files),
+        "units": units,
+        "files": written,
+        "notes": seg_notes,
+    }
 
 
-def score_study(predictor, study: str | os.PathLike, output: str | os.PathLike, seg: bool = False,
-                checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
+def score_study(
+    predictor,
+    study: str | os.PathLike,
+    output: str | os.PathLike,
+    seg: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Score the study in folder ``study`` and write the DICOM results under ``output`` (see the module
     docstring). Returns the summary that ``dicom_results.json`` holds: ``series`` (per scored series:
     units with score/threshold/anomalous/normalized_score, files written), ``skipped`` and ``errors``
@@ -240,16 +291,29 @@ def score_study(predictor, study: str | os.PathLike, output: str | os.PathLike, 
                 n_warnings += len(caught)
         done.append(rec)
         for u in rec["units"]:
-            logger.info("%s %s: score %s, threshold %s, %s", s.name, u["unit"], _fmt(u["score"]), _fmt(u["threshold"]),
-                        "no decision" if u["anomalous"] is None else ("ANOMALOUS" if u["anomalous"] else "normal"))  # fmt: skip
+            logger.info(
+                "%s %s: score %s, threshold %s, %s",
+                s.name,
+                u["unit"],
+                _fmt(u["score"]),
+                _fmt(u["threshold"]),
+                "no decision" if u["anomalous"] is None else ("ANOMALOUS" if u["anomalous"] else "normal"),
+            )
         for note in rec["notes"]:
             logger.warning("%s: %s", s.name, note)
     for sk in skipped:
         logger.info("%s: skipped: %s", sk["series"], sk["reason"])
     if n_warnings:
-        logger.debug("%d warnings from pydicom/highdicom while writing (not shown: they can quote header values)", n_warnings)
-    summary = {"series": done, "skipped": skipped, "errors": errors,
-               "files": [f for r in done for f in r["files"]], "seg": bool(seg)}  # fmt: skip
+        logger.debug(
+            "%d warnings from pydicom/highdicom while writing (not shown: they can quote header values)", n_warnings
+        )
+    summary = {
+        "series": done,
+        "skipped": skipped,
+        "errors": errors,
+        "files": [f for r in done for f in r["files"]],
+        "seg": bool(seg),
+    }
     atomic_write_json(out / "dicom_results.json", summary, indent=1)
     logger.info("wrote %d DICOM files for %d series into %s", len(summary["files"]), len(done), out)
     return summary

@@ -52,7 +52,9 @@ def frame_to_grey(ds, frame: int = 0) -> np.ndarray:
         hi = float(arr.max()) if arr.size else 1.0
         return np.clip(arr / (hi if hi > 255 else 255.0) * 255.0, 0, 255).astype(np.uint8)
     x = arr.astype(np.float64)
-    slope = _first(ds.get("RescaleSlope")) or _first(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope"))
+    slope = _first(ds.get("RescaleSlope")) or _first(
+        _frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+    )
     icpt = _first(ds.get("RescaleIntercept"))
     if icpt is None:
         icpt = _first(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept"))
@@ -118,8 +120,9 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def burn_in_text(rgb: np.ndarray, top: list[str], bottom: list[str], alarm: bool = False,
-                 compact: list[str] | None = None) -> np.ndarray:
+def burn_in_text(
+    rgb: np.ndarray, top: list[str], bottom: list[str], alarm: bool = False, compact: list[str] | None = None
+) -> np.ndarray:
     """Write ``top`` lines at the top left and ``bottom`` lines at the bottom left of ``rgb`` (white on a
     black outline; the second top line in orange when ``alarm``), wrapped to the image width. When the
     wrapped lines would cover more than half the image (small images), ``compact`` replaces ``top``."""

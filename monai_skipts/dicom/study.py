@@ -34,8 +34,24 @@ MANUFACTURER = "monai-skipts"
 results are recognised and not scored again)."""
 
 NOT_SCORED_MODALITIES = frozenset(
-    {"SR", "SEG", "PR", "KO", "DOC", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "FID", "ECG", "AU", "HD",
-     "PLAN", "OT_DOC"}  # fmt: skip
+    {
+        "SR",
+        "SEG",
+        "PR",
+        "KO",
+        "DOC",
+        "RTSTRUCT",
+        "RTPLAN",
+        "RTDOSE",
+        "RTRECORD",
+        "REG",
+        "FID",
+        "ECG",
+        "AU",
+        "HD",
+        "PLAN",
+        "OT_DOC",
+    }
 )
 _NO_PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 

@@ -72,8 +72,15 @@ def store_files(client, paths: list[str | os.PathLike], study_uid: str | None = 
     return stored
 
 
-def score_pacs_study(predictor, url: str, study_uid: str, output: str | os.PathLike | None = None,
-                     seg: bool = False, checkpoint: str | os.PathLike | None = None, client=None) -> dict[str, Any]:  # fmt: skip
+def score_pacs_study(
+    predictor,
+    url: str,
+    study_uid: str,
+    output: str | os.PathLike | None = None,
+    seg: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    client=None,
+) -> dict[str, Any]:
     """Pull the study ``study_uid`` from the DICOMweb server ``url``, score it, store the results back.
 
     Returns the :func:`~monai_skipts.dicom.app.score_study` summary with ``n_pulled`` and ``n_stored``.
@@ -84,7 +91,9 @@ def score_pacs_study(predictor, url: str, study_uid: str, output: str | os.PathL
         if not n:
             raise PacsError("the PACS returned no instance for this StudyInstanceUID")
         logger.info("pulled %d instances", n)
-        out_ctx = contextlib.nullcontext(output) if output is not None else tempfile.TemporaryDirectory(prefix="skipts-out-")
+        out_ctx = (
+            contextlib.nullcontext(output) if output is not None else tempfile.TemporaryDirectory(prefix="skipts-out-")
+        )
         with out_ctx as out:
             summary = score_study(predictor, Path(tmp) / "study", out, seg=seg, checkpoint=checkpoint)
             files = [Path(out) / f for f in summary["files"]]

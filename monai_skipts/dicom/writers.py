@@ -69,7 +69,11 @@ class ModelInfo:
     parameters: dict[str, str] = field(default_factory=dict)
 
     def parameter_list(self) -> list[str]:
-        out = {"teacher": self.teacher, "checkpoint_sha256": self.checkpoint_sha256[:16], "aggregation": self.aggregation}
+        out = {
+            "teacher": self.teacher,
+            "checkpoint_sha256": self.checkpoint_sha256[:16],
+            "aggregation": self.aggregation,
+        }
         out.update(self.parameters)
         return [f"{k}={v}" for k, v in out.items() if v]
 
@@ -127,8 +131,16 @@ def _pixel_spacing(ds) -> tuple[float, float] | None:
     return float(ps[0]), float(ps[1])
 
 
-def make_sc(source, frame: int, rgb: np.ndarray, series_uid: str, series_number: int, instance_number: int,
-            model: ModelInfo, description: str):  # fmt: skip
+def make_sc(
+    source,
+    frame: int,
+    rgb: np.ndarray,
+    series_uid: str,
+    series_number: int,
+    instance_number: int,
+    model: ModelInfo,
+    description: str,
+):
     """A Secondary Capture image (RGB, uncompressed) of the overlay ``rgb`` for frame ``frame`` (0-based)
     of ``source``, in the source's study (patient and study attributes copied), with a new SOP
     instance UID, referencing the source instance (and frame)."""
@@ -168,7 +180,11 @@ def make_sc(source, frame: int, rgb: np.ndarray, series_uid: str, series_number:
     if int(source.get("NumberOfFrames", 1) or 1) > 1:
         ref.ReferencedFrameNumber = frame + 1
     purpose = Dataset()
-    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = "121322", "DCM", "Source image for image processing operation"
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = (
+        "121322",
+        "DCM",
+        "Source image for image processing operation",
+    )
     ref.PurposeOfReferenceCodeSequence = [purpose]
     sc.SourceImageSequence = [ref]
     if source.get("BodyPartExamined") and "BodyPartExamined" not in sc:
@@ -183,8 +199,9 @@ def make_sc(source, frame: int, rgb: np.ndarray, series_uid: str, series_number:
 def _algorithm(model: ModelInfo):
     import highdicom as hd
 
-    return hd.sr.AlgorithmIdentification(name=model.name, version=model.software_version,
-                                         parameters=model.parameter_list() or None)  # fmt: skip
+    return hd.sr.AlgorithmIdentification(
+        name=model.name, version=model.software_version, parameters=model.parameter_list() or None
+    )
 
 
 def _measurements(decision: dict[str, Any], model: ModelInfo, score_key: str = "score") -> list:
@@ -192,13 +209,24 @@ def _measurements(decision: dict[str, Any], model: ModelInfo, score_key: str = "
 
     unit = _code("1", "no units", "UCUM")
     algo = _algorithm(model)
-    out = [hd.sr.Measurement(name=_code(*CODES[score_key]), value=float(decision["score"]), unit=unit, algorithm_id=algo)]
+    out = [
+        hd.sr.Measurement(name=_code(*CODES[score_key]), value=float(decision["score"]), unit=unit, algorithm_id=algo)
+    ]
     if decision.get("threshold") is not None:
-        out.append(hd.sr.Measurement(name=_code(*CODES["threshold"]), value=float(decision["threshold"]), unit=unit,
-                                     algorithm_id=algo))  # fmt: skip
+        out.append(
+            hd.sr.Measurement(
+                name=_code(*CODES["threshold"]), value=float(decision["threshold"]), unit=unit, algorithm_id=algo
+            )
+        )
     if decision.get("normalized_score") is not None:
-        out.append(hd.sr.Measurement(name=_code(*CODES["normalized_score"]), value=float(decision["normalized_score"]),
-                                     unit=unit, algorithm_id=algo))  # fmt: skip
+        out.append(
+            hd.sr.Measurement(
+                name=_code(*CODES["normalized_score"]),
+                value=float(decision["normalized_score"]),
+                unit=unit,
+                algorithm_id=algo,
+            )
+        )
     return out
 
 
@@ -222,13 +250,22 @@ def _source_images(headers: Sequence, slices: Sequence[tuple[int, int]]) -> list
     for i, frames in by_instance.items():
         ds = headers[i]
         multi = int(ds.get("NumberOfFrames", 1) or 1) > 1
-        out.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(
-            ds, referenced_frame_numbers=[f + 1 for f in frames] if multi else None))  # fmt: skip
+        out.append(
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                ds, referenced_frame_numbers=[f + 1 for f in frames] if multi else None
+            )
+        )
     return out
 
 
-def make_sr(headers: Sequence, groups: Sequence[dict[str, Any]], model: ModelInfo, series_uid: str,
-            series_number: int, description: str):  # fmt: skip
+def make_sr(
+    headers: Sequence,
+    groups: Sequence[dict[str, Any]],
+    model: ModelInfo,
+    series_uid: str,
+    series_number: int,
+    description: str,
+):
     """A Comprehensive SR (TID 1500 Measurement Report) of the decisions in ``groups``.
 
     Args:
@@ -244,10 +281,15 @@ def make_sr(headers: Sequence, groups: Sequence[dict[str, Any]], model: ModelInf
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(prefix=None, entropy_srcs=[MANUFACTURER, model.name, model.teacher]),
-        name=model.name, manufacturer_name=MANUFACTURER, model_name=f"{model.name} ({model.teacher})",
-    )  # fmt: skip
-    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device, observer_identifying_attributes=device))  # fmt: skip
+        name=model.name,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{model.name} ({model.teacher})",
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
     measurement_groups = []
     for g in groups:
         kind = g.get("kind", "image")
@@ -256,13 +298,15 @@ def make_sr(headers: Sequence, groups: Sequence[dict[str, Any]], model: ModelInf
             measurements, evaluations = _measurements({"score": decision["score"]}, model, "slice_score"), []
         else:
             measurements, evaluations = _measurements(decision, model), _evaluations(decision)
-        measurement_groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=g["label"][:64]),
-            algorithm_id=_algorithm(model),
-            measurements=measurements,
-            qualitative_evaluations=evaluations or None,
-            source_images=_source_images(headers, g["slices"]),
-        ))  # fmt: skip
+        measurement_groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=g["label"][:64]),
+                algorithm_id=_algorithm(model),
+                measurements=measurements,
+                qualitative_evaluations=evaluations or None,
+                source_images=_source_images(headers, g["slices"]),
+            )
+        )
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=_code("363679005", "Imaging procedure", "SCT"),
@@ -285,8 +329,15 @@ def make_sr(headers: Sequence, groups: Sequence[dict[str, Any]], model: ModelInf
     return sr
 
 
-def make_seg(headers: Sequence, slices: Sequence[tuple[int, int]], masks: np.ndarray, model: ModelInfo,
-             series_uid: str, series_number: int, description: str):  # fmt: skip
+def make_seg(
+    headers: Sequence,
+    slices: Sequence[tuple[int, int]],
+    masks: np.ndarray,
+    model: ModelInfo,
+    series_uid: str,
+    series_number: int,
+    description: str,
+):
     """A binary DICOM SEG (one segment: the region above the threshold) on the source ``slices``.
 
     Args:
@@ -306,9 +357,12 @@ def make_seg(headers: Sequence, slices: Sequence[tuple[int, int]], masks: np.nda
         for (_, f), m in zip(slices, masks):
             frames[f] = m
         masks = frames
-    algo = hd.AlgorithmIdentificationSequence(name=model.name, family=codes.cid7162.ArtificialIntelligence,
-                                              version=model.software_version,
-                                              parameters={k: v for k, v in (p.split("=", 1) for p in model.parameter_list())})  # fmt: skip
+    algo = hd.AlgorithmIdentificationSequence(
+        name=model.name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=model.software_version,
+        parameters={k: v for k, v in (p.split("=", 1) for p in model.parameter_list())},
+    )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="Anomaly above threshold",

@@ -58,11 +58,19 @@ def close_stale_runs(client: Any, experiment_id: str, keep: str | None = None, s
         pid = tags.get(OWNER_PID_TAG, "")
         if run.info.run_name == keep or tags.get(OWNER_HOST_TAG) != host or not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        client.set_tag(run.info.run_id, "monai_skipts.end_reason",
-                       f"process {pid} ended without closing the run; marked {status} by process {os.getpid()}")  # fmt: skip
+        client.set_tag(
+            run.info.run_id,
+            "monai_skipts.end_reason",
+            f"process {pid} ended without closing the run; marked {status} by process {os.getpid()}",
+        )
         client.set_terminated(run.info.run_id, status, end_time=int(time.time() * 1000))
-        logger.warning("MLflow run '%s' (%s) was left RUNNING by process %s, which no longer exists "
-                       "(killed?): marked %s", run.info.run_name, run.info.run_id, pid, status)  # fmt: skip
+        logger.warning(
+            "MLflow run '%s' (%s) was left RUNNING by process %s, which no longer exists (killed?): marked %s",
+            run.info.run_name,
+            run.info.run_id,
+            pid,
+            status,
+        )
         marked.append(run.info.run_id)
     return marked
 
@@ -96,8 +104,13 @@ class SkipTSMLFlowHandler(MLFlowHandler):
     this machine left ``RUNNING`` (:func:`close_stale_runs`; its own run name, which a resumed training
     continues, excepted), and it tags its run with this process (:func:`run_owner_tags`)."""
 
-    def __init__(self, *args: Any, artifacts_root: str | os.PathLike | None = None,
-                 exclude: Sequence[str] = (".pt", ".db", ".db-journal", ".lock"), **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        *args: Any,
+        artifacts_root: str | os.PathLike | None = None,
+        exclude: Sequence[str] = (".pt", ".db", ".db-journal", ".lock"),
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.artifacts_root = Path(artifacts_root) if artifacts_root is not None else None
         self.exclude = tuple(exclude)

@@ -25,8 +25,13 @@ from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..utils import atomic_save, atomic_write_json, save_map_png  # noqa: F401 - save_map_png re-exported: it lived here
 
 __all__ = [
-    "AnomalyPlotsHandler", "colorize_map", "heatmap_panel", "overlay_heatmap", "save_map_png", "safe_name",
-]  # fmt: skip
+    "AnomalyPlotsHandler",
+    "colorize_map",
+    "heatmap_panel",
+    "overlay_heatmap",
+    "save_map_png",
+    "safe_name",
+]
 
 THRESHOLD_CONTOUR_RGB = (255, 255, 255)  # outline of the region with map >= threshold
 MASK_CONTOUR_RGB = (0, 255, 0)  # outline of the ground-truth lesion mask
@@ -71,8 +76,9 @@ def _color_fraction(amap: np.ndarray, threshold: float | None, scale: float | No
     return np.clip(amap / max(float(vmax), 1e-8), 0, 1)
 
 
-def colorize_map(amap: np.ndarray, *, threshold: float | None = None, scale: float | None = None,
-                 vmax: float | None = None) -> np.ndarray:  # fmt: skip
+def colorize_map(
+    amap: np.ndarray, *, threshold: float | None = None, scale: float | None = None, vmax: float | None = None
+) -> np.ndarray:
     """An anomaly map in jet colours on a fixed scale.
 
     Args:
@@ -250,8 +256,8 @@ def heatmap_panel(
     py, px = np.unravel_index(int(np.argmax(amap)), amap.shape)
     r = max(3, min(h, w) // 40)
     ys, xs = slice(max(0, py - r), py + r + 1), slice(max(0, px - r), px + r + 1)
-    over[ys, max(0, px - 1):px + 2] = 0  # black rim: the cross shows on white tissue and white outlines
-    over[max(0, py - 1):py + 2, xs] = 0
+    over[ys, max(0, px - 1) : px + 2] = 0  # black rim: the cross shows on white tissue and white outlines
+    over[max(0, py - 1) : py + 2, xs] = 0
     over[ys, px] = 255
     over[py, xs] = 255
 
@@ -331,8 +337,12 @@ def heatmap_panel(
     panel = np.asarray(canvas, dtype=np.uint8).copy()
     if not return_layout:
         return panel
-    layout = {"header": (0, 0, header_h, content_w), "image": (top, x_img, h, w), "overlay": (top, x_over, h, w),
-              "colorbar": (top, x_bar, h, bar_w)}  # fmt: skip
+    layout = {
+        "header": (0, 0, header_h, content_w),
+        "image": (top, x_img, h, w),
+        "overlay": (top, x_over, h, w),
+        "colorbar": (top, x_bar, h, bar_w),
+    }
     return panel, layout
 
 
@@ -352,7 +362,10 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def _is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    )
 
 
 def _resolve(value: Any) -> float | None:
@@ -401,9 +414,16 @@ class AnomalyPlotsHandler:
         alpha: opacity of the coloured map in the overlays.
     """
 
-    def __init__(self, output_dir: str | Path, score_handler: Any, threshold: float | Callable | None = None,
-                 n_samples: int = 8, save_maps: bool = True, score_scale: float | Callable | None = None,
-                 alpha: float = 0.45):  # fmt: skip
+    def __init__(
+        self,
+        output_dir: str | Path,
+        score_handler: Any,
+        threshold: float | Callable | None = None,
+        n_samples: int = 8,
+        save_maps: bool = True,
+        score_scale: float | Callable | None = None,
+        alpha: float = 0.45,
+    ):
         self.output_dir = Path(output_dir)
         self.score_handler = score_handler
         self._threshold = threshold
@@ -491,9 +511,14 @@ class AnomalyPlotsHandler:
             wants_heap = len(heap) < self.n_samples or (key, -seq) > heap[0][:2]
             if not (wants_first or wants_heap):
                 continue
-            item = {"id": i, "label": y, "score": float(s), "image": self._image_u8(images[k], maps[k].shape),
-                    "map": np.asarray(maps[k], dtype=np.float32).copy(),
-                    "mask": None if masks is None or masks[k].shape != maps[k].shape else masks[k].copy()}  # fmt: skip
+            item = {
+                "id": i,
+                "label": y,
+                "score": float(s),
+                "image": self._image_u8(images[k], maps[k].shape),
+                "map": np.asarray(maps[k], dtype=np.float32).copy(),
+                "mask": None if masks is None or masks[k].shape != maps[k].shape else masks[k].copy(),
+            }
             if wants_first:
                 first.append(item)
             if wants_heap:
@@ -544,17 +569,31 @@ class AnomalyPlotsHandler:
             for group, items in self._groups().items():
                 for rank, it in enumerate(items, start=1):
                     arr, layout = heatmap_panel(
-                        it["image"], it["map"], threshold=cs["threshold"], scale=cs["scale"], vmax=cs["vmax"],
-                        score=it["score"], item_id=it["id"], label=it["label"], mask=it["mask"], alpha=self.alpha,
+                        it["image"],
+                        it["map"],
+                        threshold=cs["threshold"],
+                        scale=cs["scale"],
+                        vmax=cs["vmax"],
+                        score=it["score"],
+                        item_id=it["id"],
+                        label=it["label"],
+                        mask=it["mask"],
+                        alpha=self.alpha,
                         return_layout=True,
                     )
                     path = self.output_dir / "heatmaps" / f"{group}_{rank:0{width}d}_{safe_name(it['id'])}.png"
                     _save_png(path, arr, {"skipts_layout": json.dumps(layout)})
                     wrote = True
             if wrote:
-                atomic_write_json(self.output_dir / "heatmaps" / "scale.json", {
-                    **cs, "colour": "jet(normalize_score(map, threshold, scale))" if cs["threshold"] is not None
-                    else "jet(clip(map / vmax, 0, 1))"})  # fmt: skip
+                atomic_write_json(
+                    self.output_dir / "heatmaps" / "scale.json",
+                    {
+                        **cs,
+                        "colour": "jet(normalize_score(map, threshold, scale))"
+                        if cs["threshold"] is not None
+                        else "jet(clip(map / vmax, 0, 1))",
+                    },
+                )
             if self._spool is not None and self._map_index:
                 t = cs["threshold"]
                 vmax = 2.0 * t if t else (cs["vmax"] if cs["vmax"] is not None else self._max_score)
@@ -565,7 +604,10 @@ class AnomalyPlotsHandler:
                     self._spool.seek(offset)
                     amap = np.frombuffer(self._spool.read(4 * shape[0] * shape[1]), dtype=np.float32).reshape(shape)
                     save_map_png(self.output_dir / "maps" / names[str(i)], amap, vmax)
-                atomic_write_json(self.output_dir / "maps" / "scale.json", {"vmax": vmax, "encoding": "uint16 = round(65535 * min(map / vmax, 1))"})
+                atomic_write_json(
+                    self.output_dir / "maps" / "scale.json",
+                    {"vmax": vmax, "encoding": "uint16 = round(65535 * min(map / vmax, 1))"},
+                )
             self._plot_curves()
         finally:
             self._close_spool()

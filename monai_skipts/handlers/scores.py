@@ -126,8 +126,13 @@ class AnomalyScoreHandler:
             masks += mk
         self.records = records
         self.metrics = self.compute(records, maps, masks)
-        engine.state.metrics.update({self.metric_prefix + k: v for k, v in self.metrics.items() if isinstance(v, (int, float))})
-        is_rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+        engine.state.metrics.update(
+            {self.metric_prefix + k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
+        )
+        is_rank0 = (
+            not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            or torch.distributed.get_rank() == 0
+        )
         if self.output_dir is not None and is_rank0:
             self.write()
 
@@ -162,7 +167,9 @@ class AnomalyScoreHandler:
         assert self.output_dir is not None
         cols = ["id", "label", "score", "threshold", "anomalous", "normalized_score"]
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=[c for c in cols if any(c in r for r in self.records)], extrasaction="ignore")
+        w = csv.DictWriter(
+            buf, fieldnames=[c for c in cols if any(c in r for r in self.records)], extrasaction="ignore"
+        )
         w.writeheader()
         w.writerows(self.records)
         atomic_write_text(self.output_dir / f"{self.prefix}scores.csv", buf.getvalue())

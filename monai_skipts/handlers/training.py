@@ -22,15 +22,21 @@ from ..metrics import calibrate_threshold, check_calibration_data
 from ..utils import atomic_write_json, atomic_write_text, lock_output_dir, remove_stale_temp_files
 
 __all__ = [
-    "LossComponentsHandler", "SkipTSCheckpointHandler", "ThresholdCalibrator", "resumed_run_name",
+    "LossComponentsHandler",
+    "SkipTSCheckpointHandler",
+    "ThresholdCalibrator",
+    "resumed_run_name",
     "check_calibration_split",
-]  # fmt: skip
+]
 
 logger = logging.getLogger(__name__)
 
 
 def _is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    )
 
 
 class LossComponentsHandler:
@@ -86,9 +92,17 @@ class SkipTSCheckpointHandler:
             (see :func:`resumed_run_name`).
     """
 
-    def __init__(self, output_dir: str | Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 save_interval: int = 1, resume: bool = True, filename: str = "checkpoint.pt",
-                 data_loader: Any = None, run_name: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        output_dir: str | Path,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        save_interval: int = 1,
+        resume: bool = True,
+        filename: str = "checkpoint.pt",
+        data_loader: Any = None,
+        run_name: str | None = None,
+    ):
         self.path = Path(output_dir) / filename
         self.network, self.optimizer = network, optimizer
         self.save_interval, self.resume = int(save_interval), bool(resume)
@@ -131,15 +145,17 @@ class SkipTSCheckpointHandler:
             g = self._generator()
             if g is not None:
                 extra["loader_generator"] = g.get_state()
-            save_checkpoint(self.path, self.network, self.optimizer, engine.state.epoch, engine.state.iteration,
-                            extra=extra)  # fmt: skip
+            save_checkpoint(
+                self.path, self.network, self.optimizer, engine.state.epoch, engine.state.iteration, extra=extra
+            )
         self._saved_epoch = engine.state.epoch
 
     def _save_final(self, engine: Engine) -> None:
         n = engine.state.epoch_length
         if n and engine.state.iteration % n:  # terminated mid-epoch: keep the last complete epoch's checkpoint
-            logger.warning("training stopped inside epoch %d: %s keeps epoch %s", engine.state.epoch, self.path,
-                           self._saved_epoch)  # fmt: skip
+            logger.warning(
+                "training stopped inside epoch %d: %s keeps epoch %s", engine.state.epoch, self.path, self._saved_epoch
+            )
             return
         if self._saved_epoch != engine.state.epoch:
             self._save(engine)
@@ -174,8 +190,12 @@ class SkipTSCheckpointHandler:
         engine.state.epoch, engine.state.iteration = ckpt["epoch"], ckpt["iteration"]
         self.resumed_from = self._saved_epoch = int(ckpt["epoch"])
         if ckpt["epoch"] >= engine.state.max_epochs:
-            logger.warning("%s is at epoch %d of %d: training already done, nothing to resume",
-                           self.path, ckpt["epoch"], engine.state.max_epochs)  # fmt: skip
+            logger.warning(
+                "%s is at epoch %d of %d: training already done, nothing to resume",
+                self.path,
+                ckpt["epoch"],
+                engine.state.max_epochs,
+            )
             engine.terminate()
         else:
             logger.warning("resumed from %s at epoch %d of %d", self.path, ckpt["epoch"], engine.state.max_epochs)
@@ -200,8 +220,14 @@ def check_calibration_split(split: dict[str, Any], target_fpr: float, method: st
     n_conflict = int(dedup.get("n_conflict_dropped", 0))
     conflict = f", {n_conflict} dropped as identical copies labelled differently" if n_conflict else ""
     if "n_input" in dedup:
-        logger.info("%s: %d exact duplicates removed%s (%d of %d images kept)", source, n_removed, conflict,
-                    int(dedup.get("n_kept", 0)), int(dedup["n_input"]))  # fmt: skip
+        logger.info(
+            "%s: %d exact duplicates removed%s (%d of %d images kept)",
+            source,
+            n_removed,
+            conflict,
+            int(dedup.get("n_kept", 0)),
+            int(dedup["n_input"]),
+        )
     try:
         return check_calibration_data(len(split["val"]), target_fpr, method, report.get("split_file"))
     except ValueError as e:
@@ -246,12 +272,26 @@ class ThresholdCalibrator:
     validation normals' score standard deviation, for the normalised score).
     """
 
-    def __init__(self, evaluator: Engine, score_handler: Any, network: torch.nn.Module, output_dir: str | Path,
-                 target_fpr: float = 0.05, extra: dict | None = None, filename: str = "model.pt",
-                 trainer: Engine | None = None, method: str = "empirical"):  # fmt: skip
+    def __init__(
+        self,
+        evaluator: Engine,
+        score_handler: Any,
+        network: torch.nn.Module,
+        output_dir: str | Path,
+        target_fpr: float = 0.05,
+        extra: dict | None = None,
+        filename: str = "model.pt",
+        trainer: Engine | None = None,
+        method: str = "empirical",
+    ):
         self.evaluator, self.score_handler, self.network, self.trainer = evaluator, score_handler, network, trainer
         self.method = method
-        self.output_dir, self.target_fpr, self.extra, self.filename = Path(output_dir), float(target_fpr), extra, filename
+        self.output_dir, self.target_fpr, self.extra, self.filename = (
+            Path(output_dir),
+            float(target_fpr),
+            extra,
+            filename,
+        )
         self.threshold: float | None = None
         self.scale: float | None = None
         self.record: dict[str, Any] | None = None
@@ -263,9 +303,15 @@ class ThresholdCalibrator:
         from ..engines import SkipTSEvaluator
 
         ev = self.evaluator
-        SkipTSEvaluator(device=ev.state.device, val_data_loader=ev.data_loader, network=self.network, inferer=ev.inferer,
-                        amp=getattr(ev, "amp", False), prepare_batch=ev.prepare_batch,
-                        val_handlers=[self.score_handler]).run()  # fmt: skip
+        SkipTSEvaluator(
+            device=ev.state.device,
+            val_data_loader=ev.data_loader,
+            network=self.network,
+            inferer=ev.inferer,
+            amp=getattr(ev, "amp", False),
+            prepare_batch=ev.prepare_batch,
+            val_handlers=[self.score_handler],
+        ).run()
 
     def __call__(self) -> dict[str, Any]:
         epoch = self.trainer.state.epoch if self.trainer is not None else None
@@ -282,16 +328,31 @@ class ThresholdCalibrator:
         self.threshold = float(calibrate_threshold(scores, self.target_fpr, method=self.method))
         self.scale = float(max(scores.std(), 1e-6))
         self.record = {
-            "value": self.threshold, "target_fpr": self.target_fpr, "n_normals": int(scores.size), "scale": self.scale,
-            "fpr_on_calibration_set": float((scores >= self.threshold).mean()), "method": self.method,
-        }  # fmt: skip
-        logger.info("decision threshold %.5f at target FPR %.3f from %d validation normals",
-                    self.threshold, self.target_fpr, scores.size)  # fmt: skip
+            "value": self.threshold,
+            "target_fpr": self.target_fpr,
+            "n_normals": int(scores.size),
+            "scale": self.scale,
+            "fpr_on_calibration_set": float((scores >= self.threshold).mean()),
+            "method": self.method,
+        }
+        logger.info(
+            "decision threshold %.5f at target FPR %.3f from %d validation normals",
+            self.threshold,
+            self.target_fpr,
+            scores.size,
+        )
         if _is_rank0():
-            save_checkpoint(self.output_dir / self.filename, self.network, threshold=self.record,
-                            extra=self.extra or {}, with_rng=False)  # fmt: skip
+            save_checkpoint(
+                self.output_dir / self.filename,
+                self.network,
+                threshold=self.record,
+                extra=self.extra or {},
+                with_rng=False,
+            )
             atomic_write_json(self.output_dir / "threshold.json", self.record)
             buf = io.StringIO()
-            csv.writer(buf).writerows([("id", "score")] + [(r.get("id", ""), repr(r["score"])) for r in self.score_handler.records])
+            csv.writer(buf).writerows(
+                [("id", "score")] + [(r.get("id", ""), repr(r["score"])) for r in self.score_handler.records]
+            )
             atomic_write_text(self.output_dir / "val_scores.csv", buf.getvalue())  # for calibration studies
         return self.record

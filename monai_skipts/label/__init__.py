@@ -20,9 +20,14 @@ from pathlib import Path
 from monai_skipts.label.scorer import AnomalyScorer, array_to_image, scorer_from_conf, scorer_options, slice_to_plane
 
 __all__ = [
-    "APP_DIR", "AnomalyScorer", "array_to_image", "scorer_options", "scorer_from_conf", "slice_to_plane",
+    "APP_DIR",
+    "AnomalyScorer",
+    "array_to_image",
+    "scorer_options",
+    "scorer_from_conf",
+    "slice_to_plane",
     "SkipTSAnomalyInfer",
-]  # fmt: skip
+]
 
 #: the sample MONAI Label app (``main.py``)
 APP_DIR = Path(__file__).resolve().parent / "app"

@@ -66,9 +66,14 @@ class SkipTSAnomalyInfer(BasicInferTask):
         config: Mapping[str, Any] | None = None,
     ):
         super().__init__(
-            path=str(checkpoint), network=None, type=InferType.SEGMENTATION, labels={"anomaly": 1},
-            dimension=dimension, description=description, config={"output": "map", **dict(config or {})},
-        )  # fmt: skip
+            path=str(checkpoint),
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels={"anomaly": 1},
+            dimension=dimension,
+            description=description,
+            config={"output": "map", **dict(config or {})},
+        )
         self.scorer_kwargs = dict(scorer_kwargs or {})
         self._scorers: dict[str, tuple[AnomalyScorer, float]] = {}
 
@@ -115,8 +120,12 @@ class SkipTSAnomalyInfer(BasicInferTask):
         img = data[self.input_key]
         if img.ndim == 4:  # (C, X, Y, Z) RAS volume: slice-wise maps stacked into a map volume
             score, slice_scores, amap = scorer.score_volume(img)
-            result = {"kind": "volume", "score": score, "slice_scores": [float(s) for s in slice_scores],
-                      "volume_aggregation": scorer.volume_aggregation}  # fmt: skip
+            result = {
+                "kind": "volume",
+                "score": score,
+                "slice_scores": [float(s) for s in slice_scores],
+                "volume_aggregation": scorer.volume_aggregation,
+            }
             pred = amap.as_tensor()
         else:  # (C, H, W): MONAI Label writes (x, y) arrays, i.e. (W, H)
             scores, maps = scorer.score_images([img])

@@ -56,9 +56,20 @@ def scorer_options(conf: Mapping[str, Any], base_dir: str | os.PathLike | None =
     if not conf.get("checkpoint"):
         raise ValueError("conf 'checkpoint' is required: the path of a monai-skipts checkpoint (model.pt)")
     ckpt = _resolve(conf["checkpoint"], base_dir)
-    casts = {"modality": str, "spatial_size": int, "window": str, "mri_norm": str, "sigma": float,
-             "teacher_weights": lambda p: _resolve(p, base_dir), "device": str, "batch_size": int,
-             "volume_aggregation": str, "slice_axis": int, "backend": str, "num_threads": int}  # fmt: skip
+    casts = {
+        "modality": str,
+        "spatial_size": int,
+        "window": str,
+        "mri_norm": str,
+        "sigma": float,
+        "teacher_weights": lambda p: _resolve(p, base_dir),
+        "device": str,
+        "batch_size": int,
+        "volume_aggregation": str,
+        "slice_axis": int,
+        "backend": str,
+        "num_threads": int,
+    }
     kwargs = {k: cast(conf[k]) for k, cast in casts.items() if conf.get(k) not in (None, "")}
     return ckpt, kwargs  # type: ignore[return-value]
 

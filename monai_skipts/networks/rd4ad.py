@@ -24,7 +24,6 @@ import os
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..losses import RD4ADLoss  # noqa: F401 - re-exported: it lived here first
@@ -113,15 +112,20 @@ class RD4AD(TeacherStudentModel):
         download: bool = True,
     ):
         super().__init__()
-        self.teacher = teacher if isinstance(teacher, TeacherEncoder) else build_teacher(
-            teacher, pretrained=pretrained, weights=teacher_weights, download=download
+        self.teacher = (
+            teacher
+            if isinstance(teacher, TeacherEncoder)
+            else build_teacher(teacher, pretrained=pretrained, weights=teacher_weights, download=download)
         )
         name = self.teacher.name
         preset = student_preset(self.teacher, student_kind, student_blocks)
         decoder = SkipStudent(
-            self.teacher.out_channels, upsample_kernel=upsample_kernel, skip="none",
-            final_activation=self.teacher.nonnegative, **preset,
-        )  # fmt: skip
+            self.teacher.out_channels,
+            upsample_kernel=upsample_kernel,
+            skip="none",
+            final_activation=self.teacher.nonnegative,
+            **preset,
+        )
         self.student = RD4ADStudent(self.teacher.out_channels, decoder, depthwise=preset["kind"] == "inverted")
         self.config: dict[str, Any] = {
             "model": "rd4ad",

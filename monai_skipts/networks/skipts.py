@@ -12,14 +12,22 @@ from .student import SKIP_LEVELS, SkipStudent
 from .teacher import TeacherEncoder, build_teacher
 
 __all__ = [
-    "SkipTS", "TeacherStudentModel", "EncoderStudent", "STUDENT_PRESETS", "student_preset", "student_expansion",
+    "SkipTS",
+    "TeacherStudentModel",
+    "EncoderStudent",
+    "STUDENT_PRESETS",
+    "student_preset",
+    "student_expansion",
     "teacher_name_of",
-]  # fmt: skip
+]
 
 #: default student decoder per teacher (kind, blocks per D3/D2/D1, bottleneck widths)
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "wide_resnet50_2": {
-        "kind": "bottleneck", "blocks": (6, 4, 3), "widths": (512, 256, 128), "up_widths": (1024, 512, 256)
+        "kind": "bottleneck",
+        "blocks": (6, 4, 3),
+        "widths": (512, 256, 128),
+        "up_widths": (1024, 512, 256),
     },
     "resnet50": {"kind": "bottleneck", "blocks": (6, 4, 3), "widths": (256, 128, 64), "up_widths": (512, 256, 128)},
     "resnet18": {"kind": "basic", "blocks": (2, 2, 2)},
@@ -132,8 +140,9 @@ class TeacherStudentModel(nn.Module):
         from ..inferers import anomaly_map_and_score
 
         t, s = self(x)
-        return anomaly_map_and_score(t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers,
-                                     level_stats=getattr(self, "map_level_stats", None))
+        return anomaly_map_and_score(
+            t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers, level_stats=getattr(self, "map_level_stats", None)
+        )
 
 
 class SkipTS(TeacherStudentModel):
@@ -214,15 +223,22 @@ class SkipTS(TeacherStudentModel):
         preset = student_preset(self.teacher, student_kind, student_blocks, student_widths, student_up_widths)
         if student == "decoder":
             self.student: nn.Module = SkipStudent(
-                self.teacher.out_channels, upsample_kernel=upsample_kernel, skip=skip,
-                final_activation=self.teacher.nonnegative, skip_levels=skip_levels, skip_dropout=skip_dropout,
-                skip_noise=skip_noise, **preset,
-            )  # fmt: skip
+                self.teacher.out_channels,
+                upsample_kernel=upsample_kernel,
+                skip=skip,
+                final_activation=self.teacher.nonnegative,
+                skip_levels=skip_levels,
+                skip_dropout=skip_dropout,
+                skip_noise=skip_noise,
+                **preset,
+            )
             levels = list(self.student.skip_levels)
             if bottleneck:  # RD4AD's one-class bottleneck in front of D3 (built after the decoder, as RD4AD does)
                 from .rd4ad import RD4ADStudent
 
-                self.student = RD4ADStudent(self.teacher.out_channels, self.student, depthwise=preset["kind"] == "inverted")
+                self.student = RD4ADStudent(
+                    self.teacher.out_channels, self.student, depthwise=preset["kind"] == "inverted"
+                )
         elif student == "encoder":
             self.student = EncoderStudent(name, self.teacher.tap_kind)
             levels = []
@@ -254,4 +270,3 @@ class SkipTS(TeacherStudentModel):
                 raise ValueError("the encoder student (traditional KD) needs the image")
             return student(x)
         return student(t_feats)
-

@@ -34,9 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "SkipStudent", "UpBottleneck", "Bottleneck", "UpBasicBlock", "BasicBlock", "UpInvertedResidual",
-    "InvertedResidual", "SKIP_MODES", "SKIP_LEVELS",
-]  # fmt: skip
+    "SkipStudent",
+    "UpBottleneck",
+    "Bottleneck",
+    "UpBasicBlock",
+    "BasicBlock",
+    "UpInvertedResidual",
+    "InvertedResidual",
+    "SKIP_MODES",
+    "SKIP_LEVELS",
+]
 
 SKIP_MODES = ("add", "add_relu", "none", "gate")
 #: teacher levels that can feed a skip: F_t^3 joins before D2, F_t^2 before D1
@@ -75,10 +82,15 @@ def _expand_project(cin: int, width: int, cout: int, mid: Callable[[], nn.Module
     first two): the body of bottleneck and inverted-residual blocks. ``mid`` is built between the
     two 1×1 convolutions, so parameters are initialised in layer order."""
     return nn.Sequential(
-        nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-        mid(), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-        nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
-    )  # fmt: skip
+        nn.Conv2d(cin, width, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        mid(),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, cout, 1, bias=False),
+        nn.BatchNorm2d(cout),
+    )
 
 
 class Bottleneck(_Residual):
@@ -103,9 +115,12 @@ class BasicBlock(_Residual):
 
     def __init__(self, channels: int, act: bool = True):
         body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-        )  # fmt: skip
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
         super().__init__(body, act=act)
 
 
@@ -114,9 +129,12 @@ class UpBasicBlock(_Residual):
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, act: bool = True):
         body = nn.Sequential(
-            _deconv(cin, cout, kernel), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-        )  # fmt: skip
+            _deconv(cin, cout, kernel),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
         super().__init__(body, _up_shortcut(cin, cout, kernel), act=act)
 
 
@@ -138,8 +156,16 @@ class UpInvertedResidual(_Residual):
         # the dense _deconv it is read from draws from the RNG too: both stay as they were, so that a
         # seed gives the same initial student as the runs whose results the README reports.
         geometry = _deconv(width, width, kernel)
-        dw = nn.ConvTranspose2d(width, width, geometry.kernel_size, stride=2, padding=geometry.padding,
-                                output_padding=geometry.output_padding, groups=width, bias=False)  # fmt: skip
+        dw = nn.ConvTranspose2d(
+            width,
+            width,
+            geometry.kernel_size,
+            stride=2,
+            padding=geometry.padding,
+            output_padding=geometry.output_padding,
+            groups=width,
+            bias=False,
+        )
         super().__init__(_expand_project(cin, width, cout, lambda: dw), _up_shortcut(cin, cout, kernel), act=act)
 
 

@@ -303,7 +303,9 @@ def _offline() -> bool:
 _FAILED_DOWNLOADS: dict[str, str] = {}
 
 
-def _torchvision_weights_file(arch: str, weights: str | os.PathLike | None, download: bool, quiet: bool = False) -> Path:
+def _torchvision_weights_file(
+    arch: str, weights: str | os.PathLike | None, download: bool, quiet: bool = False
+) -> Path:
     """The torchvision weights file of ``arch``: ``weights``, torchvision's cache, or a download.
 
     A failed download is tried once per process; its reason is kept in the error (``.reason``) and,
@@ -368,8 +370,10 @@ def _load_state_dict(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise RuntimeError(f"{path}: refused: the weights file holds pickled Python objects that could execute "
-                           "code when loaded (only tensors are accepted)") from None
+        raise RuntimeError(
+            f"{path}: refused: the weights file holds pickled Python objects that could execute "
+            "code when loaded (only tensors are accepted)"
+        ) from None
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"{path}: not a loadable weights file ({type(e).__name__})") from None
 
@@ -445,15 +449,21 @@ def resolve_teacher_name(name: str, weights: str | os.PathLike | None = None, do
         except (TeacherWeightsNotFound, ImportError) as e:
             chosen = OFFLINE_DEFAULT_TEACHER
             file = getattr(e, "file", None)
-            where = (f"put {file.name} in {file.parent}/ or pass --teacher_weights <file>" if file is not None
-                     else "pass --teacher_weights <file>")  # fmt: skip
+            where = (
+                f"put {file.name} in {file.parent}/ or pass --teacher_weights <file>"
+                if file is not None
+                else "pass --teacher_weights <file>"
+            )
             key = (str(weights), str(file))
             logger.log(
                 logging.DEBUG if key in _FALLBACKS_REPORTED else logging.WARNING,
                 "teacher='auto': no ImageNet weights for %s, the paper's teacher (%s): %s; using the offline "
                 "teacher '%s' (results not comparable with the paper's)",
-                paper, getattr(e, "reason", None) or str(e), where, chosen,
-            )  # fmt: skip
+                paper,
+                getattr(e, "reason", None) or str(e),
+                where,
+                chosen,
+            )
             _FALLBACKS_REPORTED.add(key)
             return chosen
         logger.info("teacher='auto' resolved to '%s'", paper)
@@ -485,8 +495,10 @@ def build_teacher(
             to put it.
         ValueError: the teacher has no tap kind ``taps`` (e.g. ``"expanded"`` for a ResNet).
     """
-    name = resolve_teacher_name(name, weights, download) if pretrained else (
-        OFFLINE_DEFAULT_TEACHER if name == "auto" else resolve_teacher_name(name)
+    name = (
+        resolve_teacher_name(name, weights, download)
+        if pretrained
+        else (OFFLINE_DEFAULT_TEACHER if name == "auto" else resolve_teacher_name(name))
     )
     spec = TEACHERS[name]
     _check_taps(spec.cls, name, taps)

@@ -29,13 +29,13 @@ from monai_skipts.transforms.intensity import (
 )
 from monai_skipts.transforms.io import (
     DEFAULT_MAX_PIXELS,
-    MAX_PIXELS_ENV,
-    default_max_pixels,
     EXTRA_META,
+    MAX_PIXELS_ENV,
     PICTURE_SUFFIXES,
     LoadMedicalImage,
     LoadMedicalImaged,
     array_to_image,
+    default_max_pixels,
     detect_format,
     dicom_frame_count,
     dicom_value_range,

@@ -347,8 +347,9 @@ class BinarizeMaskd(_Dictionary):
         for path in paths:
             extra = self._loader(path)
             if tuple(extra.shape[1:]) != tuple(mask.shape[1:]):
-                raise InputDataError(path, f"extra mask size {tuple(extra.shape[1:])} differs from the mask's "
-                                           f"{tuple(mask.shape[1:])}")  # fmt: skip
+                raise InputDataError(
+                    path, f"extra mask size {tuple(extra.shape[1:])} differs from the mask's {tuple(mask.shape[1:])}"
+                )
             mask = torch.maximum(mask, self.transform(extra))
         return mask
 

@@ -164,7 +164,10 @@ def _dicom_decode_problem(ds, error: BaseException) -> str | None:
 
         options = _pip_options(get_decoder(ts).missing_dependencies)
     except Exception:  # pydicom < 3, or no decoder registered for this transfer syntax
-        options = ["pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle", "pip install python-gdcm"]
+        options = [
+            "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle",
+            "pip install python-gdcm",
+        ]
     bits = ds.get("BitsStored", None)
     what = f"{ts.name} ({ts})" + (f", {bits} bits stored" if bits else "")
     problem = f"cannot decode the DICOM pixel data, compressed as {what}: {detail}"
@@ -174,6 +177,7 @@ def _dicom_decode_problem(ds, error: BaseException) -> str | None:
     else:
         problem += " (every decoder plugin pydicom knows is installed: the file may be corrupt)"
     return problem
+
 
 EXTRA_META: dict[str, Any] = {
     "source_format": "",
@@ -449,7 +453,9 @@ class LoadMedicalImage(Transform):
         try:
             rows, cols = int(ds.Rows), int(ds.Columns)
         except (TypeError, ValueError) as e:
-            raise InputDataError(path, f"corrupt DICOM header: Rows {ds.get('Rows')!r}, Columns {ds.get('Columns')!r}") from e
+            raise InputDataError(
+                path, f"corrupt DICOM header: Rows {ds.get('Rows')!r}, Columns {ds.get('Columns')!r}"
+            ) from e
         self._check_pixels(path, cols, rows, what="DICOM frame" if frames > 1 else "DICOM image")
         pi = str(ds.get("PhotometricInterpretation", "")).upper()
         colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
@@ -457,7 +463,9 @@ class LoadMedicalImage(Transform):
         with warnings.catch_warnings():  # no patient geometry needed for 2-D images and frame stacks
             warnings.filterwarnings("ignore", message=".*ImageOrientationPatient.*")
             try:
-                img = self._read(PydicomReader(swap_ij=False, channel_dim=-1 if colour else None), path, "the DICOM file")
+                img = self._read(
+                    PydicomReader(swap_ij=False, channel_dim=-1 if colour else None), path, "the DICOM file"
+                )
             except InputDataError as e:
                 problem = _dicom_decode_problem(ds, e.__cause__ or e)
                 if problem is None:

@@ -29,8 +29,12 @@ THRESHOLD = {"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 20}
 def app(tmp_path_factory, phantom_root):
     tmp = tmp_path_factory.mktemp("label")
     torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp / "model.pt", SkipTS("efficientnet_lite0"), threshold=THRESHOLD,
-                           extra={"spatial_size": 32, "modality": "mri"})  # fmt: skip
+    ckpt = save_checkpoint(
+        tmp / "model.pt",
+        SkipTS("efficientnet_lite0"),
+        threshold=THRESHOLD,
+        extra={"spatial_size": 32, "modality": "mri"},
+    )
     studies = tmp / "studies"
     studies.mkdir()
     shutil.copy(sorted(phantom_root.glob("test/lesion/*.png"))[0], studies / "phantom.png")
@@ -109,7 +113,9 @@ def test_item18_relative_checkpoint_is_taken_against_the_start_folder(app, tmp_p
         res = instance.infer({"model": "skipts_anomaly", "image": "phantom", "device": "cpu"})
         assert res["params"]["threshold"] == THRESHOLD["value"]
         clear_cache()
-        with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'runs' / 'y' / 'model.pt'}.*started from, {tmp_path}"):
+        with pytest.raises(
+            FileNotFoundError, match=f"{tmp_path / 'runs' / 'y' / 'model.pt'}.*started from, {tmp_path}"
+        ):
             app_instance(str(skipts_label.APP_DIR), str(studies), {"checkpoint": "runs/y/model.pt"})
     finally:
         clear_cache()

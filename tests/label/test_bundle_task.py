@@ -13,9 +13,9 @@ import torch
 monailabel = pytest.importorskip("monailabel")
 itk = pytest.importorskip("itk")
 
+from conftest import REPO  # noqa: E402
 from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
 
-from conftest import REPO  # noqa: E402
 from monai_skipts.bundle.export import export_bundle  # noqa: E402
 from monai_skipts.checkpoint import save_checkpoint  # noqa: E402
 from monai_skipts.inference import AnomalyPredictor  # noqa: E402
@@ -33,8 +33,12 @@ def bundle(tmp_path_factory):
     torch.manual_seed(0)
     model = SkipTS("efficientnet_lite0")
     set_level_stats(model, [[0.2, 0.1], [0.3, 0.1], [0.4, 0.2]])
-    ckpt = save_checkpoint(tmp / "run" / "model.pt", model, threshold=THRESHOLD,
-                           extra={"dataset": "brainmri", "spatial_size": 32, "modality": "mri"})  # fmt: skip
+    ckpt = save_checkpoint(
+        tmp / "run" / "model.pt",
+        model,
+        threshold=THRESHOLD,
+        extra={"dataset": "brainmri", "spatial_size": 32, "modality": "mri"},
+    )
     out = export_bundle(REPO / "bundles" / "brainmri" / "train.json", ckpt, tmp / "skipts_brainmri.zip")
     with zipfile.ZipFile(out) as z:
         z.extractall(tmp / "unzipped")

@@ -36,9 +36,11 @@ def test_array_to_image_conventions():
 def test_scorer_png_and_volume(tmp_path, phantom_root):
     torch.manual_seed(0)
     ckpt = save_checkpoint(
-        tmp_path / "model.pt", SkipTS("efficientnet_lite0"), threshold={"value": 1.0, "scale": 0.1},
+        tmp_path / "model.pt",
+        SkipTS("efficientnet_lite0"),
+        threshold={"value": 1.0, "scale": 0.1},
         extra={"spatial_size": 32, "modality": "mri"},
-    )  # fmt: skip
+    )
     scorer = AnomalyScorer(ckpt, batch_size=4)
     assert scorer.config()["modality"] == "mri" and scorer.config()["spatial_size"] == 32
 
