@@ -1,0 +1,55 @@
+"""Records the scores of a version-1 checkpoint (the format before the AnomalyDetector) on fixed files.
+
+Run once, at the code that wrote version-1 checkpoints (commit b007494):
+``python tests/data/make_v1_scores.py tests/data/v1_scores.json``. ``tests/test_checkpoint_compat.py``
+rebuilds the same checkpoint and checks that today's loader scores it bit-identically.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from v1_checkpoint import FILES, fixed_files, v1_payload  # noqa: E402
+
+
+def main(out: str) -> None:
+    import tempfile
+
+    from monai_skipts.inference import AnomalyPredictor
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        payload = v1_payload()
+        ckpt = Path(tmp) / "model.pt"
+        torch.save(payload, ckpt)
+        files = fixed_files(Path(tmp))
+        pred = AnomalyPredictor(ckpt, device="cpu")
+        rec = {"student_sha256": payload_sha(payload), "scores": {}, "map_sha256": {}, "decisions": {}}
+        for name, path in files.items():
+            r = pred.score_file(path, maps=True)
+            amap = r["map"] if "map" in r else None
+            rec["scores"][name] = float(r["score"]).hex()
+            rec["decisions"][name] = {k: r.get(k) for k in ("anomalous", "normalized_score", "threshold")}
+            if amap is not None:
+                a = amap.as_tensor() if hasattr(amap, "as_tensor") else torch.as_tensor(amap)
+                rec["map_sha256"][name] = hashlib.sha256(a.float().contiguous().numpy().tobytes()).hexdigest()
+    Path(out).write_text(json.dumps(rec, indent=1) + "\n")
+    print(json.dumps(rec, indent=1))
+
+
+def payload_sha(payload) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(payload["student"].items()):
+        h.update(k.encode())
+        h.update(v.float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
