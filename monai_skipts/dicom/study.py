@@ -239,8 +239,9 @@ class Study:
     replaced by ``<uid>``.
 
     Attributes:
-        series: the image series to score, in study order (index 1, 2, ...; this package's own earlier
-            results take no index, so the numbering is the same on every run).
+        series: the image series to score, in study order (study date and time, series number, then
+            SeriesInstanceUID; index 1, 2, ...; this package's own earlier results take no index, so the
+            numbering is the same on every run).
         skipped: ``[{"series", "reason"}]``: series that are no images to score (SR, SEG...).
         broken: ``{series name: [{"file", "reason"}]}``: files of a series that cannot be used (pixel
             data missing or cut short): the series is incomplete and must not be scored.
@@ -330,14 +331,14 @@ def read_study(folder: str | os.PathLike) -> Study:
             continue
         groups.setdefault(str(ds.SeriesInstanceUID), []).append((p, ds))
 
-    def order(item):
-        _, members = item
+    def order(item):  # the same on every run, whatever the file names (a pulled study's are arbitrary)
+        uid, members = item
         h = members[0][1]
         try:
             number = int(h.get("SeriesNumber", 0) or 0)
         except (TypeError, ValueError):
             number = 0
-        return str(h.get("StudyDate", "")), str(h.get("StudyTime", "")), number, str(members[0][0])
+        return str(h.get("StudyDate", "")), str(h.get("StudyTime", "")), number, uid
 
     for k, (_, members) in enumerate(sorted(groups.items(), key=order), start=1):
         modality = "".join(c for c in str(members[0][1].get("Modality", "OT")) if c.isalnum())[:8] or "OT"
