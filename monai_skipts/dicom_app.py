@@ -10,14 +10,18 @@ Command line::
     python -m monai_skipts.dicom_app --dicomweb http://localhost:8042/dicom-web --study <StudyInstanceUID> \\
         --checkpoint runs/x/model.pt [--output results/] [--seg]
 
-Exit status: 0 when every scorable series was scored and written, 1 when any failed or nothing could be
-scored (``dicom_results.json`` lists the reasons), 2 for bad arguments. The summary printed and
-logged holds scores and decisions, no patient data and no UID.
+Exit status: 0 when every scorable series was scored and written (or had been, by this model:
+``already_scored``), 1 when any failed, was incomplete (a file of it cannot be read), or nothing could
+be scored: the reasons go to stderr, one line each, and into ``dicom_results.json``; 2 for bad
+arguments. The output folder and the PACS are checked before the model is loaded. The summary printed
+and logged holds scores and decisions, no patient data and no UID. Running twice is safe: the series
+this model already scored are skipped (``--replace`` scores them again and replaces their results).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -35,6 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", help="where the DICOM results go (required with --input)")
     p.add_argument("--checkpoint", required=True, help="the training run's model.pt")
     p.add_argument("--seg", action="store_true", help="also write a DICOM SEG of the region above the threshold")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="score again the series this model already scored (their results in the study are replaced)",
+    )
     p.add_argument("--teacher_weights", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=16)
@@ -44,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--output is required with --input")
     if args.dicomweb and not args.study:
         p.error("--study (a StudyInstanceUID) is required with --dicomweb")
+    failed = _preflight(args)
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from monai_skipts.dicom import PacsError, run_app
     from monai_skipts.inference import AnomalyPredictor
@@ -65,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             study_uid=args.study,
             seg=args.seg,
             checkpoint=args.checkpoint,
+            replace=args.replace,
         )
     except (InputDataError, OSError, PacsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -82,13 +96,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "skipped": summary["skipped"],
         "errors": summary["errors"],
+        "unreadable": summary["unreadable"],
+        "already_scored": summary["already_scored"],
         "n_files": len(summary["files"]),
     }
-    for key in ("n_pulled", "n_stored"):
+    for key in ("n_pulled", "n_stored", "n_deleted"):
         if key in summary:
             brief[key] = summary[key]
     print(json.dumps(brief))
-    return 1 if summary["errors"] or not summary["series"] else 0
+    from monai_skipts.dicom import problems
+
+    reasons = problems(summary)
+    for line in reasons:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if reasons else 0
+
+
+def _preflight(args) -> str | None:
+    """What makes the run fail before the model is loaded: an output folder that cannot be written or lies
+    in the study folder, a PACS that cannot be reached or holds no such study (None when all is well)."""
+    from monai_skipts.dicom import PacsError, check_output, check_pacs, connect
+    from monai_skipts.utils import InputDataError
+
+    try:
+        if args.output:
+            check_output(args.output, args.input)
+        if (
+            args.dicomweb and importlib.util.find_spec("dicomweb_client") is not None
+        ):  # else run_app says how to install it
+            check_pacs(connect(args.dicomweb, attempts=1), args.study)
+    except (InputDataError, OSError, PacsError) as e:
+        return str(e)
+    return None
 
 
 if __name__ == "__main__":

@@ -217,3 +217,28 @@ def orthanc(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mixed_study(tmp_path_factory):
+    """One study from pydicom's real files as they come: a 4-slice CT stack (``dicomdirtests/77654033/CT2``,
+    16x16, dated 1995, as ``ct/<name>.dcm``), ``MR_small.dcm`` (``mr/1.dcm``) and pydicom-data's
+    ``RG1_UNCR.dcm`` (a CR with Pixel Spacing 0\\0, ``cr/1.dcm``; both dated 2004). One StudyInstanceUID and
+    patient for all; each series keeps its own study date (so results sort between the sources)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    root = tmp_path_factory.mktemp("mixed_study")
+    study_uid = generate_uid()
+    ct_dir = Path(get_testdata_file("dicomdirtests/77654033/CT2/17136")).parent
+    sources = [(p, "ct", f"{p.name}.dcm") for p in sorted(ct_dir.iterdir())]
+    sources += [(Path(get_testdata_file("MR_small.dcm")), "mr", "1.dcm")]
+    sources += [(Path(get_testdata_file("RG1_UNCR.dcm")), "cr", "1.dcm")]
+    for path, sub, name in sources:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study_uid
+        ds.PatientID, ds.PatientName = DICOM_PHI["PatientID"], DICOM_PHI["PatientName"]
+        (root / sub).mkdir(exist_ok=True)
+        ds.save_as(root / sub / name, enforce_file_format=True)
+    return root

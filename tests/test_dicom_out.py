@@ -47,7 +47,7 @@ def test_read_study_finds_stack_multiframe_and_image(dicom_study, tmp_path):
 
     from monai_skipts.dicom import read_study
 
-    series, skipped = read_study(dicom_study)
+    series = read_study(dicom_study).series
     assert [(s.name, [u.kind for u in s.units]) for s in series] == [
         ("series-001-CT", ["volume"]),
         ("series-002-MR", ["volume"]),
@@ -62,7 +62,8 @@ def test_read_study_finds_stack_multiframe_and_image(dicom_study, tmp_path):
 
     shutil.copytree(dicom_study, tmp_path / "s")
     shutil.copy(get_testdata_file("test-SR.dcm"), tmp_path / "s" / "report.dcm")
-    series2, skipped2 = read_study(tmp_path / "s")
+    study2 = read_study(tmp_path / "s")
+    series2, skipped2 = study2.series, study2.skipped
     assert len(series2) == 3 and any("SR" in k["reason"] for k in skipped2), skipped2
 
 

@@ -4,9 +4,9 @@ reading a study folder (:mod:`.study`); pulling and storing over DICOMweb (:mod:
 Command line: ``python -m monai_skipts.dicom_app``. Needs the ``dicom`` extra (highdicom,
 dicomweb-client)."""
 
-from .app import model_info, score_study, scrub
-from .study import MANUFACTURER, Series, Unit, read_study
-from .web import PacsError, connect, pull_study, score_pacs_study, store_files
+from .app import check_output, earlier_results, model_info, problems, result_series_uid, score_study
+from .study import MANUFACTURER, Series, Study, Unit, read_study, scrub
+from .web import PacsError, check_pacs, connect, delete_series, pull_study, score_pacs_study, store_files
 from .writers import CODES, SCHEME, ModelInfo, make_sc, make_seg, make_sr, save_dataset
 
 __all__ = [
@@ -16,14 +16,21 @@ __all__ = [
     "PacsError",
     "SCHEME",
     "Series",
+    "Study",
     "Unit",
+    "check_output",
+    "check_pacs",
     "connect",
+    "delete_series",
+    "earlier_results",
     "make_sc",
     "make_seg",
     "make_sr",
     "model_info",
+    "problems",
     "pull_study",
     "read_study",
+    "result_series_uid",
     "run_app",
     "save_dataset",
     "score_pacs_study",
@@ -33,9 +40,12 @@ __all__ = [
 ]
 
 
-def run_app(predictor, output, input=None, dicomweb_url=None, study_uid=None, seg=False, checkpoint=None):
+def run_app(
+    predictor, output, input=None, dicomweb_url=None, study_uid=None, seg=False, checkpoint=None, replace=False
+):
     """One entry for the command line and the bundle (``bundles/common/dicom_app.json``): a study folder
-    (``input``) or a study on a DICOMweb server (``dicomweb_url`` + ``study_uid``, results stored back)."""
+    (``input``) or a study on a DICOMweb server (``dicomweb_url`` + ``study_uid``, results stored back;
+    ``replace``: score again the series this model already scored, replacing their results)."""
     import importlib.util
 
     for module, package in (("highdicom", "highdicom"), ("dicomweb_client", "dicomweb-client")):
@@ -44,9 +54,11 @@ def run_app(predictor, output, input=None, dicomweb_url=None, study_uid=None, se
     if dicomweb_url:
         if not study_uid:
             raise ValueError("study_uid is required with dicomweb_url")
-        return score_pacs_study(predictor, dicomweb_url, study_uid, output, seg=seg, checkpoint=checkpoint)
+        return score_pacs_study(
+            predictor, dicomweb_url, study_uid, output, seg=seg, checkpoint=checkpoint, replace=replace
+        )
     if not input:
         raise ValueError("give a study folder (input) or a DICOMweb server and a StudyInstanceUID")
     if output is None:
         raise ValueError("output (a folder) is required for a study folder")
-    return score_study(predictor, input, output, seg=seg, checkpoint=checkpoint)
+    return score_study(predictor, input, output, seg=seg, checkpoint=checkpoint, replace=replace)

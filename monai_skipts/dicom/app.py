@@ -14,6 +14,14 @@ per source series, under ``<output>/<series-NNN-MODALITY>/``:
 and ``<output>/dicom_results.json``: the scores and decisions per series and the files written (names
 free of patient data: no UID, no header value). Logs say the same. Warnings that pydicom or highdicom
 raise while the objects are made (they can quote header values) are counted, not shown.
+
+Safe to run twice: the result series of a source series are numbered from the source series' index
+(this app's own earlier results take no index) and their SeriesInstanceUIDs derive from the source
+series and the algorithm identification (:func:`result_series_uid`): the same model's earlier results
+in the study are found and skipped (or, with ``replace``, scored again). The output folder must be new,
+empty or hold this app's results of the same study (they are replaced), and lie outside the study
+folder; it is checked for writing before any scoring (:func:`check_output`). A series with a file
+that cannot be used (0 bytes, cut short) is not scored, and the summary names the file.
 """
 
 from __future__ import annotations
@@ -21,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,33 +36,26 @@ from typing import Any
 import numpy as np
 
 from .render import DISCLAIMER, burn_in_text, frame_to_grey, overlay_rgb
-from .study import Series, read_study
+from .study import MANUFACTURER, Series, Study, read_study, scrub
 from .writers import ModelInfo, make_sc, make_seg, make_sr, save_dataset
 
-__all__ = ["score_study", "model_info", "scrub", "quiet_loggers"]
+__all__ = [
+    "score_study",
+    "model_info",
+    "quiet_loggers",
+    "scrubbed_loggers",
+    "UidScrubber",
+    "HTTP_LOGGERS",
+    "check_output",
+    "result_series_uid",
+    "earlier_results",
+    "problems",
+]
 
 logger = logging.getLogger(__name__)
 
 SERIES_NUMBER_BASE = {"SC": 9000, "SR": 9300, "SEG": 9600}
 """New series are numbered ``base + source series index`` (viewers list them after the source)."""
-
-_PHI_KEYS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "InstitutionName",
-    "StudyID",
-    "ReferringPhysicianName",
-    "StudyDescription",
-    "SeriesDescription",
-    "OperatorsName",
-    "PatientAddress",
-    "OtherPatientIDs",
-    "InstitutionAddress",
-    "PerformingPhysicianName",
-)
-_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
 @contextlib.contextmanager
@@ -72,17 +72,35 @@ def quiet_loggers(*names: str, level: int = logging.ERROR):
             lg.setLevel(old)
 
 
-def scrub(message: str, headers=()) -> str:
-    """``message`` without UIDs and without the identifying header values of ``headers`` (for the logs
-    and ``dicom_results.json``: library error messages can quote them)."""
-    text = _UID.sub("<uid>", " ".join(str(message).split()))
-    for ds in headers:
-        for key in _PHI_KEYS:
-            value = str(ds.get(key, "") or "")
-            for form in {value, value.replace("^", " ")}:
-                if len(form) >= 3:
-                    text = text.replace(form, "<redacted>")
-    return text[:500]
+class UidScrubber(logging.Filter):
+    """A logging filter that replaces UIDs in a record's message by ``<uid>`` (hosts kept): urllib3
+    logs every request line (``GET /dicom-web/studies/<StudyInstanceUID>``) at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = scrub(message)
+        if clean != " ".join(message.split())[:500]:
+            record.msg, record.args = clean, None
+        return True
+
+
+#: the loggers of the HTTP stack under dicomweb-client: they log request URLs, which hold UIDs
+HTTP_LOGGERS = ("urllib3", "urllib3.connectionpool", "requests", "dicomweb_client", "dicomweb_client.web")
+
+
+@contextlib.contextmanager
+def scrubbed_loggers(*names: str):
+    """Meanwhile, records logged to the loggers ``names`` have their UIDs replaced by ``<uid>`` (a filter
+    on each logger: filters do not apply to records propagated from child loggers, so name each)."""
+    scrubber = UidScrubber()
+    loggers = [logging.getLogger(n) for n in names]
+    for lg in loggers:
+        lg.addFilter(scrubber)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(scrubber)
 
 
 def model_info(predictor, checkpoint: str | os.PathLike | None = None) -> ModelInfo:
@@ -145,8 +163,6 @@ def _volume_decision(predictor, scores: list[float]) -> dict[str, Any]:
 
 
 def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool) -> dict[str, Any]:
-    from pydicom.uid import generate_uid
-
     results = _score_series(predictor, s)
     folder = out / s.name
     threshold = getattr(predictor, "threshold", None)
@@ -188,7 +204,7 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
                 slice_short[sl] = [f"{_fmt(r['score'])}/{_fmt(threshold)}", verdict]
 
     written: list[str] = []
-    sc_uid = generate_uid()
+    sc_uid = result_series_uid(s.series_uid, model, "SC")
     desc = f"Skip-TS heat map {s.modality} #{s.index} {DISCLAIMER}"[:64]
     ordered = [sl for u in s.units for sl in u.slices]
     for n, (i, f) in enumerate(ordered, start=1):
@@ -208,7 +224,7 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
         s.headers,
         groups,
         model,
-        generate_uid(),
+        result_series_uid(s.series_uid, model, "SR"),
         SERIES_NUMBER_BASE["SR"] + s.index,
         f"Skip-TS anomaly report {s.modality} #{s.index}"[:64],
     )
@@ -220,7 +236,7 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
         if threshold is None:
             seg_notes.append("no SEG: the checkpoint has no threshold")
         else:
-            seg_uid = generate_uid()
+            seg_uid = result_series_uid(s.series_uid, model, "SEG")
             for k, u in enumerate(s.units, start=1):
                 masks = np.stack(
                     [
@@ -255,29 +271,187 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
     }
 
 
+RESULT_KINDS = ("SC", "SR", "SEG")
+
+
+def result_series_uid(source_series_uid: str, model: ModelInfo, kind: str) -> str:
+    """The SeriesInstanceUID of the ``kind`` (SC, SR or SEG) result series of a source series by a model:
+    derived from the source SeriesInstanceUID and the algorithm identification (name, version,
+    parameters: teacher, checkpoint digest, aggregation), so that a second run of the same model on
+    the same series finds its earlier results (:func:`earlier_results`), and a different model does
+    not."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[MANUFACTURER, kind, source_series_uid, model.identity])
+
+
+def earlier_results(study: Study, model: ModelInfo) -> dict[str, dict[str, str]]:
+    """``{source series name: {kind: result SeriesInstanceUID}}``: this model's earlier results of each
+    series of ``study`` found in the study (by :func:`result_series_uid`)."""
+    out = {}
+    for s in study.series:
+        found = {k: u for k in RESULT_KINDS if (u := result_series_uid(s.series_uid, model, k)) in study.earlier}
+        if found:
+            out[s.name] = found
+    return out
+
+
+def check_output(output: str | os.PathLike, study: str | os.PathLike | None = None) -> Path:
+    """Create the output folder and check that it can be written, before any scoring.
+
+    Raises:
+        InputDataError: ``output`` is the study folder or inside it (a second run would read the
+            results as part of the study).
+        OSError: ``output`` cannot be created or written (the message names the folder).
+    """
+    import tempfile
+
+    from monai_skipts.utils import InputDataError
+
+    out = Path(output)
+    if study is not None:
+        src, dst = Path(study).resolve(), out.resolve()
+        if dst == src or src in dst.parents:
+            where = "is the study folder" if dst == src else f"is inside the study folder {study}"
+            raise InputDataError(
+                out,
+                f"the output folder {where}: a second run would read the results as part of the study; "
+                "give a folder outside it",
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the output folder {out}: {e.strerror}") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"the output folder {out} is not writable: {e.strerror}") from None
+    return out
+
+
+def _claim_output(out: Path, study: Study) -> list[str]:
+    """Make ``out`` ready for the results of ``study``: refuse a folder holding other files or another
+    study's results; remove this app's own files from an earlier run on the same study (stale SEG...).
+    Returns the removed files (relative)."""
+    import pydicom
+
+    from monai_skipts.utils import InputDataError, remove_stale_temp_files
+
+    remove_stale_temp_files(out)
+    own, foreign, studies = [], [], set()
+    for p in sorted(x for x in out.rglob("*") if not x.is_dir()):
+        rel = p.relative_to(out)
+        if rel.as_posix() == "dicom_results.json":
+            own.append(p)
+            continue
+        if rel.parts[0].startswith("series-") and p.suffix == ".dcm":
+            try:
+                ds = pydicom.dcmread(str(p), specific_tags=["Manufacturer", "StudyInstanceUID"])
+            except Exception:
+                ds = None
+            if ds is not None and str(ds.get("Manufacturer", "")) == MANUFACTURER:
+                own.append(p)
+                studies.add(str(ds.get("StudyInstanceUID", "")))
+                continue
+        foreign.append(rel.as_posix())
+    if foreign:
+        raise InputDataError(
+            out,
+            f"the output folder is not empty: it holds {len(foreign)} files this app did not write "
+            f"(e.g. {scrub(foreign[0])}); give an empty or new folder",
+        )
+    if studies - study.study_uids:
+        raise InputDataError(
+            out,
+            "the output folder holds the results of another study; give an empty or new folder (one per study)",
+        )
+    for p in own:
+        p.unlink()
+    for d in sorted((x for x in out.rglob("*") if x.is_dir()), key=lambda x: -len(x.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only empty ones
+    return [p.relative_to(out).as_posix() for p in own]
+
+
+def problems(summary: dict[str, Any]) -> list[str]:
+    """One line per reason why the run did not score the whole study (empty when it did): series not
+    scored, files that cannot be read, nothing to score."""
+    out = [f"{e['series']}: not scored: {e['reason']}" for e in summary.get("errors", [])]
+    out += [f"{u['file']}: cannot be read: {u['reason']}" for u in summary.get("unreadable", [])]
+    if not summary.get("series") and not summary.get("already_scored") and not out:
+        parts = [f"{len(summary.get('skipped', []))} series are no images to score"]
+        if summary.get("ignored"):
+            ignored = summary["ignored"]
+            parts.append(
+                f"{len(ignored)} files are not DICOM ({', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})"
+            )
+        out.append("nothing to score: " + "; ".join(parts))
+    return out
+
+
 def score_study(
     predictor,
     study: str | os.PathLike,
     output: str | os.PathLike,
     seg: bool = False,
     checkpoint: str | os.PathLike | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Score the study in folder ``study`` and write the DICOM results under ``output`` (see the module
-    docstring). Returns the summary that ``dicom_results.json`` holds: ``series`` (per scored series:
-    units with score/threshold/anomalous/normalized_score, files written), ``skipped`` and ``errors``
-    (series not scored, with the reason), ``files`` (every file written, relative to ``output``).
+    docstring).
+
+    Args:
+        predictor: an :class:`~monai_skipts.inference.AnomalyPredictor`.
+        study: the folder holding the study's DICOM files.
+        output: where the results go: a new or empty folder, or one holding this app's results of the
+            same study (they are replaced: stale files removed).
+        seg: also write a SEG per decision unit.
+        checkpoint: the model file (its digest goes into the algorithm identification).
+        replace: score again the series whose results by this model are already in the study (a
+            pulled PACS study); by default they are skipped (``already_scored``).
+
+    Returns:
+        The summary that ``dicom_results.json`` holds: ``series`` (per scored series: units with
+        score/threshold/anomalous/normalized_score, files written, notes), ``skipped`` (series that are
+        no images), ``errors`` (series not scored, with the reason: incomplete series name the file at
+        fault), ``unreadable`` (files that should be DICOM and cannot be read), ``ignored`` (files that
+        are not DICOM), ``already_scored``, ``earlier_results`` (count of this app's series found in the
+        study), ``files`` (every file written, relative to ``output``), ``complete`` (every image series
+        scored, no file unreadable).
+
+    Raises:
+        InputDataError: ``study`` is no folder or holds no file; ``output`` is inside ``study``, holds
+            other files or another study's results.
+        OSError: ``output`` cannot be written (found before any scoring).
 
     A series that fails is listed in ``errors`` and the others are still written.
     """
     from monai_skipts.utils import atomic_write_json
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(output, study)
     model = model_info(predictor, checkpoint)
-    series, skipped = read_study(study)
-    done, errors = [], []
+    st = read_study(study)
+    _claim_output(out, st)
+    earlier = earlier_results(st, model)
+    done, errors, already = [], [], []
+    names = {s.name for s in st.series}
+    for name, files in st.broken.items():
+        if name not in names:
+            errors.append({"series": name, "reason": _incomplete_reason(files)})
     n_warnings = 0
-    for s in series:
+    for s in st.series:
+        bad = st.incomplete(s)
+        if bad:
+            errors.append({"series": s.name, "reason": _incomplete_reason(bad)})
+            continue
+        if s.name in earlier and not replace:
+            kinds = ", ".join(earlier[s.name])
+            already.append({"series": s.name, "results": list(earlier[s.name])})
+            logger.info(
+                "%s: already scored by this model (%s in the study): skipped; --replace scores it again", s.name, kinds
+            )
+            continue
         with warnings.catch_warnings(record=True) as caught, quiet_loggers("highdicom", "pydicom"):
             warnings.simplefilter("always")
             try:
@@ -289,6 +463,10 @@ def score_study(
                 continue
             finally:
                 n_warnings += len(caught)
+        if s.not_volume:
+            rec["notes"].insert(0, f"not scored as one volume: {s.not_volume}; each instance is scored as an image")
+        if s.name in earlier:
+            rec["replaces"] = list(earlier[s.name])
         done.append(rec)
         for u in rec["units"]:
             logger.info(
@@ -301,19 +479,42 @@ def score_study(
             )
         for note in rec["notes"]:
             logger.warning("%s: %s", s.name, note)
-    for sk in skipped:
+    for e in errors:
+        if e["reason"].startswith("incomplete"):
+            logger.error("%s: not scored: %s", e["series"], e["reason"])
+    for u in st.unreadable:
+        logger.error("%s: cannot be read: %s", u["file"], u["reason"])
+    if st.ignored:
+        more = ", ..." if len(st.ignored) > 5 else ""
+        logger.warning(
+            "%d files are not DICOM and were not read: %s%s", len(st.ignored), ", ".join(st.ignored[:5]), more
+        )
+    for sk in st.skipped:
         logger.info("%s: skipped: %s", sk["series"], sk["reason"])
+    if st.earlier:
+        logger.info("%d series of earlier results by %s in the study: not scored", len(st.earlier), MANUFACTURER)
     if n_warnings:
         logger.debug(
             "%d warnings from pydicom/highdicom while writing (not shown: they can quote header values)", n_warnings
         )
     summary = {
         "series": done,
-        "skipped": skipped,
+        "skipped": st.skipped,
         "errors": errors,
+        "unreadable": [{"file": u["file"], "reason": u["reason"]} for u in st.unreadable],
+        "ignored": st.ignored,
+        "already_scored": already,
+        "earlier_results": len(st.earlier),
         "files": [f for r in done for f in r["files"]],
         "seg": bool(seg),
+        "complete": not errors and not st.unreadable,
     }
     atomic_write_json(out / "dicom_results.json", summary, indent=1)
     logger.info("wrote %d DICOM files for %d series into %s", len(summary["files"]), len(done), out)
     return summary
+
+
+def _incomplete_reason(files: list[dict[str, str]]) -> str:
+    listed = "; ".join(f"{f['file']}: {f['reason']}" for f in files[:5])
+    more = f"; and {len(files) - 5} more" if len(files) > 5 else ""
+    return f"incomplete: {len(files)} file(s) of this series or its folder cannot be used ({listed}{more})"

@@ -2,8 +2,13 @@
 (:func:`~monai_skipts.dicom.app.score_study`), store the SR/SC(/SEG) back (STOW-RS) into the same study.
 
 The pulled instances go to a temporary folder removed afterwards (they carry patient data); the
-results stay under ``output`` when one is given. ``dicomweb_client`` logs request URLs, which hold the
-study's UID: its logger is kept at ERROR while this module talks to the PACS.
+results stay under ``output`` when one is given. ``dicomweb_client`` and urllib3 log request URLs, which
+hold the study's UID: while this module talks to the PACS, dicomweb_client's logger is kept at ERROR and
+the UIDs in the HTTP loggers' records are replaced by ``<uid>`` (hosts kept).
+
+Safe to run twice: the study's earlier results by the same model (found by
+:func:`~monai_skipts.dicom.app.earlier_results`) are skipped, or with ``replace=True`` deleted from the
+PACS (DICOMweb DELETE, or Orthanc's REST API) before the new ones are stored.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .app import quiet_loggers, score_study, scrub
+from .app import HTTP_LOGGERS, earlier_results, model_info, quiet_loggers, score_study, scrubbed_loggers
+from .study import read_study, scrub
 from .writers import save_dataset
 
-__all__ = ["connect", "pull_study", "store_files", "score_pacs_study", "PacsError"]
+__all__ = ["connect", "check_pacs", "delete_series", "pull_study", "store_files", "score_pacs_study", "PacsError"]
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for the PACS to accept a connection (an unreachable host fails fast)."""
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +36,71 @@ class PacsError(RuntimeError):
     """The PACS refused or failed a request (the message holds no UID)."""
 
 
+@contextlib.contextmanager
 def _quiet_client():
-    return quiet_loggers("dicomweb_client")
+    with quiet_loggers("dicomweb_client"), scrubbed_loggers(*HTTP_LOGGERS):
+        yield
 
 
-def connect(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None):
+def connect(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None, attempts: int = 3):
     """A :class:`dicomweb_client.DICOMwebClient` for the DICOMweb root ``url`` (e.g.
-    ``http://localhost:8042/dicom-web``)."""
+    ``http://localhost:8042/dicom-web``): :data:`CONNECT_TIMEOUT` seconds to connect, ``timeout`` to
+    read a response, ``attempts`` tries per request 1 s, 2 s... apart (dicomweb-client retries every
+    error, a refused connection included: its default, 5 tries 2 to 16 s apart, took 30 s to fail)."""
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url.rstrip("/"), timeout=timeout, headers=headers)
+    client = DICOMwebClient(url.rstrip("/"), timeout=(CONNECT_TIMEOUT, timeout), headers=headers)
+    client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts, wait_exponential_multiplier=500)
+    return client
+
+
+def check_pacs(client, study_uid: str) -> int:
+    """Ask the PACS for the study's series (QIDO-RS), before anything is loaded or scored; returns how many.
+
+    Raises:
+        PacsError: the PACS cannot be reached or refuses the query (the message names the host, no
+            UID), or holds no series for ``study_uid``.
+    """
+    with _quiet_client():
+        try:
+            series = client.search_for_series(study_uid)
+        except Exception as e:
+            raise PacsError(f"cannot query the PACS at {client.base_url}: {type(e).__name__}: {scrub(e)}") from None
+    if not series:
+        raise PacsError(f"the PACS at {client.base_url} holds no series for this StudyInstanceUID")
+    return len(series)
+
+
+def delete_series(client, study_uid: str, series_uid: str) -> None:
+    """Delete a series from the PACS: DICOMweb DELETE where the server offers it, else Orthanc's REST API
+    (``/tools/lookup`` then ``DELETE /series/<id>``, beside the DICOMweb root).
+
+    Raises:
+        PacsError: neither way deleted it (the PACS does not allow deleting).
+    """
+    import requests
+
+    with _quiet_client():
+        try:
+            client.delete_series(study_uid, series_uid)
+            return
+        except Exception as e:
+            first = f"{type(e).__name__}: {scrub(e)}"
+        base = client.base_url.rstrip("/").rsplit("/", 1)[0]
+        session = getattr(client, "_session", None) or requests.Session()
+        try:
+            r = session.post(f"{base}/tools/lookup", data=series_uid, timeout=(CONNECT_TIMEOUT, 60))
+            r.raise_for_status()
+            paths = [m["Path"] for m in r.json() if m.get("Type") == "Series"]
+            if not paths:
+                raise PacsError("the series is not in the PACS")
+            for path in paths:
+                session.delete(f"{base}{path}", timeout=(CONNECT_TIMEOUT, 60)).raise_for_status()
+        except Exception as e:
+            raise PacsError(
+                f"the PACS did not delete an earlier result series (DICOMweb: {first}; Orthanc REST: "
+                f"{type(e).__name__}: {scrub(e)})"
+            ) from None
 
 
 def pull_study(client, study_uid: str, folder: str | os.PathLike) -> int:
@@ -80,24 +144,47 @@ def score_pacs_study(
     seg: bool = False,
     checkpoint: str | os.PathLike | None = None,
     client=None,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Pull the study ``study_uid`` from the DICOMweb server ``url``, score it, store the results back.
 
-    Returns the :func:`~monai_skipts.dicom.app.score_study` summary with ``n_pulled`` and ``n_stored``.
+    Series this model already scored (their results are in the study) are skipped; with ``replace``
+    they are scored again and the earlier result series deleted from the PACS before the new ones are
+    stored (nothing is stored when the PACS refuses the deletion: no duplicates).
+
+    Returns:
+        The :func:`~monai_skipts.dicom.app.score_study` summary with ``n_pulled``, ``n_stored`` and
+        ``n_deleted`` (earlier result series deleted).
+
+    Raises:
+        PacsError: the PACS cannot be reached, holds no such study, refuses a request or a deletion.
+        OSError: ``output`` cannot be written (checked before the study is pulled).
     """
+    from .app import check_output
+
+    if output is not None:
+        check_output(output)
     client = client or connect(url)
+    check_pacs(client, study_uid)
     with tempfile.TemporaryDirectory(prefix="skipts-study-") as tmp:
         n = pull_study(client, study_uid, Path(tmp) / "study")
         if not n:
             raise PacsError("the PACS returned no instance for this StudyInstanceUID")
         logger.info("pulled %d instances", n)
+        earlier = earlier_results(read_study(Path(tmp) / "study"), model_info(predictor, checkpoint))
         out_ctx = (
             contextlib.nullcontext(output) if output is not None else tempfile.TemporaryDirectory(prefix="skipts-out-")
         )
         with out_ctx as out:
-            summary = score_study(predictor, Path(tmp) / "study", out, seg=seg, checkpoint=checkpoint)
+            summary = score_study(predictor, Path(tmp) / "study", out, seg=seg, checkpoint=checkpoint, replace=replace)
             files = [Path(out) / f for f in summary["files"]]
             summary["n_pulled"] = n
+            summary["n_deleted"] = 0
+            for rec in summary["series"]:
+                for kind, uid in earlier.get(rec["series"], {}).items():
+                    delete_series(client, study_uid, uid)
+                    summary["n_deleted"] += 1
+                    logger.info("%s: deleted the earlier %s result series from the PACS", rec["series"], kind)
             summary["n_stored"] = store_files(client, files, study_uid) if files else 0
     logger.info("stored %d result instances in the study", summary["n_stored"])
     return summary

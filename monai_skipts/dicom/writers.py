@@ -81,6 +81,11 @@ class ModelInfo:
     def software_version(self) -> str:
         return self.version or "0"
 
+    @property
+    def identity(self) -> str:
+        """The algorithm identification in one string: name, version and parameters."""
+        return "|".join([self.name, self.software_version, *self.parameter_list()])
+
 
 def save_dataset(ds, path: str | os.PathLike) -> Path:
     """Write ``ds`` as a DICOM file (with its file meta) to ``path`` atomically."""
@@ -120,6 +125,8 @@ def patient_orientation(ds) -> tuple[str, str] | None:
 
 
 def _pixel_spacing(ds) -> tuple[float, float] | None:
+    """The source's pixel spacing (row, column) in mm; None when absent or invalid (a value not a
+    positive finite number, e.g. the ``0\\0`` some CR write): never copied into a result."""
     ps = ds.get("PixelSpacing")
     if ps is None:
         try:
@@ -128,7 +135,26 @@ def _pixel_spacing(ds) -> tuple[float, float] | None:
             ps = None
     if ps is None or len(ps) != 2:
         return None
-    return float(ps[0]), float(ps[1])
+    try:
+        out = float(ps[0]), float(ps[1])
+    except (TypeError, ValueError):
+        return None
+    return out if all(np.isfinite(v) and v > 0 for v in out) else None
+
+
+def _without_invalid_geometry(ds):
+    """``ds``, or a copy without its ``PixelSpacing`` when that is invalid (highdicom copies the source's
+    spacing into a SEG); ``ds`` itself is left as it is."""
+    from pydicom.dataset import Dataset
+
+    if "PixelSpacing" not in ds or _pixel_spacing(ds) is not None:
+        return ds
+    clean = Dataset()
+    clean.file_meta = ds.file_meta
+    for elem in ds.elements():
+        if elem.tag != 0x00280030:  # PixelSpacing
+            clean[elem.tag] = elem
+    return clean
 
 
 def make_sc(
@@ -351,7 +377,7 @@ def make_seg(
     from pydicom.uid import generate_uid
 
     instances = sorted({i for i, _ in slices})
-    sources = [headers[i] for i in instances]
+    sources = [_without_invalid_geometry(headers[i]) for i in instances]
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1:
         frames = np.zeros((int(sources[0].NumberOfFrames), *masks.shape[1:]), dtype=bool)
         for (_, f), m in zip(slices, masks):

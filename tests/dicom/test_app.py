@@ -1,0 +1,155 @@
+"""Scoring a study folder (monai_skipts.dicom.app.score_study) when the study or the output folder is not
+what it should be: an incomplete stack is not scored as a volume and the summary names the file; an
+output folder inside the study, holding another study, or not writable is refused before scoring;
+running again into the same folder leaves no stale file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+pytest.importorskip("highdicom", reason="the dicom extra: pip install -e '.[dicom]'")
+
+
+@pytest.fixture(scope="module")
+def predictor(dicom_checkpoint):
+    from monai_skipts.inference import AnomalyPredictor
+
+    return AnomalyPredictor(dicom_checkpoint, device="cpu")
+
+
+def _copy(mixed_study, tmp_path, name="study"):
+    root = tmp_path / name
+    shutil.copytree(mixed_study, root)
+    return root
+
+
+def test_incomplete_stack_is_not_scored_and_the_summary_names_the_file(
+    predictor, mixed_study, tmp_path, one_thread, caplog
+):
+    from monai_skipts.dicom import score_study
+
+    root = _copy(mixed_study, tmp_path)
+    (root / "ct" / "17136.dcm").write_bytes(b"")
+    raw = (root / "ct" / "17166.dcm").read_bytes()
+    (root / "ct" / "17166.dcm").write_bytes(raw[:2500])  # cut inside the header, after the series UID
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="monai_skipts.dicom"):
+        summary = score_study(predictor, root, out)
+    assert sorted(s["modality"] for s in summary["series"]) == ["CR", "MR"]  # the CT volume is not scored
+    (error,) = summary["errors"]
+    assert error["series"] == "series-001-CT" and error["reason"].startswith("incomplete: 2 file(s)")
+    assert "ct/17136.dcm: empty file (0 bytes)" in error["reason"]
+    assert "ct/17166.dcm: no pixel data" in error["reason"]
+    assert summary["unreadable"] == [{"file": "ct/17136.dcm", "reason": "empty file (0 bytes)"}]
+    assert summary["complete"] is False
+    assert json.loads((out / "dicom_results.json").read_text())["errors"] == summary["errors"]
+    assert not (out / "series-001-CT").exists()
+    logged = caplog.text
+    assert "series-001-CT: not scored: incomplete" in logged and "ct/17166.dcm" in logged
+
+
+def test_stack_that_is_no_volume_is_noted_in_the_summary(predictor, mixed_study, tmp_path, one_thread):
+    import pydicom
+
+    from monai_skipts.dicom import score_study
+
+    root = _copy(mixed_study, tmp_path)
+    a, b = sorted((root / "ct").glob("*.dcm"))[:2]
+    ds = pydicom.dcmread(b)
+    ds.ImagePositionPatient = pydicom.dcmread(a).ImagePositionPatient
+    ds.save_as(b, enforce_file_format=True)
+    summary = score_study(predictor, root, tmp_path / "out")
+    ct = next(s for s in summary["series"] if s["modality"] == "CT")
+    assert [u["kind"] for u in ct["units"]] == ["image"] * 4
+    assert ct["notes"][0].startswith("not scored as one volume: 2 or more instances share a slice position")
+
+
+def test_output_in_the_study_folder_is_refused_and_a_second_run_skips_copied_results(
+    predictor, mixed_study, tmp_path, one_thread
+):
+    from monai_skipts.dicom import score_study
+    from monai_skipts.utils import InputDataError
+
+    root = _copy(mixed_study, tmp_path)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for output in (root, root / "results"):
+        with pytest.raises(InputDataError, match="the output folder (is the study folder|is inside the study folder)"):
+            score_study(predictor, root, output)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before, "something was written into the study"
+    # results copied into the study by hand: the second run does not score them as patient images
+    first = score_study(predictor, root, tmp_path / "out1")
+    shutil.copytree(tmp_path / "out1", root / "results")
+    second = score_study(predictor, root, tmp_path / "out2")
+    assert second["series"] == []
+    assert [a["series"] for a in second["already_scored"]] == [s["series"] for s in first["series"]]
+    assert second["earlier_results"] == 2 * len(first["series"])  # an SC and an SR series each
+
+
+def test_output_folder_of_another_study_or_other_files_is_refused(
+    predictor, mixed_study, dicom_study, tmp_path, one_thread
+):
+    from monai_skipts.dicom import score_study
+    from monai_skipts.utils import InputDataError
+
+    out = tmp_path / "out"
+    score_study(predictor, mixed_study, out)
+    with pytest.raises(InputDataError, match="holds the results of another study"):
+        score_study(predictor, dicom_study, out)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine\n")
+    with pytest.raises(InputDataError, match=r"holds 1 files this app did not write \(e.g. notes.txt\)"):
+        score_study(predictor, mixed_study, tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine\n"
+
+
+def test_second_run_into_the_same_output_leaves_no_stale_file(predictor, mixed_study, tmp_path, one_thread):
+    from monai_skipts.dicom import score_study
+
+    out = tmp_path / "out"
+    first = score_study(predictor, mixed_study, out, seg=True)
+    assert any("SEG" in f for f in first["files"])
+    second = score_study(predictor, mixed_study, out, seg=False)
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.dcm"))
+    assert on_disk == sorted(second["files"]) and not any("SEG" in f for f in on_disk)
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """An existing folder nobody can write into: mode 0o555, and the immutable attribute where the tests
+    run as root (root ignores the mode)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if os.geteuid() == 0:
+        chattr = shutil.which("chattr")
+        immutable = chattr is not None and subprocess.run([chattr, "+i", str(folder)]).returncode == 0
+    try:
+        (folder / "probe").write_bytes(b"")
+    except OSError:
+        pass
+    else:
+        pytest.skip("cannot make a folder unwritable here (root without chattr +i)")
+    yield folder
+    if immutable:
+        subprocess.run([shutil.which("chattr"), "-i", str(folder)])
+    folder.chmod(0o755)
+
+
+def test_unwritable_output_is_refused_before_scoring_naming_the_folder(predictor, mixed_study, unwritable_folder):
+    import time
+
+    from monai_skipts.dicom import score_study
+
+    t = time.perf_counter()
+    with pytest.raises(OSError) as e:
+        score_study(predictor, mixed_study, unwritable_folder)
+    message = str(e.value)
+    assert f"the output folder {unwritable_folder} is not writable" in message
+    assert ".tmp" not in message
+    assert time.perf_counter() - t < 3.0, "the folder was found unwritable only after scoring"
