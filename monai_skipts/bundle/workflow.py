@@ -484,7 +484,9 @@ def metrics_extras(
     Args:
         split: the run's split (:func:`build_split`); its ``report["counts"]`` goes under ``"split"``.
         calibrator: a :class:`~monai_skipts.handlers.ThresholdCalibrator`; its ``record`` (value,
-            target FPR, normals, method) goes under ``"calibration"``.
+            target FPR, normals, method, FPR expected and bound) goes under ``"calibration"``, and its
+            ``fpr_expected``, ``fpr_bound`` and ``n_normals`` also as ``calibration_<key>`` (numbers the
+            MLflow handler logs as metrics).
         network: the evaluated model; its teacher goes under ``"teacher"``.
         checkpoint: the evaluated checkpoint, recorded as an absolute path under ``"checkpoint"``.
         fields: more entries as they are (``teacher=..., epochs=..., seed=...``).
@@ -504,7 +506,10 @@ def metrics_extras(
         out["split"] = (split.get("report") or {}).get("counts")
         out.update(fields)
         if calibrator is not None:
-            out["calibration"] = calibrator.record
+            out["calibration"] = rec = calibrator.record
+            for key in ("fpr_expected", "fpr_bound", "n_normals"):  # flat numbers: MLflow metrics
+                if isinstance(rec, Mapping) and rec.get(key) is not None:
+                    out[f"calibration_{key}"] = rec[key]
         return out
 
     return extras
