@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -183,3 +185,15 @@ def test_demo_bundle_calibrates_on_cross_fitted_out_of_fold_scores(tmp_path, mon
     logged = "".join(capfd.readouterr())  # the bundle's logging.conf logs to the console
     assert f"from {len(rows)} out-of-fold training normals (2 folds)" in logged
     assert "with 90 % confidence" in logged
+    # benchmarks/calibration.py prints the cross-fitted rows beside the validation-normal methods
+    done = subprocess.run(
+        [sys.executable, "benchmarks/calibration.py", str(out), "--out", str(tmp_path / "calibration.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"lognormal", "cross_fit/lognormal", "cross_fit/empirical"} <= rows
+    bench = json.loads((tmp_path / "calibration.json").read_text())["0.05"]
+    assert bench["cross_fit/lognormal"]["datasets"]["mvtec"]["n"] == [len(split["train"])]
