@@ -344,6 +344,8 @@ class CrossFitScorer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.records: list[dict[str, Any]] = []
         self.network = None
+        if self.folds >= 2 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ValueError("calibration_folds is not supported in multi-GPU training; train in one process")
         if self.folds >= 2:
             if len(self.data) < self.folds:
                 raise ValueError(f"calibration_folds={self.folds} needs at least {self.folds} training normals")

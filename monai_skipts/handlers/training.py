@@ -9,6 +9,7 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -274,9 +275,14 @@ class ThresholdCalibrator:
         pixel_handler: a :class:`~monai_skipts.calibration.PixelThresholdHandler` attached to the
             validation evaluator: the pixel threshold at ``pixel_fpr`` goes under ``record["pixel"]``
             (``pixel_threshold`` attribute).
-        volume_slices: slices per judged volume: a volume threshold from the validation slices with
-            the Šidák correction goes under ``record["volume"]`` (``volume_threshold`` attribute);
-            ``None``: none (:func:`~monai_skipts.calibration.volume_threshold`).
+        val_data: the validation datalist; when its items carry ``volume_id`` (slices of volumes,
+            e.g. LGG's patients), the calibration slices are aggregated into volume scores as served
+            (``volume_aggregation``) and the volume threshold is calibrated on them (``record["volume"]``,
+            ``volume_threshold`` attribute; with cross-fitting, the training items' ``volume_id``).
+        volume_slices: without volume ids: slices per judged volume, for a volume threshold from the
+            slices with the Šidák correction; ``None``: none
+            (:func:`~monai_skipts.calibration.volume_threshold`).
+        volume_aggregation: the serving aggregation of slice scores (``"max"``, ``"mean"``, ``"topk"``).
 
     The record also states the threshold's uncertainty (:func:`~monai_skipts.calibration.threshold_record`:
     ``fpr_expected``, ``fpr_bound`` at ``fpr_bound_confidence``, ``n_normals_needed``); the training log
@@ -302,11 +308,14 @@ class ThresholdCalibrator:
         pixel_handler: Any = None,
         pixel_fpr: float = DEFAULT_PIXEL_FPR,
         volume_slices: int | None = None,
+        val_data: Sequence[Mapping[str, Any]] | None = None,
+        volume_aggregation: str = "max",
     ):
         self.evaluator, self.score_handler, self.network, self.trainer = evaluator, score_handler, network, trainer
         self.method = method
         self.cross_fit, self.pixel_handler, self.pixel_fpr = cross_fit, pixel_handler, float(pixel_fpr)
         self.volume_slices = None if volume_slices in (None, 0) else int(volume_slices)
+        self.val_data, self.volume_aggregation = val_data, volume_aggregation
         self.pixel_threshold: float | None = None
         self.volume_threshold: float | None = None
         self.output_dir, self.target_fpr, self.extra, self.filename = (
@@ -360,10 +369,24 @@ class ThresholdCalibrator:
         if self.pixel_handler is not None and (pix := self.pixel_handler.record(self.pixel_fpr)) is not None:
             self.record["pixel"] = pix
             self.pixel_threshold = pix["value"]
-        if self.volume_slices is not None:
+        if oof is not None:
+            ids, cal = [r["id"] for r in self.cross_fit.records], oof
+            items = self.cross_fit.data
+        else:
+            ids, cal, items = [r.get("id") for r in self.score_handler.records], scores, self.val_data or []
+        volume_of = {str(it.get("id")): it["volume_id"] for it in items if it.get("volume_id") is not None}
+        vol = None
+        if volume_of and all(str(i) in volume_of for i in ids):
             vol = volume_threshold(
-                oof if oof is not None else scores, self.target_fpr, self.method, n_slices=self.volume_slices
+                cal,
+                self.target_fpr,
+                self.method,
+                volume_ids=[volume_of[str(i)] for i in ids],
+                aggregation=self.volume_aggregation,
             )
+        elif self.volume_slices is not None:
+            vol = volume_threshold(cal, self.target_fpr, self.method, n_slices=self.volume_slices)
+        if vol is not None:
             self.record["volume"] = vol
             self.volume_threshold = vol["value"]
         logger.info(
