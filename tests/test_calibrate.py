@@ -110,3 +110,15 @@ def test_a_datalist_with_abnormal_items_is_refused(trained, site, tmp_path):
     datalist.write_text(json.dumps([{"image": str(f), "label": int(i == 3)} for i, f in enumerate(files)]))
     with pytest.raises(RecalibrationError, match="site.json: 1 items are labelled abnormal"):
         recalibrate(trained / "model.pt", datalist, tmp_path / "out.pt", device="cpu")
+
+
+def test_bundle_config_merged_over_the_inference_bundle_recalibrates(trained, site, tmp_path):
+    out = tmp_path / "site_model.pt"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
+    cmd += ["['bundles/demo/inference.json','bundles/common/calibrate.json']", "--output_dir", str(trained)]
+    cmd += ["--site_normals", str(site / "cal"), "--site_model", str(out), "--device_name", "cpu"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rec = load_checkpoint(out)["threshold"]
+    assert rec["source"] == "site" and rec["n_normals"] == 30 and rec["site_normals"] == str(site / "cal")
+    assert rec["target_fpr"] == load_checkpoint(trained / "model.pt")["threshold"]["target_fpr"]

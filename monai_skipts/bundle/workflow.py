@@ -175,6 +175,8 @@ class TrainedModel:
         score_scale: the validation normals' score standard deviation (for the normalised score).
         spec: the preprocessing the model was trained with, ``{"modality", "spatial_size", "window",
             "mri_norm"}`` (:func:`~monai_skipts.transforms.preprocessing_spec`).
+        pixel_threshold: the calibrated map threshold of the outlines (``threshold["pixel"]["value"]``),
+            ``None`` when the checkpoint has none.
     """
 
     network: torch.nn.Module
@@ -182,6 +184,7 @@ class TrainedModel:
     threshold: float | None
     score_scale: float | None
     spec: dict[str, Any]
+    pixel_threshold: float | None = None
 
     @property
     def teacher(self) -> str:
@@ -234,7 +237,12 @@ def load_trained_model(
     if not spec["modality"]:
         raise ValueError(f"{checkpoint}: the checkpoint records no modality; pass --modality <preset name>")
     return TrainedModel(
-        network=network, checkpoint=ckpt, threshold=thr.get("value"), score_scale=thr.get("scale"), spec=spec
+        network=network,
+        checkpoint=ckpt,
+        threshold=thr.get("value"),
+        score_scale=thr.get("scale"),
+        spec=spec,
+        pixel_threshold=(thr.get("pixel") or {}).get("value"),
     )
 
 
