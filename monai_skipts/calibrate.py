@@ -145,6 +145,8 @@ def recalibrate(
             a datalist, or the written weights differing from the input's.
         InputDataError: a normal image that cannot be scored (named).
     """
+    if normals is None:
+        raise RecalibrationError("no site normals given: --normals (bundle: --site_normals) <folder or datalist>")
     src, dst = Path(checkpoint), Path(out)
     if dst.exists() and dst.resolve() == src.resolve():
         raise RecalibrationError(f"{dst}: --out is the input checkpoint; write the site model to another file")
