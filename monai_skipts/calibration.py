@@ -49,7 +49,10 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data import DataLoader, Dataset
 
+from monai_skipts.bundle.workflow import seeded_generator, training_prepare_batch
+from monai_skipts.engines import LevelStatsFitter, SkipTSEvaluator, SkipTSTrainer, build_optimizer
 from monai_skipts.metrics import CALIBRATION_METHODS, MIN_PARAMETRIC_NORMALS, calibrate_threshold
 from monai_skipts.transforms.volume import aggregate_volume_scores
 from monai_skipts.utils import atomic_write_text
@@ -374,11 +377,6 @@ class CrossFitScorer:
         return [{"id": r["id"], "fold": int(r["fold"]), "score": float(r["score"])} for r in rows]
 
     def _train_and_score(self, train: list, held_out: list, k: int) -> list[float]:
-        from monai.data import DataLoader, Dataset
-
-        from monai_skipts.bundle.workflow import seeded_generator, training_prepare_batch
-        from monai_skipts.engines import LevelStatsFitter, SkipTSEvaluator, SkipTSTrainer, build_optimizer
-
         net = copy.deepcopy(self.network)
         loader = DataLoader(
             Dataset(train, self.transform),
