@@ -12,7 +12,12 @@ and everything else are copied unchanged, which is checked by hash on the writte
 Command line::
 
     python -m monai_skipts.calibrate --checkpoint runs/headct/model.pt --normals site_normals/ \\
-        --out site_model.pt --target_fpr 0.05
+        --out site_model.pt --target_fpr 0.05 [--register skipts-headct --alias site-a \\
+        --tracking_uri sqlite:///runs/headct/mlruns.db]
+
+``--register NAME`` logs the site model as a new version of the registered model ``NAME``
+(:func:`~monai_skipts.registry.log_and_register`) with its own ``--alias`` (default ``site``), the
+threshold record as metrics (``calibration/fpr_bound``, ...) and the tag ``calibration=site``.
 """
 
 from __future__ import annotations
@@ -256,10 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--volume_axis", type=int, default=2)
     p.add_argument("--volume_aggregation", default="max", choices=("max", "mean", "topk"))
+    p.add_argument("--register", default=None, metavar="NAME", help="register the site model as a version of NAME")
+    p.add_argument("--alias", default="site", help="the registered version's alias (e.g. site-<name>)")
+    p.add_argument("--tracking_uri", default=None, help="MLflow store, e.g. sqlite:///runs/x/mlruns.db")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        recalibrate(
+        record = recalibrate(
             a.checkpoint,
             a.normals,
             a.out,
@@ -276,6 +284,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecalibrationError, InputDataError) as e:
         print(f"monai_skipts.calibrate: refused: {e}", file=sys.stderr)
         return 2
+    if a.register:
+        from monai_skipts.registry import log_and_register
+
+        info = log_and_register(
+            a.out,
+            name=a.register,
+            alias=a.alias,
+            tracking_uri=a.tracking_uri,
+            volume_aggregation=a.volume_aggregation,
+            metrics={"calibration": record},
+            teacher_weights=a.teacher_weights,
+            run_name=f"calibrate-{a.alias}",
+            tags={"calibration": "site", "site_normals": str(a.normals)},
+            backend=a.backend,
+        )
+        logger.info("registered %s (version %s)", info["model_uri"], info["version"])
     return 0
 
 

@@ -57,6 +57,8 @@ def test_site_recalibration_moves_the_observed_fpr_toward_the_target(trained, si
     before = _observed_fpr(model, site / "test")
     cmd = [sys.executable, "-m", "monai_skipts.calibrate", "--checkpoint", str(model), "--normals", str(site / "cal")]
     cmd += ["--out", str(out), "--target_fpr", "0.05", "--device", "cpu"]
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cmd += ["--register", "skipts-demo", "--alias", "site-a", "--tracking_uri", uri]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     after = _observed_fpr(out, site / "test")
@@ -71,6 +73,14 @@ def test_site_recalibration_moves_the_observed_fpr_toward_the_target(trained, si
     assert rec["weights_sha256"] == weights_sha256(old) == weights_sha256(new)
     assert all(torch.equal(old["student"][k], new["student"][k]) for k in old["student"])
     assert "site normals" in done.stderr and "unchanged" in done.stderr
+    # a new registered version with its own alias, the site threshold and its bound read back from MLflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = client.get_model_version_by_alias("skipts-demo", "site-a")
+    assert mv.tags["calibration"] == "site" and float(mv.tags["threshold"]) == rec["value"]
+    metrics = client.get_run(mv.run_id).data.metrics
+    assert metrics["calibration/fpr_bound"] == pytest.approx(rec["fpr_bound"]) and metrics["threshold"] == rec["value"]
 
 
 def test_too_few_site_normals_are_refused_with_the_count_needed(trained, site, tmp_path):
