@@ -106,6 +106,10 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         "val_interval": 10,
         "target_fpr": 0.05,
         "calibration": "lognormal",
+        # K > 1: the threshold from the out-of-fold scores of K students on K folds of the training
+        # normals (monai_skipts.calibration.CrossFitScorer; costs K trainings); 0: the validation normals
+        "calibration_folds": 0,
+        "pixel_fpr": 0.005,  # share of normal pixels at or above the outline (pixel) threshold
         "device_name": "auto",
         "amp": True,
         "cache_teacher": True,

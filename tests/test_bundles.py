@@ -239,6 +239,10 @@ def test_demo_bundle_with_mlflow_read_back_from_sqlite(tmp_path):
     assert "test_auroc" in run.data.metrics and "val_mean_score" in run.data.metrics
     # the phantom has lesion masks: the localisation metrics reach MLflow next to the image AUROC
     assert {"test_pixel_auroc", "test_aupro", "test_dice", "test_dice_best", "test_hit_rate"} <= set(run.data.metrics)
+    # the threshold's uncertainty: the FPR it promises with 90 % confidence, and the expected FPR
+    threshold = json.loads((out / "threshold.json").read_text())
+    assert run.data.metrics["test_calibration_fpr_bound"] == pytest.approx(threshold["fpr_bound"])
+    assert run.data.metrics["test_calibration_fpr_expected"] == pytest.approx(threshold["fpr_expected"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "scores.csv", "split.json", "roc.png", "score_distribution.png", "heatmaps"} <= arts
     assert any(a.path.startswith("heatmaps/") for a in client.list_artifacts(run.info.run_id, "heatmaps"))

@@ -226,3 +226,18 @@ def test_training_maps_never_overwrite_each_other(tmp_path):
     _run(tmp_path, [_batch(ids, [0.2, 0.7, 0.4, 1.3], [0, 1, 0, 1])], 1, T)
     maps = sorted(p.relative_to(tmp_path / "maps").as_posix() for p in (tmp_path / "maps").rglob("*.map.png"))
     assert maps == ["a/b.png.map.png", "a_b.png.map.png", "img.jpg.map.png", "img.png.map.png"]
+
+
+def test_the_white_outline_follows_the_pixel_threshold_when_given(tmp_path):
+    amap = np.tile(np.linspace(0.0, 1.0, 128), (96, 1))  # rises left to right
+    img = np.zeros((96, 128, 3), np.uint8)
+
+    def outline_columns(**kw):
+        panel, lay = heatmap_panel(img, amap, vmax=1.0, alpha=1.0, return_layout=True, **kw)
+        over = _box(_roundtrip(panel, tmp_path), lay["overlay"])
+        return np.nonzero((over[48] == 255).all(-1))[0]  # white pixels of the middle row
+
+    image_outline = outline_columns(threshold=0.9)
+    pixel_outline = outline_columns(threshold=0.9, outline_threshold=0.5)
+    assert image_outline.min() == int(np.argmax(amap[0] >= 0.9))  # the outline's inner edge at map >= 0.9
+    assert pixel_outline.min() == int(np.argmax(amap[0] >= 0.5))  # ...and at map >= the pixel threshold

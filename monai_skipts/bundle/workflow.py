@@ -175,6 +175,8 @@ class TrainedModel:
         score_scale: the validation normals' score standard deviation (for the normalised score).
         spec: the preprocessing the model was trained with, ``{"modality", "spatial_size", "window",
             "mri_norm"}`` (:func:`~monai_skipts.transforms.preprocessing_spec`).
+        pixel_threshold: the calibrated map threshold of the outlines (``threshold["pixel"]["value"]``),
+            ``None`` when the checkpoint has none.
     """
 
     network: torch.nn.Module
@@ -182,6 +184,7 @@ class TrainedModel:
     threshold: float | None
     score_scale: float | None
     spec: dict[str, Any]
+    pixel_threshold: float | None = None
 
     @property
     def teacher(self) -> str:
@@ -234,7 +237,12 @@ def load_trained_model(
     if not spec["modality"]:
         raise ValueError(f"{checkpoint}: the checkpoint records no modality; pass --modality <preset name>")
     return TrainedModel(
-        network=network, checkpoint=ckpt, threshold=thr.get("value"), score_scale=thr.get("scale"), spec=spec
+        network=network,
+        checkpoint=ckpt,
+        threshold=thr.get("value"),
+        score_scale=thr.get("scale"),
+        spec=spec,
+        pixel_threshold=(thr.get("pixel") or {}).get("value"),
     )
 
 
@@ -484,7 +492,9 @@ def metrics_extras(
     Args:
         split: the run's split (:func:`build_split`); its ``report["counts"]`` goes under ``"split"``.
         calibrator: a :class:`~monai_skipts.handlers.ThresholdCalibrator`; its ``record`` (value,
-            target FPR, normals, method) goes under ``"calibration"``.
+            target FPR, normals, method, FPR expected and bound) goes under ``"calibration"``, and its
+            ``fpr_expected``, ``fpr_bound`` and ``n_normals`` also as ``calibration_<key>`` (numbers the
+            MLflow handler logs as metrics).
         network: the evaluated model; its teacher goes under ``"teacher"``.
         checkpoint: the evaluated checkpoint, recorded as an absolute path under ``"checkpoint"``.
         fields: more entries as they are (``teacher=..., epochs=..., seed=...``).
@@ -504,7 +514,10 @@ def metrics_extras(
         out["split"] = (split.get("report") or {}).get("counts")
         out.update(fields)
         if calibrator is not None:
-            out["calibration"] = calibrator.record
+            out["calibration"] = rec = calibrator.record
+            for key in ("fpr_expected", "fpr_bound", "n_normals"):  # flat numbers: MLflow metrics
+                if isinstance(rec, Mapping) and rec.get(key) is not None:
+                    out[f"calibration_{key}"] = rec[key]
         return out
 
     return extras

@@ -192,6 +192,7 @@ def heatmap_panel(
     mask: np.ndarray | None = None,
     alpha: float = 0.45,
     return_layout: bool = False,
+    outline_threshold: float | None = None,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, tuple[int, int, int, int]]]:
     """A panel a clinician can read, at the map's full resolution: a text header above, then the
     image, the overlay, and a vertical colour bar, side by side.
@@ -223,6 +224,8 @@ def heatmap_panel(
         alpha: opacity of the coloured map in the overlay.
         return_layout: also return the boxes ``{"header", "image", "overlay", "colorbar"}`` as
             ``(top, left, height, width)`` in panel pixels.
+        outline_threshold: the map value the white outline is drawn at: the calibrated pixel
+            threshold (:func:`~monai_skipts.calibration.pixel_threshold`); ``None``: ``threshold``.
 
     Returns:
         uint8 RGB array (H_panel, W_panel, 3), with ``H_panel > H`` and ``W_panel > 2 W``; and the
@@ -246,8 +249,9 @@ def heatmap_panel(
 
     # outlines, then the peak marker on top
     width = 1 if min(h, w) < 192 else 2
-    if threshold is not None:
-        over[_inner_contour(amap >= threshold, width)] = THRESHOLD_CONTOUR_RGB
+    outline = threshold if outline_threshold is None else float(outline_threshold)
+    if outline is not None:
+        over[_inner_contour(amap >= outline, width)] = THRESHOLD_CONTOUR_RGB
     if mask is not None:
         mask = np.asarray(mask).astype(bool)
         if mask.shape != (h, w):
@@ -305,10 +309,10 @@ def heatmap_panel(
     if verdict:
         header += [(ln, _RED if anomalous else _FG) for ln in _pack(probe, verdict, font, text_w)]
     legend = ["+ map maximum"]
-    if threshold is not None:
-        legend.insert(0, "white: map >= threshold")
+    if outline is not None:
+        legend.insert(0, "white: map >= " + ("threshold" if outline_threshold is None else "pixel threshold"))
     if mask is not None:
-        legend.insert(1 if threshold is not None else 0, "green: lesion")
+        legend.insert(1 if outline is not None else 0, "green: lesion")
     header += [(ln, _FG) for ln in _pack(probe, legend, font, text_w)]
 
     header_h = pad + line_h * len(header)
@@ -412,6 +416,8 @@ class AnomalyPlotsHandler:
         score_scale: :func:`~monai_skipts.metrics.normalize_score` scale or a callable returning it
             (``None``: the score handler's ``scale``, else derived, see above).
         alpha: opacity of the coloured map in the overlays.
+        outline_threshold: the pixel threshold of the white outline, or a callable returning it
+            (``None``: the decision threshold; see :func:`heatmap_panel`).
     """
 
     def __init__(
@@ -423,9 +429,11 @@ class AnomalyPlotsHandler:
         save_maps: bool = True,
         score_scale: float | Callable | None = None,
         alpha: float = 0.45,
+        outline_threshold: float | Callable | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.score_handler = score_handler
+        self._outline_threshold = outline_threshold
         self._threshold = threshold
         self._scale = score_scale
         self.n_samples, self.save_maps = int(n_samples), bool(save_maps)
@@ -580,6 +588,7 @@ class AnomalyPlotsHandler:
                         mask=it["mask"],
                         alpha=self.alpha,
                         return_layout=True,
+                        outline_threshold=_resolve(self._outline_threshold),
                     )
                     path = self.output_dir / "heatmaps" / f"{group}_{rank:0{width}d}_{safe_name(it['id'])}.png"
                     _save_png(path, arr, {"skipts_layout": json.dumps(layout)})

@@ -39,13 +39,16 @@ class AnomalyScoreHandler:
     :func:`~monai_skipts.metrics.report_metrics` value (``auroc``, ``aupr``, ``youden_threshold_on_test``
     and ``<k>_at_youden``; with a decision threshold ``decision_threshold`` and ``<k>_at_decision``);
     with masks: ``pixel_auroc``, ``aupro``, ``dice_best`` (at the best threshold of the data: an upper
-    bound), ``dice`` (at the decision threshold) and ``hit_rate`` (see :func:`~monai_skipts.metrics.pixel_metrics`).
+    bound), ``dice`` (at the pixel threshold when one is given, else at the decision threshold;
+    ``dice_threshold`` and ``dice_threshold_kind`` say which) and ``hit_rate`` (see :func:`~monai_skipts.metrics.pixel_metrics`).
 
     Args:
         output_dir: where to write ``scores.csv`` and ``metrics.json`` (``None``: write nothing).
         threshold: decision threshold, or a callable returning it (``None``: no decision), e.g. the
             calibrator's ``lambda: calibrator.threshold``.
         score_scale: scale for the normalised score (``normalize_score``), or a callable.
+        pixel_threshold: the calibrated map threshold for ``dice`` (a float, a callable, or ``None``:
+            ``dice`` at the decision threshold), e.g. the calibrator's ``pixel_threshold``.
         prefix: file-name prefix (``"test_"`` → ``test_scores.csv``).
         pixel_metrics_on: compute pixel metrics when batches carry masks.
         extra_metrics: more key/values (or a callable returning them) for ``metrics.json``.
@@ -63,9 +66,11 @@ class AnomalyScoreHandler:
         pixel_metrics_on: bool = True,
         extra_metrics: dict | Callable[[], dict] | None = None,
         metric_prefix: str = "",
+        pixel_threshold: float | Callable[[], float | None] | None = None,
     ):
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._threshold = threshold
+        self._pixel_threshold = pixel_threshold
         self._scale = score_scale
         self.prefix = prefix
         self.metric_prefix = metric_prefix
@@ -79,6 +84,11 @@ class AnomalyScoreHandler:
     @property
     def threshold(self) -> float | None:
         t = self._threshold() if callable(self._threshold) else self._threshold
+        return None if t is None else float(t)
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        t = self._pixel_threshold() if callable(self._pixel_threshold) else self._pixel_threshold
         return None if t is None else float(t)
 
     @property
@@ -158,7 +168,11 @@ class AnomalyScoreHandler:
             if maps and self.pixel_metrics_on:
                 mk = np.concatenate(masks)
                 if mk.any():
-                    m.update(pixel_metrics(np.concatenate(maps), mk, threshold=t))
+                    pt = self.pixel_threshold
+                    dice_t = pt if pt is not None else t
+                    m.update(pixel_metrics(np.concatenate(maps), mk, threshold=dice_t))
+                    if dice_t is not None:
+                        m.update(dice_threshold=dice_t, dice_threshold_kind="pixel" if pt is not None else "image")
         if self.extra_metrics is not None:
             m.update(self.extra_metrics() if callable(self.extra_metrics) else self.extra_metrics)
         return m

@@ -9,6 +9,7 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from monai_skipts.calibration import DEFAULT_PIXEL_FPR, threshold_record, uncertainty_warning, volume_threshold
+
 from ..checkpoint import CheckpointError, check_teacher, load_checkpoint, save_checkpoint, set_rng_state
 from ..inferers import get_level_stats
-from ..metrics import calibrate_threshold, check_calibration_data
+from ..metrics import check_calibration_data
 from ..utils import atomic_write_json, atomic_write_text, lock_output_dir, remove_stale_temp_files
 
 __all__ = [
@@ -266,6 +269,24 @@ class ThresholdCalibrator:
         extra: plain data stored in the checkpoint (e.g. the bundle's modality and spatial size).
         method: ``"empirical"``, ``"lognormal"`` or ``"gaussian"``
             (:func:`~monai_skipts.metrics.calibrate_threshold`).
+        cross_fit: a :class:`~monai_skipts.calibration.CrossFitScorer`; when enabled, its pooled
+            out-of-fold scores of the training normals calibrate the threshold instead of the
+            validation normals (record ``method`` ``"cross_fit"``, ``estimator`` the ``method``).
+        pixel_handler: a :class:`~monai_skipts.calibration.PixelThresholdHandler` attached to the
+            validation evaluator: the pixel threshold at ``pixel_fpr`` goes under ``record["pixel"]``
+            (``pixel_threshold`` attribute).
+        val_data: the validation datalist; when its items carry ``volume_id`` (slices of volumes,
+            e.g. LGG's patients), the calibration slices are aggregated into volume scores as served
+            (``volume_aggregation``) and the volume threshold is calibrated on them (``record["volume"]``,
+            ``volume_threshold`` attribute; with cross-fitting, the training items' ``volume_id``).
+        volume_slices: without volume ids: slices per judged volume, for a volume threshold from the
+            slices with the Šidák correction; ``None``: none
+            (:func:`~monai_skipts.calibration.volume_threshold`).
+        volume_aggregation: the serving aggregation of slice scores (``"max"``, ``"mean"``, ``"topk"``).
+
+    The record also states the threshold's uncertainty (:func:`~monai_skipts.calibration.threshold_record`:
+    ``fpr_expected``, ``fpr_bound`` at ``fpr_bound_confidence``, ``n_normals_needed``); the training log
+    warns when the bound is above twice the target (:func:`~monai_skipts.calibration.uncertainty_warning`).
 
     ``calibrator()`` runs it (reusing the validation scores when the evaluator last ran at the
     trainer's final epoch, e.g. through ``ValidationHandler``); afterwards ``threshold`` and ``scale`` are set (``scale`` is the
@@ -283,9 +304,20 @@ class ThresholdCalibrator:
         filename: str = "model.pt",
         trainer: Engine | None = None,
         method: str = "empirical",
+        cross_fit: Any = None,
+        pixel_handler: Any = None,
+        pixel_fpr: float = DEFAULT_PIXEL_FPR,
+        volume_slices: int | None = None,
+        val_data: Sequence[Mapping[str, Any]] | None = None,
+        volume_aggregation: str = "max",
     ):
         self.evaluator, self.score_handler, self.network, self.trainer = evaluator, score_handler, network, trainer
         self.method = method
+        self.cross_fit, self.pixel_handler, self.pixel_fpr = cross_fit, pixel_handler, float(pixel_fpr)
+        self.volume_slices = None if volume_slices in (None, 0) else int(volume_slices)
+        self.val_data, self.volume_aggregation = val_data, volume_aggregation
+        self.pixel_threshold: float | None = None
+        self.volume_threshold: float | None = None
         self.output_dir, self.target_fpr, self.extra, self.filename = (
             Path(output_dir),
             float(target_fpr),
@@ -310,7 +342,7 @@ class ThresholdCalibrator:
             inferer=ev.inferer,
             amp=getattr(ev, "amp", False),
             prepare_batch=ev.prepare_batch,
-            val_handlers=[self.score_handler],
+            val_handlers=[self.score_handler] + ([self.pixel_handler] if self.pixel_handler is not None else []),
         ).run()
 
     def __call__(self) -> dict[str, Any]:
@@ -325,22 +357,51 @@ class ThresholdCalibrator:
         scores = np.array([r["score"] for r in self.score_handler.records], dtype=np.float64)
         if scores.size == 0:
             raise ValueError("threshold calibration needs validation normals, but the validation split is empty")
-        self.threshold = float(calibrate_threshold(scores, self.target_fpr, method=self.method))
-        self.scale = float(max(scores.std(), 1e-6))
-        self.record = {
-            "value": self.threshold,
-            "target_fpr": self.target_fpr,
-            "n_normals": int(scores.size),
-            "scale": self.scale,
-            "fpr_on_calibration_set": float((scores >= self.threshold).mean()),
-            "method": self.method,
-        }
+        oof = self.cross_fit() if self.cross_fit is not None else None
+        if oof is not None:
+            self.record = threshold_record(oof, self.target_fpr, "cross_fit", estimator=self.method)
+            self.record.update(n_folds=int(self.cross_fit.folds), n_validation_normals=int(scores.size))
+            source = f"{oof.size} out-of-fold training normals ({self.cross_fit.folds} folds)"
+        else:
+            self.record = threshold_record(scores, self.target_fpr, self.method)
+            source = f"{scores.size} validation normals"
+        self.threshold, self.scale = self.record["value"], self.record["scale"]
+        if self.pixel_handler is not None and (pix := self.pixel_handler.record(self.pixel_fpr)) is not None:
+            self.record["pixel"] = pix
+            self.pixel_threshold = pix["value"]
+        if oof is not None:
+            ids, cal = [r["id"] for r in self.cross_fit.records], oof
+            items = self.cross_fit.data
+        else:
+            ids, cal, items = [r.get("id") for r in self.score_handler.records], scores, self.val_data or []
+        volume_of = {str(it.get("id")): it["volume_id"] for it in items if it.get("volume_id") is not None}
+        vol = None
+        if volume_of and all(str(i) in volume_of for i in ids):
+            vol = volume_threshold(
+                cal,
+                self.target_fpr,
+                self.method,
+                volume_ids=[volume_of[str(i)] for i in ids],
+                aggregation=self.volume_aggregation,
+            )
+        elif self.volume_slices is not None:
+            vol = volume_threshold(cal, self.target_fpr, self.method, n_slices=self.volume_slices)
+        if vol is not None:
+            self.record["volume"] = vol
+            self.volume_threshold = vol["value"]
         logger.info(
-            "decision threshold %.5f at target FPR %.3f from %d validation normals",
+            "decision threshold %.5f at target FPR %.3f from %s (%s); false-positive rate expected %.3f, "
+            "at most %.3f with %g %% confidence",
             self.threshold,
             self.target_fpr,
-            scores.size,
+            source,
+            self.method,
+            self.record["fpr_expected"],
+            self.record["fpr_bound"],
+            100 * self.record["fpr_bound_confidence"],
         )
+        if (msg := uncertainty_warning(self.record)) is not None:
+            logger.warning(msg)
         if _is_rank0():
             save_checkpoint(
                 self.output_dir / self.filename,
