@@ -17,7 +17,7 @@ import pytest
 from monai_skipts.data import DATASETS, LAYOUTS, get_dataset
 from monai_skipts.transforms import PRESETS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLED = {p.bundle: p for p in DATASETS.values() if p.bundle}
 PAPER = [p for p in DATASETS.values() if p.paper_auroc is not None]
 
