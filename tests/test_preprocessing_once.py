@@ -1,4 +1,4 @@
-"""Issue 14 item 3: the preprocessing is defined once. For real files (a PNG, a DICOM, a NIfTI slice)
+"""The preprocessing is defined once. For real files (a PNG, a DICOM, a NIfTI slice)
 every path gives the same tensor (``torch.equal``):
 
 - training: the bundle's ``train.json`` (``%transforms/<preset>.json#preprocessing``, parsed with
@@ -11,7 +11,7 @@ every path gives the same tensor (``torch.equal``):
 - the export: the chain :func:`~monai_skipts.export.export_preprocessing` builds from a TorchScript
   export's embedded metadata;
 - MONAI Label: the scorer of :class:`~monai_skipts.label.infer.SkipTSAnomalyInfer`'s pipeline
-  (``AnomalyScorer``: the same predictor), from its loader.
+  (:class:`~monai_skipts.inference.AnomalyPredictor`), from its loader.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 14 item 2, "logic out of JSON": the bundle configs keep wiring, the logic they call lives in
+"""Logic out of JSON: the bundle configs keep wiring, the logic they call lives in
 ``monai_skipts.bundle`` (named, documented, tested here with real components on small data written
 to ``tmp_path``), and the bundles do not depend on the working directory."""
 

@@ -1,4 +1,4 @@
-"""One table of datasets (issue 14, item 1): ``monai_skipts.data.DATASETS`` declares each dataset's
+"""One table of datasets: ``monai_skipts.data.DATASETS`` declares each dataset's
 layout, modality preset, Table I split, paper AUROC and display name once; the bundles, their
 READMEs, the top-level README and the benchmark scripts must agree with it. Each test here fails when
 one of those places is edited alone."""

@@ -219,7 +219,7 @@ def test_handler_without_threshold_uses_the_largest_score_as_vmax(tmp_path):
 
 
 def test_training_maps_never_overwrite_each_other(tmp_path):
-    """Issue 13 item 1 for the training/evaluation handler: ids that the old name-squashing mapped to one
+    """For the training/evaluation handler: ids that the old name-squashing mapped to one
     file (``a/b.png`` and ``a_b.png``; ``img.png`` and ``img.jpg``) get one map each, named as inference
     names them (relative folders and whole file name kept)."""
     ids = ["a/b.png", "a_b.png", "img.png", "img.jpg"]
