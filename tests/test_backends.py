@@ -154,7 +154,7 @@ def test_bundle_run_with_onnxruntime_backend(tmp_path, checkpoint):
             "monai.bundle",
             "run",
             "--config_file",
-            str(REPO / "bundles/demo/inference.json"),
+            str([str(REPO / "bundles/demo/train.json"), str(REPO / "bundles/demo/inference.json")]),
             "--checkpoint",
             str(ckpt),
             "--input",

@@ -202,14 +202,17 @@ def test_command_line_and_bundle_exit_non_zero_and_write_errors_csv(tmp_path, ch
     shutil.copy(checkpoint, run_dir / "model.pt")
     with pytest.raises(Exception) as e:  # monai.bundle run exits non-zero on it
         bundle_run(
-            config_file="bundles/demo/inference.json", output_dir=str(run_dir), input=str(inp), device_name="cpu"
+            config_file=["bundles/demo/train.json", "bundles/demo/inference.json"],
+            output_dir=str(run_dir),
+            input=str(inp),
+            device_name="cpu",
         )
     assert "InferenceIncompleteError" in _chain(e.value) and "2 of 7" in _chain(e.value)
     assert len(_rows(run_dir / "inference" / "predictions.csv")) == 5
     assert len(_rows(run_dir / "inference" / "errors.csv")) == 2
     with pytest.raises(Exception) as e:
         bundle_run(
-            config_file="bundles/demo/inference.json",
+            config_file=["bundles/demo/train.json", "bundles/demo/inference.json"],
             output_dir=str(run_dir),
             input=str(inp),
             device_name="cpu",
@@ -263,7 +266,7 @@ def test_pixel_limit_refuses_large_pictures_and_dicom_before_decoding(tmp_path, 
     shutil.copy(checkpoint, tmp_path / "model.pt")
     with pytest.raises(Exception) as e:
         bundle_run(
-            config_file="bundles/demo/inference.json",
+            config_file=["bundles/demo/train.json", "bundles/demo/inference.json"],
             output_dir=str(tmp_path),
             input=str(tmp_path / "in"),
             device_name="cpu",

@@ -77,7 +77,8 @@ def _plain(x) -> torch.Tensor:
 def _bundle_item(bundle: str, config: str, item_id: str, monkeypatch, **overrides):
     monkeypatch.chdir(REPO)  # the %transforms/... macros resolve against the working directory
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / bundle / config))
+    files = ["train.json"] + ([config] if config != "train.json" else [])  # evaluate/inference: overrides
+    parser.read_config([str(REPO / "bundles" / bundle / f) for f in files])
     for k, v in {"spatial_size": SIZE, **overrides}.items():
         parser[k] = v
     return parser.get_parsed_content(item_id)

@@ -257,7 +257,7 @@ def test_bundle_config_writes_the_same_results(dicom_study, dicom_checkpoint, re
 
     out = tmp_path / "bundle"
     run(
-        config_file=[str(REPO / "bundles/demo/inference.json"), str(REPO / "bundles/common/dicom_app.json")],
+        config_file=[str(REPO / f"bundles/{f}.json") for f in ("demo/train", "demo/inference", "common/dicom_app")],
         checkpoint=str(dicom_checkpoint),
         study_dir=str(dicom_study),
         dicom_output=str(out),
