@@ -48,6 +48,12 @@ def test_relative_links_and_cited_files_exist(doc):
         assert found, f"{doc.name}: cites {cited}, not in the repository"
 
 
+def test_readme_links_the_docs():
+    links = _relative_links(README)
+    for doc in ("docs/usage.md", "docs/results.md", "docs/design.md", "docs/operating_in_a_hospital.md"):
+        assert doc in links, doc
+
+
 COMMANDS = shell_commands(README)
 
 
