@@ -134,7 +134,9 @@ def test_unknown_override_refused(config, typo, meant, tmp_path):
     r = _bundle(
         "run",
         "--config_file",
-        f"bundles/brainmri/{config}.json",
+        "bundles/brainmri/train.json"
+        if config == "train"
+        else f"['bundles/brainmri/train.json','bundles/brainmri/{config}.json']",
         "--output_dir",
         str(out),
         "--dataset_dir",
@@ -339,3 +341,19 @@ def test_metrics_say_which_threshold_they_belong_to(tiny_run):
     want = {"test_decision_threshold", "test_tp_at_decision", "test_youden_threshold_on_test", "test_tp_at_youden"}
     assert want <= logged
     assert "test_threshold" not in logged and "test_tp" not in logged
+
+
+def test_an_override_without_its_train_json_is_refused_with_the_command_that_works(monkeypatch):
+    """``evaluate.json`` and ``inference.json`` are merged over ``train.json``: given alone, the run stops
+    at once naming the file and the ``--config_file`` that works (not with an unknown-option error)."""
+    from monai_skipts.bundle.checks import check_command_line
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # check_command_line installs its hook
+    main = "/site-packages/monai/bundle/__main__.py"  # what sys.argv[0] is under python -m monai.bundle
+    for kind in ("evaluate", "inference"):
+        want = f"'bundles/brainmri/train.json','bundles/brainmri/{kind}.json'"
+        with pytest.raises(ValueError, match=f"bundles/brainmri/{kind}.json is an override") as e:
+            check_command_line([main, "run", "--config_file", f"bundles/brainmri/{kind}.json", "--output_dir", "x"])
+        assert want in str(e.value)
+        check_command_line([main, "run", "--config_file", f"[{want}]", "--output_dir", "x"])  # both: accepted
