@@ -55,13 +55,13 @@ from torch.utils.data import Subset
 
 from monai_skipts.baselines import PatchCore
 from monai_skipts.data import DATASETS, DatasetPreset, get_dataset, prepare_split
-from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, resolve_device
+from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
 from monai_skipts.inferers import SkipTSInferer, fit_level_stats, set_level_stats
-from monai_skipts.losses import build_loss
+from monai_skipts.losses import RD4ADLoss, build_loss
 from monai_skipts.metrics import pixel_metrics, report_metrics
-from monai_skipts.networks import RD4AD, RD4ADLoss, SkipTS, build_teacher, feature_shapes, teacher_weights_available
+from monai_skipts.networks import RD4AD, SkipTS, build_teacher, feature_shapes, teacher_weights_available
 from monai_skipts.transforms import build_preprocessing
-from monai_skipts.utils import atomic_write_json, atomic_write_text
+from monai_skipts.utils import atomic_write_json, atomic_write_text, resolve_device
 
 #: the datasets the benchmarks look for under a data root, in Table II order (the paper's twelve, then
 #: LGG with its lesion masks for the pixel metrics): entries of the package's one dataset table,

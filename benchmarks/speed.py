@@ -54,12 +54,12 @@ from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader
 
 from monai_skipts.data import prepare_split
-from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, resolve_device
+from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
 from monai_skipts.inferers import SkipTSPredictor
 from monai_skipts.losses import DRKDLoss
 from monai_skipts.networks import SkipTS, build_teacher
 from monai_skipts.transforms import build_preprocessing
-from monai_skipts.utils import atomic_write_json, atomic_write_text
+from monai_skipts.utils import atomic_write_json, atomic_write_text, resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import PlainTensorBatch, tune_glibc_malloc  # noqa: E402  (benchmarks/ is not a package)

@@ -3,12 +3,17 @@
     python bundles/make_bundles.py          # (re)write bundles/<name>/*
     python bundles/make_bundles.py --check  # exit 1 if any committed file differs (the tests run this)
 
-Each dataset's train/evaluate/inference.json is a self-contained MONAI config: that dataset's
-parameters (its top-level ids), its modality's transform chain (transforms/<modality>.json) and the
-shared wiring (bundles/common/<kind>.json), copied in. The wiring is written once, in bundles/common;
-the copies are not pulled with MONAI's ``%file#id`` macro because MONAI resolves its path against the
-working directory (a bundle would then run only from the repository root). Edit bundles/common or
-transforms/, then run this script; ``--check`` (run by the tests) fails while a copy is stale.
+Each dataset's ``train.json`` is a self-contained MONAI config: that dataset's parameters (its
+top-level ids), its modality's transform chain (transforms/<modality>.json) and the shared training
+wiring (bundles/common/train.json), copied in. The copies are not pulled with MONAI's ``%file#id``
+macro because MONAI resolves its path against the working directory (a bundle would then run only
+from the repository root).
+
+``evaluate.json`` and ``inference.json`` are short overrides merged over ``train.json``, as MONAI
+merges a list of config files (``--config_file "['.../train.json','.../evaluate.json']"``, the model
+zoo's layout): copies of bundles/common/evaluate.json and inference.json, identical in every bundle
+(the demo's inference adds its default input). Edit bundles/common or transforms/, then run this
+script; ``--check`` (run by the tests) fails while a copy is stale.
 """
 
 from __future__ import annotations
@@ -135,51 +140,17 @@ def train_config(p: dict) -> dict:
     return cfg
 
 
-def evaluate_config(p: dict) -> dict:
-    keep = (
-        "bundle_root",
-        "dataset",
-        "dataset_dir",
-        "dataset_kwargs",
-        "output_dir",
-        "modality",
-        "spatial_size",
-        "teacher_weights",
-        "seed",
-        "val_fraction",
-        "batch_size",
-        "device_name",
-        "amp",
-        "num_workers",
-        "mlflow",
-        "n_heatmaps",
-        "save_maps",
-    )
-    cfg = {k: p[k] for k in keep}
-    cfg["checkpoint"] = "$os.path.join(@output_dir, 'model.pt')"
-    cfg["eval_dir"] = "$os.path.join(@output_dir, 'eval')"
-    cfg.update(wiring("evaluate"))
-    return cfg
-
-
-def inference_config(p: dict, default_input: str) -> dict:
-    cfg = {k: p[k] for k in ("bundle_root", "output_dir", "teacher_weights", "batch_size", "device_name")}
-    cfg.update(
-        {
-            "checkpoint": "$os.path.join(@output_dir, 'model.pt')",
-            "input": default_input,
-            "inference_dir": "$os.path.join(@output_dir, 'inference')",
-            "volume_axis": 2,
-            "volume_aggregation": "max",
-            "save_maps": True,
-            "fail_fast": False,  # True: stop at the first input that cannot be scored
-            "max_pixels": None,  # largest picture/DICOM frame; None: $MONAI_SKIPTS_MAX_PIXELS or 40 million
-            "backend": "torch",  # torch | onnxruntime | openvino (the exported graph on the CPU, cached by the checkpoint)
-            "num_threads": None,  # CPU threads of the forward pass; None: the runtime's default
-        }
-    )
-    cfg.update(wiring("inference"))
-    return cfg
+def override_text(kind: str, **values: str) -> str:
+    """``bundles/common/<kind>.json`` as written there (an override merged over ``train.json``), with the
+    top-level ids in ``values`` (JSON-encoded) set to other values."""
+    text = (COMMON / f"{kind}.json").read_text(encoding="utf-8")
+    for key, value in values.items():
+        current = json.dumps(wiring(kind)[key])
+        line = f'  "{key}": {current},'
+        if line not in text:
+            raise ValueError(f"bundles/common/{kind}.json: no line {line!r} to set")
+        text = text.replace(line, f'  "{key}": {json.dumps(value)},')
+    return text
 
 
 # the demo's dataset_dir: the phantom dataset, made (once) under the run folder
@@ -271,7 +242,7 @@ def metadata(
     }
 
 
-# measured with this bundle (benchmarks/bundle_runs.py; the top-level README has the commands and the caveats)
+# measured with this bundle (benchmarks/bundle_runs.py; docs/results.md has the commands and the caveats)
 MEASURED = {
     "brainmri": " Measured with this bundle's default (offline teacher efficientnet_lite0, 256², 25 epochs, seeds "
     "0-2, one H200 with AMP, compact JPEG copies of the images): **86.8 ± 1.6**; the paper's "
@@ -282,7 +253,7 @@ MEASURED = {
     "lgg": " Measured with this bundle's default (offline teacher efficientnet_lite0, 256², 25 epochs, seeds 0-2, one "
     "H200 with AMP, compact JPEG copies of the images): image AUROC **78.4 ± 3.8**, pixel AUROC 93.3 ± 2.2, "
     "AUPRO 77.3 ± 6.9, Dice 17.3 ± 9.4 at the best threshold, hit rate 19.5 ± 20.7 %: the maps still "
-    "rarely point at the lesion (top-level README). The paper's configuration: 72.0 ± 6.1, 92.8 ± 1.2, "
+    "rarely point at the lesion (docs/results.md). The paper's configuration: 72.0 ± 6.1, 92.8 ± 1.2, "
     "72.8 ± 3.6, 17.1 ± 4.2, 14.6 ± 5.3 %.",
 }
 
@@ -310,8 +281,8 @@ Data: {ds.source}. Source layout under `--dataset_dir`: {ds.layout_text}.
 
 ```bash
 python -m monai.bundle run --config_file bundles/{name}/train.json --dataset_dir /data/{name}
-python -m monai.bundle run --config_file bundles/{name}/evaluate.json --dataset_dir /data/{name}
-python -m monai.bundle run --config_file bundles/{name}/inference.json --input /path/to/dicom_or_png_or_nifti
+python -m monai.bundle run --config_file "['bundles/{name}/train.json','bundles/{name}/evaluate.json']" --dataset_dir /data/{name}
+python -m monai.bundle run --config_file "['bundles/{name}/train.json','bundles/{name}/inference.json']" --input /path/to/dicom_or_png_or_nifti
 ```
 
 Overrides: `--epochs`, `--teacher` (`auto`, `wide_resnet50_2`, `efficientnet_lite0`, …),
@@ -334,8 +305,8 @@ def files() -> dict[Path, str]:
         )
         d = HERE / name
         out[d / "train.json"] = json.dumps(train_config(p), indent=2) + "\n"
-        out[d / "evaluate.json"] = json.dumps(evaluate_config(p), indent=2) + "\n"
-        out[d / "inference.json"] = json.dumps(inference_config(p, "@dataset_dir"), indent=2) + "\n"
+        out[d / "evaluate.json"] = override_text("evaluate")
+        out[d / "inference.json"] = override_text("inference")
         desc = (
             f"Skip-TS teacher-student anomaly detector trained on normal images of {ds.source}; outputs an "
             f"anomaly map and an image score with a decision threshold calibrated on held-out normals."
@@ -366,10 +337,8 @@ def files() -> dict[Path, str]:
     # registered as skipts-demo (not skipts-<dataset>: its dataset layout is "mvtec"), the README's
     # models:/skipts-demo@champion
     out[d / "train.json"] = json.dumps({**train_config(p), "registered_model_name": "skipts-demo"}, indent=2) + "\n"
-    out[d / "evaluate.json"] = json.dumps({**evaluate_config(p), "n_train_images": 48}, indent=2) + "\n"
-    out[d / "inference.json"] = (
-        json.dumps(inference_config(p, "$os.path.join(@output_dir, 'phantom', 'test')"), indent=2) + "\n"
-    )
+    out[d / "evaluate.json"] = override_text("evaluate")
+    out[d / "inference.json"] = override_text("inference", input="$os.path.join(@output_dir, 'phantom', 'test')")
     desc = (
         "DEMO ONLY: Skip-TS on deformed Shepp-Logan phantom slices made offline (lesions inserted as "
         "anomalies, with masks). Shows the pipeline end to end in minutes on a CPU; not a benchmark."

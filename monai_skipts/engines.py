@@ -44,9 +44,6 @@ __all__ = [
     "build_optimizer",
     "distribute_student",
     "PAPER_HPARAMS",
-    # moved (kept importable from here: bundles call monai_skipts.engines.resolve_device)
-    "has_random_transforms",
-    "resolve_device",
 ]
 
 logger = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ def phantom_root(tmp_path_factory):
     )
 
 
-# ---- DICOM results and the PACS (tests/test_dicom_out.py, tests/test_pacs.py) ----------------------
+# ---- DICOM results and the PACS (tests/dicom/test_writers.py, tests/dicom/test_web.py) ----------------------
 
 #: patient/study values of the DICOM test study: they must reach the DICOM results, never a log or JSON
 DICOM_PHI = {

@@ -1,4 +1,4 @@
-"""Serving backends of :class:`~monai_skipts.inference.AnomalyPredictor` (issue 16): the exported graph
+"""Serving backends of :class:`~monai_skipts.inference.AnomalyPredictor`: the exported graph
 (standardisation, blur and score included) through ONNX Runtime and OpenVINO against eager PyTorch on
 the same checkpoint, the export cache next to the checkpoint (reuse, invalidation, a corrupted file),
 and the inference bundle's ``--backend``.
@@ -154,7 +154,7 @@ def test_bundle_run_with_onnxruntime_backend(tmp_path, checkpoint):
             "monai.bundle",
             "run",
             "--config_file",
-            str(REPO / "bundles/demo/inference.json"),
+            str([str(REPO / "bundles/demo/train.json"), str(REPO / "bundles/demo/inference.json")]),
             "--checkpoint",
             str(ckpt),
             "--input",

@@ -16,7 +16,8 @@ from PIL import Image
 from monai_skipts.baselines import PatchCore, greedy_coreset
 from monai_skipts.baselines.patchcore import nearest_distances
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
-from monai_skipts.networks import RD4AD, RD4ADLoss, SkipTS, build_teacher
+from monai_skipts.losses import RD4ADLoss
+from monai_skipts.networks import RD4AD, SkipTS, build_teacher
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -203,3 +204,16 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path, capsys, m
     )
     big = json.loads((tmp_path / "big" / "quality.json").read_text())
     assert {r["method"] for r in big["runs"]} == {"skipts", "patchcore"}
+
+
+def test_rd4ad_checkpoint_round_trip(tmp_path):
+    from monai_skipts.checkpoint import load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = RD4AD("efficientnet_lite0").eval()
+    path = save_checkpoint(tmp_path / "rd4ad.pt", model, threshold={"value": 1.0}, extra={"modality": "xray"})
+    loaded, ckpt = load_model(path)
+    assert isinstance(loaded, RD4AD) and ckpt["model_config"]["model"] == "rd4ad"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict(x), model.predict(x))

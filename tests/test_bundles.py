@@ -195,7 +195,7 @@ def test_dataset_bundle_train_evaluate_infer(name, tmp_path):
         )
         assert all(it["label"] == 0 for s in ("train", "val") for it in split[s])
     bundle_run(
-        config_file=f"bundles/{name}/evaluate.json",
+        config_file=[f"bundles/{name}/train.json", f"bundles/{name}/evaluate.json"],
         dataset_dir=str(data),
         output_dir=str(out),
         mlflow=False,
@@ -203,7 +203,12 @@ def test_dataset_bundle_train_evaluate_infer(name, tmp_path):
     )
     ev = json.loads((out / "eval" / "metrics.json").read_text())
     assert ev["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)  # the checkpoint rebuilds the same model
-    bundle_run(config_file=f"bundles/{name}/inference.json", output_dir=str(out), input=str(data), batch_size=4)
+    bundle_run(
+        config_file=[f"bundles/{name}/train.json", f"bundles/{name}/inference.json"],
+        output_dir=str(out),
+        input=str(data),
+        batch_size=4,
+    )
     with open(out / "inference" / "predictions.csv") as f:
         preds = list(csv.DictReader(f))
     assert len(preds) >= metrics["n_images"] and preds[0]["anomalous"] in ("True", "False")
@@ -364,7 +369,9 @@ def test_lower_case_false_on_the_command_line_is_refused(config, tmp_path):
         "monai.bundle",
         "run",
         "--config_file",
-        f"bundles/brainmri/{config}.json",
+        "bundles/brainmri/train.json"
+        if config == "train"
+        else f"['bundles/brainmri/train.json','bundles/brainmri/{config}.json']",
         "--dataset_dir",
         str(tmp_path / "data"),
         "--output_dir",

@@ -138,3 +138,33 @@ def test_evaluator_rescores_a_non_finite_amp_batch_in_fp32():
         hook.remove()
     assert len(calls) == 2 and ev.amp  # scored twice, AMP switched back on for the next batch
     assert torch.isfinite(got[-1]).all() and torch.allclose(got[-1], ref[0], atol=1e-6)
+
+
+def test_engines_use_monai_iteration_unchanged():
+    """The AMP retry and the non-finite-loss stop are event handlers: MONAI's iteration is not overridden."""
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+
+    assert SkipTSTrainer._iteration is SupervisedTrainer._iteration
+    assert SkipTSEvaluator._iteration is SupervisedEvaluator._iteration
+
+
+def test_evaluator_feeds_plain_channels_last_tensors_with_the_same_maps():
+    from monai.data import MetaTensor
+
+    torch.manual_seed(0)
+    model = SkipTS("efficientnet_lite0").eval()
+    data = [{"image": MetaTensor(torch.randn(3, 64, 64)), "label": i % 2, "id": str(i)} for i in range(4)]
+    seen, scores = [], {}
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        for fast in (False, True):
+            ev = SkipTSEvaluator("cpu", DataLoader(data, batch_size=4), model, channels_last=fast, plain_tensors=fast)
+            ev.run()
+            scores[fast] = ev.state.output["score"]
+            assert ev.state.output["id"] == ["0", "1", "2", "3"]
+    finally:
+        hook.remove()
+    assert isinstance(seen[0], MetaTensor) and not seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert type(seen[1]) is torch.Tensor and seen[1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(scores[True], scores[False], rtol=1e-5, atol=1e-5)
+    assert next(model.parameters()).is_contiguous()  # the (shared) network's weights are not converted

@@ -84,7 +84,7 @@ def test_missing_input_and_empty_folder(tmp_path, checkpoint):
 
 
 def test_heatmap_panel_marks_the_maps_peak_where_the_lesion_is():
-    from monai_skipts.handlers import heatmap_panel
+    from monai_skipts.visualize import heatmap_panel
 
     img = np.full((64, 64, 3), 0.9)  # bright tissue: the blended overlay alone washes out
     amap = np.zeros((64, 64))

@@ -140,13 +140,14 @@ _SCRIPT = textwrap.dedent(
     from monai.bundle import run
     data, out, log_conf = sys.argv[1], sys.argv[2], sys.argv[3]
     # batch 5: the 5 training normals in one batch (a batch of 1 cannot train BatchNorm at 32², E4 being 1x1)
+    INFER = ["bundles/demo/train.json", "bundles/demo/inference.json"]
     common = dict(dataset="datalist", dataset_dir=data + "/datalist.csv", output_dir=out, spatial_size=32, batch_size=5,
                   mlflow=True, logging_file=log_conf)
     run(config_file="bundles/demo/train.json", epochs=1, teacher="efficientnet_lite0", n_heatmaps=2, val_interval=1,
         progress_bar=False, target_fpr=0.5, calibration="empirical", **common)
-    run(config_file="bundles/demo/evaluate.json", n_heatmaps=2, **common)
-    run(config_file="bundles/demo/inference.json", output_dir=out, input=data + "/images", logging_file=log_conf)
-    run(config_file="bundles/demo/inference.json", output_dir=out, input=[data + "/series01"],
+    run(config_file=["bundles/demo/train.json", "bundles/demo/evaluate.json"], n_heatmaps=2, **common)
+    run(config_file=INFER, output_dir=out, input=data + "/images", logging_file=log_conf)
+    run(config_file=INFER, output_dir=out, input=[data + "/series01"],
         inference_dir=out + "/inference_series", logging_file=log_conf)
     """
 )

@@ -1,4 +1,4 @@
-"""Issue 14 item 3: the preprocessing is defined once. For real files (a PNG, a DICOM, a NIfTI slice)
+"""The preprocessing is defined once. For real files (a PNG, a DICOM, a NIfTI slice)
 every path gives the same tensor (``torch.equal``):
 
 - training: the bundle's ``train.json`` (``%transforms/<preset>.json#preprocessing``, parsed with
@@ -11,7 +11,7 @@ every path gives the same tensor (``torch.equal``):
 - the export: the chain :func:`~monai_skipts.export.export_preprocessing` builds from a TorchScript
   export's embedded metadata;
 - MONAI Label: the scorer of :class:`~monai_skipts.label.infer.SkipTSAnomalyInfer`'s pipeline
-  (``AnomalyScorer``: the same predictor), from its loader.
+  (:class:`~monai_skipts.inference.AnomalyPredictor`), from its loader.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def _plain(x) -> torch.Tensor:
 def _bundle_item(bundle: str, config: str, item_id: str, monkeypatch, **overrides):
     monkeypatch.chdir(REPO)  # the %transforms/... macros resolve against the working directory
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / bundle / config))
+    files = ["train.json"] + ([config] if config != "train.json" else [])  # evaluate/inference: overrides
+    parser.read_config([str(REPO / "bundles" / bundle / f) for f in files])
     for k, v in {"spatial_size": SIZE, **overrides}.items():
         parser[k] = v
     return parser.get_parsed_content(item_id)

@@ -34,8 +34,9 @@ from monai_skipts.checkpoint import (
 )
 from monai_skipts.data import EpochSeededSampler, epoch_permutation, save_split
 from monai_skipts.handlers import AnomalyScoreHandler, SkipTSCheckpointHandler, ThresholdCalibrator
-from monai_skipts.handlers.plots import _save_fig, save_map_png
+from monai_skipts.handlers.plots import _save_fig
 from monai_skipts.handlers.training import resumed_run_name
+from monai_skipts.utils import save_map_png
 
 PKG = REPO / "monai_skipts"
 EPOCHS = 4

@@ -4,7 +4,9 @@
   config files (``--epoch 1`` would otherwise add an unused id and train the default 25 epochs), with
   the closest known id (``did you mean --epochs?``). MONAI's own arguments of ``run``
   (``--config_file``, ``--meta_file``, ``--logging_file``, ``--run_id``, ``--init_id``, ``--final_id``,
-  ``--args_file``, ``--tracking``, ...) are allowed; ``--args_file`` contents are checked too.
+  ``--args_file``, ``--tracking``, ...) are allowed; ``--args_file`` contents are checked too. A
+  bundle's ``evaluate.json`` or ``inference.json`` given without its ``train.json`` (they are overrides
+  merged over it) is refused first, with the command that works.
 - :func:`install_root_cause_hook`: MONAI's config parser wraps an error raised inside a ``$``
   expression in ``RuntimeError: Failed to evaluate <the whole expression>``, so the line naming the
   file and the problem ends up in the middle of the traceback. The hook prints the traceback as
@@ -32,6 +34,7 @@ from typing import Any, Iterable, Sequence
 __all__ = [
     "MONAI_RUN_ARGS",
     "UnknownOptionError",
+    "check_base_config",
     "check_command_line",
     "check_overrides",
     "command_line_overrides",
@@ -112,6 +115,35 @@ def _as_files(value: Any) -> list[str]:
     return [str(v).strip() for v in value]
 
 
+#: a bundle's config files that are overrides merged over the ``train.json`` beside them
+OVERRIDE_CONFIGS = ("evaluate.json", "inference.json")
+
+
+def check_base_config(config_files: Sequence[str]) -> None:
+    """Raise :class:`ValueError` when a bundle's ``evaluate.json`` or ``inference.json`` is given without
+    the ``train.json`` beside it, which it overrides (a config with no ``train.json`` beside it, such as
+    an exported bundle's ``configs/inference.json``, stands alone and passes).
+
+    Args:
+        config_files: the ``--config_file`` files, in their order.
+
+    Raises:
+        ValueError: naming the file and the ``--config_file`` that works.
+
+    Example:
+        >>> check_base_config(["bundles/demo/train.json", "bundles/demo/evaluate.json"])
+    """
+    given = [Path(f).resolve() for f in config_files]
+    for k, path in enumerate(given):
+        base = path.with_name("train.json")
+        if path.name in OVERRIDE_CONFIGS and base.is_file() and base not in given[:k]:
+            files = ",".join(f"'{f}'" for f in (str(Path(config_files[k]).with_name("train.json")), config_files[k]))
+            raise ValueError(
+                f"{config_files[k]} is an override merged over the train.json beside it: give both, "
+                f'--config_file "[{files}]"'
+            )
+
+
 def check_overrides(overrides: Iterable[str], config_files: Sequence[str], extra_ids: Iterable[str] = ()) -> None:
     """Raise :class:`UnknownOptionError` for the first override that names no top-level id of the
     config files (``net#x``: its first part ``net``), nor an id they reference (``"input":
@@ -165,6 +197,7 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
         args = {**ConfigParser.load_config_file(args["args_file"]), **args}
     if not args.get("config_file"):
         return  # MONAI refuses this itself
+    check_base_config(_as_files(args["config_file"]))
     extra: set[str] = set()
     if args.get("tracking"):
         from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS

@@ -259,12 +259,14 @@ def is_secondary_rank() -> bool:
 def prepare_output_dir(output_dir: str | os.PathLike, seed: int | None = None, lock: bool = True) -> Path:
     """Start a run: seed every generator (``monai.utils.set_determinism``), create ``output_dir`` and
     take its lock (:func:`~monai_skipts.utils.lock_output_dir`: a second training into the same folder
-    stops at once; the bundle's ``finalize`` releases it).
+    stops at once; the bundle's ``finalize`` releases it). Under ``torchrun`` only rank 0 takes the lock
+    (the ranks share the folder), also before the process group is joined: the multi-GPU bundle
+    extends ``initialize`` and joins the group after this step.
 
     Args:
         output_dir: the run folder.
         seed: the run's seed; ``None``: leave the generators alone.
-        lock: False to skip the lock (the multi-GPU bundle, whose ranks share the folder).
+        lock: False to skip the lock (evaluation, which writes into a sub-folder of a training's folder).
 
     Returns:
         ``output_dir`` as a :class:`~pathlib.Path`.
@@ -284,7 +286,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, seed: int | None = None, l
         set_determinism(seed=int(seed))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if lock:
+    if lock and int(os.environ.get("RANK", "0")) == 0:  # torchrun sets RANK in each process it starts
         lock_output_dir(out)
     return out
 

@@ -5,7 +5,7 @@ how to split it by default (the paper's Table I counts, or a by-patient split), 
 preset preprocesses it, the paper's Skip-TS AUROC, its display name, its bundle folder, the text
 its bundle README shows and the folder names the benchmarks look for under a data root. The
 bundles (``bundles/make_bundles.py`` writes them from this table), their READMEs, the benchmark
-scripts and the tests all read :data:`DATASETS`; ``tests/test_dataset_table.py`` fails when one of
+scripts and the tests all read :data:`DATASETS`; ``tests/data/test_presets.py`` fails when one of
 them disagrees with it.
 
 Table I of Liu et al. (IEEE TIM 2024) gives, per dataset, the number of normal training images and

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from monai_skipts.visualize import load_font, overlay_map
+
 __all__ = ["frame_to_grey", "overlay_rgb", "burn_in_text", "DISCLAIMER"]
 
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
@@ -75,37 +77,28 @@ def frame_to_grey(ds, frame: int = 0) -> np.ndarray:
 
 
 def overlay_rgb(grey: np.ndarray, amap: np.ndarray, threshold: float | None, vmax: float) -> np.ndarray:
-    """``grey`` (uint8 ``(H, W)`` or ``(H, W, 3)``) with the anomaly map ``amap`` (``(H, W)``) blended over
-    it in the 'jet' colours (clear below ``vmax / 4``, alpha growing to 0.6 at ``vmax``) and the outline of
-    ``amap >= threshold`` in yellow. Returns uint8 ``(H, W, 3)``."""
-    from matplotlib import colormaps
-    from scipy import ndimage
+    """``grey`` (uint8 ``(H, W)`` or ``(H, W, 3)``) with the anomaly map ``amap`` (``(H, W)``) drawn over it
+    by :func:`monai_skipts.visualize.overlay_map`, in the Secondary Capture's look: 'jet' colours on
+    ``[0, vmax]``, clear below ``vmax / 4`` (half the threshold when ``vmax`` is twice it), the opacity
+    growing to 0.6 at ``vmax``, and the outline of ``amap >= threshold`` in yellow, 1 pixel per 256.
+    Returns uint8 ``(H, W, 3)``.
 
-    base = np.repeat(grey[..., None], 3, axis=2) if grey.ndim == 2 else grey[..., :3]
-    base = base.astype(np.float64) / 255.0
+    Raises:
+        ValueError: the map and the image differ in size.
+    """
     amap = np.asarray(amap, dtype=np.float64)
-    if amap.shape != base.shape[:2]:
-        raise ValueError(f"map {amap.shape} and image {base.shape[:2]} differ in size")
-    m = np.clip(amap / max(float(vmax), 1e-12), 0.0, 1.0)
-    color = colormaps["jet"](m)[..., :3]
-    alpha = (0.6 * np.clip((m - 0.25) / 0.75, 0.0, 1.0))[..., None]  # clear below half the threshold
-    out = base * (1.0 - alpha) + color * alpha
-    if threshold is not None:
-        region = amap >= threshold
-        if region.any():
-            width = max(1, int(round(min(region.shape) / 256)))
-            edge = region & ~ndimage.binary_erosion(region, iterations=width, border_value=0)
-            out[edge] = (1.0, 1.0, 0.0)
-    return (np.clip(out, 0, 1) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the bitmap font, one size
-        return ImageFont.load_default()
+    if amap.shape != grey.shape[:2]:
+        raise ValueError(f"map {amap.shape} and image {grey.shape[:2]} differ in size")
+    return overlay_map(
+        grey[..., :3] if grey.ndim == 3 else grey,
+        amap,
+        threshold=threshold,
+        vmax=float(vmax),
+        alpha=0.6,
+        fade_below=0.25,
+        outline_rgb=(255, 255, 0),
+        outline_width=max(1, int(round(min(amap.shape) / 256))),
+    )
 
 
 def _wrap(draw, text: str, font, width: int) -> list[str]:
@@ -132,7 +125,7 @@ def burn_in_text(
     draw = ImageDraw.Draw(img)
     h, w = rgb.shape[:2]
     size = max(6, int(round(min(h, w) / 24)))
-    font = _font(size)
+    font = load_font(size)
     margin = max(1, size // 3)
     stroke = 1 if size >= 10 else 0
     step = size + max(1, size // 5)

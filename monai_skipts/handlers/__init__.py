@@ -1,8 +1,8 @@
-"""Ignite/MONAI handlers: score collection and metrics, plots, checkpoints with resume,
-threshold calibration, loss components, MLflow."""
+"""Ignite/MONAI handlers: score collection and metrics, plots (drawn by :mod:`monai_skipts.visualize`),
+checkpoints with resume, threshold calibration, loss components, MLflow."""
 
 from .mlflow import SkipTSMLFlowHandler, default_run_name, run_params
-from .plots import AnomalyPlotsHandler, colorize_map, heatmap_panel, overlay_heatmap, safe_name, save_map_png
+from .plots import AnomalyPlotsHandler, safe_name
 from .scores import AnomalyScoreHandler, gather_objects
 from .training import LossComponentsHandler, SkipTSCheckpointHandler, ThresholdCalibrator
 
@@ -16,9 +16,5 @@ __all__ = [
     "default_run_name",
     "run_params",
     "gather_objects",
-    "colorize_map",
-    "heatmap_panel",
-    "overlay_heatmap",
     "safe_name",
-    "save_map_png",
 ]

@@ -1,9 +1,9 @@
 """MONAI Label integration: an anomaly-map infer task and a sample app.
 
-- ``AnomalyScorer``: the serving core (checkpoint -> maps, scores, decisions for 2-D images and
-  volumes), i.e. :class:`~monai_skipts.inference.AnomalyPredictor`, the package's one predictor (bundle
-  inference and the MLflow model use it too); needs no monailabel. :mod:`~monai_skipts.label.scorer`
-  builds it from ``--conf`` settings.
+- :func:`~monai_skipts.label.scorer.scorer_from_conf`: the serving core,
+  :class:`~monai_skipts.inference.AnomalyPredictor` (checkpoint -> maps, scores, decisions for 2-D images
+  and volumes; bundle inference and the MLflow model use it too), built from ``--conf`` settings; needs
+  no monailabel.
 - :class:`~monai_skipts.label.infer.SkipTSAnomalyInfer`: a MONAI Label ``BasicInferTask`` returning the
   anomaly map as the label and ``{score, threshold, anomalous, ...}`` as the result JSON.
 - ``APP_DIR`` (``monai_skipts/label/app``): the sample app, served by
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from monai_skipts.label.scorer import AnomalyScorer, array_to_image, scorer_from_conf, scorer_options, slice_to_plane
+from monai_skipts.label.scorer import scorer_from_conf, scorer_options
 
 __all__ = [
     "APP_DIR",
-    "AnomalyScorer",
-    "array_to_image",
     "scorer_options",
     "scorer_from_conf",
-    "slice_to_plane",
     "SkipTSAnomalyInfer",
 ]
 

@@ -35,7 +35,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "(in its own environment: monailabel pins numpy<2; see .ci/label_env.sh)"
     ) from e
 
-from monai_skipts.label.scorer import AnomalyScorer
+from monai_skipts.inference import AnomalyPredictor
 
 __all__ = ["SkipTSAnomalyInfer", "OUTPUTS"]
 
@@ -75,12 +75,12 @@ class SkipTSAnomalyInfer(BasicInferTask):
             config={"output": "map", **dict(config or {})},
         )
         self.scorer_kwargs = dict(scorer_kwargs or {})
-        self._scorers: dict[str, tuple[AnomalyScorer, float]] = {}
+        self._scorers: dict[str, tuple[AnomalyPredictor, float]] = {}
 
     # ---- model --------------------------------------------------------------------------------------
 
-    def scorer(self, device: str = "cpu") -> AnomalyScorer:
-        """The :class:`AnomalyScorer` for ``device``, rebuilt when the checkpoint file changes."""
+    def scorer(self, device: str = "cpu") -> AnomalyPredictor:
+        """The :class:`AnomalyPredictor` for ``device``, rebuilt when the checkpoint file changes."""
         path = self.get_path()
         if path is None:
             raise FileNotFoundError(f"{self.path[-1] if self.path else None}: checkpoint not found")
@@ -90,7 +90,7 @@ class SkipTSAnomalyInfer(BasicInferTask):
         cached = self._scorers.get(device)
         if cached is None or cached[1] != mtime:
             kwargs = {**self.scorer_kwargs, "device": device}
-            self._scorers[device] = (AnomalyScorer(path, **kwargs), mtime)
+            self._scorers[device] = (AnomalyPredictor(path, **kwargs), mtime)
         return self._scorers[device][0]
 
     def _get_network(self, device, data):

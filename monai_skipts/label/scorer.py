@@ -1,8 +1,7 @@
 """Serving settings for MONAI Label: the predictor from ``--conf`` string settings.
 
 The serving core is :class:`~monai_skipts.inference.AnomalyPredictor`, the package's one predictor
-(bundle inference, MONAI Label, the MLflow model); ``AnomalyScorer`` is its name here, kept for code
-written against it. It needs neither monailabel nor mlflow.
+(bundle inference, MONAI Label, the MLflow model). It needs neither monailabel nor mlflow.
 
 - 2-D images (PNG/JPEG/TIFF, single-frame DICOM, single-slice NIfTI): preprocessed exactly as in
   training (:func:`~monai_skipts.transforms.preset_transforms` with the checkpoint's options), scored in
@@ -23,12 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from monai_skipts.inference import AnomalyPredictor
-from monai_skipts.transforms import array_to_image, slice_to_plane
 
-__all__ = ["AnomalyScorer", "array_to_image", "slice_to_plane", "scorer_options", "scorer_from_conf"]
-
-#: the predictor under its MONAI Label name (one class: :class:`~monai_skipts.inference.AnomalyPredictor`)
-AnomalyScorer = AnomalyPredictor
+__all__ = ["scorer_options", "scorer_from_conf"]
 
 
 def _resolve(path: str | os.PathLike | None, base_dir: str | os.PathLike | None = None) -> Path | None:
@@ -74,7 +69,7 @@ def scorer_options(conf: Mapping[str, Any], base_dir: str | os.PathLike | None =
     return ckpt, kwargs  # type: ignore[return-value]
 
 
-def scorer_from_conf(conf: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> AnomalyScorer:
-    """An :class:`AnomalyScorer` from string settings (see :func:`scorer_options`)."""
+def scorer_from_conf(conf: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> AnomalyPredictor:
+    """An :class:`~monai_skipts.inference.AnomalyPredictor` from string settings (see :func:`scorer_options`)."""
     ckpt, kwargs = scorer_options(conf, base_dir)
-    return AnomalyScorer(ckpt, **kwargs)
+    return AnomalyPredictor(ckpt, **kwargs)

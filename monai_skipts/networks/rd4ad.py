@@ -14,7 +14,7 @@ is a *one-class bottleneck embedding* (OCBE) followed by a decoder *without* ski
 ``forward(x)`` gives ``(teacher_feats [E1, E2, E3], student_feats [F_s^1, F_s^2, F_s^3])`` like
 SkipTS, so :class:`~monai_skipts.engines.SkipTSTrainer`, ``TeacherFeatureCache``,
 :class:`~monai_skipts.engines.SkipTSEvaluator` and the inferers work unchanged.
-:class:`RD4ADLoss` is RD4AD's training loss (1 − cosine of the flattened maps per sample, summed
+:class:`~monai_skipts.losses.RD4ADLoss` is RD4AD's training loss (1 − cosine of the flattened maps per sample, summed
 over levels); RD4AD's anomaly map is eq 1/7/8 of Skip-TS (per-pixel 1 − cos, summed, Gaussian σ = 4).
 """
 
@@ -26,12 +26,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..losses import RD4ADLoss  # noqa: F401 - re-exported: it lived here first
 from .skipts import _EXPANSION, TeacherStudentModel, student_preset
 from .student import SkipStudent, _expand_project, _Residual
 from .teacher import TeacherEncoder, build_teacher
 
-__all__ = ["RD4AD", "RD4ADStudent", "OneClassBottleneck", "RD4ADLoss"]
+__all__ = ["RD4AD", "RD4ADStudent", "OneClassBottleneck"]
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:

@@ -18,7 +18,7 @@ from monailabel.interfaces.utils.app import app_instance, clear_cache  # noqa: E
 
 import monai_skipts.label as skipts_label  # noqa: E402
 from monai_skipts.checkpoint import save_checkpoint  # noqa: E402
-from monai_skipts.label import AnomalyScorer  # noqa: E402
+from monai_skipts.inference import AnomalyPredictor  # noqa: E402
 from monai_skipts.networks import SkipTS  # noqa: E402
 from monai_skipts.transforms import LoadMedicalImage  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_infer_png_returns_map_and_decision(app):
     assert (params["normalized_score"] >= 0.5) == params["anomalous"]
     assert res["file"].endswith(".nrrd")
     written = itk.array_from_image(itk.imread(res["file"]))  # (rows, columns)
-    want = AnomalyScorer(ckpt).score_file(studies / "phantom.png")
+    want = AnomalyPredictor(ckpt).score_file(studies / "phantom.png")
     assert written.shape == tuple(want["map"].shape) == (64, 64)
     np.testing.assert_allclose(written, want["map"].numpy(), atol=1e-5)  # same orientation, same values
     assert params["score"] == pytest.approx(want["score"], abs=1e-6)
@@ -93,13 +93,13 @@ def test_infer_nifti_volume_returns_map_volume_and_volume_score(app):
     out_c, src_c = nib.as_closest_canonical(out), nib.as_closest_canonical(src)
     np.testing.assert_allclose(out_c.affine, src_c.affine, atol=1e-4)
     written = LoadMedicalImage()(str(res["file"]))  # RAS, as the input volume is scored
-    want = AnomalyScorer(ckpt).score_file(studies / "volume.nii.gz")
+    want = AnomalyPredictor(ckpt).score_file(studies / "volume.nii.gz")
     np.testing.assert_allclose(written[0].numpy(), want["map"].numpy(), atol=1e-5)
     assert params["score"] == pytest.approx(want["score"], abs=1e-6)
 
 
-def test_item18_relative_checkpoint_is_taken_against_the_start_folder(app, tmp_path, monkeypatch):
-    """Issue 13 item 18: ``monailabel start_server --app <APP_DIR> --conf checkpoint runs/.../model.pt``
+def test_relative_checkpoint_is_taken_against_the_start_folder(app, tmp_path, monkeypatch):
+    """``monailabel start_server --app <APP_DIR> --conf checkpoint runs/.../model.pt``
     started from the folder holding ``runs/`` finds the checkpoint (it used to be looked up under the
     app folder); a missing one is named with the folder relative paths are taken against."""
     _, ckpt, studies = app

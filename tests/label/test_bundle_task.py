@@ -1,5 +1,5 @@
 """MONAI Label's own ``BundleInferTask`` serves a bundle written by ``python -m monai_skipts.bundle
-export`` (issue 14 item 4), unzipped as it is: no app code of this package, only the bundle's configs
+export``, unzipped as it is: no app code of this package, only the bundle's configs
 and models. Runs in the monailabel environment (``.ci/label_env.sh``); skipped elsewhere."""
 
 from __future__ import annotations

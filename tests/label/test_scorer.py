@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from monai_skipts.checkpoint import save_checkpoint
-from monai_skipts.label import AnomalyScorer, array_to_image, slice_to_plane
+from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.networks import SkipTS
-from monai_skipts.transforms import LoadMedicalImage, build_preprocessing, take_slice
+from monai_skipts.transforms import LoadMedicalImage, array_to_image, build_preprocessing, slice_to_plane, take_slice
 from monai_skipts.utils import InputDataError
 
 
@@ -41,7 +41,7 @@ def test_scorer_png_and_volume(tmp_path, phantom_root):
         threshold={"value": 1.0, "scale": 0.1},
         extra={"spatial_size": 32, "modality": "mri"},
     )
-    scorer = AnomalyScorer(ckpt, batch_size=4)
+    scorer = AnomalyPredictor(ckpt, batch_size=4)
     assert scorer.config()["modality"] == "mri" and scorer.config()["spatial_size"] == 32
 
     png = sorted(phantom_root.glob("test/lesion/*.png"))[0]

@@ -1,4 +1,4 @@
-"""Issue 13 ("Hardening from a hostile test"), the inference items: each test reproduces one finding on
+"""Inference on hostile inputs: each test reproduces one finding on
 real files (PNG, NIfTI, DICOM written here or shipped with pydicom) and a real checkpoint, through the
 Python API, the command line and the MONAI bundle where the item applies."""
 
@@ -78,10 +78,10 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-# ---- item 1: map names --------------------------------------------------------------------------------
+# ---- map names --------------------------------------------------------------------------------
 
 
-def test_item01_map_names_unique_stable_and_listed_in_predictions(tmp_path, predictor):
+def test_map_names_unique_stable_and_listed_in_predictions(tmp_path, predictor):
     """6 pictures whose old names collided pairwise, and two patients' ``ct.nii.gz``: every input gets its
     own map (its own size proves it is its own), under its relative folders, named in the CSVs."""
     inp = tmp_path / "in"
@@ -127,10 +127,10 @@ def test_item01_map_names_unique_stable_and_listed_in_predictions(tmp_path, pred
     assert all(".." not in Path(files.output_relpath(i, ".map.png")).parts for i in ("../x.png", "a/../../b.png"))
 
 
-# ---- item 2: 4-D NIfTI --------------------------------------------------------------------------------
+# ---- 4-D NIfTI --------------------------------------------------------------------------------
 
 
-def test_item02_4d_nifti_is_refused_naming_file_shape_and_support(tmp_path, predictor):
+def test_4d_nifti_is_refused_naming_file_shape_and_support(tmp_path, predictor):
     path = _nii(tmp_path / "fmri.nii.gz", (32, 32, 8, 3))
     with pytest.raises(InputDataError) as e:
         LoadMedicalImage()(path)
@@ -141,7 +141,7 @@ def test_item02_4d_nifti_is_refused_naming_file_shape_and_support(tmp_path, pred
     assert not (tmp_path / "out" / "predictions.csv").exists()  # nothing was scored
 
 
-# ---- item 4: one bad file must not lose the batch -------------------------------------------------------
+# ---- one bad file must not lose the batch -------------------------------------------------------
 
 
 def _batch_with_bad_files(root: Path) -> Path:
@@ -153,7 +153,7 @@ def _batch_with_bad_files(root: Path) -> Path:
     return root
 
 
-def test_item04_bad_files_are_listed_and_the_rest_is_scored(tmp_path, predictor):
+def test_bad_files_are_listed_and_the_rest_is_scored(tmp_path, predictor):
     inp = _batch_with_bad_files(tmp_path / "in")
     out = tmp_path / "out"
     with pytest.raises(inference.InferenceIncompleteError) as e:
@@ -173,7 +173,7 @@ def test_item04_bad_files_are_listed_and_the_rest_is_scored(tmp_path, predictor)
     assert not (tmp_path / "out_ff").exists()
 
 
-def test_item04_command_line_and_bundle_exit_non_zero_and_write_errors_csv(tmp_path, checkpoint, monkeypatch):
+def test_command_line_and_bundle_exit_non_zero_and_write_errors_csv(tmp_path, checkpoint, monkeypatch):
     inp = _batch_with_bad_files(tmp_path / "in")
     env = dict(os.environ, OMP_NUM_THREADS="1", MONAI_SKIPTS_OFFLINE="1")
     cli = [
@@ -202,14 +202,17 @@ def test_item04_command_line_and_bundle_exit_non_zero_and_write_errors_csv(tmp_p
     shutil.copy(checkpoint, run_dir / "model.pt")
     with pytest.raises(Exception) as e:  # monai.bundle run exits non-zero on it
         bundle_run(
-            config_file="bundles/demo/inference.json", output_dir=str(run_dir), input=str(inp), device_name="cpu"
+            config_file=["bundles/demo/train.json", "bundles/demo/inference.json"],
+            output_dir=str(run_dir),
+            input=str(inp),
+            device_name="cpu",
         )
     assert "InferenceIncompleteError" in _chain(e.value) and "2 of 7" in _chain(e.value)
     assert len(_rows(run_dir / "inference" / "predictions.csv")) == 5
     assert len(_rows(run_dir / "inference" / "errors.csv")) == 2
     with pytest.raises(Exception) as e:
         bundle_run(
-            config_file="bundles/demo/inference.json",
+            config_file=["bundles/demo/train.json", "bundles/demo/inference.json"],
             output_dir=str(run_dir),
             input=str(inp),
             device_name="cpu",
@@ -220,11 +223,11 @@ def test_item04_command_line_and_bundle_exit_non_zero_and_write_errors_csv(tmp_p
     assert not (tmp_path / "bundle_ff" / "predictions.csv").exists()
 
 
-# ---- item 5 (second half): the tensor API -----------------------------------------------------------------
+# ---- the tensor API -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_item05_predict_tensor_refuses_non_finite_input(predictor, bad):
+def test_predict_tensor_refuses_non_finite_input(predictor, bad):
     x = torch.zeros(2, 3, 64, 64)
     x[1, 0, 5, 7] = bad
     with pytest.raises(ValueError, match="not finite") as e:
@@ -234,10 +237,10 @@ def test_item05_predict_tensor_refuses_non_finite_input(predictor, bad):
     assert torch.isfinite(score).all() and torch.isfinite(amap).all()
 
 
-# ---- item 12: pixel limit ------------------------------------------------------------------------------
+# ---- pixel limit ------------------------------------------------------------------------------
 
 
-def test_item12_pixel_limit_refuses_large_pictures_and_dicom_before_decoding(tmp_path, checkpoint, monkeypatch):
+def test_pixel_limit_refuses_large_pictures_and_dicom_before_decoding(tmp_path, checkpoint, monkeypatch):
     big = _png(tmp_path / "in" / "big.png", 200, 300)
     with pytest.raises(InputDataError) as e:
         LoadMedicalImage(max_pixels=10_000)(big)
@@ -263,7 +266,7 @@ def test_item12_pixel_limit_refuses_large_pictures_and_dicom_before_decoding(tmp
     shutil.copy(checkpoint, tmp_path / "model.pt")
     with pytest.raises(Exception) as e:
         bundle_run(
-            config_file="bundles/demo/inference.json",
+            config_file=["bundles/demo/train.json", "bundles/demo/inference.json"],
             output_dir=str(tmp_path),
             input=str(tmp_path / "in"),
             device_name="cpu",
@@ -283,10 +286,10 @@ def test_item12_pixel_limit_refuses_large_pictures_and_dicom_before_decoding(tmp
     assert PILImage.MAX_IMAGE_PIXELS == 1000  # Pillow's setting is left as it was
 
 
-# ---- item 13: 12-bit JPEG DICOM --------------------------------------------------------------------------
+# ---- 12-bit JPEG DICOM --------------------------------------------------------------------------
 
 
-def test_item13_12bit_jpeg_dicom_says_which_decoder_is_missing_and_how_to_install_it():
+def test_12bit_jpeg_dicom_says_which_decoder_is_missing_and_how_to_install_it():
     from pydicom.pixels.decoders.base import get_decoder
 
     path = get_testdata_file("JPEG-lossy.dcm")  # JPEG Extended (process 2 and 4), 12 bits stored
@@ -306,10 +309,10 @@ def test_item13_12bit_jpeg_dicom_says_which_decoder_is_missing_and_how_to_instal
     assert not msg.rstrip().endswith("plugins:)"), msg
 
 
-# ---- item 14: relative volume ids -----------------------------------------------------------------------
+# ---- relative volume ids -----------------------------------------------------------------------
 
 
-def test_item14_volume_ids_are_relative_to_the_input_root(tmp_path, predictor):
+def test_volume_ids_are_relative_to_the_input_root(tmp_path, predictor):
     inp = tmp_path / "in"
     a = _nii(inp / "p1" / "ct.nii.gz", (20, 20, 2), seed=1)
     b = _nii(inp / "p2" / "ct.nii.gz", (20, 20, 2), seed=2)

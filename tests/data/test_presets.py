@@ -1,4 +1,4 @@
-"""One table of datasets (issue 14, item 1): ``monai_skipts.data.DATASETS`` declares each dataset's
+"""One table of datasets: ``monai_skipts.data.DATASETS`` declares each dataset's
 layout, modality preset, Table I split, paper AUROC and display name once; the bundles, their
 READMEs, the top-level README and the benchmark scripts must agree with it. Each test here fails when
 one of those places is edited alone."""
@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from monai.bundle import ConfigParser
 
 from monai_skipts.data import DATASETS, LAYOUTS, get_dataset
 from monai_skipts.transforms import PRESETS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLED = {p.bundle: p for p in DATASETS.values() if p.bundle}
 PAPER = [p for p in DATASETS.values() if p.paper_auroc is not None]
 
@@ -104,7 +105,8 @@ def test_every_bundle_folder_is_a_table_entry():
 def test_bundle_configs_agree_with_the_table(bundle):
     p = BUNDLED[bundle]
     d = REPO / "bundles" / bundle
-    train, evaluate = (json.loads((d / f).read_text()) for f in ("train.json", "evaluate.json"))
+    train = json.loads((d / "train.json").read_text())
+    evaluate = ConfigParser.load_config_files([str(d / "train.json"), str(d / "evaluate.json")])  # as MONAI merges
     meta = json.loads((d / "metadata.json").read_text())
     for cfg in (train, evaluate):
         assert cfg["modality"] == p.modality
@@ -148,15 +150,27 @@ def test_bundle_readme_agrees_with_the_table(bundle):
     assert f"Data: {p.source}." in flat and f"Source layout under `--dataset_dir`: {p.layout_text}." in flat
 
 
-# -- the top-level README and the benchmarks' README ---------------------------------------------
+# -- README.md, docs/results.md and the benchmarks' README ---------------------------------------------
 
 
-def test_top_readme_agrees_with_the_table():
-    flat = _flat((REPO / "README.md").read_text())
+def test_readme_and_results_agree_with_the_table():
+    """README.md lists the paper datasets' bundles in Table II order and its results table gives each
+    dataset's paper AUROC; docs/results.md's paper AUROC sentences, results rows and bundle/preset
+    pairs agree with the table."""
     by_display = {p.display_name: p for p in DATASETS.values()}
+    readme = (REPO / "README.md").read_text()
     # "Every paper dataset has a bundle: `bundles/{headct,...}/`": the paper datasets, in Table II order
-    listed = re.search(r"Every paper dataset has a bundle: `bundles/\{([^}]*)\}/`", flat)
+    listed = re.search(r"Every paper dataset has a bundle: `bundles/\{([^}]*)\}/`", _flat(readme))
     assert listed and [b.strip() for b in listed[1].split(",")] == [p.bundle for p in PAPER]
+    # the README's results table: | dataset | ... | paper (WRN50) |
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows and rows[0].rstrip(" |").endswith("paper (WRN50)")
+    for line in rows[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        p = by_display[cells[0].split(" (")[0]]
+        assert cells[-1] == ("–" if p.paper_auroc is None else f"{p.paper_auroc:.1f}"), line
+    results = (REPO / "docs" / "results.md").read_text()
+    flat = _flat(results)
     # "Paper AUROC (WRN50): BrainMRI 88.2, IQ-OTH/NCCD 97.3; LGG is not in the paper."
     sentences = re.findall(r"Paper AUROC \(WRN50\): ([^;.]*(?:\.\d[^;.]*)*)[;.]", flat)
     assert sentences
@@ -169,10 +183,10 @@ def test_top_readme_agrees_with_the_table():
     for name in re.findall(r"(\S+) is not in the paper", flat):
         assert name in by_display and by_display[name].paper_auroc is None, name
     # the results table's rows name datasets by their display names
-    for name in re.findall(r"^\| ([^|(]+?) \(\d+ \+ \d+", (REPO / "README.md").read_text(), re.M):
-        assert name in by_display, name
+    names = re.findall(r"^\| ([^|(]+?) \(\d+ \+ \d+", results, re.M)
+    assert names and all(name in by_display for name in names), names
     # a line that names a bundle and a modality preset names that bundle's preset
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in (readme + results).splitlines():
         for b in re.findall(r"bundles/(\w+)/", line):
             for m in re.findall(r"transforms/(\w+)\.json", line):
                 if b in BUNDLED:

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 
 from monai_skipts.transforms import IMAGENET_MEAN, IMAGENET_STD, PRESETS, build_preprocessing
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
 
 

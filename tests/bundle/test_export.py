@@ -1,4 +1,4 @@
-"""Issue 14 item 4, standard bundles out: ``python -m monai_skipts.bundle export`` writes a trained model
+"""Standard bundles out: ``python -m monai_skipts.bundle export`` writes a trained model
 as a MONAI bundle zip that MONAI's own runner executes from any working directory, with nothing from
 this repository: once with the development install, once in a fresh venv where monai-skipts is
 installed from a built wheel. (MONAI Label's ``BundleInferTask`` serving it: tests/label/test_bundle_task.py.)

@@ -1,18 +1,18 @@
-"""Issue 13, training side ("Hardening from a hostile test"): each item is reproduced with the real
+"""Training under hostile conditions: each case is reproduced with the real
 parts (the bundle command in a subprocess, MLflow's sqlite store, real files, real write failures)
 and must stay fixed.
 
-- item 3: two trainings in one output folder: the second stops at once, naming the folder and the PID
+- two trainings in one output folder: the second stops at once, naming the folder and the PID
   that holds it.
-- item 5: a NaN pixel: the training stops at the first non-finite loss naming the images, and writes
+- a NaN pixel: the training stops at the first non-finite loss naming the images, and writes
   no NaN weights; under AMP a batch whose fp16 loss overflows is trained again in fp32 first.
-- item 8: a full disk (a real short write, as ``RLIMIT_FSIZE`` gives) names the file being written
+- a full disk (a real short write, as ``RLIMIT_FSIZE`` gives) names the file being written
   instead of ``[enforce fail at inline_container.cc] unexpected pos``; nothing half-written is left.
-- item 9: too few (or all identical) validation normals stop the run before training, saying how many
+- too few (or all identical) validation normals stop the run before training, saying how many
   duplicates were removed; no checkpoint, no MLflow run left RUNNING.
-- item 10: a run killed by SIGKILL and never resumed is marked KILLED in MLflow by the next start in
+- a run killed by SIGKILL and never resumed is marked KILLED in MLflow by the next start in
   that folder.
-- item 15: offline, the missing wide_resnet50_2 weights are reported once, in one line.
+- offline, the missing wide_resnet50_2 weights are reported once, in one line.
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ def _client(out: Path):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 3
 
 
 _HOLD_LOCK = """
@@ -104,7 +103,7 @@ time.sleep(600)
 """
 
 
-def test_item03_output_dir_locked(data_dir, tmp_path):
+def test_output_dir_locked(data_dir, tmp_path):
     """A training already holds the folder (here: a real second process holding the OS lock on
     ``<output_dir>/.lock``, as a training does): a second training in the same folder stops before
     writing anything (no split, no checkpoint, no MLflow store), naming the folder and the holder's
@@ -132,10 +131,9 @@ def test_item03_output_dir_locked(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 5
 
 
-def test_item05_nan_pixel_stops_training_naming_the_image(data_dir, tmp_path):
+def test_nan_pixel_stops_training_naming_the_image(data_dir, tmp_path):
     """Three training images get one NaN pixel after loading (as a loader that let one through
     would give): the run stops at the first non-finite loss, naming the poisoned image(s) of that
     batch, and writes neither model.pt nor a checkpoint with NaN weights."""
@@ -194,7 +192,7 @@ def _amp_trainer(fault_calls: set[int]):
     return trainer, model, calls
 
 
-def test_item05_amp_nonfinite_loss_is_retrained_in_fp32(caplog):
+def test_amp_nonfinite_loss_is_retrained_in_fp32(caplog):
     """Under AMP a loss that is non-finite in fp16 does not stop the run: the batch is trained again
     in fp32 (AMP back on for the next batch); only a loss that stays non-finite in fp32 stops it."""
     trainer, model, calls = _amp_trainer({1})
@@ -216,7 +214,6 @@ def test_item05_amp_nonfinite_loss_is_retrained_in_fp32(caplog):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 8
 
 
 def _limit_file_size(nbytes: int):
@@ -226,7 +223,7 @@ def _limit_file_size(nbytes: int):
     return limit
 
 
-def test_item08_disk_full_names_the_file(data_dir, tmp_path):
+def test_disk_full_names_the_file(data_dir, tmp_path):
     """A disk that fills up mid-write: the kernel writes part of the data, and torch.save then fails
     with ``[enforce fail at inline_container.cc:672] unexpected pos``. A file size limit
     (RLIMIT_FSIZE) gives the same real short write. The error names the file and says the disk may be
@@ -257,7 +254,6 @@ def test_item08_disk_full_names_the_file(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 9
 
 
 def _brainmri(root: Path, n_normal: int, identical: bool) -> None:
@@ -276,7 +272,7 @@ def _brainmri(root: Path, n_normal: int, identical: bool) -> None:
 
 
 @pytest.mark.parametrize("case", ["two_normals", "identical_normals"])
-def test_item09_too_few_calibration_normals_fail_before_training(case, tmp_path):
+def test_too_few_calibration_normals_fail_before_training(case, tmp_path):
     """2 normals, or 12 normals that are one image 12 times (deduplicated to 1): the run stops before
     training, saying how many duplicates were removed; no checkpoint.pt, no MLflow run RUNNING."""
     data, out = tmp_path / "data", tmp_path / "run"
@@ -299,10 +295,9 @@ def test_item09_too_few_calibration_normals_fail_before_training(case, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
-# item 10
 
 
-def test_item10_killed_run_marked_killed_on_next_start(data_dir, tmp_path):
+def test_killed_run_marked_killed_on_next_start(data_dir, tmp_path):
     """A training killed by SIGKILL once its MLflow run exists, then a new training (not a resume) in
     the same folder: the killed run is marked KILLED (not left RUNNING forever), the new one FINISHED."""
     out = tmp_path / "run"
@@ -345,11 +340,10 @@ def test_item10_killed_run_marked_killed_on_next_start(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 15
 
 
 @pytest.mark.parametrize("how", ["offline_env", "no_network"])
-def test_item15_missing_wrn50_weights_said_once_in_one_line(how, tmp_path):
+def test_missing_wrn50_weights_said_once_in_one_line(how, tmp_path):
     """teacher 'auto' without the wide_resnet50_2 weights, offline (MONAI_SKIPTS_OFFLINE=1) or with the
     network unreachable (a proxy that refuses connections): one line names the missing weights file,
     where to put it and the fallback teacher; no download error, no second line about it."""

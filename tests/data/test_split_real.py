@@ -15,7 +15,7 @@ import pytest
 
 from monai_skipts.data import prepare_split
 
-DATA_ROOT = Path(os.environ.get("SKIPTS_DATA_ROOT") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+DATA_ROOT = Path(os.environ.get("SKIPTS_DATA_ROOT") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 
 CASES = {
     # folder: (dataset, files, duplicate copies removed, split counts)

@@ -1,4 +1,4 @@
-"""Issue 14 item 2, "logic out of JSON": the bundle configs keep wiring, the logic they call lives in
+"""Logic out of JSON: the bundle configs keep wiring, the logic they call lives in
 ``monai_skipts.bundle`` (named, documented, tested here with real components on small data written
 to ``tmp_path``), and the bundles do not depend on the working directory."""
 
@@ -60,7 +60,9 @@ def test_expression_share_counts_only_dollar_values(tmp_path):
 
 def test_generated_bundles_are_self_contained():
     """No ``%file#id`` macro (resolved against the working directory) in any generated bundle: each
-    holds its parameters, its modality's transforms and the shared wiring, which it copies whole."""
+    holds its parameters, its modality's transforms and the shared wiring, which it copies whole; the
+    evaluation and inference overrides merged over it are the shared ones (the demo's default input
+    aside)."""
     assert GENERATED
     for path in GENERATED:
         text = path.read_text()
@@ -68,7 +70,7 @@ def test_generated_bundles_are_self_contained():
         cfg = json.loads(text)
         kind = path.stem
         wiring = json.loads((REPO / "bundles" / "common" / f"{kind}.json").read_text())
-        overridden = {"registered_model_name"} if path.parent.name == "demo" else set()
+        overridden = {"registered_model_name", "input"} if path.parent.name == "demo" else set()
         for key, value in wiring.items():
             if key not in overridden:
                 assert cfg[key] == value, f"{path}: {key} differs from bundles/common/{kind}.json (run make_bundles.py)"
@@ -106,7 +108,7 @@ def test_bundle_trains_and_evaluates_from_another_working_directory(tmp_path, mo
         and metrics["calibration"]["method"] == "empirical"
     )
     bundle_run(
-        config_file=str(REPO / "bundles/brainmri/evaluate.json"),
+        config_file=[str(REPO / "bundles/brainmri/train.json"), str(REPO / "bundles/brainmri/evaluate.json")],
         dataset_dir=str(data),
         output_dir=str(out),
         mlflow=False,
