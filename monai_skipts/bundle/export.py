@@ -26,15 +26,17 @@ Run it from any working directory::
 
 ``inference.json`` follows MONAI's inference layout (``network_def``, ``preprocessing``, ``inferer``,
 ``postprocessing``, ``handlers``, ``evaluator``), so MONAI Label's ``BundleInferTask`` serves the unzipped
-folder as it is. The network (:class:`AnomalyMapNetwork`) maps a preprocessed image ``(B, 3, S, S)`` to
+folder as it is. The network is the trained :class:`~monai_skipts.networks.AnomalyDetector`
+(:func:`~monai_skipts.checkpoint.detector_from_config`; ``models/model.pt`` holds its whole state);
+through :class:`~monai_skipts.inferers.SkipTSInferer` it maps a preprocessed image ``(B, 3, S, S)`` to
 the anomaly map ``(B, 1, S, S)``; the postprocessing adds the image score (the map's maximum) and the
 decision against the calibrated threshold. ``bundle_root`` defaults to the folder of the config being
 run (:func:`running_bundle_root`; MONAI's runner does not set it, MONAI Label does), so no
 ``--bundle_root`` is needed.
 
 Functions: :func:`export_bundle` (the whole export), :func:`bundle_metadata`, :func:`inference_config`,
-:func:`check_metadata`; at inference, the bundle calls :class:`AnomalyMapNetwork`,
-:func:`running_bundle_root`, :func:`map_score`, :func:`decision`, :class:`ToMonaiLayoutd`,
+:func:`check_metadata`; at inference, the bundle calls the detector,
+:func:`running_bundle_root`, :func:`map_score`, :func:`~monai_skipts.networks.decide`, :class:`ToMonaiLayoutd`,
 :func:`item_names`.
 """
 
@@ -54,18 +56,17 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from monai_skipts import __version__
+from monai_skipts.transforms.presets import spatial_size_2d
 
 __all__ = [
     "BUNDLE_SCHEMA_URL",
     "LOGGING_CONF",
     "METADATA_REQUIRED",
     "TENSOR_SPEC_REQUIRED",
-    "AnomalyMapNetwork",
     "running_bundle_root",
     "ToMonaiLayoutd",
     "map_score",
-    "decision",
     "item_names",
     "bundle_metadata",
     "inference_config",
@@ -128,82 +129,6 @@ _IMAGENET_RANGE = [-2.12, 2.64]  # (0 - mean) / std .. (1 - mean) / std over the
 # --------------------------------------------------------------------------------------------------
 
 
-def _skipts_from_config(cfg: Mapping[str, Any]) -> nn.Module:
-    """An untrained :class:`~monai_skipts.networks.SkipTS` of the architecture ``cfg`` (a checkpoint's
-    ``model_config``), with a randomly initialised teacher: the weights come from ``models/model.pt``,
-    so nothing is downloaded or read from a weights package."""
-    from ..networks import SkipTS
-
-    return SkipTS(
-        teacher=cfg["teacher"],
-        pretrained=False,
-        student=cfg["student"],
-        skip=cfg["skip"],
-        upsample_kernel=cfg["upsample_kernel"],
-        student_kind=cfg.get("student_kind"),
-        student_blocks=cfg.get("student_blocks"),
-        student_widths=cfg.get("student_widths"),
-        student_up_widths=cfg.get("student_up_widths"),
-        download=False,
-        skip_levels=cfg.get("skip_levels", (3, 2)),
-        skip_dropout=cfg.get("skip_dropout", 0.0),
-        skip_noise=cfg.get("skip_noise", 0.0),
-        teacher_taps=cfg.get("teacher_taps"),
-        bottleneck=cfg.get("bottleneck", False),
-    )
-
-
-class AnomalyMapNetwork(nn.Module):
-    """``image (B, 3, S, S) -> anomaly map (B, 1, S, S)``: the ``network_def`` of an exported bundle.
-
-    The trained Skip-TS inference path (teacher, student, per-level maps, optional per-level
-    standardisation, up-sampling, Gaussian filter: :class:`~monai_skipts.inferers.SkipTSPredictor`)
-    returning only the map, as MONAI's evaluators and MONAI Label expect of a network; the image score
-    is the map's maximum (:func:`map_score`).
-
-    Args:
-        model_config: the checkpoint's ``model_config`` (teacher name, student options).
-        sigma: Gaussian filter sigma of the map.
-        level_stats: per-level map statistics ``[[mean, std], ...]`` (``None``: none).
-        spatial_size: ``(S, S)`` the model was trained at; other input sizes are refused (the
-            threshold was calibrated at this size). ``None``: any size.
-
-    Its ``state_dict`` holds the teacher's and the student's weights (``models/model.pt``); the
-    level statistics are configuration (in ``inference.json``), as in
-    :func:`~monai_skipts.inferers.set_level_stats`.
-    """
-
-    def __init__(
-        self,
-        model_config: Mapping[str, Any],
-        sigma: float = 4.0,
-        level_stats: Sequence[Sequence[float]] | None = None,
-        spatial_size: int | Sequence[int] | None = None,
-    ):
-        super().__init__()
-        from ..inferers import SkipTSPredictor, set_level_stats
-
-        model = _skipts_from_config(model_config)
-        set_level_stats(model, None if level_stats is None else torch.as_tensor(level_stats, dtype=torch.float32))
-        self.predictor = SkipTSPredictor(model, sigma=float(sigma))
-        if spatial_size is None:
-            self.spatial_size = None
-        else:
-            s = [int(spatial_size)] * 2 if isinstance(spatial_size, (int, float)) else [int(v) for v in spatial_size]
-            self.spatial_size = (s[0], s[-1])
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spatial_size is not None and not torch.jit.is_tracing():
-            got = (int(x.shape[-2]), int(x.shape[-1]))
-            if got != self.spatial_size:
-                raise ValueError(
-                    f"input of {got[0]}x{got[1]} pixels, but the model was trained at "
-                    f"{self.spatial_size[0]}x{self.spatial_size[1]}: preprocess with the bundle's 'preprocessing'"
-                )
-        return self.predictor(x)[0]
-
-
 def running_bundle_root(default: str = ".") -> str:
     """The root folder of the bundle whose config MONAI is running: the parent of the ``configs``
     folder of the config file given to ``python -m monai.bundle run`` (or ``monai.bundle.run``,
@@ -232,25 +157,9 @@ def running_bundle_root(default: str = ".") -> str:
 
 def map_score(amap: torch.Tensor) -> torch.Tensor:
     """Image score of one anomaly map ``(1, H, W)``: its maximum, as a float32 tensor of shape ``(1,)``
-    (paper eq 8, as :class:`~monai_skipts.inferers.SkipTSPredictor` scores)."""
+    (paper eq 8, as :class:`~monai_skipts.networks.AnomalyDetector` scores)."""
     t = amap.as_tensor() if hasattr(amap, "as_tensor") else torch.as_tensor(amap)
     return t.detach().float().amax().reshape(1)
-
-
-def decision(score: Any, threshold: float | None, scale: float | None = None) -> dict[str, Any]:
-    """``{"score", "threshold", "anomalous", "normalized_score"}`` for one image score, as the
-    package's :meth:`~monai_skipts.inference.AnomalyPredictor.decide` gives it (``anomalous`` and
-    ``normalized_score`` are ``None`` without a threshold). MONAI Label returns this dict as the
-    request's result."""
-    from ..metrics import normalize_score
-
-    s = float(torch.as_tensor(score).reshape(-1)[0])
-    out: dict[str, Any] = {"score": s, "threshold": threshold, "anomalous": None, "normalized_score": None}
-    if threshold is not None:
-        out["anomalous"] = bool(s >= threshold)
-        if scale:
-            out["normalized_score"] = float(normalize_score(s, float(threshold), float(scale)))
-    return out
 
 
 class ToMonaiLayoutd:
@@ -315,13 +224,6 @@ def item_names(batch: Sequence[Mapping[str, Any]], key: str = "image") -> list[d
 # --------------------------------------------------------------------------------------------------
 # the export
 # --------------------------------------------------------------------------------------------------
-
-
-def _size2(size: int | Sequence[int]) -> list[int]:
-    if isinstance(size, (int, float)):
-        return [int(size), int(size)]
-    s = [int(v) for v in size]
-    return [s[0], s[-1]]
 
 
 def _dist_version(name: str) -> str | None:
@@ -413,8 +315,7 @@ def bundle_metadata(
     """``configs/metadata.json`` of the exported bundle.
 
     Args:
-        ckpt: the monai-skipts checkpoint (model configuration, threshold, ``extra`` with modality and
-            spatial size).
+        ckpt: the monai-skipts checkpoint (version 2: the detector's config, ``extra`` with the dataset).
         base: the source bundle's ``metadata.json`` (name, task, description, authors, copyright,
             data source, references, ...), kept where the export does not set the field.
         version: the bundle version (default: ``base``'s, else ``"0.1.0"``).
@@ -430,11 +331,13 @@ def bundle_metadata(
 
     base = dict(base or {})
     extra = dict(ckpt.get("extra") or {})
-    size = _size2(extra.get("spatial_size", 256))
-    cfg = dict(ckpt["model_config"])
-    thr = dict(ckpt.get("threshold") or {}) or None
+    config = ckpt["config"]
+    prep = config["preprocessing"]
+    size = list(spatial_size_2d(prep.get("spatial_size") or 256))
+    cfg = dict(config["model"])
+    thr = dict(config.get("calibration") or {}) or None
     version = str(version or base.get("version") or "0.1.0")
-    modality = str(extra.get("modality", "xray"))
+    modality = str(prep.get("modality") or "xray")
     changelog = {str(k): str(v) for k, v in (base.get("changelog") or {}).items()}
     changelog[version] = (
         changelog_note
@@ -517,9 +420,9 @@ def bundle_metadata(
             "model_config": cfg,
             "modality": modality,
             "spatial_size": size,
-            "sigma": float(extra.get("sigma", 4.0)),
-            "window": extra.get("window"),
-            "mri_norm": extra.get("mri_norm"),
+            "sigma": float(config.get("sigma", 4.0)),
+            "window": prep.get("window"),
+            "mri_norm": prep.get("mri_norm"),
             "checkpoint": {"epoch": ckpt.get("epoch"), "iteration": ckpt.get("iteration")},
         },
     }
@@ -539,11 +442,10 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
     header; ``anomalous`` is 1/0, ``nan`` without a threshold) and, with ``save_maps``, the anomaly
     maps ``<output_dir>/maps/<name>_map.nii.gz`` (float32, the network's size).
     """
-    extra = dict(ckpt.get("extra") or {})
-    thr = dict(ckpt.get("threshold") or {})
-    stats = ckpt.get("map_level_stats")
-    stats = None if stats is None else torch.as_tensor(stats).double().tolist()
-    size = _size2(extra.get("spatial_size", 256))
+    config = ckpt["config"]
+    prep = config["preprocessing"]
+    thr = dict(config.get("calibration") or {})
+    size = list(spatial_size_2d(prep.get("spatial_size") or 256))
     return {
         "imports": [
             "$import os",
@@ -553,6 +455,7 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
             "$import monai_skipts",
             "$import monai_skipts.bundle.export",
             "$import monai_skipts.inference",
+            "$import monai_skipts.networks",
             "$import monai_skipts.transforms",
         ],
         "bundle_root": "$monai_skipts.bundle.export.running_bundle_root()",
@@ -561,10 +464,10 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
         "dataset_dir": "/workspace/data",
         "input": "@dataset_dir",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "modality": str(extra.get("modality", "xray")),
+        "modality": str(prep.get("modality") or "xray"),
         "spatial_size": size,
-        "window": extra.get("window"),
-        "mri_norm": extra.get("mri_norm") or "percentile",
+        "window": prep.get("window"),
+        "mri_norm": prep.get("mri_norm") or "percentile",
         "threshold": thr.get("value"),
         "threshold_scale": thr.get("scale"),
         "batch_size": int(batch_size),
@@ -573,11 +476,10 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
         "save_maps": True,
         "datalist": "$monai_skipts.transforms.expand_volume_datalist(monai_skipts.inference.list_inputs(@input), axis=@volume_axis)",
         "network_def": {
-            "_target_": "monai_skipts.bundle.export.AnomalyMapNetwork",
-            "model_config": dict(ckpt["model_config"]),
-            "sigma": float(extra.get("sigma", 4.0)),
-            "level_stats": stats,
-            "spatial_size": size,
+            "_target_": "monai_skipts.checkpoint.detector_from_config",
+            "config": json.loads(json.dumps(config)),
+            "pretrained": False,
+            "download": False,
         },
         "network": "$@network_def.to(@device)",
         "preprocessing": "$monai_skipts.transforms.build_preprocessing(@modality, @spatial_size, window=@window, mri_norm=@mri_norm)",
@@ -589,7 +491,7 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
             "shuffle": False,
             "num_workers": "@num_workers",
         },
-        "inferer": {"_target_": "SimpleInferer"},
+        "inferer": {"_target_": "monai_skipts.inferers.SkipTSInferer"},
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
@@ -603,7 +505,7 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
                     "_target_": "Lambdad",
                     "keys": "score",
                     "overwrite": "result",
-                    "func": "$lambda s: monai_skipts.bundle.export.decision(s, @threshold, @threshold_scale)",
+                    "func": "$lambda s: monai_skipts.networks.decide(s, @threshold, @threshold_scale)",
                 },
                 {"_target_": "monai_skipts.bundle.export.ToMonaiLayoutd", "keys": ["pred", "image"]},
                 {
@@ -671,8 +573,9 @@ Skip-TS teacher-student anomaly detector (Liu et al., IEEE TIM 2024) trained on 
 teacher `{sk["teacher"]}`, input {s[0]}x{s[1]}, modality preset `{sk["modality"]}`. Training data:
 {meta.get("data_source", "not recorded")}. Test metrics of the training run: {metrics}.
 
-- `models/model.pt`: state dict of `network_def` (`monai_skipts.bundle.export.AnomalyMapNetwork`),
-  teacher and student weights; `models/model.ts`: TorchScript of the same network.
+- `models/model.pt`: state dict of `network_def` (`monai_skipts.networks.AnomalyDetector`): teacher and
+  student weights, per-level statistics, thresholds; `models/model.ts`: TorchScript of the same network
+  (outputs: the map and the score).
 - Network input `image`: `(B, 3, {s[0]}, {s[1]})` float32, preprocessed by `preprocessing` (intensity to
   [0, 1] for the `{sk["modality"]}` preset, resize, 3 channels, ImageNet normalisation).
 - Network output `pred`: the anomaly map `(B, 1, {s[0]}, {s[1]})`. The image score is its maximum; an
@@ -722,7 +625,7 @@ def _license_text() -> str:
     return head + "Full text: https://www.apache.org/licenses/LICENSE-2.0\n"
 
 
-def _trace(net: AnomalyMapNetwork, size: Sequence[int]) -> torch.jit.ScriptModule:
+def _trace(net: nn.Module, size: Sequence[int]) -> torch.jit.ScriptModule:
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -762,7 +665,7 @@ def export_bundle(
             the checkpoint's model; the bundle then holds the weights itself).
         batch_size: the bundle's default inference batch size.
         verify: check ``network_def`` loaded from ``model.pt`` and ``model.ts`` against the
-            checkpoint's model (:class:`~monai_skipts.export.SkipTSExportModel`) on random images:
+            checkpoint's detector (:func:`~monai_skipts.checkpoint.load_detector`) on random images:
             maps within ``atol``; a mismatch raises ``RuntimeError`` and writes nothing.
 
     Returns:
@@ -771,8 +674,7 @@ def export_bundle(
     from monai.bundle import ConfigParser
     from monai.data import save_net_with_metadata
 
-    from ..checkpoint import load_checkpoint
-    from ..export import SkipTSExportModel
+    from ..checkpoint import detector_from_config, load_checkpoint, load_detector
     from ..utils import atomic_write_bytes
 
     config_file, checkpoint, out = Path(config_file), Path(checkpoint), Path(out)
@@ -787,21 +689,20 @@ def export_bundle(
     base = json.loads(base_meta_file.read_text()) if base_meta_file.is_file() else {}
     extra = dict(ckpt.get("extra") or {})
     extra.setdefault("dataset", train_cfg.get("dataset"))
-    if "modality" not in extra and isinstance(train_cfg.get("modality"), str):
-        extra["modality"] = train_cfg["modality"]
-    if "spatial_size" not in extra and isinstance(train_cfg.get("spatial_size"), int):
-        extra["spatial_size"] = train_cfg["spatial_size"]
-    ckpt = {**ckpt, "extra": extra}
-    size = _size2(extra.get("spatial_size", 256))
+    reference = load_detector(ckpt, teacher_weights=teacher_weights)
+    prep = reference.config["preprocessing"]  # the checkpoint's; the bundle's values only fill what it lacks
+    if prep.get("modality") is None and isinstance(train_cfg.get("modality"), str):
+        prep["modality"] = train_cfg["modality"]
+    if prep.get("spatial_size") is None and isinstance(train_cfg.get("spatial_size"), int):
+        prep["spatial_size"] = list(spatial_size_2d(train_cfg["spatial_size"]))
+    ckpt = {**ckpt, "config": reference.config, "extra": extra}
+    size = list(spatial_size_2d(prep.get("spatial_size") or 256))
 
-    reference = SkipTSExportModel.from_checkpoint(ckpt, teacher_weights=teacher_weights).eval()
-    ckpt["extra"]["sigma"] = reference.sigma
     config = inference_config(ckpt, batch_size)
     meta = bundle_metadata(ckpt, base, version, _eval_metrics(checkpoint))
     check_metadata(meta)
 
-    net = AnomalyMapNetwork(**{k: v for k, v in config["network_def"].items() if k != "_target_"})
-    net.predictor.model.load_state_dict(reference.model.state_dict())
+    net = reference
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     buf = io.BytesIO()  # in memory: the zip is written atomically below
     torch.save(state, buf)
@@ -818,12 +719,13 @@ def export_bundle(
         x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             want = reference(x)[0]
-            fresh = AnomalyMapNetwork(**{k: v for k, v in config["network_def"].items() if k != "_target_"})
+            kwargs = {k: v for k, v in config["network_def"].items() if k != "_target_"}
+            fresh = detector_from_config(**kwargs).eval()
             fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
-            _close("models/model.pt", want, fresh(x), atol)
+            _close("models/model.pt", want, fresh(x)[0], atol)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated")
-                _close("models/model.ts", want, torch.jit.load(io.BytesIO(ts.getvalue()))(x), atol)
+                _close("models/model.ts", want, torch.jit.load(io.BytesIO(ts.getvalue()))(x)[0], atol)
 
     files = {
         f"{name}/configs/metadata.json": json.dumps(meta, indent=2).encode(),

@@ -33,6 +33,7 @@ on the command line.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -169,8 +170,8 @@ class TrainedModel:
     """A calibrated checkpoint rebuilt for evaluation (what :func:`load_trained_model` returns).
 
     Attributes:
-        network: the :class:`~monai_skipts.networks.SkipTS`, in eval mode, on the requested device.
-        checkpoint: the checkpoint dictionary.
+        network: the :class:`~monai_skipts.networks.AnomalyDetector`, in eval mode, on the requested device.
+        checkpoint: the checkpoint dictionary (version 2).
         threshold: the calibrated decision threshold (``None`` when the checkpoint has none).
         score_scale: the validation normals' score standard deviation (for the normalised score).
         spec: the preprocessing the model was trained with, ``{"modality", "spatial_size", "window",
@@ -186,7 +187,7 @@ class TrainedModel:
     @property
     def teacher(self) -> str:
         """The teacher's registered name."""
-        return str(self.network.config["teacher"])
+        return str(self.network.config["model"]["teacher"])
 
     @property
     def modality(self) -> str:
@@ -213,8 +214,9 @@ def load_trained_model(
     modality: str | None = None,
     spatial_size: int | Sequence[int] | None = None,
 ) -> TrainedModel:
-    """Rebuild a trained model from its checkpoint (:func:`~monai_skipts.checkpoint.load_model`) with
-    its threshold and the preprocessing it was trained with.
+    """Rebuild a trained detector from its checkpoint (:func:`~monai_skipts.checkpoint.load_detector`)
+    with its threshold and the preprocessing it was trained with. The checkpoint's preprocessing wins:
+    ``modality`` and ``spatial_size`` fill only what it does not record.
 
     Args:
         checkpoint: ``model.pt`` of a training run.
@@ -225,16 +227,24 @@ def load_trained_model(
     Raises:
         ValueError: the checkpoint records no modality and none is given.
     """
-    from monai_skipts.checkpoint import load_model
+    from monai_skipts.checkpoint import load_checkpoint, load_detector
     from monai_skipts.transforms import preprocessing_spec
 
-    network, ckpt = load_model(checkpoint, teacher_weights, map_location=device)
-    thr = ckpt.get("threshold") or {}
-    spec = preprocessing_spec(ckpt, defaults={"modality": modality, "spatial_size": spatial_size})
+    ckpt = load_checkpoint(checkpoint)
+    network = load_detector(ckpt, teacher_weights, map_location=device)
+    decision = network.decide(0.0)
+    scale = float(network.scale)
+    spec = preprocessing_spec(
+        network.config["preprocessing"], defaults={"modality": modality, "spatial_size": spatial_size}
+    )
     if not spec["modality"]:
         raise ValueError(f"{checkpoint}: the checkpoint records no modality; pass --modality <preset name>")
     return TrainedModel(
-        network=network, checkpoint=ckpt, threshold=thr.get("value"), score_scale=thr.get("scale"), spec=spec
+        network=network,
+        checkpoint=ckpt,
+        threshold=decision["threshold"],
+        score_scale=None if math.isnan(scale) else scale,
+        spec=spec,
     )
 
 
@@ -485,7 +495,8 @@ def metrics_extras(
         split: the run's split (:func:`build_split`); its ``report["counts"]`` goes under ``"split"``.
         calibrator: a :class:`~monai_skipts.handlers.ThresholdCalibrator`; its ``record`` (value,
             target FPR, normals, method) goes under ``"calibration"``.
-        network: the evaluated model; its teacher goes under ``"teacher"``.
+        network: the evaluated :class:`~monai_skipts.networks.AnomalyDetector`; its teacher goes under
+            ``"teacher"``.
         checkpoint: the evaluated checkpoint, recorded as an absolute path under ``"checkpoint"``.
         fields: more entries as they are (``teacher=..., epochs=..., seed=...``).
 
@@ -500,7 +511,7 @@ def metrics_extras(
         if checkpoint is not None:
             out["checkpoint"] = os.path.abspath(checkpoint)
         if network is not None:
-            out["teacher"] = getattr(network, "module", network).config["teacher"]
+            out["teacher"] = network.config["model"]["teacher"]
         out["split"] = (split.get("report") or {}).get("counts")
         out.update(fields)
         if calibrator is not None:

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..data.files import output_relpaths
 from ..metrics import normalize_score
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..utils import atomic_save, atomic_write_json, save_map_png  # noqa: F401 - save_map_png re-exported: it lived here
+from ..utils import atomic_save, atomic_write_json, is_rank0, save_map_png  # noqa: F401 - save_map_png re-exported: it lived here
 
 __all__ = [
     "AnomalyPlotsHandler",
@@ -361,13 +361,6 @@ def _save_fig(fig, path: Path) -> None:
     atomic_save(path, lambda f: f.write(buf.getvalue()))
 
 
-def _is_rank0() -> bool:
-    return (
-        not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        or torch.distributed.get_rank() == 0
-    )
-
-
 def _resolve(value: Any) -> float | None:
     v = value() if callable(value) else value
     return None if v is None else float(v)
@@ -452,7 +445,7 @@ class AnomalyPlotsHandler:
         self._max_score = -math.inf
         self._close_spool()
         self._map_index: list[tuple[str, tuple[int, int], int]] = []
-        if engine is not None and self.save_maps and _is_rank0():
+        if engine is not None and self.save_maps and is_rank0():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._spool = tempfile.TemporaryFile(dir=self.output_dir, prefix=".maps_spool_")
 
@@ -561,7 +554,7 @@ class AnomalyPlotsHandler:
 
     def _complete(self, engine: Engine) -> None:
         try:
-            if not _is_rank0():
+            if not is_rank0():
                 return
             cs = self.color_scale()
             width = max(2, len(str(self.n_samples)))

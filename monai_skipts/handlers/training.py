@@ -17,9 +17,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..checkpoint import CheckpointError, check_teacher, load_checkpoint, save_checkpoint, set_rng_state
-from ..inferers import get_level_stats
 from ..metrics import calibrate_threshold, check_calibration_data
-from ..utils import atomic_write_json, atomic_write_text, lock_output_dir, remove_stale_temp_files
+from ..utils import atomic_write_json, atomic_write_text, is_rank0, lock_output_dir, remove_stale_temp_files
 
 __all__ = [
     "LossComponentsHandler",
@@ -30,13 +29,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_rank0() -> bool:
-    return (
-        not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        or torch.distributed.get_rank() == 0
-    )
 
 
 class LossComponentsHandler:
@@ -83,7 +75,7 @@ class SkipTSCheckpointHandler:
 
     Args:
         output_dir: folder of ``checkpoint.pt``.
-        network: the trained :class:`~monai_skipts.networks.SkipTS`.
+        network: the :class:`~monai_skipts.networks.AnomalyDetector` being trained.
         optimizer: its optimizer.
         save_interval: epochs between saves.
         resume: resume from an existing ``checkpoint.pt``.
@@ -135,7 +127,7 @@ class SkipTSCheckpointHandler:
     # ---- save / resume --------------------------------------------------------------------------
 
     def _save(self, engine: Engine) -> None:
-        if _is_rank0():
+        if is_rank0():
             extra: dict[str, Any] = {}
             if self.run_name:
                 extra["run_name"] = str(self.run_name)
@@ -161,7 +153,7 @@ class SkipTSCheckpointHandler:
             self._save(engine)
 
     def _resume(self, engine: Engine) -> None:
-        if _is_rank0():
+        if is_rank0():
             # one training per folder (a no-op when the bundle took the lock already); only then is
             # it safe to remove the temp files of writes a killed run left behind
             lock_output_dir(self.path.parent)
@@ -170,8 +162,7 @@ class SkipTSCheckpointHandler:
         if not (self.resume and self.path.is_file()):
             return
         ckpt = load_checkpoint(self.path)
-        net = getattr(self.network, "module", self.network)
-        check_teacher(ckpt, net, str(self.path))
+        check_teacher(ckpt["config"]["model"], self.network, str(self.path))
         extra = ckpt.get("extra") or {}
         want, have = extra.get("train_ids_sha256"), self._train_ids_sha256()
         if want is not None and have is not None and want != have:
@@ -179,7 +170,9 @@ class SkipTSCheckpointHandler:
                 f"{self.path}: refused to resume: it was trained on another training split than the one "
                 "this run uses (split.json or the dataset changed); delete it to start over, or use another output_dir"
             )
-        net.student.load_state_dict(ckpt["student"])
+        missing = self.network.load_state_dict(ckpt["state_dict"], strict=False).missing_keys
+        if any(not k.startswith("model.teacher.") for k in missing):
+            raise CheckpointError(f"{self.path}: refused to resume: it holds another architecture (missing {missing[:5]})")
         if "optimizer" in ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if "rng" in ckpt:
@@ -262,8 +255,10 @@ class ThresholdCalibrator:
         evaluator: a :class:`~monai_skipts.engines.SkipTSEvaluator` over the validation normals,
             carrying an :class:`~monai_skipts.handlers.AnomalyScoreHandler` (``score_handler``).
         score_handler: that handler (its ``records`` are read).
-        network: the trained model; output_dir: where ``model.pt`` goes.
-        extra: plain data stored in the checkpoint (e.g. the bundle's modality and spatial size).
+        network: the trained :class:`~monai_skipts.networks.AnomalyDetector`, whose threshold, scale
+            and calibration record are set (:meth:`~monai_skipts.networks.AnomalyDetector.set_calibration`);
+            output_dir: where ``model.pt`` (its checkpoint) goes.
+        extra: run information stored in the checkpoint (e.g. the bundle's dataset).
         method: ``"empirical"``, ``"lognormal"`` or ``"gaussian"``
             (:func:`~monai_skipts.metrics.calibrate_threshold`).
 
@@ -316,7 +311,7 @@ class ThresholdCalibrator:
     def __call__(self) -> dict[str, Any]:
         epoch = self.trainer.state.epoch if self.trainer is not None else None
         fresh = epoch is not None and self.evaluator.state.epoch == epoch and self.score_handler.records
-        if fresh and get_level_stats(self.network) is not None:
+        if fresh and self.network.get_level_stats() is not None:
             # per-level statistics fitted after training changed the maps since that validation:
             # scores from it are on another scale (seen on an H200: every test normal above the threshold)
             fresh = False
@@ -335,20 +330,15 @@ class ThresholdCalibrator:
             "fpr_on_calibration_set": float((scores >= self.threshold).mean()),
             "method": self.method,
         }
+        self.network.set_calibration(self.record)
         logger.info(
             "decision threshold %.5f at target FPR %.3f from %d validation normals",
             self.threshold,
             self.target_fpr,
             scores.size,
         )
-        if _is_rank0():
-            save_checkpoint(
-                self.output_dir / self.filename,
-                self.network,
-                threshold=self.record,
-                extra=self.extra or {},
-                with_rng=False,
-            )
+        if is_rank0():
+            save_checkpoint(self.output_dir / self.filename, self.network, extra=self.extra or {}, with_rng=False)
             atomic_write_json(self.output_dir / "threshold.json", self.record)
             buf = io.StringIO()
             csv.writer(buf).writerows(

@@ -1,5 +1,6 @@
 """Networks: frozen teachers, the skip-connected student decoder and the Skip-TS model."""
 
+from .detector import AnomalyDetector, decide
 from .rd4ad import RD4AD, OneClassBottleneck, RD4ADLoss, RD4ADStudent
 from .skipts import (
     STUDENT_PRESETS,

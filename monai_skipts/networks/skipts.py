@@ -116,8 +116,8 @@ class EncoderStudent(nn.Module):
 class TeacherStudentModel(nn.Module):
     """What every teacher-student detector here shares: a frozen ``teacher`` whose features are
     computed without autograd, a ``student_features`` the subclass defines, ``forward`` returning
-    ``(teacher_feats[:3], student_feats)`` (optionally from cached teacher features) and
-    :meth:`predict` for the anomaly map and score."""
+    ``(teacher_feats[:3], student_feats)`` (optionally from cached teacher features). The anomaly map
+    and score come from :class:`~monai_skipts.networks.AnomalyDetector`."""
 
     teacher: TeacherEncoder
 
@@ -134,15 +134,6 @@ class TeacherStudentModel(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         t_all = list(teacher_feats) if teacher_feats is not None else self.teacher_features(x)
         return t_all[:3], self.student_features(t_all, x)
-
-    def predict(self, x: torch.Tensor, sigma: float = 4.0, layers: Sequence[int] | None = None):
-        """Anomaly map ``(B, 1, H, W)`` and image score ``(B,)`` (paper eq 7-8)."""
-        from ..inferers import anomaly_map_and_score
-
-        t, s = self(x)
-        return anomaly_map_and_score(
-            t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers, level_stats=getattr(self, "map_level_stats", None)
-        )
 
 
 class SkipTS(TeacherStudentModel):
@@ -178,12 +169,12 @@ class SkipTS(TeacherStudentModel):
             architecture (trained with the DRKD loss here).
 
     The options of the student decoder and the teacher taps are recorded in :attr:`config`, from
-    which :func:`monai_skipts.checkpoint.load_model` rebuilds the model.
+    which :func:`monai_skipts.checkpoint.load_detector` rebuilds the model.
 
     ``forward(x)`` with ``x`` of shape ``(B, 3, H, W)`` returns ``(teacher_feats, student_feats)``,
     two lists ``[F^1, F^2, F^3]`` of shapes ``(B, C_l, H/2^(l+1), W/2^(l+1))``. The teacher runs
-    without autograd and in eval mode whatever the model's mode. :meth:`predict` gives the anomaly
-    map and score.
+    without autograd and in eval mode whatever the model's mode;
+    :class:`~monai_skipts.networks.AnomalyDetector` gives the anomaly map and score.
     """
 
     def __init__(
