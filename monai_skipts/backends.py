@@ -33,6 +33,8 @@ BACKEND_EXTRAS = {
     "onnxruntime": 'pip install "monai-skipts[onnxruntime]" (from a clone: pip install -e ".[onnxruntime]")',
     "openvino": 'pip install "monai-skipts[openvino]" (from a clone: pip install -e ".[openvino]")',
 }
+
+
 def require_backend(backend: str):
     """Import the backend's runtime, or :class:`MissingExtraError` naming the extra that installs it."""
     if backend not in BACKENDS:
@@ -106,5 +108,3 @@ def make_backend_runner(backend: str, files: Sequence[Path], num_threads: int | 
     if backend == "openvino":
         return OpenVINORunner(files[0], num_threads)
     raise ValueError(f"no exported-graph runner for backend {backend!r} (one of {BACKENDS[1:]})")
-
-

@@ -121,9 +121,7 @@ def save_checkpoint(
         extra: run information (plain data: tensors, numbers, strings, lists, dicts).
     """
     state = {
-        k: v.detach().to("cpu").clone()
-        for k, v in detector.state_dict().items()
-        if not k.startswith(TEACHER_PREFIX)
+        k: v.detach().to("cpu").clone() for k, v in detector.state_dict().items() if not k.startswith(TEACHER_PREFIX)
     }
     payload: dict[str, Any] = {
         "kind": CHECKPOINT_KIND,
@@ -393,9 +391,7 @@ def restore_detector(detector: torch.nn.Module, ckpt: dict[str, Any], source: st
     check_teacher(config["model"], detector, source)
     if float(config.get("sigma", 4.0)) != detector.sigma:
         detector.set_sigma(config.get("sigma", 4.0))
-    detector.config.update(
-        {k: copy.deepcopy(config.get(k)) for k in ("preprocessing", "calibration", "anatomy_mask")}
-    )
+    detector.config.update({k: copy.deepcopy(config.get(k)) for k in ("preprocessing", "calibration", "anatomy_mask")})
     result = torch.nn.Module.load_state_dict(detector, ckpt["state_dict"], strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(TEACHER_PREFIX)]
     if missing or result.unexpected_keys:

@@ -146,5 +146,3 @@ def cached_backend_export(
         _record(files).unlink()
     _export_for_backend(module_factory(), backend, files, spatial_size, metadata, atol)
     return files
-
-

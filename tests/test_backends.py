@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from monai_skipts.checkpoint import save_checkpoint
+from conftest import save_test_checkpoint
 from monai_skipts.export import backend_cache_paths
 from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.inferers import fit_level_stats, get_level_stats, set_level_stats
@@ -48,7 +48,9 @@ def checkpoint(tmp_path_factory):
     stats[:, 0] += 0.05  # not the identity, so a graph without the standardisation would differ
     set_level_stats(model, stats)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model, threshold=THRESHOLD, extra={"modality": "mri", "spatial_size": SIZE}, with_rng=False)
+    save_test_checkpoint(
+        path, model, threshold=THRESHOLD, extra={"modality": "mri", "spatial_size": SIZE}, with_rng=False
+    )
     return path
 
 
@@ -106,7 +108,9 @@ def test_cache_reused_invalidated_and_repaired(tmp_path, checkpoint, images, one
     torch.manual_seed(1)
     other = tmp_path / "model.pt"
     model = SkipTS("efficientnet_lite0")
-    save_checkpoint(other, model, threshold=THRESHOLD, extra={"modality": "mri", "spatial_size": SIZE}, with_rng=False)
+    save_test_checkpoint(
+        other, model, threshold=THRESHOLD, extra={"modality": "mri", "spatial_size": SIZE}, with_rng=False
+    )
     p4 = AnomalyPredictor(other, backend="onnxruntime")
     assert p4.export_files[0] != f and p4.export_files[0].name.endswith(f".{SIZE}x{SIZE}.onnx")
     assert backend_cache_paths(other, "onnxruntime", SIZE, {"sigma": p4.sigma}) == p4.export_files

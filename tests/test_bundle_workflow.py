@@ -161,10 +161,10 @@ def test_seeded_generator_and_prepare_batch(skipts):
 def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts, tmp_path):
     from PIL import Image
 
-    from monai_skipts.checkpoint import save_checkpoint
+    from conftest import save_test_checkpoint
 
     path = tmp_path / "model.pt"
-    save_checkpoint(
+    save_test_checkpoint(
         path,
         skipts,
         threshold={"value": 1.5, "scale": 0.2, "target_fpr": 0.05},
@@ -180,7 +180,7 @@ def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts
     item = Compose(loaded.preprocessing())({"image": str(tmp_path / "x.png"), "mask": None})
     assert tuple(item["image"].shape) == (3, 32, 32) and tuple(item["mask"].shape) == (1, 32, 32)
     # an older checkpoint without a modality: the bundle's; without either: refused by name
-    save_checkpoint(tmp_path / "old.pt", skipts, threshold=None, extra={})
+    save_test_checkpoint(tmp_path / "old.pt", skipts, threshold=None, extra={})
     old = bundle.load_trained_model(tmp_path / "old.pt", modality="xray", spatial_size=64)
     assert (old.threshold, old.modality, old.spatial_size) == (None, "xray", 64)
     with pytest.raises(ValueError, match="old.pt: the checkpoint records no modality"):
@@ -193,7 +193,7 @@ def test_run_names_resume_from_the_checkpoint(skipts, tmp_path):
     out = tmp_path / "run"
     fresh = bundle.training_run_name("brainmri", 2, out, resume=True)
     assert fresh.startswith("brainmri-seed2-")
-    save_checkpoint(out / "checkpoint.pt", skipts, extra={"run_name": "brainmri-seed2-earlier"})
+    save_test_checkpoint(out / "checkpoint.pt", skipts, extra={"run_name": "brainmri-seed2-earlier"})
     assert bundle.training_run_name("brainmri", 2, out, resume=True) == "brainmri-seed2-earlier"
     assert bundle.training_run_name("brainmri", 2, out, resume=False).startswith("brainmri-seed2-2")
     assert bundle.training_run_name("brainmri", 2, out, mlflow=False) is None
@@ -269,7 +269,7 @@ def test_register_model_logs_the_bundle_and_skips_when_switched_off(skipts, tmp_
     from monai_skipts.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
-    save_checkpoint(
+    save_test_checkpoint(
         out / "model.pt",
         skipts,
         threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05},

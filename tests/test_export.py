@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_skipts.checkpoint import save_checkpoint
+from conftest import save_test_checkpoint
 from monai_skipts.export import (
     SkipTSExportModel,
     export_onnx,
@@ -76,7 +76,7 @@ def lite_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = SkipTS("efficientnet_lite0")
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model, threshold=THRESHOLD, extra={"spatial_size": SIZE, "modality": "xray"})
+    save_test_checkpoint(path, model, threshold=THRESHOLD, extra={"spatial_size": SIZE, "modality": "xray"})
     return path
 
 

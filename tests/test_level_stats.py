@@ -11,7 +11,9 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 
-from monai_skipts.checkpoint import load_checkpoint, load_model, save_checkpoint
+from monai_skipts.checkpoint import load_checkpoint, load_model
+
+from conftest import save_test_checkpoint
 from monai_skipts.engines import LevelStatsFitter, SkipTSEvaluator, TeacherFeatureCache
 from monai_skipts.inferers import (
     AnomalyMapHead,
@@ -109,7 +111,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     model = _model()
     x = _images(3)
     set_level_stats(model, fit_level_stats(model, [x]))
-    path = save_checkpoint(tmp_path / "model.pt", model, threshold={"value": 1.0})
+    path = save_test_checkpoint(tmp_path / "model.pt", model, threshold={"value": 1.0})
     assert torch.equal(load_checkpoint(path)["map_level_stats"], model.map_level_stats)
     torch.manual_seed(0)  # the random teacher (pretrained=False) is not in the checkpoint: rebuild the same
     loaded, _ = load_model(path, download=False)
@@ -119,7 +121,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
         for a, b in zip(SkipTSPredictor(model)(x), SkipTSPredictor(loaded)(x)):
             assert torch.equal(a, b)
     # a checkpoint of a model without statistics has none, and its reload has none
-    plain = save_checkpoint(tmp_path / "plain.pt", _model())
+    plain = save_test_checkpoint(tmp_path / "plain.pt", _model())
     assert "map_level_stats" not in load_checkpoint(plain)
     assert get_level_stats(load_model(plain, download=False)[0]) is None
 
@@ -188,7 +190,7 @@ def test_exports_carry_the_stats(tmp_path):
     assert np.allclose(json.loads(sess.get_modelmeta().custom_metadata_map["map_level_stats"]), stats.numpy())
 
     # a whole checkpoint handed to the export model (monai.bundle ckpt_export) sets the stats
-    path = save_checkpoint(tmp_path / "model.pt", model)
+    path = save_test_checkpoint(tmp_path / "model.pt", model)
     em = SkipTSExportModel(_model())
     em.load_state_dict(torch.load(path, weights_only=True))
     assert torch.equal(em.model.map_level_stats, stats)

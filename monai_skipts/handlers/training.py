@@ -172,7 +172,9 @@ class SkipTSCheckpointHandler:
             )
         missing = self.network.load_state_dict(ckpt["state_dict"], strict=False).missing_keys
         if any(not k.startswith("model.teacher.") for k in missing):
-            raise CheckpointError(f"{self.path}: refused to resume: it holds another architecture (missing {missing[:5]})")
+            raise CheckpointError(
+                f"{self.path}: refused to resume: it holds another architecture (missing {missing[:5]})"
+            )
         if "optimizer" in ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if "rng" in ckpt:

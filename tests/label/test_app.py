@@ -18,6 +18,7 @@ from monailabel.interfaces.utils.app import app_instance, clear_cache  # noqa: E
 
 import monai_skipts.label as skipts_label  # noqa: E402
 from monai_skipts.checkpoint import save_checkpoint  # noqa: E402
+from conftest import save_test_checkpoint
 from monai_skipts.label import AnomalyScorer  # noqa: E402
 from monai_skipts.networks import SkipTS  # noqa: E402
 from monai_skipts.transforms import LoadMedicalImage  # noqa: E402
@@ -29,7 +30,7 @@ THRESHOLD = {"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 20}
 def app(tmp_path_factory, phantom_root):
     tmp = tmp_path_factory.mktemp("label")
     torch.manual_seed(0)
-    ckpt = save_checkpoint(
+    ckpt = save_test_checkpoint(
         tmp / "model.pt",
         SkipTS("efficientnet_lite0"),
         threshold=THRESHOLD,

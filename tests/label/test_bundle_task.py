@@ -18,6 +18,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
 
 from monai_skipts.bundle.export import export_bundle  # noqa: E402
 from monai_skipts.checkpoint import save_checkpoint  # noqa: E402
+from conftest import save_test_checkpoint
 from monai_skipts.inference import AnomalyPredictor  # noqa: E402
 from monai_skipts.inferers import set_level_stats  # noqa: E402
 from monai_skipts.networks import SkipTS  # noqa: E402
@@ -33,7 +34,7 @@ def bundle(tmp_path_factory):
     torch.manual_seed(0)
     model = SkipTS("efficientnet_lite0")
     set_level_stats(model, [[0.2, 0.1], [0.3, 0.1], [0.4, 0.2]])
-    ckpt = save_checkpoint(
+    ckpt = save_test_checkpoint(
         tmp / "run" / "model.pt",
         model,
         threshold=THRESHOLD,

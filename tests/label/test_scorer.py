@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from monai_skipts.checkpoint import save_checkpoint
+from conftest import save_test_checkpoint
 from monai_skipts.label import AnomalyScorer, array_to_image, slice_to_plane
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import LoadMedicalImage, build_preprocessing, take_slice
@@ -35,7 +35,7 @@ def test_array_to_image_conventions():
 
 def test_scorer_png_and_volume(tmp_path, phantom_root):
     torch.manual_seed(0)
-    ckpt = save_checkpoint(
+    ckpt = save_test_checkpoint(
         tmp_path / "model.pt",
         SkipTS("efficientnet_lite0"),
         threshold={"value": 1.0, "scale": 0.1},
