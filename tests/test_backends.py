@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from PIL import Image
 
-from conftest import save_test_checkpoint
 from monai_skipts.export import backend_cache_paths
 from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.inferers import fit_level_stats, get_level_stats, set_level_stats

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, save_test_checkpoint
 
 from monai_skipts import bundle
 from monai_skipts.bundle import workflow
@@ -159,9 +159,8 @@ def test_seeded_generator_and_prepare_batch(skipts):
 
 
 def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts, tmp_path):
-    from PIL import Image
-
     from conftest import save_test_checkpoint
+    from PIL import Image
 
     path = tmp_path / "model.pt"
     save_test_checkpoint(
@@ -188,7 +187,6 @@ def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts
 
 
 def test_run_names_resume_from_the_checkpoint(skipts, tmp_path):
-    from monai_skipts.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
     fresh = bundle.training_run_name("brainmri", 2, out, resume=True)
@@ -265,8 +263,6 @@ def test_deferred_values_and_metrics_extras_follow_the_calibrator(skipts, tmp_pa
 
 def test_register_model_logs_the_bundle_and_skips_when_switched_off(skipts, tmp_path, monkeypatch, caplog):
     import mlflow
-
-    from monai_skipts.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
     save_test_checkpoint(

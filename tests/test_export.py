@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import save_test_checkpoint
+
 from monai_skipts.export import (
     SkipTSExportModel,
     export_onnx,

@@ -80,6 +80,7 @@ def tiny_run(tmp_path_factory):
 def tiny_checkpoint(tmp_path_factory):
     """An (untrained) efficientnet_lite0 Skip-TS checkpoint recorded as trained at 32²."""
     from conftest import save_test_checkpoint
+
     from monai_skipts.networks import SkipTS
 
     torch.manual_seed(0)

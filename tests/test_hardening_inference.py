@@ -16,13 +16,12 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, save_test_checkpoint
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 import monai_skipts.data.files as files
 import monai_skipts.inference as inference
-from conftest import save_test_checkpoint
 from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import LoadMedicalImage

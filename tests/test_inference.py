@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from PIL import Image
 
-from conftest import save_test_checkpoint
 from monai_skipts.inference import AnomalyPredictor, list_inputs
 from monai_skipts.networks import SkipTS
 from monai_skipts.utils import InputDataError

@@ -8,12 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from ignite.engine import Events
 from monai.data import DataLoader
 
 from monai_skipts.checkpoint import load_checkpoint, load_model
-
-from conftest import save_test_checkpoint
 from monai_skipts.engines import LevelStatsFitter, SkipTSEvaluator, TeacherFeatureCache
 from monai_skipts.inferers import (
     AnomalyMapHead,

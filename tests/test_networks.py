@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from monai_skipts.networks import (
-    AnomalyDetector,
     OFFLINE_DEFAULT_TEACHER,
+    AnomalyDetector,
     SkipStudent,
     SkipTS,
     TeacherWeightsNotFound,

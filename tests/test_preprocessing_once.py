@@ -23,12 +23,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, save_test_checkpoint
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from PIL import Image
 
-from conftest import save_test_checkpoint
 from monai_skipts.engines import SkipTSEvaluator
 from monai_skipts.networks import SkipTS
 

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from PIL import Image
 
-from conftest import save_test_checkpoint
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer
 from monai_skipts.inferers import SkipTSPredictor
 from monai_skipts.metrics import calibrate_threshold

@@ -13,11 +13,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from monai.data import DataLoader, Dataset
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from conftest import save_test_checkpoint
 from monai_skipts.engines import SkipTSTrainer
 from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.metrics import calibrate_threshold

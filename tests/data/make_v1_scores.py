@@ -10,12 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from v1_checkpoint import FILES, fixed_files, v1_payload  # noqa: E402
+from v1_checkpoint import fixed_files, v1_payload  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -13,12 +13,11 @@ import torch
 monailabel = pytest.importorskip("monailabel")
 itk = pytest.importorskip("itk")
 
+from conftest import save_test_checkpoint  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.utils.app import app_instance, clear_cache  # noqa: E402
 
 import monai_skipts.label as skipts_label  # noqa: E402
-from monai_skipts.checkpoint import save_checkpoint  # noqa: E402
-from conftest import save_test_checkpoint
 from monai_skipts.label import AnomalyScorer  # noqa: E402
 from monai_skipts.networks import SkipTS  # noqa: E402
 from monai_skipts.transforms import LoadMedicalImage  # noqa: E402

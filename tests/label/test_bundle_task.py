@@ -13,12 +13,10 @@ import torch
 monailabel = pytest.importorskip("monailabel")
 itk = pytest.importorskip("itk")
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, save_test_checkpoint  # noqa: E402
 from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
 
 from monai_skipts.bundle.export import export_bundle  # noqa: E402
-from monai_skipts.checkpoint import save_checkpoint  # noqa: E402
-from conftest import save_test_checkpoint
 from monai_skipts.inference import AnomalyPredictor  # noqa: E402
 from monai_skipts.inferers import set_level_stats  # noqa: E402
 from monai_skipts.networks import SkipTS  # noqa: E402

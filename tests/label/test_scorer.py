@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from PIL import Image
 
-from conftest import save_test_checkpoint
 from monai_skipts.label import AnomalyScorer, array_to_image, slice_to_plane
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import LoadMedicalImage, build_preprocessing, take_slice
