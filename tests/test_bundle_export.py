@@ -206,7 +206,7 @@ def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
     assert image["spatial_shape"] == pred["spatial_shape"] == [64, 64] and image["num_channels"] == 3
     assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": "anomaly"}
     ckpt = torch.load(checkpoint, weights_only=True)
-    assert meta["anomaly_threshold"]["value"] == pytest.approx(ckpt["threshold"]["value"])
+    assert meta["anomaly_threshold"]["value"] == pytest.approx(float(ckpt["state_dict"]["threshold"]))
     assert "auroc" in meta["eval_metrics"]
     broken = dict(meta, network_data_format={"inputs": {"image": {"type": "image"}}, "outputs": {}})
     with pytest.raises(ValueError, match="inputs.image: missing 'format'"):
@@ -233,16 +233,17 @@ def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
     # models/model.ts: MONAI's TorchScript with the metadata embedded; the map of the checkpoint's model
     from monai.data import load_net_with_metadata
 
-    from monai_skipts.export import SkipTSExportModel
+    from monai_skipts.checkpoint import load_detector
+    from monai_skipts.inferers import SkipTSInferer
 
     ts, ts_meta, extra = load_net_with_metadata(str(root / "models" / "model.ts"), more_extra_files=["inference.json"])
     assert ts_meta["version"] == meta["version"] and json.loads(extra["inference.json"]) == json.loads(text)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        amap, score = SkipTSExportModel.from_checkpoint(str(checkpoint)).eval()(x)
-        torch.testing.assert_close(ts(x), amap, atol=1e-4, rtol=0)
-        torch.testing.assert_close(net(x), amap, atol=1e-4, rtol=0)
-        torch.testing.assert_close(ts(x).flatten(1).amax(1), score, atol=1e-4, rtol=0)
+        amap, score = load_detector(checkpoint)(x)
+        torch.testing.assert_close(ts(x)[0], amap, atol=1e-4, rtol=0)
+        torch.testing.assert_close(SkipTSInferer()(x, net.eval()), amap, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ts(x)[1], score, atol=1e-4, rtol=0)
 
 
 def test_monai_verify_metadata(exported, tmp_path):
