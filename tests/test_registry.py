@@ -1,5 +1,5 @@
 """MLflow registry round trip on a real sqlite store: train tiny, calibrate, register, load by alias,
-and the same scores as the evaluator (and as SkipTSPredictor on the same preprocessed images)."""
+and the same scores as the evaluator (and as the detector on the same preprocessed images)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from monai.data import DataLoader, Dataset
 from PIL import Image
 
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer
-from monai_skipts.inferers import SkipTSPredictor
 from monai_skipts.metrics import calibrate_threshold
-from monai_skipts.networks import SkipTS
+from monai_skipts.networks import AnomalyDetector, SkipTS
 from monai_skipts.transforms import build_preprocessing, expand_volume_datalist
 
 mlflow = pytest.importorskip("mlflow")
@@ -30,7 +29,7 @@ SIZE = 64
 
 
 def _scores(model, items, pre):
-    ev = SkipTSEvaluator("cpu", DataLoader(Dataset(items, pre), batch_size=8), model)
+    ev = SkipTSEvaluator("cpu", DataLoader(Dataset(items, pre), batch_size=8), AnomalyDetector(model))
     out = []
     ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: out.extend(e.state.output["score"].tolist()))
     ev.run()
@@ -94,7 +93,7 @@ def test_register_and_load_by_alias_gives_evaluator_scores(registered, phantom_r
     np.testing.assert_allclose(df["score"].to_numpy(), want, rtol=0, atol=1e-5)
     batch = torch.stack([pre({"image": p})["image"].as_tensor() for p in paths])
     with torch.no_grad():
-        _, direct = SkipTSPredictor(model).eval()(batch)
+        _, direct = AnomalyDetector(model).eval()(batch)
     np.testing.assert_allclose(df["score"].to_numpy(), direct.numpy(), rtol=0, atol=1e-5)
 
     thr = registered["threshold"]
