@@ -208,6 +208,7 @@ def upgrade_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> dict
         "config": {
             "model": dict(ckpt["model_config"]),
             "sigma": float(extra.get("sigma", 4.0)),
+            "similarity": "cosine",
             "preprocessing": prep,
             "calibration": rec or None,
             "anatomy_mask": None,
@@ -373,6 +374,7 @@ def detector_from_config(
         sigma=config.get("sigma", 4.0),
         preprocessing=config.get("preprocessing"),
         anatomy_mask=config.get("anatomy_mask"),
+        similarity=config.get("similarity", "cosine"),
     )
     detector.config["model"] = dict(config["model"])
     detector.config["calibration"] = copy.deepcopy(config.get("calibration"))

@@ -13,6 +13,7 @@ in ``state_dict()`` plus one JSON-able :attr:`AnomalyDetector.config`:
 ``pixel_threshold``         map threshold for outlines, float64 scalar, NaN: not calibrated
 ``config["model"]``         the architecture (``model.config``), from which the model is rebuilt
 ``config["sigma"]``         Gaussian sigma of the map
+``config["similarity"]``    per-pixel discrepancy of the maps (``"cosine"``: eq 1)
 ``config["preprocessing"]`` ``{"modality", "spatial_size": [H, W], "window", "mri_norm"}``
 ``config["calibration"]``   the calibration record (``method``, ``target_fpr``, ``n_normals``, ...)
 ``config["anatomy_mask"]``  anatomy mask settings (``None``: off)
@@ -60,6 +61,8 @@ class AnomalyDetector(nn.Module):
         preprocessing: the preset options the model is trained with (``modality``, ``spatial_size``,
             ``window``, ``mri_norm``); ``spatial_size`` is stored as ``[H, W]``.
         anatomy_mask: anatomy mask settings (``None``: off).
+        similarity: the maps' per-pixel discrepancy (``"cosine"``: eq 1; see
+            :class:`~monai_skipts.inferers.AnomalyMapHead`).
 
     Raises:
         ValueError: a ``spatial_size`` that is not ``S``, ``(S,)`` or ``(H, W)`` of positive ints.
@@ -77,10 +80,11 @@ class AnomalyDetector(nn.Module):
         sigma: float = 4.0,
         preprocessing: Mapping[str, Any] | None = None,
         anatomy_mask: Mapping[str, Any] | None = None,
+        similarity: str = "cosine",
     ):
         super().__init__()
         self.model = model
-        self.head = AnomalyMapHead(float(sigma))
+        self.head = AnomalyMapHead(float(sigma), similarity=similarity)
         self.register_buffer("level_stats", torch.zeros(0, 2, dtype=torch.float32))
         for name in SCALAR_STATE:
             self.register_buffer(name, _nan())
@@ -92,6 +96,7 @@ class AnomalyDetector(nn.Module):
         self.config: dict[str, Any] = {
             "model": dict(getattr(model, "module", model).config),
             "sigma": float(sigma),
+            "similarity": str(similarity),
             "preprocessing": prep,
             "calibration": None,
             "anatomy_mask": dict(anatomy_mask) if anatomy_mask else None,
@@ -138,7 +143,7 @@ class AnomalyDetector(nn.Module):
     def set_sigma(self, sigma: float) -> None:
         """Use another Gaussian sigma for the map (stored in the config)."""
         self.config["sigma"] = float(sigma)
-        self.head = AnomalyMapHead(float(sigma)).to(self.level_stats.device)
+        self.head = AnomalyMapHead(float(sigma), similarity=self.config["similarity"]).to(self.level_stats.device)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """The module's own state dict, or a whole monai-skipts checkpoint (what ``python -m
