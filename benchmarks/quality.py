@@ -57,12 +57,11 @@ from monai_skipts.baselines import PatchCore
 from monai_skipts.data import DATASETS, DatasetPreset, get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, resolve_device
 from monai_skipts.inferers import fit_level_stats
-from monai_skipts.losses import build_loss
+from monai_skipts.losses import RD4ADLoss, build_loss
 from monai_skipts.metrics import pixel_metrics, report_metrics
 from monai_skipts.networks import (
     RD4AD,
     AnomalyDetector,
-    RD4ADLoss,
     SkipTS,
     build_teacher,
     feature_shapes,

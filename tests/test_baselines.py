@@ -16,7 +16,8 @@ from PIL import Image
 from monai_skipts.baselines import PatchCore, greedy_coreset
 from monai_skipts.baselines.patchcore import nearest_distances
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
-from monai_skipts.networks import RD4AD, AnomalyDetector, RD4ADLoss, SkipTS, build_teacher
+from monai_skipts.losses import RD4ADLoss
+from monai_skipts.networks import RD4AD, AnomalyDetector, SkipTS, build_teacher
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

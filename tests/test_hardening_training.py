@@ -373,4 +373,4 @@ def test_item15_missing_wrn50_weights_said_once_in_one_line(how, tmp_path):
     assert "wide_resnet50_2-95faca4d.pth" in line and str(cache) in line and "teacher_weights" in line, line
     assert "using the offline teacher 'efficientnet_lite0'" in line, line
     assert "could not download" not in log and "Traceback" not in log
-    assert torch.load(out / "model.pt", weights_only=True)["model_config"]["teacher"] == "efficientnet_lite0"
+    assert torch.load(out / "model.pt", weights_only=True)["config"]["model"]["teacher"] == "efficientnet_lite0"

@@ -8,8 +8,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .student import SKIP_LEVELS, SkipStudent
-from .teacher import TeacherEncoder, build_teacher
+from monai_skipts.networks.bottleneck import RD4ADStudent
+from monai_skipts.networks.student import EXPANSION, SKIP_LEVELS, SkipStudent
+from monai_skipts.networks.teacher import TeacherEncoder, build_teacher
 
 __all__ = [
     "SkipTS",
@@ -35,7 +36,6 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
 #: any other teacher (EfficientNet-Lite): the mirror of its MBConv blocks (expansion 6)
 _GENERIC_STUDENT = {"kind": "inverted", "blocks": (3, 3, 2)}
 _DEFAULT_BLOCKS = {"basic": (2, 2, 2), "inverted": (3, 3, 2), "bottleneck": (6, 4, 3)}
-_EXPANSION = 6
 #: inverted-student expansion per teacher tap kind: the "expanded" taps already are the teacher's
 #: 6×-expanded features, so widths equal to their channel counts give the student the same block
 #: widths as over the "project" taps (Lite0: 672/240/144 in D3/D2/D1 either way); expansion 6 of
@@ -46,7 +46,7 @@ _EXPANSION_BY_TAPS = {"expanded": 1}
 def student_expansion(teacher: TeacherEncoder) -> int:
     """Expansion of the inverted-residual student's widths over ``teacher``'s tap channels: 6 (the
     teacher's MBConv expansion) for its projected taps, 1 for ``"expanded"`` taps."""
-    return _EXPANSION_BY_TAPS.get(getattr(teacher, "tap_kind", ""), _EXPANSION)
+    return _EXPANSION_BY_TAPS.get(getattr(teacher, "tap_kind", ""), EXPANSION)
 
 
 def student_preset(
@@ -225,8 +225,6 @@ class SkipTS(TeacherStudentModel):
             )
             levels = list(self.student.skip_levels)
             if bottleneck:  # RD4AD's one-class bottleneck in front of D3 (built after the decoder, as RD4AD does)
-                from .rd4ad import RD4ADStudent
-
                 self.student = RD4ADStudent(
                     self.teacher.out_channels, self.student, depthwise=preset["kind"] == "inverted"
                 )
