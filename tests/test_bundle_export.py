@@ -25,7 +25,8 @@ import torch
 from conftest import REPO
 from test_bundles import make_layout
 
-from monai_skipts.bundle.export import METADATA_REQUIRED, TENSOR_SPEC_REQUIRED, check_metadata, running_bundle_root
+from monai_skipts.bundle.metadata import METADATA_REQUIRED, TENSOR_SPEC_REQUIRED, check_metadata
+from monai_skipts.bundle.runtime import running_bundle_root
 
 NAME = "skipts_brainmri"
 LAYOUT = [
@@ -217,7 +218,7 @@ def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
     assert "%" not in text and "bundles/" not in text and str(REPO) not in text and "transforms/" not in text
     cfg = json.loads(text)
     assert cfg["ckpt_path"] == "$@bundle_root + '/models/model.pt'"
-    assert cfg["bundle_root"] == "$monai_skipts.bundle.export.running_bundle_root()"
+    assert cfg["bundle_root"] == "$monai_skipts.bundle.runtime.running_bundle_root()"
     for key in ("network_def", "preprocessing", "inferer", "postprocessing", "handlers", "evaluator", "run"):
         assert key in cfg, key
     parser = ConfigParser(cfg)

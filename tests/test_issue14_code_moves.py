@@ -46,17 +46,18 @@ def test_evaluator_feeds_plain_channels_last_tensors_with_the_same_maps():
 
 
 def test_rd4ad_checkpoint_round_trip(tmp_path):
-    from monai_skipts.checkpoint import load_model, save_checkpoint
-    from monai_skipts.networks import RD4AD
+    from monai_skipts.checkpoint import load_checkpoint, load_detector, save_checkpoint
+    from monai_skipts.networks import RD4AD, AnomalyDetector
 
     torch.manual_seed(0)
-    model = RD4AD("efficientnet_lite0").eval()
-    path = save_checkpoint(tmp_path / "rd4ad.pt", model, threshold={"value": 1.0}, extra={"modality": "xray"})
-    loaded, ckpt = load_model(path)
-    assert isinstance(loaded, RD4AD) and ckpt["model_config"]["model"] == "rd4ad"
+    detector = AnomalyDetector(RD4AD("efficientnet_lite0"), preprocessing={"modality": "xray"}).eval()
+    detector.set_calibration({"value": 1.0})
+    path = save_checkpoint(tmp_path / "rd4ad.pt", detector)
+    loaded = load_detector(path)
+    assert isinstance(loaded.model, RD4AD) and load_checkpoint(path)["config"]["model"]["model"] == "rd4ad"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.predict(x), model.predict(x))
+        torch.testing.assert_close(loaded(x), detector(x))
 
 
 def test_one_predictor_and_one_decision():
