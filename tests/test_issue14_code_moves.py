@@ -24,7 +24,7 @@ def test_engines_use_monai_iteration_unchanged():
 
 def test_evaluator_feeds_plain_channels_last_tensors_with_the_same_maps():
     from monai_skipts.engines import SkipTSEvaluator
-    from monai_skipts.networks import SkipTS
+    from monai_skipts.networks import AnomalyDetector, SkipTS
 
     torch.manual_seed(0)
     model = SkipTS("efficientnet_lite0").eval()
@@ -33,7 +33,8 @@ def test_evaluator_feeds_plain_channels_last_tensors_with_the_same_maps():
     hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try:
         for fast in (False, True):
-            ev = SkipTSEvaluator("cpu", DataLoader(data, batch_size=4), model, channels_last=fast, plain_tensors=fast)
+            loader = DataLoader(data, batch_size=4)
+            ev = SkipTSEvaluator("cpu", loader, AnomalyDetector(model), channels_last=fast, plain_tensors=fast)
             ev.run()
             scores[fast] = ev.state.output["score"]
             assert ev.state.output["id"] == ["0", "1", "2", "3"]
@@ -61,9 +62,10 @@ def test_rd4ad_checkpoint_round_trip(tmp_path):
 
 
 def test_one_predictor_and_one_decision():
-    from monai_skipts.inference import AnomalyPredictor, decide
+    from monai_skipts.inference import AnomalyPredictor
     from monai_skipts.label import AnomalyScorer
     from monai_skipts.metrics import normalize_score
+    from monai_skipts.networks import decide
 
     assert AnomalyScorer is AnomalyPredictor
     assert decide(1.0, None) == {"score": 1.0, "threshold": None, "anomalous": None, "normalized_score": None}

@@ -386,11 +386,12 @@ class _TinyNet(torch.nn.Module):
 
 
 def _write_checkpoint(d: Path) -> Path:
-    return save_checkpoint(d / "checkpoint.pt", _TinyNet(), torch.optim.Adam(_TinyNet().parameters()), epoch=1)
+    net = AnomalyDetector(_TinyNet())
+    return save_checkpoint(d / "checkpoint.pt", net, torch.optim.Adam(net.parameters()), epoch=1)
 
 
 def _write_model(d: Path) -> Path:
-    net = _TinyNet()
+    net = AnomalyDetector(_TinyNet())
     state = SimpleNamespace(state=SimpleNamespace(epoch=2))
     scores = SimpleNamespace(records=[{"score": float(s)} for s in range(5)])
     ThresholdCalibrator(state, scores, net, d, trainer=state)()
