@@ -42,7 +42,7 @@ def test_scorer_png_and_volume(tmp_path, phantom_root):
         extra={"spatial_size": 32, "modality": "mri"},
     )
     scorer = AnomalyScorer(ckpt, batch_size=4)
-    assert scorer.config()["modality"] == "mri" and scorer.config()["spatial_size"] == 32
+    assert scorer.config()["modality"] == "mri" and scorer.config()["spatial_size"] == [32, 32]
 
     png = sorted(phantom_root.glob("test/lesion/*.png"))[0]
     res = scorer.score_file(png)
