@@ -15,6 +15,7 @@ from conftest import REPO, save_test_checkpoint
 
 from monai_skipts import bundle
 from monai_skipts.bundle import workflow
+from monai_skipts.networks import AnomalyDetector
 
 COMMON = sorted((REPO / "bundles" / "common").glob("*.json"))
 GENERATED = sorted(
@@ -171,7 +172,7 @@ def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts
     )
     loaded = bundle.load_trained_model(path, device="cpu", modality="xray", spatial_size=256)
     assert loaded.threshold == 1.5 and loaded.score_scale == 0.2 and loaded.teacher == "efficientnet_lite0"
-    assert (loaded.modality, loaded.spatial_size) == ("mri", 32)  # the checkpoint's, not the arguments'
+    assert (loaded.modality, loaded.spatial_size) == ("mri", [32, 32])  # the checkpoint's, not the arguments'
     assert not loaded.network.training
     Image.fromarray((torch.rand(40, 48) * 255).byte().numpy()).save(tmp_path / "x.png")
     from monai.transforms import Compose
@@ -181,7 +182,7 @@ def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts
     # an older checkpoint without a modality: the bundle's; without either: refused by name
     save_test_checkpoint(tmp_path / "old.pt", skipts, threshold=None, extra={})
     old = bundle.load_trained_model(tmp_path / "old.pt", modality="xray", spatial_size=64)
-    assert (old.threshold, old.modality, old.spatial_size) == (None, "xray", 64)
+    assert (old.threshold, old.modality, old.spatial_size) == (None, "xray", [64, 64])
     with pytest.raises(ValueError, match="old.pt: the checkpoint records no modality"):
         bundle.load_trained_model(tmp_path / "old.pt")
 
@@ -239,7 +240,9 @@ def test_distributed_group_and_rank_switches(monkeypatch):
 def test_deferred_values_and_metrics_extras_follow_the_calibrator(skipts, tmp_path):
     from monai_skipts.handlers import ThresholdCalibrator
 
-    calibrator = ThresholdCalibrator(evaluator=None, score_handler=None, network=skipts, output_dir=tmp_path)
+    calibrator = ThresholdCalibrator(
+        evaluator=None, score_handler=None, network=AnomalyDetector(skipts), output_dir=tmp_path
+    )
     threshold = bundle.deferred_attribute(calibrator, "threshold")
     split = {"train": [], "report": {"counts": {"train": 5, "val": 2}}}
     extras = bundle.metrics_extras(split, calibrator=calibrator, teacher="efficientnet_lite0", epochs=1, seed=0)
@@ -253,7 +256,7 @@ def test_deferred_values_and_metrics_extras_follow_the_calibrator(skipts, tmp_pa
         "seed": 0,
         "calibration": {"value": 0.8, "method": "empirical"},
     }
-    evaluated = bundle.metrics_extras(split, network=skipts, checkpoint="runs/x/model.pt")()
+    evaluated = bundle.metrics_extras(split, network=AnomalyDetector(skipts), checkpoint="runs/x/model.pt")()
     assert evaluated == {
         "checkpoint": os.path.abspath("runs/x/model.pt"),
         "teacher": "efficientnet_lite0",

@@ -50,7 +50,7 @@ def test_scorer_png_and_volume(tmp_path, phantom_root):
     assert res["kind"] == "image" and res["map"].shape == (h, w)
     x = build_preprocessing("mri", 32)({"image": str(png)})["image"][None]
     with torch.no_grad():
-        want = scorer.predictor(x)[1].item()
+        want = scorer.detector(x)[1].item()
     assert res["score"] == pytest.approx(want, abs=1e-6)
     assert res["anomalous"] == (res["score"] >= 1.0) and res["threshold"] == 1.0
 
