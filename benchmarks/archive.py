@@ -45,14 +45,15 @@ def register_phantom_model(work_dir: Path, size: int) -> tuple[str, str]:
     from monai_skipts.apps import make_phantom_dataset
     from monai_skipts.checkpoint import save_checkpoint
     from monai_skipts.inference import AnomalyPredictor
-    from monai_skipts.networks import SkipTS
+    from monai_skipts.networks import AnomalyDetector, SkipTS
     from monai_skipts.registry import log_and_register
 
     root = make_phantom_dataset(work_dir / "normals", n_train=8, n_test_normal=1, n_test_abnormal=1, size=size, seed=1)
     torch.manual_seed(0)
-    model = SkipTS("efficientnet_lite0").eval()
-    extra = {"spatial_size": size, "modality": "xray"}
-    ckpt = save_checkpoint(work_dir / "model.pt", model, extra=extra)
+    detector = AnomalyDetector(
+        SkipTS("efficientnet_lite0"), preprocessing={"spatial_size": size, "modality": "xray"}
+    ).eval()
+    ckpt = save_checkpoint(work_dir / "model.pt", detector)
     pred = AnomalyPredictor(ckpt, device="cpu")
     scores = np.array(
         [pred.score_file(p, maps=False)["score"] for p in sorted(glob.glob(str(root / "train/good/*.png")))]
@@ -63,7 +64,8 @@ def register_phantom_model(work_dir: Path, size: int) -> tuple[str, str]:
         "n_normals": len(scores),
         "scale": float(scores.std()),
     }
-    ckpt = save_checkpoint(work_dir / "model.pt", model, threshold=threshold, extra=extra)
+    detector.set_calibration(threshold)
+    ckpt = save_checkpoint(work_dir / "model.pt", detector)
     tracking_uri = f"sqlite:///{work_dir.resolve()}/mlruns.db"
     info = log_and_register(ckpt, "skipts-archive-bench", tracking_uri=tracking_uri, experiment_name="archive-bench")
     return info["model_uri"], tracking_uri

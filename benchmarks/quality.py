@@ -56,10 +56,17 @@ from torch.utils.data import Subset
 from monai_skipts.baselines import PatchCore
 from monai_skipts.data import DATASETS, DatasetPreset, get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
-from monai_skipts.inferers import SkipTSInferer, fit_level_stats, set_level_stats
+from monai_skipts.inferers import fit_level_stats
 from monai_skipts.losses import RD4ADLoss, build_loss
 from monai_skipts.metrics import pixel_metrics, report_metrics
-from monai_skipts.networks import RD4AD, SkipTS, build_teacher, feature_shapes, teacher_weights_available
+from monai_skipts.networks import (
+    RD4AD,
+    AnomalyDetector,
+    SkipTS,
+    build_teacher,
+    feature_shapes,
+    teacher_weights_available,
+)
 from monai_skipts.transforms import build_preprocessing
 from monai_skipts.utils import atomic_write_json, atomic_write_text, resolve_device
 
@@ -335,16 +342,15 @@ class DatasetRun:
         return PlainTensorBatch(cache)
 
 
-def _evaluate_kd(run: DatasetRun, model, similarity: str, subset: str = "test") -> dict:
+def _evaluate_kd(run: DatasetRun, detector, subset: str = "test") -> dict:
     """Scores (and, where the test items have masks, maps and masks) of ``subset``."""
     out: dict[str, list] = {"scores": [], "labels": [], "maps": [], "masks": []}
     use_cache = subset == "test" and run.cache_test
     evaluator = SkipTSEvaluator(
         run.device,
         run.test_loader(subset),
-        model,
-        inferer=SkipTSInferer(similarity=similarity),
-        prepare_batch=run.feature_cache(model, run.test_store if use_cache else None),
+        detector,
+        prepare_batch=run.feature_cache(detector.model, run.test_store if use_cache else None),
     )
 
     @evaluator.on(Events.ITERATION_COMPLETED)
@@ -415,6 +421,7 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0,
         [base + STD_SUFFIX] if with_std or spec.get("level_stats") else []
     )
     out = {}
+    detector = AnomalyDetector(model, similarity=similarity)
     for name in variants:
         t1 = time.time()
         if name.endswith(STD_SUFFIX):
@@ -425,9 +432,9 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0,
                 similarity=similarity,
                 prepare_batch=run.feature_cache(model, run.train_store),
             )
-            set_level_stats(model, stats)
-        test = _evaluate_kd(run, model, similarity)
-        val = _evaluate_kd(run, model, similarity, "val") if run.val_items else None
+            detector.set_level_stats(stats)
+        test = _evaluate_kd(run, detector)
+        val = _evaluate_kd(run, detector, "val") if run.val_items else None
         m = _metrics(test, val)
         m.update(
             train_seconds=round(train_s, 1),

@@ -20,7 +20,7 @@ Sections (all in one process, same data, same teacher, same student architecture
    Reported: steady-state epoch (epochs 2+), first epoch (fills the feature cache), the one-off
    ``CacheDataset`` fill, and the amortised epoch over the paper's 200 epochs; ratios ours / port.
 2. Inference: images/s of our path (batched, ``torch.inference_mode``, channels-last, the fused
-   :class:`~monai_skipts.inferers.SkipTSPredictor`) vs the port's (one image at a time, fp32,
+   :class:`~monai_skipts.networks.AnomalyDetector`) vs the port's (one image at a time, fp32,
    NCHW, ``no_grad``); on CPU also bf16 autocast; on CUDA AMP fp16/bf16 and channels-last.
 3. The machine's limit: dense fp32 matmul and 3×3 convolution throughput (GFLOP/s) measured here,
    the model's FLOPs per image (``torch.utils.flop_counter``; 1 MAC = 2 FLOPs) → utilisation of
@@ -55,9 +55,8 @@ from monai.data import CacheDataset, DataLoader
 
 from monai_skipts.data import prepare_split
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
-from monai_skipts.inferers import SkipTSPredictor
 from monai_skipts.losses import DRKDLoss
-from monai_skipts.networks import SkipTS, build_teacher
+from monai_skipts.networks import AnomalyDetector, SkipTS, build_teacher
 from monai_skipts.transforms import build_preprocessing
 from monai_skipts.utils import atomic_write_json, atomic_write_text, resolve_device
 
@@ -523,7 +522,7 @@ def _evaluator_only(a, res: dict, fresh_model, test_items, modality: str, device
     print(f"limit: {limit}", flush=True)
     model = fresh_model().to(device)
     key = "skipts_" + a.teacher
-    flops = {key: flops_per_image(SkipTSPredictor(model), a.size, device)}
+    flops = {key: flops_per_image(AnomalyDetector(model), a.size, device)}
     inf: dict[str, dict] = {}
     bs = a.batch_size
     amp = device.type == "cuda"
@@ -628,20 +627,15 @@ def _bench_checkpoint(fresh_model, test_items, modality: str, size: int, work_di
     """A real checkpoint of the default model (the chosen teacher's ImageNet weights, the student's init,
     per-level map statistics fitted on test images) at ``size``: what the backends are compared on."""
     from monai_skipts.checkpoint import save_checkpoint
-    from monai_skipts.inferers import fit_level_stats, set_level_stats
+    from monai_skipts.inferers import fit_level_stats
 
-    model = fresh_model().eval()
+    detector = AnomalyDetector(fresh_model(), preprocessing={"modality": modality, "spatial_size": size}).eval()
     pre = build_preprocessing(modality, spatial_size=size)
     x = torch.stack([pre(dict(it))["image"].as_tensor() for it in test_items[:8]]).float()
-    set_level_stats(model, fit_level_stats(model, [x]))
+    detector.set_level_stats(fit_level_stats(detector, [x]))
+    detector.set_calibration({"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 8})
     path = work_dir / f"bench_model_{size}.pt"
-    save_checkpoint(
-        path,
-        model,
-        threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 8},
-        extra={"modality": modality, "spatial_size": size},
-        with_rng=False,
-    )
+    save_checkpoint(path, detector, with_rng=False)
     return path
 
 
@@ -691,8 +685,8 @@ def backends_bench(a, res: dict, fresh_model, test_items, modality: str, min_s: 
             "max_abs_map_diff": float((m - want_map).abs().max()),
             "max_abs_score_diff": float((s - want_score).abs().max()),
         }
-    flops = flops_per_image(SkipTSPredictor(fresh_model()), a.size, device)
-    traffic = traffic_per_image(SkipTSPredictor(fresh_model()).eval(), a.size)
+    flops = flops_per_image(AnomalyDetector(fresh_model()), a.size, device)
+    traffic = traffic_per_image(AnomalyDetector(fresh_model()).eval(), a.size)
     configs = [(b, t, bs) for t in a.threads for bs in a.batch_sizes for b in backends]
     times: dict[tuple, list[float]] = {c: [] for c in configs}
     conv: dict[int, list[float]] = {t: [] for t in a.threads}
@@ -936,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     res["limit"] = limit
     print(f"limit: {limit}", flush=True)
     model = fresh_model().to(device)  # the shared teacher may already sit on the device
-    predictor = SkipTSPredictor(model)
+    predictor = AnomalyDetector(model)
     key, tkey = "skipts_" + a.teacher, "teacher_" + a.teacher
     flops = {key: flops_per_image(predictor, a.size, device), tkey: flops_per_image(model.teacher, a.size, device)}
     inf: dict[str, dict] = {}
@@ -964,22 +958,22 @@ def main(argv: list[str] | None = None) -> int:
     if a.evaluator_only:
         return _report_evaluator(res, inf, flops, key, work_dir, bs)
     runs = {
-        f"SkipTSPredictor: batch {bs}, inference_mode, channels-last": (predictor, bs, True, None, True),
+        f"AnomalyDetector: batch {bs}, inference_mode, channels-last": (predictor, bs, True, None, True),
         "port: batch 1, no_grad, NCHW, fp32": (predictor, 1, False, None, False),
         f"teacher only: batch {bs}, inference_mode, channels-last": (model.teacher, bs, True, None, True),
     }
     if device.type == "cpu":
-        runs[f"SkipTSPredictor + bf16 autocast (CPU), batch {bs}"] = (predictor, bs, True, torch.bfloat16, True)
+        runs[f"AnomalyDetector + bf16 autocast (CPU), batch {bs}"] = (predictor, bs, True, torch.bfloat16, True)
     else:
-        runs[f"SkipTSPredictor + fp16 autocast, batch {bs}"] = (predictor, bs, True, torch.float16, True)
-        runs[f"SkipTSPredictor + bf16 autocast, batch {bs}"] = (predictor, bs, True, torch.bfloat16, True)
-        runs[f"SkipTSPredictor, batch {bs}, NCHW fp32 (channels-last off)"] = (predictor, bs, False, None, True)
+        runs[f"AnomalyDetector + fp16 autocast, batch {bs}"] = (predictor, bs, True, torch.float16, True)
+        runs[f"AnomalyDetector + bf16 autocast, batch {bs}"] = (predictor, bs, True, torch.bfloat16, True)
+        runs[f"AnomalyDetector, batch {bs}, NCHW fp32 (channels-last off)"] = (predictor, bs, False, None, True)
     for name, (mod, b, cl, ac, im) in runs.items():
         r = inference_throughput(mod, images, b, device, cl, ac, inference_mode=im, min_seconds=min_s)
         _add(name, r, flops[tkey] if mod is model.teacher else flops[key], low_precision=ac is not None)
     if a.dense_arch != "none":
         dense = SkipTS(a.dense_arch, pretrained=False)
-        dpred = SkipTSPredictor(dense)
+        dpred = AnomalyDetector(dense)
         dkey = "skipts_" + a.dense_arch
         flops[dkey] = flops_per_image(dpred, a.size, device)
         n = min(a.dense_images, len(images))
@@ -993,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
         del dense, dpred
     res["inference"] = inf
     res["flops_per_image"] = flops
-    best = f"SkipTSPredictor: batch {bs}, inference_mode, channels-last"
+    best = f"AnomalyDetector: batch {bs}, inference_mode, channels-last"
     res["inference_speedup_vs_port"] = (
         inf[best]["images_per_second"] / inf["port: batch 1, no_grad, NCHW, fp32"]["images_per_second"]
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 sys.path.insert(0, str(HERE.parent))  # the package's dataset table, also without an install
-from monai_skipts.bundle.export import LOGGING_CONF  # noqa: E402  (one logging.conf for generated and exported bundles)
+from monai_skipts.bundle.inference_config import LOGGING_CONF  # noqa: E402  (one logging.conf for generated and exported bundles)
 from monai_skipts.data import DATASETS  # noqa: E402
 
 # Every dataset fact (layout, modality preset, Table I split, paper AUROC, display name, source and

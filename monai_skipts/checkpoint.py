@@ -1,10 +1,18 @@
-"""Checkpoints: written atomically, loaded safely, rebuilt identically.
+"""Checkpoints: a trained :class:`~monai_skipts.networks.AnomalyDetector`'s state, written atomically,
+loaded safely, rebuilt identically.
 
-A checkpoint holds the student's weights, the model configuration (teacher name and the SHA-256 of
-its weights file, student options), the calibrated decision threshold, and, for resuming, the
-optimizer state, epoch/iteration and RNG states. The teacher's weights are not copied into it (they
-are public and large); :func:`load_model` rebuilds the teacher from the registry and refuses a
-teacher other than the one the student was trained against.
+Version 2 (written here)::
+
+    {"kind": "monai-skipts/checkpoint", "version": 2,
+     "config": AnomalyDetector.config,        # architecture, sigma, preprocessing, calibration, anatomy mask
+     "state_dict": AnomalyDetector.state_dict() without the teacher's weights,
+     "epoch", "iteration", "optimizer", "rng", # training state (optional)
+     "extra": {...}}                           # run information (dataset, run_name, ...)
+
+The teacher's weights are not copied (they are public and large): :func:`load_detector` rebuilds the
+teacher from the registry and refuses a teacher other than the one the student was trained against
+(name and weights SHA-256). Version-1 files (student weights, ``threshold`` record, ``extra``
+preprocessing entries, ``map_level_stats``) are upgraded on load by :func:`upgrade_checkpoint`.
 
 Loading always uses ``torch.load(weights_only=True)``: a file holding pickled objects that could
 execute code is refused with :class:`UnsafeCheckpointError`.
@@ -12,7 +20,9 @@ execute code is refused with :class:`UnsafeCheckpointError`.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 import pickle
 import random
@@ -23,15 +33,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .utils import atomic_save, file_sha256
+from monai_skipts.networks import RD4AD, TEACHERS, AnomalyDetector, SkipTS
+from monai_skipts.transforms.presets import SPEC_KEYS, spatial_size_2d
+from monai_skipts.utils import atomic_save, file_sha256
 
 __all__ = [
     "CHECKPOINT_KIND",
+    "CHECKPOINT_VERSION",
     "CheckpointError",
     "UnsafeCheckpointError",
     "save_checkpoint",
     "load_checkpoint",
-    "load_model",
+    "upgrade_checkpoint",
+    "load_detector",
+    "detector_from_config",
+    "restore_detector",
     "model_from_config",
     "check_teacher",
     "rng_state",
@@ -41,7 +57,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "monai-skipts/checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+#: the prefix of the teacher's entries in the detector's state dict (not stored in checkpoints)
+TEACHER_PREFIX = "model.teacher."
 
 
 class CheckpointError(ValueError):
@@ -86,39 +104,34 @@ def _as_tuple(x):
 
 def save_checkpoint(
     path: str | os.PathLike,
-    model: torch.nn.Module,
+    detector: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     epoch: int = 0,
     iteration: int = 0,
-    threshold: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     with_rng: bool = True,
 ) -> Path:
-    """Write a checkpoint atomically (temp file + rename; the previous file survives any failure).
+    """Write a detector's checkpoint (version 2) atomically (temp file + rename; the previous file
+    survives any failure).
 
     Args:
-        model: a :class:`~monai_skipts.networks.SkipTS` (or DDP-wrapped one).
-        threshold: calibration record, e.g. ``{"value": 1.7, "target_fpr": 0.05, "n_normals": 6}``.
-        extra: more plain data (tensors, numbers, strings, lists, dicts) to keep.
-
-    The model's per-level map statistics (buffer ``map_level_stats``, ``(L, 2)``, see
-    :func:`~monai_skipts.inferers.set_level_stats`), when it has them, are kept under
-    ``"map_level_stats"`` (float32, CPU); :func:`load_model` restores them.
+        detector: an :class:`~monai_skipts.networks.AnomalyDetector` (its config and state dict, less the
+            teacher's weights, are the checkpoint).
+        optimizer, epoch, iteration, with_rng: training state, for resuming.
+        extra: run information (plain data: tensors, numbers, strings, lists, dicts).
     """
-    net = getattr(model, "module", model)
+    state = {
+        k: v.detach().to("cpu").clone() for k, v in detector.state_dict().items() if not k.startswith(TEACHER_PREFIX)
+    }
     payload: dict[str, Any] = {
         "kind": CHECKPOINT_KIND,
         "version": CHECKPOINT_VERSION,
-        "model_config": dict(net.config),
-        "student": net.student.state_dict(),
+        "config": copy.deepcopy(detector.config),
+        "state_dict": state,
         "epoch": int(epoch),
         "iteration": int(iteration),
-        "threshold": threshold,
         "extra": extra or {},
     }
-    stats = getattr(net, "map_level_stats", None)
-    if stats is not None:
-        payload["map_level_stats"] = stats.detach().to("cpu", torch.float32).clone()
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
     if with_rng:
@@ -144,12 +157,81 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path}: not a monai-skipts checkpoint (no kind '{CHECKPOINT_KIND}')")
-    return ckpt
+    return upgrade_checkpoint(ckpt, str(path))
 
 
-def check_teacher(ckpt: dict[str, Any], model: torch.nn.Module, source: str = "checkpoint") -> None:
-    """Refuse a student trained against another teacher (name or weights)."""
-    cfg = ckpt["model_config"]
+def _scalar(value: Any) -> torch.Tensor:
+    return torch.tensor(math.nan if value is None else float(value), dtype=torch.float64)
+
+
+def upgrade_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint dict in the current layout (version 2); version 1 is converted, version 2 returned
+    as it is.
+
+    Version 1 kept the student's state dict (``"student"``), the architecture (``"model_config"``),
+    the calibration record (``"threshold"``), the preprocessing and sigma as entries of ``"extra"``,
+    and the per-level statistics as ``"map_level_stats"``; they become the detector's config and
+    state (``level_stats`` ``(0, 2)`` when absent; ``threshold``/``scale`` NaN when not calibrated).
+
+    Raises:
+        CheckpointError: an unknown version.
+    """
+    version = ckpt.get("version", 1)
+    if version == CHECKPOINT_VERSION:
+        return ckpt
+    if version != 1:
+        raise CheckpointError(
+            f"{source}: checkpoint version {version} is not known to this monai-skipts (it reads 1 and "
+            f"{CHECKPOINT_VERSION}); upgrade the package"
+        )
+    extra = dict(ckpt.get("extra") or {})
+    nested = extra.get("preprocessing") if isinstance(extra.get("preprocessing"), dict) else {}
+    prep = {k: nested.get(k, extra.get(k)) for k in SPEC_KEYS}
+    if prep["spatial_size"] is not None:
+        prep["spatial_size"] = list(spatial_size_2d(prep["spatial_size"]))
+    if isinstance(prep["window"], tuple):
+        prep["window"] = list(prep["window"])
+    thr = ckpt.get("threshold")
+    rec = dict(thr) if thr else {}
+    stats = ckpt.get("map_level_stats")
+    state = {f"model.student.{k}": v for k, v in ckpt["student"].items()}
+    state["level_stats"] = (
+        torch.zeros(0, 2, dtype=torch.float32) if stats is None else torch.as_tensor(stats, dtype=torch.float32)
+    )
+    state["threshold"] = _scalar(rec.get("value"))
+    state["scale"] = _scalar(rec.get("scale"))
+    state["volume_threshold"] = _scalar(None)
+    state["pixel_threshold"] = _scalar(None)
+    out = {
+        "kind": CHECKPOINT_KIND,
+        "version": CHECKPOINT_VERSION,
+        "config": {
+            "model": dict(ckpt["model_config"]),
+            "sigma": float(extra.get("sigma", 4.0)),
+            "similarity": "cosine",
+            "preprocessing": prep,
+            "calibration": rec or None,
+            "anatomy_mask": None,
+        },
+        "state_dict": state,
+        "epoch": int(ckpt.get("epoch", 0)),
+        "iteration": int(ckpt.get("iteration", 0)),
+        "extra": {k: v for k, v in extra.items() if k not in (*SPEC_KEYS, "sigma", "preprocessing")},
+    }
+    for key in ("optimizer", "rng"):
+        if key in ckpt:
+            out[key] = ckpt[key]
+    return out
+
+
+def check_teacher(cfg: dict[str, Any], model: torch.nn.Module, source: str = "checkpoint") -> None:
+    """Refuse a student trained against another teacher (name or weights).
+
+    Args:
+        cfg: the architecture the student was trained with (a checkpoint's ``config["model"]``).
+        model: the teacher-student model (or a detector holding it as ``model``).
+    """
+    model = getattr(model, "model", model)
     teacher = getattr(model, "module", model).teacher
     if cfg["teacher"] != teacher.name:
         raise CheckpointError(
@@ -165,8 +247,6 @@ def check_teacher(ckpt: dict[str, Any], model: torch.nn.Module, source: str = "c
 
 def _identify_teacher_weights(sha256: str) -> str | None:
     """The registered teacher whose locally available weights file has ``sha256`` (no downloads)."""
-    from .networks.teacher import TEACHERS
-
     for name, spec in TEACHERS.items():
         try:
             path = spec.weights_file(None, False)
@@ -191,7 +271,7 @@ def _check_teacher_weights_file(cfg: dict[str, Any], path: Path, source: str) ->
     )
 
 
-#: ``model_config["model"]`` -> the class rebuilt (a config without the key is a Skip-TS one)
+#: ``config["model"]["model"]`` -> the class rebuilt (a config without the key is a Skip-TS one)
 MODEL_KINDS = ("skipts", "rd4ad")
 
 
@@ -202,13 +282,11 @@ def model_from_config(
     source: str = "checkpoint",
 ) -> torch.nn.Module:
     """An untrained model of the architecture ``cfg`` (a model's ``config``, a checkpoint's
-    ``model_config``) describes: :class:`~monai_skipts.networks.SkipTS`, or
+    ``config["model"]``) describes: :class:`~monai_skipts.networks.SkipTS`, or
     :class:`~monai_skipts.networks.RD4AD` for ``cfg["model"] == "rd4ad"``; its teacher is built with
     ImageNet weights (``teacher_weights``: the file) as in training."""
     kind = cfg.get("model", "skipts")
     if kind == "rd4ad":
-        from .networks import RD4AD
-
         return RD4AD(
             teacher=cfg["teacher"],
             pretrained=cfg["teacher_pretrained"],
@@ -220,8 +298,6 @@ def model_from_config(
         )
     if kind != "skipts":
         raise CheckpointError(f"{source}: unknown model kind '{kind}' (known: {', '.join(MODEL_KINDS)})")
-    from .networks import SkipTS
-
     return SkipTS(
         teacher=cfg["teacher"],
         pretrained=cfg["teacher_pretrained"],
@@ -244,31 +320,85 @@ def model_from_config(
     )
 
 
-def load_model(
+def load_detector(
     path_or_ckpt: str | os.PathLike | dict[str, Any],
     teacher_weights: str | os.PathLike | None = None,
     map_location: str | torch.device = "cpu",
     download: bool = True,
 ):
-    """Rebuild the trained model (:class:`~monai_skipts.networks.SkipTS`, or
-    :class:`~monai_skipts.networks.RD4AD`: :func:`model_from_config`) from a checkpoint, in eval mode.
+    """The trained :class:`~monai_skipts.networks.AnomalyDetector` of a checkpoint (a file, or a loaded
+    dict of either version), in eval mode on ``map_location``: the one loader of every serving path.
 
     The teacher is rebuilt by name (``teacher_weights`` may point at the file) and must have the
-    weights the student was trained against. The checkpoint's per-level map statistics
-    (``"map_level_stats"``), when present, are restored as the model's ``map_level_stats`` buffer, so
-    :class:`~monai_skipts.inferers.SkipTSPredictor` / ``SkipTSInferer`` give the trained model's maps.
-    Returns ``(model, checkpoint_dict)``.
+    weights the student was trained against.
+
+    Raises:
+        FileNotFoundError, UnsafeCheckpointError, CheckpointError: see :func:`load_checkpoint`; a
+            teacher other than the trained one; a state that does not fit the architecture.
     """
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt, map_location)
     source = "checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
-    cfg = ckpt["model_config"]
+    if isinstance(path_or_ckpt, dict):
+        ckpt = upgrade_checkpoint(path_or_ckpt, source)
+    else:
+        ckpt = load_checkpoint(path_or_ckpt, map_location)
+    config = ckpt["config"]
+    cfg = config["model"]
     if teacher_weights is not None and Path(teacher_weights).is_file() and cfg.get("teacher_weights_sha256"):
         _check_teacher_weights_file(cfg, Path(teacher_weights), source)
-    model = model_from_config(cfg, teacher_weights, download, source)
-    check_teacher(ckpt, model, source)
-    model.student.load_state_dict(ckpt["student"])
-    if ckpt.get("map_level_stats") is not None:  # per-level map standardisation (absent: none)
-        from .inferers import set_level_stats
+    detector = detector_from_config(config, teacher_weights=teacher_weights, download=download, source=source)
+    restore_detector(detector, ckpt, source)
+    return detector.to(map_location).eval()
 
-        set_level_stats(model, ckpt["map_level_stats"])
-    return model.to(map_location).eval(), ckpt
+
+def detector_from_config(
+    config: dict[str, Any],
+    pretrained: bool | None = None,
+    teacher_weights: str | os.PathLike | None = None,
+    download: bool = True,
+    source: str = "checkpoint",
+) -> AnomalyDetector:
+    """An :class:`~monai_skipts.networks.AnomalyDetector` of a detector config (architecture, sigma,
+    preprocessing, calibration, anatomy mask), its student untrained and its state unset.
+
+    Args:
+        config: a detector's ``config`` (a checkpoint's ``"config"``).
+        pretrained: build the teacher with its ImageNet weights (``None``: as trained; ``False``: random,
+            for a state dict that holds the teacher's weights, as an exported bundle's ``model.pt``).
+        teacher_weights, download: where the teacher's weights are, and whether to download them.
+    """
+    cfg = dict(config["model"])
+    if pretrained is not None:
+        cfg["teacher_pretrained"] = bool(pretrained)
+    detector = AnomalyDetector(
+        model_from_config(cfg, teacher_weights, download, source),
+        sigma=config.get("sigma", 4.0),
+        preprocessing=config.get("preprocessing"),
+        anatomy_mask=config.get("anatomy_mask"),
+        similarity=config.get("similarity", "cosine"),
+    )
+    detector.config["model"] = dict(config["model"])
+    detector.config["calibration"] = copy.deepcopy(config.get("calibration"))
+    return detector
+
+
+def restore_detector(detector: torch.nn.Module, ckpt: dict[str, Any], source: str = "checkpoint"):
+    """Set a built detector to a checkpoint's config and state (any version); the teacher must be the
+    trained one. Returns ``load_state_dict``'s result (the teacher's entries are the missing keys).
+
+    Raises:
+        CheckpointError: another teacher, or a state that does not fit the architecture.
+    """
+    ckpt = upgrade_checkpoint(ckpt, source)
+    config = ckpt["config"]
+    check_teacher(config["model"], detector, source)
+    if float(config.get("sigma", 4.0)) != detector.sigma:
+        detector.set_sigma(config.get("sigma", 4.0))
+    detector.config.update({k: copy.deepcopy(config.get(k)) for k in ("preprocessing", "calibration", "anatomy_mask")})
+    result = torch.nn.Module.load_state_dict(detector, ckpt["state_dict"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(TEACHER_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{source}: the stored state does not fit the architecture in its config (missing "
+            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
+    return result

@@ -10,12 +10,12 @@
   ``IterationEvents.LOSS_COMPLETED`` handler: MONAI's iteration itself is not overridden.
 - :class:`SkipTSEvaluator` is a :class:`monai.engines.SupervisedEvaluator` whose inferer gives the
   anomaly map; each iteration's output also holds ``"score"`` (B,) and the batch's ``"id"`` list.
-  The map is standardised per level when the network has statistics (``map_level_stats``). Batches
+  The map is standardised per level when the detector has statistics (``level_stats``). Batches
   reach the network as plain tensors in channels-last memory format (:class:`PlainTensorBatch`, a
   ``prepare_batch``); an AMP batch whose map is non-finite is scored again in fp32
   (``IterationEvents.FORWARD_COMPLETED`` handler), score and ids are added at ``MODEL_COMPLETED``.
 - :class:`LevelStatsFitter` fits those per-level statistics on the training normals after training
-  and stores them on the network (bundle: ``$@fit_level_stats()`` between the trainer's run and the
+  and sets them on the detector (bundle: ``$@fit_level_stats()`` between the trainer's run and the
   calibration).
 """
 
@@ -29,7 +29,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.utils import CommonKeys as Keys
 
-from .inferers import SkipTSInferer, fit_level_stats, set_level_stats
+from .inferers import SkipTSInferer, fit_level_stats
 from .losses import DRKDLoss
 from .transforms.presets import has_random_transforms
 from .utils import resolve_device
@@ -216,11 +216,9 @@ class SkipTSEvaluator(SupervisedEvaluator):
     Args:
         device: as for :class:`SkipTSTrainer`.
         val_data_loader: batches of dicts with ``"image"`` and optional ``"label"``, ``"id"``.
-        network: :class:`~monai_skipts.networks.SkipTS`.
-        inferer: default :class:`~monai_skipts.inferers.SkipTSInferer` (sigma 4), which reads the
-            network's per-level map statistics (buffer ``map_level_stats``) at every iteration and
-            standardises the levels when they are present (so statistics set after construction,
-            e.g. by :class:`LevelStatsFitter`, are used).
+        network: the :class:`~monai_skipts.networks.AnomalyDetector` (its forward gives the map, with
+            the statistics it holds at each iteration, e.g. those :class:`LevelStatsFitter` set).
+        inferer: default :class:`~monai_skipts.inferers.SkipTSInferer`.
         amp: honoured on CUDA only. A batch whose map is non-finite under fp16 (an overflow) is scored
             again in fp32 (a warning names its images); AMP stays on for the next batches.
         channels_last, plain_tensors: the batch's image reaches the network as a plain tensor in
@@ -330,15 +328,15 @@ class PlainTensorBatch:
 class LevelStatsFitter:
     """Fit the per-level map statistics on training normals and store them on the network.
 
-    Calls :func:`~monai_skipts.inferers.fit_level_stats` over ``data_loader`` and
-    :func:`~monai_skipts.inferers.set_level_stats` on ``network`` (buffer ``map_level_stats``,
-    ``(L, 2)`` mean/std per level); from then on :class:`SkipTSEvaluator`, ``SkipTSPredictor``,
-    checkpoints (:func:`~monai_skipts.checkpoint.save_checkpoint`) and exports use them. Run it after
+    Calls :func:`~monai_skipts.inferers.fit_level_stats` over ``data_loader`` and sets the result on
+    the detector (:meth:`~monai_skipts.networks.AnomalyDetector.set_level_stats`: buffer
+    ``level_stats``, ``(L, 2)`` mean/std per level); from then on its forward, checkpoints
+    (:func:`~monai_skipts.checkpoint.save_checkpoint`) and exports use them. Run it after
     training and before calibration (the threshold must be calibrated on the standardised maps). In a
     bundle config::
 
         "fit_level_stats": {"_target_": "monai_skipts.engines.LevelStatsFitter",
-                            "network": "@network", "data_loader": "@train#dataloader",
+                            "network": "@detector", "data_loader": "@train#dataloader",
                             "prepare_batch": "@train#prepare_batch"},
         "run": ["$@train#trainer.run()", "$@fit_level_stats()", "$@calibrate()", ...]
 
@@ -346,14 +344,14 @@ class LevelStatsFitter:
     Events.COMPLETED, fitter)``): the engine argument is ignored.
 
     Args:
-        network: the trained :class:`~monai_skipts.networks.SkipTS` (optionally DDP-wrapped).
+        network: the trained :class:`~monai_skipts.networks.AnomalyDetector`.
         data_loader: batches of dicts with ``"image"`` ``(B, 3, H, W)`` (the training normals), or of
             image tensors.
         device: default the network's device.
         prepare_batch: optional ``prepare_batch(batch, device)`` of the trainer; a
             :class:`TeacherFeatureCache` makes the fit reuse its cached teacher features. ``None``
             (or MONAI's default) recomputes the features through the network.
-        similarity: as for :class:`~monai_skipts.inferers.SkipTSInferer`.
+        similarity: as for :class:`~monai_skipts.inferers.AnomalyMapHead`.
         enabled: ``False`` makes the call a no-op (the maps stay unstandardised), so a config can
             switch the standardisation with one flag.
     """
@@ -380,7 +378,7 @@ class LevelStatsFitter:
         if not self.enabled:
             return None
         stats = fit_level_stats(self.network, self.data_loader, self.device, self.similarity, self.prepare_batch)
-        set_level_stats(self.network, stats)
+        self.network.set_level_stats(stats)
         self.stats = stats
         logger.info("per-level map statistics (mean, std): %s", [[round(float(v), 6) for v in row] for row in stats])
         return stats

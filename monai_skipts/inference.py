@@ -39,11 +39,10 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from .checkpoint import load_checkpoint, load_model
+from .backends import BACKENDS
+from .checkpoint import load_checkpoint, load_detector
 from .data import is_image_file
 from .data.files import output_relpaths, relative_id
-from .inferers import SkipTSPredictor
-from .metrics import normalize_score
 from .transforms import (
     LoadMedicalImage,
     VolumeToSlices,
@@ -56,7 +55,7 @@ from .transforms import (
 from .transforms.presets import SPEC_KEYS
 from .utils import InputDataError, atomic_save, atomic_write_text, resolve_device, save_map_png
 
-__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "decide", "list_inputs", "main"]
+__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "list_inputs", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,29 +128,11 @@ def _input_error(exc: BaseException) -> InputDataError | None:
     return None
 
 
-def decide(score: float, threshold: float | None, scale: float | None = None) -> dict[str, Any]:
-    """The decision for one image score: ``{"score", "threshold", "anomalous", "normalized_score"}``.
-
-    ``anomalous`` is ``score >= threshold``; ``normalized_score`` is
-    :func:`~monai_skipts.metrics.normalize_score` (0.5 at the threshold) when ``scale`` is positive.
-    Without a threshold both are ``None`` (and ``normalized_score`` without a scale). The one
-    implementation: inference, MONAI Label, the MLflow model and the score handler's CSV use it.
-    """
-    out: dict[str, Any] = {"score": float(score), "threshold": None, "anomalous": None, "normalized_score": None}
-    if threshold is None:
-        return out
-    out["threshold"] = float(threshold)
-    out["anomalous"] = bool(score >= threshold)
-    if scale is not None and scale > 0:
-        out["normalized_score"] = float(normalize_score(float(score), float(threshold), float(scale)))
-    return out
-
-
 class AnomalyPredictor:
     """A trained model ready to score files, datalists, loaded images, arrays and volumes.
 
     The one predictor of the package: bundle inference (``run``), MONAI Label
-    (:mod:`monai_skipts.label`, which knows it as ``AnomalyScorer``) and the MLflow model
+    (:mod:`monai_skipts.label`) and the MLflow model
     (:mod:`monai_skipts.registry`) all score through it.
 
     - Preprocessing is the training's: :func:`~monai_skipts.transforms.preset_transforms` with the
@@ -161,8 +142,9 @@ class AnomalyPredictor:
       :meth:`score_file`: the same chain after :class:`~monai_skipts.transforms.LoadMedicalImage`).
     - Volumes are scored slice-wise along ``volume_axis``; slice scores aggregate to a volume score
       (:func:`~monai_skipts.transforms.aggregate_volume_scores`).
-    - The network sees plain tensors in channels-last memory format, batched, under
-      :func:`torch.inference_mode` (:class:`~monai_skipts.inferers.SkipTSPredictor`).
+    - The network is the checkpoint's :class:`~monai_skipts.networks.AnomalyDetector`
+      (:func:`~monai_skipts.checkpoint.load_detector`); it sees plain tensors in channels-last memory
+      format, batched, under :func:`torch.inference_mode`; its ``decide`` is the decision.
 
     Args:
         checkpoint: the training run's ``model.pt`` (holds the threshold and the preprocessing
@@ -178,13 +160,13 @@ class AnomalyPredictor:
             :class:`~monai_skipts.transforms.LoadMedicalImage`); ``None``: ``$MONAI_SKIPTS_MAX_PIXELS``
             or the default (40 megapixels); 0: no limit.
         modality, spatial_size, window, mri_norm: override the checkpoint's preprocessing options.
-        sigma: Gaussian sigma of the map; default the checkpoint's ``extra["sigma"]`` or 4.
+        sigma: Gaussian sigma of the map; default the checkpoint's.
         backend: the network's runtime: ``"torch"`` (eager PyTorch, any device; the default),
             ``"onnxruntime"`` or ``"openvino"`` (the exported graph, standardisation, blur and score
             included, on the CPU; extras ``onnxruntime`` / ``openvino``). The preprocessing stays
             the same Python chain; only the forward pass is swapped. The export is made once, checked
             against the eager model (1e-4) and cached next to the checkpoint
-            (:func:`~monai_skipts.export.backend_cache_paths`: keyed by the checkpoint's SHA-256, the
+            (:func:`~monai_skipts.export_cache.backend_cache_paths`: keyed by the checkpoint's SHA-256, the
             input size and sigma; a partial or corrupted file is rebuilt), or in ``export_cache_dir``.
         num_threads: CPU threads of the forward pass (``None``: the runtime's default; for
             ``"torch"`` it sets ``torch.set_num_threads``, which is process-wide).
@@ -214,8 +196,6 @@ class AnomalyPredictor:
         num_threads: int | None = None,
         export_cache_dir: str | os.PathLike | None = None,
     ):
-        from .export import BACKENDS
-
         backend = str(backend or "torch").lower()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -232,20 +212,21 @@ class AnomalyPredictor:
         self.device = resolve_device(device)
         source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-        spec = preprocessing_spec(ckpt, modality, spatial_size, window, mri_norm)
+        #: the trained detector: the one image -> (map, score) path and the one decision
+        self.detector = load_detector(ckpt, teacher_weights, map_location=self.device)
+        if sigma is not None and float(sigma) != self.detector.sigma:
+            self.detector.set_sigma(sigma)
+        spec = preprocessing_spec(self.detector.config["preprocessing"], modality, spatial_size, window, mri_norm)
         if not spec["modality"]:
             raise ValueError(f"{source}: the checkpoint stores no modality; pass modality=<preset name>")
         self.spec = spec
         self.modality, self.spatial_size, self.window, self.mri_norm = (spec[k] for k in SPEC_KEYS)
-        extra = ckpt.get("extra") or {}
-        self.sigma = float(sigma if sigma is not None else extra.get("sigma", 4.0))
-        model, _ = load_model(ckpt, teacher_weights, map_location=self.device)
-        self.teacher: str = model.config["teacher"]
-        self.predictor = SkipTSPredictor(model, sigma=self.sigma).to(self.device).eval()
-        self.threshold_record: dict[str, Any] | None = ckpt.get("threshold")
-        thr = self.threshold_record or {}
-        self.threshold: float | None = thr.get("value")
-        self.scale: float | None = thr.get("scale")
+        self.sigma = self.detector.sigma
+        self.teacher: str = self.detector.config["model"]["teacher"]
+        self.threshold_record: dict[str, Any] | None = self.detector.config["calibration"]
+        self.threshold: float | None = self.detector.decide(0.0)["threshold"]
+        scale = float(self.detector.scale)
+        self.scale: float | None = None if scale != scale else scale
         self._loader_kwargs: dict[str, Any] = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
         self.loader = LoadMedicalImage(**self._loader_kwargs)
         #: the bundle's chain from a path (``{"image": path[, "slice_index", ...]}``)
@@ -263,7 +244,8 @@ class AnomalyPredictor:
         """The exported graph's runner, from the cache (made and verified when missing or invalid)."""
         import tempfile
 
-        from .export import as_export_model, cached_backend_export, make_backend_runner
+        from .backends import make_backend_runner
+        from .export_cache import cached_backend_export
 
         if isinstance(checkpoint, dict):  # no file to key the cache by: a private export for this predictor
             self._export_tmp = tempfile.TemporaryDirectory(prefix="skipts-export-")
@@ -276,7 +258,7 @@ class AnomalyPredictor:
         meta = {"preprocessing": dict(self.spec), "checkpoint": {"file": checkpoint_path.name}}
 
         def module():
-            return as_export_model(self.predictor, self.threshold_record)
+            return self.detector
 
         files = cached_backend_export(
             checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir
@@ -301,10 +283,9 @@ class AnomalyPredictor:
 
     def config(self) -> dict[str, Any]:
         """The serving configuration (JSON-able), enough to rebuild this predictor from the checkpoint."""
-        size = self.spatial_size if isinstance(self.spatial_size, int) else list(self.spatial_size)
         return {
             "modality": self.modality,
-            "spatial_size": size,
+            "spatial_size": list(self.spatial_size),
             "window": self.window,
             "mri_norm": self.mri_norm,
             "sigma": self.sigma,
@@ -343,7 +324,7 @@ class AnomalyPredictor:
         x = images.to(self.device)
         if x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        amap, score = self.predictor(x) if self._runner is None else self._runner(x)
+        amap, score = self.detector(x) if self._runner is None else self._runner(x)
         return amap.float().cpu().contiguous(), score.float().cpu()
 
     def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,9 +340,9 @@ class AnomalyPredictor:
         return torch.cat(maps), torch.cat(scores)
 
     def decide(self, score: float) -> dict[str, Any]:
-        """``{"score", "threshold", "anomalous", "normalized_score"}`` for one score (:func:`decide`
-        with the checkpoint's threshold and scale)."""
-        return decide(score, self.threshold, self.scale)
+        """``{"score", "threshold", "anomalous", "normalized_score"}`` for one score (the detector's
+        :meth:`~monai_skipts.networks.AnomalyDetector.decide`)."""
+        return self.detector.decide(score)
 
     # ---- loaded images and volumes (MONAI Label, MLflow) ------------------------------------------
 

@@ -7,8 +7,8 @@ in torch with scipy's defaults (``truncate=4``, boundary mode ``reflect`` = half
 so it matches ``scipy.ndimage.gaussian_filter`` and exports to TorchScript and ONNX.
 
 Optional per-level standardisation: the levels' maps differ in scale, so the sum is dominated by the
-loudest level. With per-level statistics of the training normals (:func:`fit_level_stats`, stored on
-the model by :func:`set_level_stats` as the buffer ``map_level_stats`` of shape ``(L, 2)``: mean,
+loudest level. With per-level statistics of the training normals (:func:`fit_level_stats`, held by the
+:class:`~monai_skipts.networks.AnomalyDetector` as its buffer ``level_stats`` of shape ``(L, 2)``: mean,
 std), each map is standardised before up-sampling: ``M_l' = (M_l - mean_l) / std_l``, and
 ``M_ano = G_sigma * sum_l Upsample(M_l')``. Without statistics (``None``, the default) the map is
 bit-identical to the plain eq 7.
@@ -31,16 +31,9 @@ __all__ = [
     "standardize_level_maps",
     "anomaly_map_and_score",
     "fit_level_stats",
-    "set_level_stats",
-    "get_level_stats",
-    "LEVEL_STATS_BUFFER",
     "AnomalyMapHead",
     "SkipTSInferer",
-    "SkipTSPredictor",
 ]
-
-#: name of the buffer that holds the per-level map statistics on the (unwrapped) model
-LEVEL_STATS_BUFFER = "map_level_stats"
 
 
 def _symmetric_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
@@ -167,40 +160,6 @@ class AnomalyMapHead(nn.Module):
         return amap, amap.flatten(1).amax(dim=1)
 
 
-def get_level_stats(model: Any) -> torch.Tensor | None:
-    """The ``map_level_stats`` buffer ``(L, 2)`` of ``model`` (unwrapping ``.module``), or ``None``."""
-    return getattr(getattr(model, "module", model), LEVEL_STATS_BUFFER, None)
-
-
-def set_level_stats(model: nn.Module, stats: torch.Tensor | Sequence[Sequence[float]] | None) -> None:
-    """Store per-level map statistics on ``model`` as the buffer ``map_level_stats``.
-
-    The buffer is registered on the unwrapped model (``getattr(model, "module", model)``) as float32,
-    on the model's device, and not persistent: it is not in ``model.state_dict()`` (so state dicts of
-    models with and without statistics stay interchangeable); checkpoints keep it explicitly
-    (:func:`~monai_skipts.checkpoint.save_checkpoint` / :func:`~monai_skipts.checkpoint.load_model`).
-    Being a buffer it follows ``.to()`` and travels into TorchScript/ONNX exports.
-
-    Args:
-        model: a :class:`~monai_skipts.networks.SkipTS` (or DDP-wrapped one).
-        stats: ``(L, 2)`` rows ``(mean_l, std_l)`` (:func:`fit_level_stats`); ``None`` removes them
-            (maps are then not standardised).
-    """
-    net = getattr(model, "module", model)
-    if stats is None:
-        if LEVEL_STATS_BUFFER in net._buffers:
-            net.register_buffer(LEVEL_STATS_BUFFER, None, persistent=False)
-        return
-    stats = torch.as_tensor(stats).detach()
-    if stats.dim() != 2 or stats.shape[1] != 2 or stats.shape[0] < 1:
-        raise ValueError(f"level stats must have shape (L, 2) (mean, std per level), got {tuple(stats.shape)}")
-    if not bool(torch.isfinite(stats).all()) or not bool((stats[:, 1] > 0).all()):
-        raise ValueError(f"level stats must be finite with std > 0, got {stats.tolist()}")
-    ref = next(iter(net.parameters()), None)
-    device = ref.device if ref is not None else stats.device
-    net.register_buffer(LEVEL_STATS_BUFFER, stats.to(device=device, dtype=torch.float32).clone(), persistent=False)
-
-
 def _batch_image(batch: Any) -> torch.Tensor:
     image = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
     return image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -221,8 +180,9 @@ def fit_level_stats(
     under :func:`torch.inference_mode`, in float32.
 
     Args:
-        model: a :class:`~monai_skipts.networks.SkipTS` (or DDP-wrapped one); its forward gives the
-            features.
+        model: an :class:`~monai_skipts.networks.AnomalyDetector` (its ``features``), or the
+            teacher-student model (a :class:`~monai_skipts.networks.SkipTS`, optionally DDP-wrapped)
+            whose forward gives the features.
         batches: an iterable (e.g. a ``DataLoader``) of image tensors ``(B, 3, H, W)``, of batch dicts
             with ``"image"``, or of ``(image, ...)`` tuples.
         device: where to run (default: the device of the model's parameters).
@@ -235,8 +195,9 @@ def fit_level_stats(
 
     Returns:
         ``(L, 2)`` float32 tensor on the CPU, rows ``(mean_l, std_l)`` for levels ``1..L`` (L = 3 for
-        Skip-TS); store it with :func:`set_level_stats`.
+        Skip-TS); set it with :meth:`~monai_skipts.networks.AnomalyDetector.set_level_stats`.
     """
+    features = model.features if hasattr(model, "features") else model
     net = getattr(model, "module", model)
     if device is None:
         ref = next(iter(net.parameters()), None)
@@ -252,9 +213,9 @@ def fit_level_stats(
                     prepared = prepare_batch(batch, device)
                     args = prepared[2] if len(prepared) > 2 else ()
                     kwargs = prepared[3] if len(prepared) > 3 else {}
-                    t, s = model(prepared[0], *args, **kwargs)
+                    t, s = features(prepared[0], *args, **kwargs)
                 else:
-                    t, s = model(_batch_image(batch).to(device=device, dtype=torch.float32))
+                    t, s = features(_batch_image(batch).to(device=device, dtype=torch.float32))
                 maps = anomaly_maps(t, s, similarity)
                 md = [m.double() for m in maps]
                 bn = torch.tensor([float(m.numel()) for m in md], dtype=torch.float64)
@@ -277,67 +238,14 @@ def fit_level_stats(
     return torch.stack([mean, std], dim=1).float()
 
 
-class SkipTSPredictor(nn.Module):
-    """Image to ``(anomaly map (B, 1, H, W), score (B,))``: the whole inference path in one module
-    (teacher, student, maps, up-sampling, Gaussian filter, max) for export and serving.
-
-    The model's per-level statistics (buffer ``map_level_stats``, :func:`set_level_stats`) are read
-    at each forward and applied when present (and ``standardize``); they travel into exports.
-
-    Args:
-        model: a :class:`~monai_skipts.networks.SkipTS`.
-        sigma, layers, similarity: see :class:`AnomalyMapHead`.
-        standardize: use the model's ``map_level_stats`` when it has them (``False``: never).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        sigma: float = 4.0,
-        layers: Sequence[int] | None = None,
-        similarity: str = "cosine",
-        standardize: bool = True,
-    ):
-        super().__init__()
-        self.model = model
-        self.head = AnomalyMapHead(sigma, layers, similarity)
-        self.standardize = bool(standardize)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t, s = self.model(x)
-        stats = get_level_stats(self.model) if self.standardize else None
-        return self.head(t, s, x.shape[-2:], stats)
-
-
 class SkipTSInferer(Inferer):
-    """MONAI inferer: ``inferer(inputs, network) -> anomaly map (B, 1, H, W)``.
-
-    ``network`` is a :class:`~monai_skipts.networks.SkipTS` (its forward gives the features); its
-    per-level statistics (buffer ``map_level_stats``) are read at each call and applied when present
-    (and ``standardize``). The score is the map's maximum (:meth:`score`). Used by
-    :class:`monai.engines.SupervisedEvaluator`.
-
-    Args:
-        sigma, layers, similarity: see :class:`AnomalyMapHead`.
-        standardize: use the network's ``map_level_stats`` when it has them (``False``: never).
+    """MONAI inferer: ``inferer(inputs, detector) -> anomaly map (B, 1, H, W)``, the map of the
+    :class:`~monai_skipts.networks.AnomalyDetector`'s forward (its statistics and sigma). The score is
+    the map's maximum (:meth:`score`). Used by :class:`monai.engines.SupervisedEvaluator`.
     """
-
-    def __init__(
-        self,
-        sigma: float = 4.0,
-        layers: Sequence[int] | None = None,
-        similarity: str = "cosine",
-        standardize: bool = True,
-    ):
-        super().__init__()
-        self.head = AnomalyMapHead(sigma, layers, similarity)
-        self.standardize = bool(standardize)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        t, s = network(inputs, *args, **kwargs)
-        self.head = self.head.to(inputs.device)
-        stats = get_level_stats(network) if self.standardize else None
-        amap, _ = self.head(t, s, inputs.shape[-2:], stats)
+        amap, _ = network(inputs, *args, **kwargs)
         return amap
 
     @staticmethod

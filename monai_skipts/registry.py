@@ -52,7 +52,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("monai_skipts.registry needs mlflow: pip install 'monai-skipts[mlflow]'") from e
 
-from monai_skipts.checkpoint import load_checkpoint
+from monai_skipts.checkpoint import load_checkpoint, upgrade_checkpoint
 from monai_skipts.utils import InputDataError, atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -179,17 +179,18 @@ def serving_config(
     (:func:`~monai_skipts.transforms.preprocessing_spec`), sigma, the volume aggregation and the
     network's runtime (``backend``: ``torch`` | ``onnxruntime`` | ``openvino``, ``num_threads``), i.e.
     the :class:`~monai_skipts.inference.AnomalyPredictor` options the pyfunc model is rebuilt with.
-    Arguments given override the checkpoint's. ``$MONAI_SKIPTS_BACKEND`` at load time overrides the
+    The checkpoint's preprocessing and sigma win: the arguments fill only what it does not record. ``$MONAI_SKIPTS_BACKEND`` at load time overrides the
     logged backend; an exported backend caches its graph next to the model's checkpoint artifact (or
     under ``~/.cache/monai-skipts/exports`` when that folder is read-only)."""
-    from monai_skipts.export import BACKENDS
+    from monai_skipts.backends import BACKENDS
     from monai_skipts.transforms import preprocessing_spec
 
     ckpt = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
-    extra = ckpt.get("extra") or {}
+    config = upgrade_checkpoint(dict(ckpt))["config"]
+    given = {"modality": modality, "spatial_size": spatial_size, "window": window, "mri_norm": mri_norm}
     return {
-        **preprocessing_spec(ckpt, modality, spatial_size, window, mri_norm),
-        "sigma": float(sigma if sigma is not None else extra.get("sigma", 4.0)),
+        **preprocessing_spec(config["preprocessing"], defaults=given),
+        "sigma": float(config.get("sigma") if config.get("sigma") is not None else (sigma or 4.0)),
         "volume_aggregation": volume_aggregation,
         "backend": _check_backend(backend, BACKENDS),
         "num_threads": None if num_threads is None else int(num_threads),
@@ -298,7 +299,7 @@ def log_model(
     from monai_skipts.networks.teacher import TEACHERS
 
     ckpt_path = Path(checkpoint_path)
-    teacher = load_checkpoint(ckpt_path)["model_config"]["teacher"]
+    teacher = load_checkpoint(ckpt_path)["config"]["model"]["teacher"]
     configs = _config_files(bundle_config_files)
     with tempfile.TemporaryDirectory(prefix="skipts-mlflow-") as tmp:
         tmp = Path(tmp)
@@ -413,13 +414,13 @@ def log_and_register(
         ValueError: the checkpoint has no calibrated threshold.
     """
     ckpt = load_checkpoint(checkpoint_path)
-    thr = ckpt.get("threshold") or {}
+    thr = ckpt["config"].get("calibration") or {}
     if thr.get("value") is None:
         raise ValueError(f"{checkpoint_path}: the checkpoint has no calibrated threshold; calibrate before registering")
     serving = serving_config(ckpt, modality, spatial_size, window, mri_norm, sigma, volume_aggregation, backend)
     if not serving["modality"]:
         raise ValueError(f"{checkpoint_path}: the checkpoint stores no modality; pass modality=<preset name>")
-    cfg = ckpt["model_config"]
+    cfg = ckpt["config"]["model"]
     version_tags = {"teacher": cfg["teacher"], "modality": serving["modality"], "threshold": repr(float(thr["value"]))}
     version_tags.update(tags or {})
     with _tracking(tracking_uri):

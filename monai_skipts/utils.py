@@ -30,6 +30,7 @@ from typing import IO, Any, Callable, Iterator
 
 __all__ = [
     "check_flags",
+    "is_rank0",
     "file_sha256",
     "InputDataError",
     "atomic_open",
@@ -254,11 +255,10 @@ class OutputDirLockedError(RuntimeError):
 _HELD_LOCKS: dict[str, int] = {}
 
 
-def _is_rank0() -> bool:
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return True
+def is_rank0() -> bool:
+    """Whether this process is rank 0 of ``torch.distributed`` (or the only process)."""
+    import torch.distributed as dist
+
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -282,7 +282,7 @@ def lock_output_dir(output_dir: str | os.PathLike, name: str = ".lock") -> Path:
     """
     folder = Path(output_dir)
     path = folder / name
-    if not _is_rank0():
+    if not is_rank0():
         return path
     key = str(folder.resolve())
     if key in _HELD_LOCKS:

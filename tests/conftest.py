@@ -135,7 +135,6 @@ def dicom_checkpoint(tmp_path_factory, dicom_study):
     import numpy as np
     import torch
 
-    from monai_skipts.checkpoint import save_checkpoint
     from monai_skipts.inference import AnomalyPredictor
     from monai_skipts.networks import SkipTS
 
@@ -143,12 +142,12 @@ def dicom_checkpoint(tmp_path_factory, dicom_study):
     path = tmp_path_factory.mktemp("dicom_ckpt") / "model.pt"
     net = SkipTS("efficientnet_lite0")
     extra = {"spatial_size": 32, "modality": "xray"}
-    save_checkpoint(path, net, threshold=None, extra=extra)
+    save_test_checkpoint(path, net, threshold=None, extra=extra)
     predictor = AnomalyPredictor(path, device="cpu")
     items = [{"image": str(p), "id": p.name} for p in sorted(dicom_study.rglob("*.dcm"))]
     scores = [r["score"] for r in predictor.predict_items(items)]
     thr = float(np.median(scores))
-    save_checkpoint(path, net, threshold={"value": thr, "scale": 0.05, "target_fpr": 0.05}, extra=extra)
+    save_test_checkpoint(path, net, threshold={"value": thr, "scale": 0.05, "target_fpr": 0.05}, extra=extra)
     return path
 
 
@@ -242,3 +241,19 @@ def mixed_study(tmp_path_factory):
         (root / sub).mkdir(exist_ok=True)
         ds.save_as(root / sub / name, enforce_file_format=True)
     return root
+
+
+def save_test_checkpoint(path, model, threshold=None, extra=None, level_stats=None, **kwargs):
+    """A checkpoint of ``model`` (a teacher-student model) as a trained detector: ``extra``'s preset
+    options (modality, spatial_size, window, mri_norm) and sigma become the detector's config, the
+    rest stays run information; ``threshold`` is the calibration record."""
+    from monai_skipts.checkpoint import save_checkpoint
+    from monai_skipts.networks import AnomalyDetector
+    from monai_skipts.transforms.presets import SPEC_KEYS
+
+    extra = dict(extra or {})
+    prep = {k: extra.pop(k) for k in SPEC_KEYS if k in extra}
+    detector = AnomalyDetector(model, sigma=extra.pop("sigma", 4.0), preprocessing=prep)
+    detector.set_level_stats(level_stats)
+    detector.set_calibration(threshold)
+    return save_checkpoint(path, detector, extra=extra, **kwargs)

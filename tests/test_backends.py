@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from PIL import Image
 
-from monai_skipts.checkpoint import save_checkpoint
-from monai_skipts.export import backend_cache_paths
+from monai_skipts.export_cache import backend_cache_paths
 from monai_skipts.inference import AnomalyPredictor
-from monai_skipts.inferers import fit_level_stats, get_level_stats, set_level_stats
+from monai_skipts.inferers import fit_level_stats
 from monai_skipts.networks import SkipTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +46,15 @@ def checkpoint(tmp_path_factory):
     x = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     stats = fit_level_stats(model, [x])
     stats[:, 0] += 0.05  # not the identity, so a graph without the standardisation would differ
-    set_level_stats(model, stats)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model, threshold=THRESHOLD, extra={"modality": "mri", "spatial_size": SIZE}, with_rng=False)
+    save_test_checkpoint(
+        path,
+        model,
+        threshold=THRESHOLD,
+        extra={"modality": "mri", "spatial_size": SIZE},
+        level_stats=stats,
+        with_rng=False,
+    )
     return path
 
 
@@ -60,7 +66,7 @@ def images():
 @pytest.fixture(scope="module")
 def eager(checkpoint):
     pred = AnomalyPredictor(checkpoint, device="cpu", batch_size=4)
-    assert get_level_stats(pred.predictor.model) is not None
+    assert pred.detector.get_level_stats() is not None
     return pred
 
 
@@ -97,16 +103,19 @@ def test_cache_reused_invalidated_and_repaired(tmp_path, checkpoint, images, one
     p2 = AnomalyPredictor(ckpt, backend="onnxruntime")  # reused: not written again
     assert p2.export_files == [f] and f.stat().st_mtime_ns == mtime
 
-    # another input size -> another file
-    p3 = AnomalyPredictor(ckpt, backend="onnxruntime", spatial_size=64)
-    assert p3.export_files[0] != f and p3.export_files[0].name.endswith(".64x64.onnx")
-    assert p3.predict(torch.randn(1, 3, 64, 64))[0].shape == (1, 1, 64, 64)
+    # another sigma -> another file; another input size than the trained one is refused
+    p3 = AnomalyPredictor(ckpt, backend="onnxruntime", sigma=2.0)
+    assert p3.export_files[0] != f and p3.export_files[0].name.endswith(f".{SIZE}x{SIZE}.onnx")
+    with pytest.raises(ValueError, match=f"trained at {SIZE}x{SIZE}"):
+        AnomalyPredictor(ckpt, backend="onnxruntime", spatial_size=64)
 
     # another checkpoint (other bytes) -> another key
     torch.manual_seed(1)
     other = tmp_path / "model.pt"
     model = SkipTS("efficientnet_lite0")
-    save_checkpoint(other, model, threshold=THRESHOLD, extra={"modality": "mri", "spatial_size": SIZE}, with_rng=False)
+    save_test_checkpoint(
+        other, model, threshold=THRESHOLD, extra={"modality": "mri", "spatial_size": SIZE}, with_rng=False
+    )
     p4 = AnomalyPredictor(other, backend="onnxruntime")
     assert p4.export_files[0] != f and p4.export_files[0].name.endswith(f".{SIZE}x{SIZE}.onnx")
     assert backend_cache_paths(other, "onnxruntime", SIZE, {"sigma": p4.sigma}) == p4.export_files

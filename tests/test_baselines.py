@@ -17,7 +17,7 @@ from monai_skipts.baselines import PatchCore, greedy_coreset
 from monai_skipts.baselines.patchcore import nearest_distances
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
 from monai_skipts.losses import RD4ADLoss
-from monai_skipts.networks import RD4AD, SkipTS, build_teacher
+from monai_skipts.networks import RD4AD, AnomalyDetector, SkipTS, build_teacher
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -33,7 +33,7 @@ def test_rd4ad_forward_contract_matches_skipts(teacher):
     assert [f.shape for f in s_rd] == [f.shape for f in t_rd]
     assert rd.config["skip"] == "none" and rd.config["teacher"] == teacher
     assert not any(p.requires_grad for p in rd.teacher.parameters())
-    amap, score = rd.predict(x)
+    amap, score = AnomalyDetector(rd)(x)
     assert amap.shape == (2, 1, 64, 64) and score.shape == (2,)
     # cached teacher features give the same output as the image
     feats = rd.teacher_features(x)
@@ -64,7 +64,7 @@ def test_rd4ad_trains_with_the_skipts_trainer_and_evaluator():
     assert any(not torch.equal(before_s[k], after_s[k]) for k in before_s)
     assert all(torch.equal(before_t[k], after_t[k]) for k in before_t)
     scores = []
-    ev = SkipTSEvaluator("cpu", DataLoader(data[:4], batch_size=2), model)
+    ev = SkipTSEvaluator("cpu", DataLoader(data[:4], batch_size=2), AnomalyDetector(model))
     ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: scores.extend(e.state.output["score"].tolist()))
     ev.run()
     assert len(scores) == 4 and all(np.isfinite(scores))

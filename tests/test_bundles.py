@@ -422,7 +422,7 @@ def test_auto_teacher_falls_back_loudly_offline(tmp_path):
     import torch
 
     ckpt = torch.load(out / "model.pt", weights_only=True)
-    assert ckpt["model_config"]["teacher"] == "efficientnet_lite0"
+    assert ckpt["config"]["model"]["teacher"] == "efficientnet_lite0"
 
 
 def test_bundle_runs_gathers_seeds_into_the_results_table(tmp_path):
@@ -522,7 +522,7 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
     H200 before the fix: every test normal above the threshold (FPR 100 %)."""
     import torch
 
-    from monai_skipts.checkpoint import load_model
+    from monai_skipts.checkpoint import load_detector
     from monai_skipts.transforms import build_preprocessing
 
     data, out = tmp_path / "data", tmp_path / "run"
@@ -536,8 +536,8 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
         val_interval=1,
         **{**TINY, "epochs": 2},
     )
-    model, ckpt = load_model(out / "model.pt")
-    assert model.map_level_stats is not None
+    model = load_detector(out / "model.pt")
+    assert model.get_level_stats() is not None
     split = json.loads((out / "split.json").read_text())
     pre = build_preprocessing("mri", spatial_size=TINY["spatial_size"])
     with open(out / "val_scores.csv") as f:
@@ -546,9 +546,9 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
     for it in split["val"]:
         image = pre({"image": str(data / it["image"])})["image"].as_tensor()[None]
         with torch.no_grad():
-            _, score = model.predict(image)
+            _, score = model(image)
         assert float(score) == pytest.approx(written[it["id"]], rel=1e-4, abs=1e-4)
-    assert ckpt["threshold"]["n_normals"] == len(split["val"])
+    assert model.config["calibration"]["n_normals"] == len(split["val"])
 
 
 @pytest.mark.parametrize(

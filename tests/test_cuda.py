@@ -19,7 +19,7 @@ from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 
 from monai_skipts.apps import make_phantom_dataset
-from monai_skipts.checkpoint import load_model
+from monai_skipts.checkpoint import load_detector
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import build_preprocessing
@@ -125,10 +125,10 @@ def test_bundle_trains_on_cuda_and_its_model_serves_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(metrics["auroc"]) and metrics["epochs"] == 3
-    model, _ = load_model(out / "model.pt", map_location="cpu")
+    model = load_detector(out / "model.pt", map_location="cpu")
     assert all(not p.is_cuda for p in model.parameters())
     x = torch.randn(2, 3, 64, 64)
-    amap, score = model.predict(x)
+    amap, score = model(x)
     assert amap.shape == (2, 1, 64, 64) and torch.isfinite(score).all()
 
 

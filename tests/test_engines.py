@@ -13,7 +13,7 @@ from monai.data import DataLoader, Dataset
 from monai_skipts.apps import make_phantom_dataset
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, build_optimizer
 from monai_skipts.metrics import image_metrics
-from monai_skipts.networks import SkipTS
+from monai_skipts.networks import AnomalyDetector, SkipTS
 from monai_skipts.transforms import build_preprocessing
 
 
@@ -22,7 +22,7 @@ def _items(root, pattern, label):
 
 
 def _run_eval(model, items, pre):
-    ev = SkipTSEvaluator("cpu", DataLoader(Dataset(items, pre), batch_size=8), model)
+    ev = SkipTSEvaluator("cpu", DataLoader(Dataset(items, pre), batch_size=8), AnomalyDetector(model))
     scores, labels, ids = [], [], []
 
     @ev.on(Events.ITERATION_COMPLETED)
@@ -118,7 +118,7 @@ def test_evaluator_rescores_a_non_finite_amp_batch_in_fp32():
     torch.manual_seed(0)
     model = SkipTS("efficientnet_lite0").eval()
     data = [{"image": torch.randn(3, 64, 64), "label": i % 2, "id": str(i)} for i in range(4)]
-    ev = SkipTSEvaluator("cpu", DataLoader(data, batch_size=4), model)
+    ev = SkipTSEvaluator("cpu", DataLoader(data, batch_size=4), AnomalyDetector(model))
     ref = []
     ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: ref.append(e.state.output["score"].clone()))
     ev.run()

@@ -16,18 +16,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 
-from monai_skipts.checkpoint import save_checkpoint
-from monai_skipts.export import (
-    SkipTSExportModel,
-    export_onnx,
-    export_torchscript,
-    load_torchscript,
-    main,
-    read_onnx_metadata,
-)
-from monai_skipts.inferers import SkipTSPredictor
-from monai_skipts.networks import SkipTS
+from monai_skipts.checkpoint import load_detector
+from monai_skipts.export import export_onnx, export_torchscript, load_torchscript, main, read_onnx_metadata
+from monai_skipts.networks import AnomalyDetector, SkipTS
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -42,13 +35,14 @@ def _input(batch=3, seed=1):
 @pytest.mark.parametrize("teacher, pretrained", [("efficientnet_lite0", True), ("wide_resnet50_2", False)])
 def test_torchscript_and_onnx_match_eager(tmp_path, teacher, pretrained):
     torch.manual_seed(0)
-    predictor = SkipTSPredictor(SkipTS(teacher, pretrained=pretrained), sigma=4.0).eval()
+    predictor = AnomalyDetector(SkipTS(teacher, pretrained=pretrained), sigma=4.0).eval()
+    predictor.set_calibration(THRESHOLD)
     x = _input()  # traced at batch 1: the batch axis must stay dynamic
     with torch.no_grad():
         want_map, want_score = predictor(x)
     assert want_map.shape == (3, 1, SIZE, SIZE) and want_score.shape == (3,)
 
-    ts_path = export_torchscript(predictor, tmp_path / "m.ts", SIZE, threshold=THRESHOLD, verify=False)
+    ts_path = export_torchscript(predictor, tmp_path / "m.ts", SIZE, verify=False)
     ts, meta, _ = load_torchscript(ts_path)
     with torch.no_grad():
         ts_map, ts_score = ts(x)
@@ -58,7 +52,7 @@ def test_torchscript_and_onnx_match_eager(tmp_path, teacher, pretrained):
     assert meta["threshold"] == THRESHOLD and float(ts.threshold) == THRESHOLD["value"]
 
     fold = teacher != "wide_resnet50_2"  # folding WRN50's weights takes 10 s here; onnxruntime folds at load anyway
-    onnx_path = export_onnx(predictor, tmp_path / "m.onnx", SIZE, THRESHOLD, verify=False, constant_folding=fold)
+    onnx_path = export_onnx(predictor, tmp_path / "m.onnx", SIZE, verify=False, constant_folding=fold)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["image"]
     onnx_map, onnx_score = sess.run(["anomaly_map", "score"], {"image": x.numpy()})
@@ -76,7 +70,7 @@ def lite_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = SkipTS("efficientnet_lite0")
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model, threshold=THRESHOLD, extra={"spatial_size": SIZE, "modality": "xray"})
+    save_test_checkpoint(path, model, threshold=THRESHOLD, extra={"spatial_size": SIZE, "modality": "xray"})
     return path
 
 
@@ -86,7 +80,7 @@ def test_cli_exports_checkpoint(tmp_path, lite_checkpoint, capsys):
     assert json.loads(capsys.readouterr().out)["out"] == str(out)
     ts, meta, _ = load_torchscript(out)
     assert meta["spatial_size"] == [SIZE, SIZE] and meta["modality"] == "xray" and meta["threshold"] == THRESHOLD
-    eager = SkipTSExportModel.from_checkpoint(lite_checkpoint)
+    eager = load_detector(lite_checkpoint)
     x = _input(2)
     with torch.no_grad():
         torch.testing.assert_close(ts(x)[1], eager(x)[1], rtol=0, atol=1e-4)
@@ -97,14 +91,16 @@ def test_cli_exports_checkpoint(tmp_path, lite_checkpoint, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_export_model_loads_whole_checkpoint_and_refuses_other_teacher(lite_checkpoint):
+def test_detector_loads_whole_checkpoint_and_refuses_other_teacher(lite_checkpoint):
     ckpt = torch.load(lite_checkpoint, weights_only=True)
-    m = SkipTSExportModel(SkipTS("efficientnet_lite0"))
+    m = AnomalyDetector(SkipTS("efficientnet_lite0"))
     m.load_state_dict(ckpt)
-    assert float(m.threshold) == THRESHOLD["value"] and float(m.threshold_scale) == THRESHOLD["scale"]
-    assert all(torch.equal(v, ckpt["student"][k]) for k, v in m.model.student.state_dict().items())
+    assert float(m.threshold) == THRESHOLD["value"] and float(m.scale) == THRESHOLD["scale"]
+    assert m.trained_size == (SIZE, SIZE) and m.config["calibration"] == THRESHOLD
+    state = ckpt["state_dict"]
+    assert all(torch.equal(v, state[f"model.student.{k}"]) for k, v in m.model.student.state_dict().items())
     with pytest.raises(ValueError, match="efficientnet_lite0"):
-        SkipTSExportModel(SkipTS("efficientnet_lite0", pretrained=False)).load_state_dict(ckpt)
+        AnomalyDetector(SkipTS("efficientnet_lite0", pretrained=False)).load_state_dict(ckpt)
 
 
 def test_monai_bundle_ckpt_export(tmp_path, lite_checkpoint):
@@ -113,7 +109,7 @@ def test_monai_bundle_ckpt_export(tmp_path, lite_checkpoint):
         "imports": ["$import monai_skipts"],
         "spatial_size": SIZE,
         "network_def": {"_target_": "monai_skipts.networks.SkipTS", "teacher": "efficientnet_lite0"},
-        "predictor_def": {"_target_": "monai_skipts.export.SkipTSExportModel", "model": "@network_def", "sigma": 4.0},
+        "predictor_def": {"_target_": "monai_skipts.networks.AnomalyDetector", "model": "@network_def", "sigma": 4.0},
     }
     meta = {
         "version": "0.1.0",
@@ -156,7 +152,7 @@ def test_monai_bundle_ckpt_export(tmp_path, lite_checkpoint):
     ts, ts_meta, extra = load_torchscript(out, more_extra_files=["train.json"])
     assert ts_meta["version"] == "0.1.0" and "train.json" in extra
     assert float(ts.threshold) == THRESHOLD["value"]
-    eager = SkipTSExportModel.from_checkpoint(lite_checkpoint)
+    eager = load_detector(lite_checkpoint)
     x = _input(2)
     with torch.no_grad():
         for a, b in zip(ts(x), eager(x)):

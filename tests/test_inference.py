@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from PIL import Image
 
-from monai_skipts.checkpoint import save_checkpoint
 from monai_skipts.inference import AnomalyPredictor, list_inputs
 from monai_skipts.networks import SkipTS
 from monai_skipts.utils import InputDataError
@@ -21,7 +21,7 @@ from monai_skipts.utils import InputDataError
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(
+    save_test_checkpoint(
         path,
         SkipTS("efficientnet_lite0"),
         threshold={"value": 2.0, "target_fpr": 0.05, "n_normals": 20, "scale": 0.1},

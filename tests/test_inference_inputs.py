@@ -16,13 +16,12 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, save_test_checkpoint
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 import monai_skipts.data.files as files
 import monai_skipts.inference as inference
-from monai_skipts.checkpoint import save_checkpoint
 from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import LoadMedicalImage
@@ -35,7 +34,7 @@ def checkpoint(tmp_path_factory):
     calibrated threshold, at 64²: what training writes, minus the training time."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(
+    save_test_checkpoint(
         path,
         SkipTS("efficientnet_lite0"),
         threshold={"value": 2.0, "target_fpr": 0.05, "n_normals": 20, "scale": 0.1},

@@ -11,11 +11,10 @@ from monai_skipts.inferers import (
     AnomalyMapHead,
     GaussianBlur2d,
     SkipTSInferer,
-    SkipTSPredictor,
     anomaly_map_and_score,
     fuse_anomaly_maps,
 )
-from monai_skipts.networks import SkipTS
+from monai_skipts.networks import AnomalyDetector, SkipTS
 
 
 @pytest.mark.parametrize("shape", [(40, 33), (7, 5), (256, 256)])
@@ -64,14 +63,13 @@ def test_layer_subset():
     assert torch.allclose(a12, a1 + a2, atol=1e-6)
 
 
-def test_inferer_predictor_and_model_agree():
+def test_inferer_and_detector_agree():
     torch.manual_seed(0)
-    model = SkipTS("resnet18", pretrained=False).eval()
+    detector = AnomalyDetector(SkipTS("resnet18", pretrained=False)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        amap_inf = SkipTSInferer()(x, model)
-        amap_pred, score_pred = SkipTSPredictor(model)(x)
-        amap_m, score_m = model.predict(x)
-    assert torch.allclose(amap_inf, amap_pred) and torch.allclose(amap_pred, amap_m)
-    assert torch.allclose(SkipTSInferer.score(amap_inf), score_pred)
+        amap_inf = SkipTSInferer()(x, detector)
+        amap_det, score_det = detector(x)
+    assert torch.equal(amap_inf, amap_det)
+    assert torch.equal(SkipTSInferer.score(amap_inf), score_det)
     assert isinstance(AnomalyMapHead().blur, GaussianBlur2d)

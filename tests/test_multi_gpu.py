@@ -29,7 +29,7 @@ def test_torchrun_two_ranks_cpu_gloo_identical_students(tmp_path):
     w1 = torch.load(out / "student_rank1.pt", weights_only=True)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     ckpt = torch.load(out / "model.pt", weights_only=True)  # written once, by rank 0, without DDP prefixes
-    assert all(torch.equal(ckpt["student"][k], w0[k]) for k in w0)
+    assert all(torch.equal(ckpt["state_dict"][f"model.student.{k}"], w0[k]) for k in w0)
     assert json.loads((out / "metrics.json").read_text())["n_images"] == 40  # full test set, each id once
 
 

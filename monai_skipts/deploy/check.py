@@ -35,12 +35,12 @@ def tiny_checkpoint(path: Path) -> Path:
     import torch
 
     from monai_skipts.checkpoint import save_checkpoint
-    from monai_skipts.networks import SkipTS
+    from monai_skipts.networks import AnomalyDetector, SkipTS
 
     torch.manual_seed(0)
-    model = SkipTS("efficientnet_lite0").eval()
-    threshold = {"value": 1.0, "target_fpr": 0.05, "n_normals": 0, "scale": 0.1}  # a check, not a calibration
-    return save_checkpoint(path, model, threshold=threshold, extra={"spatial_size": 64, "modality": "xray"})
+    detector = AnomalyDetector(SkipTS("efficientnet_lite0"), preprocessing={"spatial_size": 64, "modality": "xray"})
+    detector.set_calibration({"value": 1.0, "target_fpr": 0.05, "n_normals": 0, "scale": 0.1})  # a check only
+    return save_checkpoint(path, detector.eval())
 
 
 def main(argv: list[str] | None = None) -> int:

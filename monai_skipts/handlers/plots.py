@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from PIL import Image
 
 from monai_skipts.data.files import output_relpaths
-from monai_skipts.utils import atomic_save, atomic_write_json, save_map_png
+from monai_skipts.utils import atomic_save, atomic_write_json, is_rank0, save_map_png
 from monai_skipts.visualize import as_rgb01, denormalize, heatmap_panel
 
 __all__ = ["AnomalyPlotsHandler", "safe_name"]
@@ -46,13 +46,6 @@ def _save_fig(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_save(path, lambda f: f.write(buf.getvalue()))
-
-
-def _is_rank0() -> bool:
-    return (
-        not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        or torch.distributed.get_rank() == 0
-    )
 
 
 def _resolve(value: Any) -> float | None:
@@ -143,7 +136,7 @@ class AnomalyPlotsHandler:
         self._max_score = -math.inf
         self._close_spool()
         self._map_index: list[tuple[str, tuple[int, int], int]] = []
-        if engine is not None and self.save_maps and _is_rank0():
+        if engine is not None and self.save_maps and is_rank0():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._spool = tempfile.TemporaryFile(dir=self.output_dir, prefix=".maps_spool_")
 
@@ -252,7 +245,7 @@ class AnomalyPlotsHandler:
 
     def _complete(self, engine: Engine) -> None:
         try:
-            if not _is_rank0():
+            if not is_rank0():
                 return
             cs = self.color_scale()
             width = max(2, len(str(self.n_samples)))

@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..metrics import pixel_metrics, report_metrics
-from ..utils import atomic_write_json, atomic_write_text
+from ..utils import atomic_write_json, atomic_write_text, is_rank0
 
 __all__ = ["AnomalyScoreHandler", "gather_objects"]
 
@@ -139,11 +139,7 @@ class AnomalyScoreHandler:
         engine.state.metrics.update(
             {self.metric_prefix + k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
         )
-        is_rank0 = (
-            not (torch.distributed.is_available() and torch.distributed.is_initialized())
-            or torch.distributed.get_rank() == 0
-        )
-        if self.output_dir is not None and is_rank0:
+        if self.output_dir is not None and is_rank0():
             self.write()
 
     def compute(self, records: list[dict], maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, Any]:
@@ -154,7 +150,7 @@ class AnomalyScoreHandler:
         labels = [r["label"] for r in records]
         t, scale = self.threshold, self.scale
         if t is not None:
-            from ..inference import decide  # the one decision rule (inference, MONAI Label, MLflow)
+            from ..networks.detector import decide  # the one decision rule
 
             m["decision_threshold"] = t
             for r in records:

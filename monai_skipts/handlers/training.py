@@ -20,9 +20,8 @@ from ignite.engine import Engine, Events
 from monai_skipts.calibration import DEFAULT_PIXEL_FPR, threshold_record, uncertainty_warning, volume_threshold
 
 from ..checkpoint import CheckpointError, check_teacher, load_checkpoint, save_checkpoint, set_rng_state
-from ..inferers import get_level_stats
 from ..metrics import check_calibration_data
-from ..utils import atomic_write_json, atomic_write_text, lock_output_dir, remove_stale_temp_files
+from ..utils import atomic_write_json, atomic_write_text, is_rank0, lock_output_dir, remove_stale_temp_files
 
 __all__ = [
     "LossComponentsHandler",
@@ -33,13 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_rank0() -> bool:
-    return (
-        not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        or torch.distributed.get_rank() == 0
-    )
 
 
 class LossComponentsHandler:
@@ -86,7 +78,7 @@ class SkipTSCheckpointHandler:
 
     Args:
         output_dir: folder of ``checkpoint.pt``.
-        network: the trained :class:`~monai_skipts.networks.SkipTS`.
+        network: the :class:`~monai_skipts.networks.AnomalyDetector` being trained.
         optimizer: its optimizer.
         save_interval: epochs between saves.
         resume: resume from an existing ``checkpoint.pt``.
@@ -138,7 +130,7 @@ class SkipTSCheckpointHandler:
     # ---- save / resume --------------------------------------------------------------------------
 
     def _save(self, engine: Engine) -> None:
-        if _is_rank0():
+        if is_rank0():
             extra: dict[str, Any] = {}
             if self.run_name:
                 extra["run_name"] = str(self.run_name)
@@ -164,7 +156,7 @@ class SkipTSCheckpointHandler:
             self._save(engine)
 
     def _resume(self, engine: Engine) -> None:
-        if _is_rank0():
+        if is_rank0():
             # one training per folder (a no-op when the bundle took the lock already); only then is
             # it safe to remove the temp files of writes a killed run left behind
             lock_output_dir(self.path.parent)
@@ -173,8 +165,7 @@ class SkipTSCheckpointHandler:
         if not (self.resume and self.path.is_file()):
             return
         ckpt = load_checkpoint(self.path)
-        net = getattr(self.network, "module", self.network)
-        check_teacher(ckpt, net, str(self.path))
+        check_teacher(ckpt["config"]["model"], self.network, str(self.path))
         extra = ckpt.get("extra") or {}
         want, have = extra.get("train_ids_sha256"), self._train_ids_sha256()
         if want is not None and have is not None and want != have:
@@ -182,7 +173,11 @@ class SkipTSCheckpointHandler:
                 f"{self.path}: refused to resume: it was trained on another training split than the one "
                 "this run uses (split.json or the dataset changed); delete it to start over, or use another output_dir"
             )
-        net.student.load_state_dict(ckpt["student"])
+        missing = self.network.load_state_dict(ckpt["state_dict"], strict=False).missing_keys
+        if any(not k.startswith("model.teacher.") for k in missing):
+            raise CheckpointError(
+                f"{self.path}: refused to resume: it holds another architecture (missing {missing[:5]})"
+            )
         if "optimizer" in ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if "rng" in ckpt:
@@ -265,8 +260,10 @@ class ThresholdCalibrator:
         evaluator: a :class:`~monai_skipts.engines.SkipTSEvaluator` over the validation normals,
             carrying an :class:`~monai_skipts.handlers.AnomalyScoreHandler` (``score_handler``).
         score_handler: that handler (its ``records`` are read).
-        network: the trained model; output_dir: where ``model.pt`` goes.
-        extra: plain data stored in the checkpoint (e.g. the bundle's modality and spatial size).
+        network: the trained :class:`~monai_skipts.networks.AnomalyDetector`, whose threshold, scale
+            and calibration record are set (:meth:`~monai_skipts.networks.AnomalyDetector.set_calibration`);
+            output_dir: where ``model.pt`` (its checkpoint) goes.
+        extra: run information stored in the checkpoint (e.g. the bundle's dataset).
         method: ``"empirical"``, ``"lognormal"`` or ``"gaussian"``
             (:func:`~monai_skipts.metrics.calibrate_threshold`).
         cross_fit: a :class:`~monai_skipts.calibration.CrossFitScorer`; when enabled, its pooled
@@ -348,7 +345,7 @@ class ThresholdCalibrator:
     def __call__(self) -> dict[str, Any]:
         epoch = self.trainer.state.epoch if self.trainer is not None else None
         fresh = epoch is not None and self.evaluator.state.epoch == epoch and self.score_handler.records
-        if fresh and get_level_stats(self.network) is not None:
+        if fresh and self.network.get_level_stats() is not None:
             # per-level statistics fitted after training changed the maps since that validation:
             # scores from it are on another scale (seen on an H200: every test normal above the threshold)
             fresh = False
@@ -389,6 +386,7 @@ class ThresholdCalibrator:
         if vol is not None:
             self.record["volume"] = vol
             self.volume_threshold = vol["value"]
+        self.network.set_calibration(self.record)
         logger.info(
             "decision threshold %.5f at target FPR %.3f from %s (%s); false-positive rate expected %.3f, "
             "at most %.3f with %g %% confidence",
@@ -402,14 +400,8 @@ class ThresholdCalibrator:
         )
         if (msg := uncertainty_warning(self.record)) is not None:
             logger.warning(msg)
-        if _is_rank0():
-            save_checkpoint(
-                self.output_dir / self.filename,
-                self.network,
-                threshold=self.record,
-                extra=self.extra or {},
-                with_rng=False,
-            )
+        if is_rank0():
+            save_checkpoint(self.output_dir / self.filename, self.network, extra=self.extra or {}, with_rng=False)
             atomic_write_json(self.output_dir / "threshold.json", self.record)
             buf = io.StringIO()
             csv.writer(buf).writerows(

@@ -1,6 +1,8 @@
 """Networks: frozen teachers, the skip-connected student decoder and the Skip-TS model."""
 
-from .rd4ad import RD4AD, OneClassBottleneck, RD4ADStudent
+from .bottleneck import OneClassBottleneck, RD4ADStudent
+from .detector import AnomalyDetector, decide
+from .rd4ad import RD4AD
 from .skipts import (
     STUDENT_PRESETS,
     EncoderStudent,

@@ -8,8 +8,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .student import SKIP_LEVELS, SkipStudent
-from .teacher import TeacherEncoder, build_teacher
+from monai_skipts.networks.bottleneck import RD4ADStudent
+from monai_skipts.networks.student import EXPANSION, SKIP_LEVELS, SkipStudent
+from monai_skipts.networks.teacher import TeacherEncoder, build_teacher
 
 __all__ = [
     "SkipTS",
@@ -35,7 +36,6 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
 #: any other teacher (EfficientNet-Lite): the mirror of its MBConv blocks (expansion 6)
 _GENERIC_STUDENT = {"kind": "inverted", "blocks": (3, 3, 2)}
 _DEFAULT_BLOCKS = {"basic": (2, 2, 2), "inverted": (3, 3, 2), "bottleneck": (6, 4, 3)}
-_EXPANSION = 6
 #: inverted-student expansion per teacher tap kind: the "expanded" taps already are the teacher's
 #: 6×-expanded features, so widths equal to their channel counts give the student the same block
 #: widths as over the "project" taps (Lite0: 672/240/144 in D3/D2/D1 either way); expansion 6 of
@@ -46,7 +46,7 @@ _EXPANSION_BY_TAPS = {"expanded": 1}
 def student_expansion(teacher: TeacherEncoder) -> int:
     """Expansion of the inverted-residual student's widths over ``teacher``'s tap channels: 6 (the
     teacher's MBConv expansion) for its projected taps, 1 for ``"expanded"`` taps."""
-    return _EXPANSION_BY_TAPS.get(getattr(teacher, "tap_kind", ""), _EXPANSION)
+    return _EXPANSION_BY_TAPS.get(getattr(teacher, "tap_kind", ""), EXPANSION)
 
 
 def student_preset(
@@ -116,8 +116,8 @@ class EncoderStudent(nn.Module):
 class TeacherStudentModel(nn.Module):
     """What every teacher-student detector here shares: a frozen ``teacher`` whose features are
     computed without autograd, a ``student_features`` the subclass defines, ``forward`` returning
-    ``(teacher_feats[:3], student_feats)`` (optionally from cached teacher features) and
-    :meth:`predict` for the anomaly map and score."""
+    ``(teacher_feats[:3], student_feats)`` (optionally from cached teacher features). The anomaly map
+    and score come from :class:`~monai_skipts.networks.AnomalyDetector`."""
 
     teacher: TeacherEncoder
 
@@ -134,15 +134,6 @@ class TeacherStudentModel(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         t_all = list(teacher_feats) if teacher_feats is not None else self.teacher_features(x)
         return t_all[:3], self.student_features(t_all, x)
-
-    def predict(self, x: torch.Tensor, sigma: float = 4.0, layers: Sequence[int] | None = None):
-        """Anomaly map ``(B, 1, H, W)`` and image score ``(B,)`` (paper eq 7-8)."""
-        from ..inferers import anomaly_map_and_score
-
-        t, s = self(x)
-        return anomaly_map_and_score(
-            t, s, tuple(x.shape[-2:]), sigma=sigma, layers=layers, level_stats=getattr(self, "map_level_stats", None)
-        )
 
 
 class SkipTS(TeacherStudentModel):
@@ -178,12 +169,12 @@ class SkipTS(TeacherStudentModel):
             architecture (trained with the DRKD loss here).
 
     The options of the student decoder and the teacher taps are recorded in :attr:`config`, from
-    which :func:`monai_skipts.checkpoint.load_model` rebuilds the model.
+    which :func:`monai_skipts.checkpoint.load_detector` rebuilds the model.
 
     ``forward(x)`` with ``x`` of shape ``(B, 3, H, W)`` returns ``(teacher_feats, student_feats)``,
     two lists ``[F^1, F^2, F^3]`` of shapes ``(B, C_l, H/2^(l+1), W/2^(l+1))``. The teacher runs
-    without autograd and in eval mode whatever the model's mode. :meth:`predict` gives the anomaly
-    map and score.
+    without autograd and in eval mode whatever the model's mode;
+    :class:`~monai_skipts.networks.AnomalyDetector` gives the anomaly map and score.
     """
 
     def __init__(
@@ -234,8 +225,6 @@ class SkipTS(TeacherStudentModel):
             )
             levels = list(self.student.skip_levels)
             if bottleneck:  # RD4AD's one-class bottleneck in front of D3 (built after the decoder, as RD4AD does)
-                from .rd4ad import RD4ADStudent
-
                 self.student = RD4ADStudent(
                     self.teacher.out_channels, self.student, depthwise=preset["kind"] == "inverted"
                 )

@@ -41,13 +41,18 @@ __all__ = [
     "BasicBlock",
     "UpInvertedResidual",
     "InvertedResidual",
+    "Residual",
+    "expand_project",
     "SKIP_MODES",
     "SKIP_LEVELS",
+    "EXPANSION",
 ]
 
 SKIP_MODES = ("add", "add_relu", "none", "gate")
 #: teacher levels that can feed a skip: F_t^3 joins before D2, F_t^2 before D1
 SKIP_LEVELS = (3, 2)
+#: expansion of the inverted-residual blocks' widths over their in/out channels (EfficientNet's MBConv)
+EXPANSION = 6
 
 
 def _deconv(cin: int, cout: int, kernel: int) -> nn.ConvTranspose2d:
@@ -59,7 +64,7 @@ def _deconv(cin: int, cout: int, kernel: int) -> nn.ConvTranspose2d:
     raise ValueError(f"upsample_kernel must be 2 or 3, got {kernel}")
 
 
-class _Residual(nn.Module):
+class Residual(nn.Module):
     """``act(body(x) + shortcut(x))``, the form of every block below; the shortcut is the identity
     for blocks at constant resolution and a stride-2 transposed convolution for up-sampling blocks."""
 
@@ -77,7 +82,7 @@ def _up_shortcut(cin: int, cout: int, kernel: int) -> nn.Sequential:
     return nn.Sequential(_deconv(cin, cout, kernel), nn.BatchNorm2d(cout))
 
 
-def _expand_project(cin: int, width: int, cout: int, mid: Callable[[], nn.Module]) -> nn.Sequential:
+def expand_project(cin: int, width: int, cout: int, mid: Callable[[], nn.Module]) -> nn.Sequential:
     """1×1 to ``width`` → ``mid()`` → 1×1 to ``cout``, each followed by BatchNorm (ReLU after the
     first two): the body of bottleneck and inverted-residual blocks. ``mid`` is built between the
     two 1×1 convolutions, so parameters are initialised in layer order."""
@@ -93,24 +98,24 @@ def _expand_project(cin: int, width: int, cout: int, mid: Callable[[], nn.Module
     )
 
 
-class Bottleneck(_Residual):
+class Bottleneck(Residual):
     """Bottleneck residual block at constant resolution: 1×1 → 3×3 → 1×1, ``channels`` in and out."""
 
     def __init__(self, channels: int, width: int, act: bool = True):
-        body = _expand_project(channels, width, channels, lambda: nn.Conv2d(width, width, 3, padding=1, bias=False))
+        body = expand_project(channels, width, channels, lambda: nn.Conv2d(width, width, 3, padding=1, bias=False))
         super().__init__(body, act=act)
 
 
-class UpBottleneck(_Residual):
+class UpBottleneck(Residual):
     """Up-sampling bottleneck: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``; the 3×3 conv and the shortcut
     are stride-2 transposed convolutions (the mirror of torchvision's stride-2 bottleneck)."""
 
     def __init__(self, cin: int, cout: int, width: int, kernel: int = 3, act: bool = True):
-        body = _expand_project(cin, width, cout, lambda: _deconv(width, width, kernel))
+        body = expand_project(cin, width, cout, lambda: _deconv(width, width, kernel))
         super().__init__(body, _up_shortcut(cin, cout, kernel), act=act)
 
 
-class BasicBlock(_Residual):
+class BasicBlock(Residual):
     """Basic residual block (two 3×3 convs) at constant resolution."""
 
     def __init__(self, channels: int, act: bool = True):
@@ -124,7 +129,7 @@ class BasicBlock(_Residual):
         super().__init__(body, act=act)
 
 
-class UpBasicBlock(_Residual):
+class UpBasicBlock(Residual):
     """Up-sampling basic block: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, act: bool = True):
@@ -138,16 +143,16 @@ class UpBasicBlock(_Residual):
         super().__init__(body, _up_shortcut(cin, cout, kernel), act=act)
 
 
-class InvertedResidual(_Residual):
+class InvertedResidual(Residual):
     """MobileNetV2/EfficientNet inverted residual at constant resolution: 1×1 expand → 3×3 depthwise
     → 1×1 project, ``channels`` in and out (the mirror of an MBConv block)."""
 
     def __init__(self, channels: int, width: int, act: bool = True):
         dw = lambda: nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)  # noqa: E731
-        super().__init__(_expand_project(channels, width, channels, dw), act=act)
+        super().__init__(expand_project(channels, width, channels, dw), act=act)
 
 
-class UpInvertedResidual(_Residual):
+class UpInvertedResidual(Residual):
     """Up-sampling inverted residual: 1×1 expand → 3×3 depthwise transposed conv (stride 2) → 1×1
     project, with a transposed-conv shortcut: ``(B, cin, h, w) -> (B, cout, 2h, 2w)``."""
 
@@ -166,7 +171,7 @@ class UpInvertedResidual(_Residual):
             groups=width,
             bias=False,
         )
-        super().__init__(_expand_project(cin, width, cout, lambda: dw), _up_shortcut(cin, cout, kernel), act=act)
+        super().__init__(expand_project(cin, width, cout, lambda: dw), _up_shortcut(cin, cout, kernel), act=act)
 
 
 class SkipStudent(nn.Module):

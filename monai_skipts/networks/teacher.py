@@ -40,7 +40,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..utils import atomic_save, file_sha256
+from monai_skipts.transforms.presets import spatial_size_2d
+from monai_skipts.utils import atomic_save, file_sha256
 
 __all__ = [
     "TeacherEncoder",
@@ -513,7 +514,7 @@ def build_teacher(
 
 def feature_shapes(teacher: TeacherEncoder, spatial_size: Sequence[int] | int = 256) -> list[tuple[int, ...]]:
     """Shapes ``(C, h, w)`` of E1..E4 for an input of ``spatial_size``."""
-    size = (spatial_size, spatial_size) if isinstance(spatial_size, int) else tuple(spatial_size)
+    size = spatial_size_2d(spatial_size)
     device = next(teacher.parameters()).device  # a teacher already on the GPU (benchmarks/quality.py --device cuda)
     with torch.no_grad():
         feats = teacher(torch.zeros(1, 3, *size, device=device))

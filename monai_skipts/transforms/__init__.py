@@ -49,6 +49,7 @@ from monai_skipts.transforms.presets import (
     has_random_transforms,
     preprocessing_spec,
     preset_transforms,
+    spatial_size_2d,
 )
 from monai_skipts.transforms.volume import (
     VolumeToSlices,
@@ -103,5 +104,6 @@ __all__ = [
     "preset_transforms",
     "build_preprocessing",
     "preprocessing_spec",
+    "spatial_size_2d",
     "has_random_transforms",
 ]

@@ -45,7 +45,14 @@ from monai_skipts.transforms.intensity import (
 )
 from monai_skipts.transforms.io import LoadMedicalImaged
 
-__all__ = ["PRESETS", "preset_transforms", "build_preprocessing", "preprocessing_spec", "has_random_transforms"]
+__all__ = [
+    "PRESETS",
+    "preset_transforms",
+    "build_preprocessing",
+    "preprocessing_spec",
+    "spatial_size_2d",
+    "has_random_transforms",
+]
 
 PRESETS = ("ct_brain", "ct_lung", "mri", "xray", "ultrasound", "rgb")
 _CT_WINDOWS = {"ct_brain": "brain", "ct_lung": "lung"}
@@ -69,7 +76,7 @@ def preset_transforms(
     if mri_norm not in ("percentile", "zscore"):
         raise ValueError(f"mri_norm must be 'percentile' or 'zscore', got {mri_norm!r}")
     keys = [keys] if isinstance(keys, str) else list(keys)
-    size = (int(spatial_size),) * 2 if isinstance(spatial_size, (int, float)) else tuple(int(s) for s in spatial_size)
+    size = spatial_size_2d(spatial_size)
     out: list[Transform] = []
     if load:
         out.append(LoadMedicalImaged(keys, **loader_kwargs))
@@ -117,6 +124,27 @@ def build_preprocessing(
     return Compose(preset_transforms(modality, spatial_size, keys, mask_key, window, mri_norm, load, **loader_kwargs))
 
 
+def spatial_size_2d(spatial_size: int | Sequence[int]) -> tuple[int, int]:
+    """The one normalised form of a spatial size: ``S``, ``(S,)`` or ``(H, W)`` -> ``(H, W)``.
+
+    Raises:
+        ValueError: anything else, or a side that is not a positive integer.
+
+    >>> spatial_size_2d(64), spatial_size_2d([32, 48])
+    ((64, 64), (32, 48))
+    """
+    if isinstance(spatial_size, (int, float)) and not isinstance(spatial_size, bool):
+        size = [int(spatial_size)] * 2
+    elif isinstance(spatial_size, Sequence) and not isinstance(spatial_size, str) and len(spatial_size) in (1, 2):
+        size = [int(s) for s in spatial_size]
+        size = size * 2 if len(size) == 1 else size
+    else:
+        raise ValueError(f"spatial_size must be S, (S,) or (H, W), got {spatial_size!r}")
+    if min(size) <= 0:
+        raise ValueError(f"spatial_size must be positive, got {spatial_size!r}")
+    return size[0], size[1]
+
+
 #: the options of :func:`preset_transforms` that define a model's preprocessing (a checkpoint keeps them)
 SPEC_KEYS = ("modality", "spatial_size", "window", "mri_norm")
 
@@ -158,8 +186,7 @@ def preprocessing_spec(
     for k, v in (defaults or {}).items():
         if k in SPEC_KEYS and spec[k] in (None, ""):
             spec[k] = v
-    size = spec["spatial_size"] or 256
-    spec["spatial_size"] = int(size) if isinstance(size, (int, float)) else [int(v) for v in size]
+    spec["spatial_size"] = list(spatial_size_2d(spec["spatial_size"] or 256))
     spec["mri_norm"] = spec["mri_norm"] or "percentile"
     spec["window"] = list(spec["window"]) if isinstance(spec["window"], tuple) else spec["window"]
     return spec

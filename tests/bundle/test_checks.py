@@ -75,12 +75,13 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """An (untrained) efficientnet_lite0 Skip-TS checkpoint recorded as trained at 32²."""
-    from monai_skipts.checkpoint import save_checkpoint
+    from conftest import save_test_checkpoint
+
     from monai_skipts.networks import SkipTS
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(
+    save_test_checkpoint(
         path,
         SkipTS("efficientnet_lite0"),
         threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05},

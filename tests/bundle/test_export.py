@@ -25,7 +25,8 @@ import torch
 from conftest import REPO
 from test_bundles import make_layout
 
-from monai_skipts.bundle.export import METADATA_REQUIRED, TENSOR_SPEC_REQUIRED, check_metadata, running_bundle_root
+from monai_skipts.bundle.metadata import METADATA_REQUIRED, TENSOR_SPEC_REQUIRED, check_metadata
+from monai_skipts.bundle.runtime import running_bundle_root
 
 NAME = "skipts_brainmri"
 LAYOUT = [
@@ -206,7 +207,7 @@ def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
     assert image["spatial_shape"] == pred["spatial_shape"] == [64, 64] and image["num_channels"] == 3
     assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": "anomaly"}
     ckpt = torch.load(checkpoint, weights_only=True)
-    assert meta["anomaly_threshold"]["value"] == pytest.approx(ckpt["threshold"]["value"])
+    assert meta["anomaly_threshold"]["value"] == pytest.approx(float(ckpt["state_dict"]["threshold"]))
     assert "auroc" in meta["eval_metrics"]
     broken = dict(meta, network_data_format={"inputs": {"image": {"type": "image"}}, "outputs": {}})
     with pytest.raises(ValueError, match="inputs.image: missing 'format'"):
@@ -217,7 +218,7 @@ def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
     assert "%" not in text and "bundles/" not in text and str(REPO) not in text and "transforms/" not in text
     cfg = json.loads(text)
     assert cfg["ckpt_path"] == "$@bundle_root + '/models/model.pt'"
-    assert cfg["bundle_root"] == "$monai_skipts.bundle.export.running_bundle_root()"
+    assert cfg["bundle_root"] == "$monai_skipts.bundle.runtime.running_bundle_root()"
     for key in ("network_def", "preprocessing", "inferer", "postprocessing", "handlers", "evaluator", "run"):
         assert key in cfg, key
     parser = ConfigParser(cfg)
@@ -233,16 +234,17 @@ def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
     # models/model.ts: MONAI's TorchScript with the metadata embedded; the map of the checkpoint's model
     from monai.data import load_net_with_metadata
 
-    from monai_skipts.export import SkipTSExportModel
+    from monai_skipts.checkpoint import load_detector
+    from monai_skipts.inferers import SkipTSInferer
 
     ts, ts_meta, extra = load_net_with_metadata(str(root / "models" / "model.ts"), more_extra_files=["inference.json"])
     assert ts_meta["version"] == meta["version"] and json.loads(extra["inference.json"]) == json.loads(text)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        amap, score = SkipTSExportModel.from_checkpoint(str(checkpoint)).eval()(x)
-        torch.testing.assert_close(ts(x), amap, atol=1e-4, rtol=0)
-        torch.testing.assert_close(net(x), amap, atol=1e-4, rtol=0)
-        torch.testing.assert_close(ts(x).flatten(1).amax(1), score, atol=1e-4, rtol=0)
+        amap, score = load_detector(checkpoint)(x)
+        torch.testing.assert_close(ts(x)[0], amap, atol=1e-4, rtol=0)
+        torch.testing.assert_close(SkipTSInferer()(x, net.eval()), amap, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ts(x)[1], score, atol=1e-4, rtol=0)
 
 
 def test_monai_verify_metadata(exported, tmp_path):

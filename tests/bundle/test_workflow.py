@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, save_test_checkpoint
 
 from monai_skipts import bundle
 from monai_skipts.bundle import workflow
+from monai_skipts.networks import AnomalyDetector
 
 COMMON = sorted((REPO / "bundles" / "common").glob("*.json"))
 GENERATED = sorted(
@@ -161,12 +162,11 @@ def test_seeded_generator_and_prepare_batch(skipts):
 
 
 def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts, tmp_path):
+    from conftest import save_test_checkpoint
     from PIL import Image
 
-    from monai_skipts.checkpoint import save_checkpoint
-
     path = tmp_path / "model.pt"
-    save_checkpoint(
+    save_test_checkpoint(
         path,
         skipts,
         threshold={"value": 1.5, "scale": 0.2, "target_fpr": 0.05},
@@ -174,7 +174,7 @@ def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts
     )
     loaded = bundle.load_trained_model(path, device="cpu", modality="xray", spatial_size=256)
     assert loaded.threshold == 1.5 and loaded.score_scale == 0.2 and loaded.teacher == "efficientnet_lite0"
-    assert (loaded.modality, loaded.spatial_size) == ("mri", 32)  # the checkpoint's, not the arguments'
+    assert (loaded.modality, loaded.spatial_size) == ("mri", [32, 32])  # the checkpoint's, not the arguments'
     assert not loaded.network.training
     Image.fromarray((torch.rand(40, 48) * 255).byte().numpy()).save(tmp_path / "x.png")
     from monai.transforms import Compose
@@ -182,20 +182,19 @@ def test_load_trained_model_gives_threshold_and_the_trained_preprocessing(skipts
     item = Compose(loaded.preprocessing())({"image": str(tmp_path / "x.png"), "mask": None})
     assert tuple(item["image"].shape) == (3, 32, 32) and tuple(item["mask"].shape) == (1, 32, 32)
     # an older checkpoint without a modality: the bundle's; without either: refused by name
-    save_checkpoint(tmp_path / "old.pt", skipts, threshold=None, extra={})
+    save_test_checkpoint(tmp_path / "old.pt", skipts, threshold=None, extra={})
     old = bundle.load_trained_model(tmp_path / "old.pt", modality="xray", spatial_size=64)
-    assert (old.threshold, old.modality, old.spatial_size) == (None, "xray", 64)
+    assert (old.threshold, old.modality, old.spatial_size) == (None, "xray", [64, 64])
     with pytest.raises(ValueError, match="old.pt: the checkpoint records no modality"):
         bundle.load_trained_model(tmp_path / "old.pt")
 
 
 def test_run_names_resume_from_the_checkpoint(skipts, tmp_path):
-    from monai_skipts.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
     fresh = bundle.training_run_name("brainmri", 2, out, resume=True)
     assert fresh.startswith("brainmri-seed2-")
-    save_checkpoint(out / "checkpoint.pt", skipts, extra={"run_name": "brainmri-seed2-earlier"})
+    save_test_checkpoint(out / "checkpoint.pt", skipts, extra={"run_name": "brainmri-seed2-earlier"})
     assert bundle.training_run_name("brainmri", 2, out, resume=True) == "brainmri-seed2-earlier"
     assert bundle.training_run_name("brainmri", 2, out, resume=False).startswith("brainmri-seed2-2")
     assert bundle.training_run_name("brainmri", 2, out, mlflow=False) is None
@@ -243,7 +242,9 @@ def test_distributed_group_and_rank_switches(monkeypatch):
 def test_deferred_values_and_metrics_extras_follow_the_calibrator(skipts, tmp_path):
     from monai_skipts.handlers import ThresholdCalibrator
 
-    calibrator = ThresholdCalibrator(evaluator=None, score_handler=None, network=skipts, output_dir=tmp_path)
+    calibrator = ThresholdCalibrator(
+        evaluator=None, score_handler=None, network=AnomalyDetector(skipts), output_dir=tmp_path
+    )
     threshold = bundle.deferred_attribute(calibrator, "threshold")
     split = {"train": [], "report": {"counts": {"train": 5, "val": 2}}}
     extras = bundle.metrics_extras(split, calibrator=calibrator, teacher="efficientnet_lite0", epochs=1, seed=0)
@@ -257,7 +258,7 @@ def test_deferred_values_and_metrics_extras_follow_the_calibrator(skipts, tmp_pa
         "seed": 0,
         "calibration": {"value": 0.8, "method": "empirical"},
     }
-    evaluated = bundle.metrics_extras(split, network=skipts, checkpoint="runs/x/model.pt")()
+    evaluated = bundle.metrics_extras(split, network=AnomalyDetector(skipts), checkpoint="runs/x/model.pt")()
     assert evaluated == {
         "checkpoint": os.path.abspath("runs/x/model.pt"),
         "teacher": "efficientnet_lite0",
@@ -268,10 +269,8 @@ def test_deferred_values_and_metrics_extras_follow_the_calibrator(skipts, tmp_pa
 def test_register_model_logs_the_bundle_and_skips_when_switched_off(skipts, tmp_path, monkeypatch, caplog):
     import mlflow
 
-    from monai_skipts.checkpoint import save_checkpoint
-
     out = tmp_path / "run"
-    save_checkpoint(
+    save_test_checkpoint(
         out / "model.pt",
         skipts,
         threshold={"value": 1.0, "scale": 0.1, "target_fpr": 0.05},

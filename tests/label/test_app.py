@@ -13,11 +13,11 @@ import torch
 monailabel = pytest.importorskip("monailabel")
 itk = pytest.importorskip("itk")
 
+from conftest import save_test_checkpoint  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.utils.app import app_instance, clear_cache  # noqa: E402
 
 import monai_skipts.label as skipts_label  # noqa: E402
-from monai_skipts.checkpoint import save_checkpoint  # noqa: E402
 from monai_skipts.inference import AnomalyPredictor  # noqa: E402
 from monai_skipts.networks import SkipTS  # noqa: E402
 from monai_skipts.transforms import LoadMedicalImage  # noqa: E402
@@ -29,7 +29,7 @@ THRESHOLD = {"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 20}
 def app(tmp_path_factory, phantom_root):
     tmp = tmp_path_factory.mktemp("label")
     torch.manual_seed(0)
-    ckpt = save_checkpoint(
+    ckpt = save_test_checkpoint(
         tmp / "model.pt",
         SkipTS("efficientnet_lite0"),
         threshold=THRESHOLD,

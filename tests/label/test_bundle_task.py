@@ -13,13 +13,11 @@ import torch
 monailabel = pytest.importorskip("monailabel")
 itk = pytest.importorskip("itk")
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, save_test_checkpoint  # noqa: E402
 from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
 
 from monai_skipts.bundle.export import export_bundle  # noqa: E402
-from monai_skipts.checkpoint import save_checkpoint  # noqa: E402
 from monai_skipts.inference import AnomalyPredictor  # noqa: E402
-from monai_skipts.inferers import set_level_stats  # noqa: E402
 from monai_skipts.networks import SkipTS  # noqa: E402
 
 THRESHOLD = {"value": 1.0, "scale": 0.1, "target_fpr": 0.05, "n_normals": 20}
@@ -32,12 +30,12 @@ def bundle(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(0)
     model = SkipTS("efficientnet_lite0")
-    set_level_stats(model, [[0.2, 0.1], [0.3, 0.1], [0.4, 0.2]])
-    ckpt = save_checkpoint(
+    ckpt = save_test_checkpoint(
         tmp / "run" / "model.pt",
         model,
         threshold=THRESHOLD,
         extra={"dataset": "brainmri", "spatial_size": 32, "modality": "mri"},
+        level_stats=[[0.2, 0.1], [0.3, 0.1], [0.4, 0.2]],
     )
     out = export_bundle(REPO / "bundles" / "brainmri" / "train.json", ckpt, tmp / "skipts_brainmri.zip")
     with zipfile.ZipFile(out) as z:

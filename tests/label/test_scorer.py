@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import save_test_checkpoint
 from PIL import Image
 
-from monai_skipts.checkpoint import save_checkpoint
 from monai_skipts.inference import AnomalyPredictor
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import LoadMedicalImage, array_to_image, build_preprocessing, slice_to_plane, take_slice
@@ -35,14 +35,14 @@ def test_array_to_image_conventions():
 
 def test_scorer_png_and_volume(tmp_path, phantom_root):
     torch.manual_seed(0)
-    ckpt = save_checkpoint(
+    ckpt = save_test_checkpoint(
         tmp_path / "model.pt",
         SkipTS("efficientnet_lite0"),
         threshold={"value": 1.0, "scale": 0.1},
         extra={"spatial_size": 32, "modality": "mri"},
     )
     scorer = AnomalyPredictor(ckpt, batch_size=4)
-    assert scorer.config()["modality"] == "mri" and scorer.config()["spatial_size"] == 32
+    assert scorer.config()["modality"] == "mri" and scorer.config()["spatial_size"] == [32, 32]
 
     png = sorted(phantom_root.glob("test/lesion/*.png"))[0]
     res = scorer.score_file(png)
@@ -50,7 +50,7 @@ def test_scorer_png_and_volume(tmp_path, phantom_root):
     assert res["kind"] == "image" and res["map"].shape == (h, w)
     x = build_preprocessing("mri", 32)({"image": str(png)})["image"][None]
     with torch.no_grad():
-        want = scorer.predictor(x)[1].item()
+        want = scorer.detector(x)[1].item()
     assert res["score"] == pytest.approx(want, abs=1e-6)
     assert res["anomalous"] == (res["score"] >= 1.0) and res["threshold"] == 1.0
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monai_skipts.checkpoint import load_checkpoint, load_model, save_checkpoint
+from monai_skipts.checkpoint import load_checkpoint, load_detector, save_checkpoint
 from monai_skipts.networks import (
     SKIP_MODES,
+    AnomalyDetector,
     SkipStudent,
     SkipTS,
     build_teacher,
@@ -236,7 +237,7 @@ needs_lite0 = pytest.mark.skipif(
 def _predictions(model: SkipTS, x: torch.Tensor):
     with torch.no_grad():
         t, s = model.eval()(x)
-        amap, score = model.predict(x)
+        amap, score = AnomalyDetector(model)(x)
     return s, amap, score
 
 
@@ -249,10 +250,12 @@ def test_checkpoint_round_trip_of_the_new_options(tmp_path):
     with torch.no_grad():
         for p in model.student.skip_gate.values():
             p.normal_()
-    path = save_checkpoint(tmp_path / "model.pt", model)
-    loaded, ckpt = load_model(path)
+    path = save_checkpoint(tmp_path / "model.pt", AnomalyDetector(model))
+    ckpt = load_checkpoint(path)
+    loaded = load_detector(path).model
     assert loaded.config == model.config
-    assert ckpt["model_config"]["teacher_taps"] == "expanded" and ckpt["model_config"]["skip_levels"] == [3]
+    cfg = ckpt["config"]["model"]
+    assert cfg["teacher_taps"] == "expanded" and cfg["skip_levels"] == [3]
     assert loaded.teacher.tap_kind == "expanded" and loaded.student.skip_dropout == 0.3
     assert loaded.student.skip_noise == 0.5 and loaded.student.skip_levels == (3,)
     x = torch.randn(2, 3, 64, 64)
@@ -263,17 +266,19 @@ def test_checkpoint_round_trip_of_the_new_options(tmp_path):
     project = SkipTS("efficientnet_lite0")
     assert project.teacher.weights_sha256 == loaded.teacher.weights_sha256
     with pytest.raises(RuntimeError, match="size mismatch"):
-        project.student.load_state_dict(ckpt["student"])
+        project.student.load_state_dict(
+            {k[len("model.student.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.student.")}
+        )
 
 
 @needs_lite0
 def test_checkpoint_without_the_new_keys_loads_as_before(tmp_path):
     torch.manual_seed(0)
     model = SkipTS("efficientnet_lite0")
-    ckpt = load_checkpoint(save_checkpoint(tmp_path / "model.pt", model))
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "model.pt", AnomalyDetector(model)))
     for key in ("skip_levels", "skip_dropout", "skip_noise", "teacher_taps"):
-        del ckpt["model_config"][key]
-    loaded, _ = load_model(ckpt)
+        del ckpt["config"]["model"][key]
+    loaded = load_detector(ckpt).model
     assert loaded.config == model.config and loaded.teacher.tap_kind == "project"
     x = torch.randn(1, 3, 64, 64)
     for a, b in zip(_predictions(model, x)[1:], _predictions(loaded, x)[1:]):
@@ -283,8 +288,7 @@ def test_checkpoint_without_the_new_keys_loads_as_before(tmp_path):
 def test_one_class_bottleneck_in_front_of_the_skip_decoder(tmp_path):
     """bottleneck=True: D3 gets RD4AD's fused E1-E3 code, not E4 (E4 no longer matters); with skips
     F_t^3 still reaches D2; with skip='none' the student is RD4AD's; checkpoints rebuild it."""
-    from monai_skipts.checkpoint import load_model, save_checkpoint
-    from monai_skipts.networks import RD4AD, SkipTS
+    from monai_skipts.networks import RD4AD
 
     torch.manual_seed(0)
     model = SkipTS("resnet18", pretrained=False, bottleneck=True).eval()
@@ -297,10 +301,10 @@ def test_one_class_bottleneck_in_front_of_the_skip_decoder(tmp_path):
     t3 = [t[0], t[1], t[2] + 1.0, t[3]]
     assert not torch.allclose(model.student_features(t3)[1], s[1])  # via the bottleneck and the skip
     assert model.config["bottleneck"] is True
-    save_checkpoint(tmp_path / "m.pt", model)
+    save_checkpoint(tmp_path / "m.pt", AnomalyDetector(model))
     torch.manual_seed(0)  # the random (pretrained=False) teacher is drawn first, as above
-    again, _ = load_model(tmp_path / "m.pt")
-    assert torch.equal(again.predict(x)[0], model.predict(x)[0])
+    again = load_detector(tmp_path / "m.pt")
+    assert torch.equal(again(x)[0], AnomalyDetector(model)(x)[0])
     torch.manual_seed(0)
     rd = RD4AD("resnet18", pretrained=False)
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from monai_skipts.networks import (
     OFFLINE_DEFAULT_TEACHER,
+    AnomalyDetector,
     SkipStudent,
     SkipTS,
     TeacherWeightsNotFound,
@@ -173,6 +174,6 @@ def test_encoder_student_ablation_trains_its_own_batchnorm():
 def test_predict_gives_map_and_score():
     m = SkipTS("resnet18", pretrained=False).eval()
     x = torch.randn(2, 3, 64, 64)
-    amap, score = m.predict(x)
+    amap, score = AnomalyDetector(m)(x)
     assert amap.shape == (2, 1, 64, 64) and score.shape == (2,)
     assert torch.allclose(score, amap.flatten(1).amax(1))
