@@ -11,7 +11,8 @@ Command line::
         --checkpoint runs/x/model.pt [--output results/] [--seg]
 
 Exit status: 0 when every scorable series was scored and written, 1 when any failed or nothing could be
-scored (``dicom_results.json`` lists the reasons), 2 for bad arguments. The summary printed and
+scored (``dicom_results.json`` lists the reasons), 2 for bad arguments. A progress bar over the series
+shows when stderr is a terminal (``--progress on|off`` forces it). The summary printed and
 logged holds scores and decisions, no patient data and no UID.
 """
 
@@ -20,8 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
+
+from monai_skipts.progress import PROGRESS_CHOICES, PROGRESS_ENV
 
 __all__ = ["main"]
 
@@ -39,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--volume_aggregation", default="max", choices=("max", "mean", "topk"))
+    p.add_argument(
+        "--progress", default="auto", choices=PROGRESS_CHOICES, help="progress bar (auto: when stderr is a terminal)"
+    )
     args = p.parse_args(argv)
+    if args.progress != "auto":  # read by every bar of this process (progress_enabled)
+        os.environ[PROGRESS_ENV] = args.progress
     if args.input and not args.output:
         p.error("--output is required with --input")
     if args.dicomweb and not args.study:

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from monai_skipts.progress import progress_bar
+
 from .render import DISCLAIMER, burn_in_text, frame_to_grey, overlay_rgb
 from .study import Series, read_study
 from .writers import ModelInfo, make_sc, make_seg, make_sr, save_dataset
@@ -277,7 +279,7 @@ def score_study(
     series, skipped = read_study(study)
     done, errors = [], []
     n_warnings = 0
-    for s in series:
+    for s in progress_bar(series, desc="scoring series", unit="series"):  # a bar on a terminal only
         with warnings.catch_warnings(record=True) as caught, quiet_loggers("highdicom", "pydicom"):
             warnings.simplefilter("always")
             try:
