@@ -9,6 +9,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
+from monai.engines.utils import IterationEvents
 
 from monai_skipts.apps import make_phantom_dataset
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, build_optimizer
@@ -138,3 +139,25 @@ def test_evaluator_rescores_a_non_finite_amp_batch_in_fp32():
         hook.remove()
     assert len(calls) == 2 and ev.amp  # scored twice, AMP switched back on for the next batch
     assert torch.isfinite(got[-1]).all() and torch.allclose(got[-1], ref[0], atol=1e-6)
+
+
+def test_freeing_gradients_between_steps_trains_the_same_weights():
+    """The trainer frees the student's gradients before each forward pass (``optim_set_to_none``, so
+    they are not held beside the activations at the step's memory peak); the weights after 2 epochs
+    are bit for bit those of zero-filled gradients kept across steps."""
+    data = [{"image": torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(i)), "label": 0} for i in range(6)]
+    finals, seen = [], []
+    for set_to_none in (False, True):
+        torch.manual_seed(0)
+        model = SkipTS("efficientnet_lite0")
+        kw = {} if set_to_none else {"optim_set_to_none": False}
+        trainer = SkipTSTrainer("cpu", 2, DataLoader(data, batch_size=3), model, **kw)
+
+        @trainer.on(IterationEvents.FORWARD_COMPLETED)
+        def _grads_at_the_peak(engine, model=model):
+            seen.append((engine.optim_set_to_none, any(p.grad is not None for p in model.student.parameters())))
+
+        trainer.run()
+        finals.append(torch.cat([p.detach().flatten() for p in model.student.parameters()]))
+    assert torch.equal(finals[0], finals[1])
+    assert (True, True) not in seen and (False, True) in seen  # default: no gradient is kept into a step
