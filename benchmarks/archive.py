@@ -20,6 +20,9 @@ Each worker runs one torch thread (``OMP_NUM_THREADS=1`` for the workers), so wo
 Arrow batches hold at most ``--batch-rows`` images (``spark.sql.execution.arrow.maxRecordsPerBatch``):
 the model loads one batch of images at a time.
 
+On a terminal (or with ``--progress on``) Spark's console bar shows each stage's tasks
+(``spark.ui.showConsoleProgress``) and a bar counts the timed passes.
+
 Writes ``archive.json`` and ``archive.md`` to ``--work-dir`` (atomically) and prints the table.
 """
 
@@ -81,9 +84,13 @@ def phantom_images(work_dir: Path, n: int, size: int) -> list[str]:
     return sorted(glob.glob(str(root / "test/*/*.png")))
 
 
-def time_master(master: str, model_uri: str, paths: list[str], rounds: int, batch_rows: int) -> dict:
+def time_master(
+    master: str, model_uri: str, paths: list[str], rounds: int, batch_rows: int, progress: str = "auto"
+) -> dict:
     import mlflow
     from pyspark.sql import SparkSession
+
+    from monai_skipts.progress import progress_bar, progress_enabled
 
     workers = int(master[master.index("[") + 1 : master.index("]")]) if "[" in master else 1
     t0 = time.perf_counter()
@@ -91,6 +98,7 @@ def time_master(master: str, model_uri: str, paths: list[str], rounds: int, batc
         SparkSession.builder.master(master)
         .appName(f"skipts-archive-{master}")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", str(progress_enabled(progress)).lower())  # Spark's stage bar
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
         .config("spark.sql.shuffle.partitions", str(2 * workers))
         .getOrCreate()
@@ -111,7 +119,7 @@ def time_master(master: str, model_uri: str, paths: list[str], rounds: int, batc
         warm = spark.createDataFrame([(p,) for p in paths[: 2 * workers]], "image string")
         cold_s, _ = run(warm, workers)
         times, rows = [], []
-        for _ in range(rounds):
+        for _ in progress_bar(range(rounds), desc=f"{master} passes", unit="pass", enabled=progress):
             dt, rows = run(df, 2 * workers)
             times.append(dt)
     finally:
@@ -163,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="timed passes per master")
     p.add_argument("--batch-rows", type=int, default=64, help="images per Arrow batch (one model call)")
     p.add_argument("--work-dir", default="runs/benchmarks/archive")
+    p.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bars (auto: a terminal)")
     args = p.parse_args(argv)
 
     import mlflow
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for master in args.masters:
         print(f"archive: {master} ...", flush=True)
-        res["runs"].append(time_master(master, model_uri, paths, args.rounds, args.batch_rows))
+        res["runs"].append(time_master(master, model_uri, paths, args.rounds, args.batch_rows, args.progress))
     res["loadavg_after"] = os.getloadavg()
     first = res["runs"][0]["scores"]
     res["max_score_diff"] = max(abs(r["scores"][k] - first[k]) for r in res["runs"] for k in first)

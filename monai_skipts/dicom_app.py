@@ -16,6 +16,7 @@ be scored: the reasons go to stderr, one line each, and into ``dicom_results.jso
 arguments. The output folder and the PACS are checked before the model is loaded. The summary printed
 and logged holds scores and decisions, no patient data and no UID. Running twice is safe: the series
 this model already scored are skipped (``--replace`` scores them again and replaces their results).
+A progress bar over the series shows when stderr is a terminal (``--progress on|off`` forces it).
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
 from typing import Sequence
+
+from monai_skipts.progress import PROGRESS_CHOICES, PROGRESS_ENV
 
 __all__ = ["main"]
 
@@ -48,7 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--volume_aggregation", default="max", choices=("max", "mean", "topk"))
+    p.add_argument(
+        "--progress", default="auto", choices=PROGRESS_CHOICES, help="progress bar (auto: when stderr is a terminal)"
+    )
     args = p.parse_args(argv)
+    if args.progress != "auto":  # read by every bar of this process (progress_enabled)
+        os.environ[PROGRESS_ENV] = args.progress
     if args.input and not args.output:
         p.error("--output is required with --input")
     if args.dicomweb and not args.study:

@@ -17,6 +17,12 @@ One bad input does not lose the batch: everything else is scored and written, ev
 in ``errors.csv``, and :class:`InferenceIncompleteError` is raised at the end (the command line and
 ``python -m monai.bundle run`` exit non-zero). ``fail_fast=True`` stops at the first bad input instead.
 
+``status.json`` says how the run ended (:func:`~monai_skipts.progress.write_run_status`): ``running``
+while it scores (a run killed outright leaves that; not with ``fail_fast``), ``complete``, ``incomplete`` (see ``errors.csv``) or
+``interrupted``: on Ctrl-C the inputs scored so far are written (their rows and maps; a volume only
+when all its slices were scored), the rest are not, and the command line exits 130 with one line. A
+progress bar shows on a terminal (``--progress on|off`` forces it).
+
 Command line::
 
     python -m monai_skipts.inference --checkpoint runs/brainmri/model.pt --input scans/ --output_dir out/
@@ -43,6 +49,7 @@ from .backends import BACKENDS
 from .checkpoint import load_checkpoint, load_detector
 from .data import is_image_file
 from .data.files import output_relpaths, relative_id
+from .progress import PROGRESS_CHOICES, ScoringInterrupted, progress_bar, write_run_status
 from .transforms import (
     LoadMedicalImage,
     VolumeToSlices,
@@ -427,10 +434,14 @@ class AnomalyPredictor:
         :class:`~monai_skipts.utils.InputDataError` (:meth:`run` scores the others and lists it)."""
         return self._score(items, fail_fast=True)[0]
 
-    def _score(self, items: Iterable[dict], fail_fast: bool) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    def _score(
+        self, items: Iterable[dict], fail_fast: bool, progress: bool | str | None = False
+    ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         """``(results, errors)``: every input scored that can be; ``errors`` holds one ``{"file",
         "reason"}`` per input that cannot (a volume with one bad slice fails as a whole: no volume
-        score from part of it). ``fail_fast``: raise the first input's error instead."""
+        score from part of it). ``fail_fast``: raise the first input's error instead. ``progress``: a
+        bar over the inputs (:func:`~monai_skipts.progress.progress_bar`). Ctrl-C raises
+        :class:`~monai_skipts.progress.ScoringInterrupted` holding the inputs scored completely."""
         errors: list[dict[str, str]] = []
         failed: set[tuple[str, str]] = set()
 
@@ -469,35 +480,49 @@ class AnomalyPredictor:
                 results.append(rec)
             pending.clear()
 
-        for item in items:  # in input order, so that fail_fast stops at the first bad input
-            item = dict(item)
-            item["id"] = str(item.get("id", item["image"]))
-            had_vid = bool(item.get("volume_id"))
-            try:  # volumes -> one item per slice, named by the (relative) id, never by the path
-                expanded = expand_volume_datalist(
-                    [{**item, "volume_id": item.get("volume_id") or item["id"]}], axis=self.volume_axis, loader=loader
-                )
-            except Exception as e:
-                fail(item, e)
-                continue
-            for it in expanded:
-                if "slice_index" not in it and not had_vid:
-                    it.pop("volume_id", None)
-                if (it["id"], str(it["image"])) in failed:
-                    break  # another slice of this volume failed: no score from part of a volume
-                try:
-                    d = self.preprocess(dict(it))
-                    x = d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else torch.as_tensor(d["image"])
-                    if not bool(torch.isfinite(x).all()):
-                        raise InputDataError(it["image"], "preprocessing gave non-finite values")
+        current: dict = {}  # the input being read
+        try:
+            for item in progress_bar(items, desc="scoring", enabled=progress):  # in input order (fail_fast)
+                item = dict(item)
+                current.clear()
+                current.update(item)
+                item["id"] = str(item.get("id", item["image"]))
+                had_vid = bool(item.get("volume_id"))
+                try:  # volumes -> one item per slice, named by the (relative) id, never by the path
+                    expanded = expand_volume_datalist(
+                        [{**item, "volume_id": item.get("volume_id") or item["id"]}],
+                        axis=self.volume_axis,
+                        loader=loader,
+                    )
                 except Exception as e:
-                    fail(it, e)
+                    fail(item, e)
                     continue
-                pending.append((it, d, x))
-                if len(pending) >= self.batch_size:
-                    flush()
-        if pending:
-            flush()
+                for it in expanded:
+                    if "slice_index" not in it and not had_vid:
+                        it.pop("volume_id", None)
+                    if (it["id"], str(it["image"])) in failed:
+                        break  # another slice of this volume failed: no score from part of a volume
+                    try:
+                        d = self.preprocess(dict(it))
+                        x = d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else torch.as_tensor(d["image"])
+                        if not bool(torch.isfinite(x).all()):
+                            raise InputDataError(it["image"], "preprocessing gave non-finite values")
+                    except Exception as e:
+                        fail(it, e)
+                        continue
+                    pending.append((it, d, x))
+                    if len(pending) >= self.batch_size:
+                        flush()
+            if pending:
+                flush()
+        except KeyboardInterrupt as e:
+            if isinstance(e, ScoringInterrupted):
+                raise
+            partial = {str(it["image"]) for it, _, _ in pending} | {str(current.get("image"))}
+            done = [r for r in results if (r["id"], r["image"]) not in failed and r["image"] not in partial]
+            n_done = len({r.get("volume_id", r["id"]) for r in done})
+            total = len(items) if hasattr(items, "__len__") else None
+            raise ScoringInterrupted(done, errors, n_done, total) from None
         results = [r for r in results if (r["id"], r["image"]) not in failed]
         return results, errors
 
@@ -507,6 +532,7 @@ class AnomalyPredictor:
         output_dir: str | os.PathLike,
         save_maps: bool = True,
         fail_fast: bool = False,
+        progress: bool | str | None = None,
     ) -> dict[str, Any]:
         """Score ``inputs`` (folder, file or list of paths) and write the outputs (see the module
         docstring); returns a summary ``{"n_images", "n_volumes", "n_anomalous", "n_errors"}``.
@@ -518,15 +544,25 @@ class AnomalyPredictor:
             save_maps: write the anomaly maps.
             fail_fast: stop at the first input that cannot be scored (its error is raised and nothing
                 is written), instead of scoring the others.
+            progress: a progress bar over the inputs: ``None``/``"auto"`` on a terminal only,
+                ``True``/``"on"``, ``False``/``"off"`` (:func:`~monai_skipts.progress.progress_enabled`).
 
         Raises:
             InferenceIncompleteError: after writing everything, when some inputs could not be scored
                 (they are listed in ``errors.csv``).
             InputDataError: with ``fail_fast``, the first bad input; a missing input or empty folder.
+            ScoringInterrupted: Ctrl-C: after writing the inputs scored so far and ``status.json``
+                ``interrupted``; its message says how many were scored.
         """
         out = Path(output_dir)
         items = list_inputs(inputs)
-        results, errors = self._score(items, fail_fast)
+        if not fail_fast:  # fail_fast writes nothing before the end
+            write_run_status(out, "running", n_inputs=len(items))
+        interrupted = None
+        try:
+            results, errors = self._score(items, fail_fast, progress)
+        except ScoringInterrupted as e:
+            results, errors, interrupted = e.done, e.errors, e
         volumes = self._volumes(results)
         names: dict[str, str] = {}
         if save_maps:
@@ -556,6 +592,14 @@ class AnomalyPredictor:
             "n_errors": len(errors),
         }
         logger.info("scored %d images (%d volumes) into %s", len(results), len(volumes), out)
+        status = "interrupted" if interrupted else "incomplete" if errors else "complete"
+        write_run_status(out, status, n_inputs=len(items), **summary)
+        if interrupted:
+            interrupted.args = (
+                f"interrupted: {interrupted.n_done} of {len(items)} inputs scored and written to "
+                f"{out / 'predictions.csv'}; the others were not scored ({out / 'status.json'}: interrupted)",
+            )
+            raise interrupted
         if errors:
             first = errors[0]
             problem = (
@@ -648,6 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num_threads", type=int, default=None, help="CPU threads of the forward pass")
     p.add_argument("--no_maps", action="store_true", help="do not write the anomaly maps")
     p.add_argument("--fail_fast", action="store_true", help="stop at the first input that cannot be scored")
+    p.add_argument(
+        "--progress", default="auto", choices=PROGRESS_CHOICES, help="progress bar (auto: when stderr is a terminal)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     inputs = args.input[0] if len(args.input) == 1 else args.input
@@ -663,10 +710,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             num_threads=args.num_threads,
         )
-        summary = predictor.run(inputs, args.output_dir, save_maps=not args.no_maps, fail_fast=args.fail_fast)
+        summary = predictor.run(
+            inputs, args.output_dir, save_maps=not args.no_maps, fail_fast=args.fail_fast, progress=args.progress
+        )
     except (InputDataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (run() wrote what was scored)
+        print(f"\n{e}" if isinstance(e, ScoringInterrupted) else "\ninterrupted before scoring", file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
+from monai.engines.utils import IterationEvents
 
 from monai_skipts.apps import make_phantom_dataset
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache, build_optimizer
@@ -168,3 +169,25 @@ def test_evaluator_feeds_plain_channels_last_tensors_with_the_same_maps():
     assert type(seen[1]) is torch.Tensor and seen[1].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(scores[True], scores[False], rtol=1e-5, atol=1e-5)
     assert next(model.parameters()).is_contiguous()  # the (shared) network's weights are not converted
+
+
+def test_freeing_gradients_between_steps_trains_the_same_weights():
+    """The trainer frees the student's gradients before each forward pass (``optim_set_to_none``, so
+    they are not held beside the activations at the step's memory peak); the weights after 2 epochs
+    are bit for bit those of zero-filled gradients kept across steps."""
+    data = [{"image": torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(i)), "label": 0} for i in range(6)]
+    finals, seen = [], []
+    for set_to_none in (False, True):
+        torch.manual_seed(0)
+        model = SkipTS("efficientnet_lite0")
+        kw = {} if set_to_none else {"optim_set_to_none": False}
+        trainer = SkipTSTrainer("cpu", 2, DataLoader(data, batch_size=3), model, **kw)
+
+        @trainer.on(IterationEvents.FORWARD_COMPLETED)
+        def _grads_at_the_peak(engine, model=model):
+            seen.append((engine.optim_set_to_none, any(p.grad is not None for p in model.student.parameters())))
+
+        trainer.run()
+        finals.append(torch.cat([p.detach().flatten() for p in model.student.parameters()]))
+    assert torch.equal(finals[0], finals[1])
+    assert (True, True) not in seen and (False, True) in seen  # default: no gradient is kept into a step

@@ -97,3 +97,86 @@ def test_heatmap_panel_marks_the_maps_peak_where_the_lesion_is():
     o = p[oy : oy + 64, ox : ox + 64]  # overlay: white cross centred on the peak
     assert (o[45, 15] == 255).all() and (o[43, 15] == 255).all() and (o[45, 13] == 255).all()
     assert o[10, 50, 2] > o[10, 50, 0] + 40  # zero map: jet's dark blue blended over the tissue
+
+
+def _read_until(stream, pattern: str, timeout: float) -> str:
+    """Read a subprocess's text stream until a line matches ``pattern`` (a tqdm bar redraws its line
+    after a ``\\r``); everything read is returned."""
+    import re
+    import time
+
+    seen, line, deadline = "", "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ch = stream.read(1)
+        if not ch:
+            break
+        seen += ch
+        if ch not in "\r\n":
+            line += ch
+        elif re.search(pattern, line):
+            return seen
+        else:
+            line = ""
+    raise AssertionError(f"{pattern!r} not seen within {timeout} s; got {seen[-2000:]!r}")
+
+
+def test_ctrl_c_writes_the_scored_rows_marks_the_run_interrupted_and_exits_with_one_line(tmp_path, checkpoint):
+    """``python -m monai_skipts.inference`` on 300 PNGs, SIGINT once the progress bar (forced on) has
+    counted 16 files: the CSV holds the rows scored so far (each with its map), ``status.json`` says
+    ``interrupted``, the exit status is 130 and stderr ends with one line and no traceback."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(inp / f"{i:04d}.png")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MONAI_SKIPTS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "monai_skipts.inference", "--checkpoint", str(checkpoint), "--input", str(inp)]
+    cmd += ["--output_dir", str(out), "--batch_size", "8", "--device", "cpu", "--progress", "on"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        before = _read_until(proc.stderr, r"scoring:.*\b(1[6-9]|[2-9]\d|1\d\d)/300\b", timeout=300)
+        proc.send_signal(signal.SIGINT)
+        stdout, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stderr = before + rest
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and str(out / "predictions.csv") in last, last
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert 8 <= len(rows) < 300, len(rows)
+    assert len({r["id"] for r in rows}) == len(rows) and all((inp / r["id"]).is_file() for r in rows)
+    assert all((out / r["map"]).is_file() for r in rows)
+    assert len(list((out / "maps").glob("*.map.png"))) == len(rows)
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["n_images"] == len(rows) and status["n_inputs"] == 300
+    assert f"interrupted: {len(rows)} of 300 inputs scored" in last
+
+
+def test_a_complete_run_says_complete_in_its_status_file(tmp_path, checkpoint):
+    import json
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(inp / "a.png")
+    AnomalyPredictor(checkpoint, batch_size=4).run(inp, tmp_path / "out", progress=False)
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status == {
+        "status": "complete",
+        "n_inputs": 1,
+        "n_images": 1,
+        "n_volumes": 0,
+        "n_errors": 0,
+        "n_anomalous": status["n_anomalous"],
+    }

@@ -22,6 +22,7 @@ from monai_skipts.bundle.checks import (
 from monai_skipts.bundle.workflow import (
     TrainedModel,
     build_split,
+    check_split_images,
     deferred_attribute,
     end_distributed,
     evaluation_run_name,

@@ -8,8 +8,9 @@
   bundle's ``evaluate.json`` or ``inference.json`` given without its ``train.json`` (they are overrides
   merged over it) is refused first, with the command that works.
 - :func:`install_root_cause_hook`: MONAI's config parser wraps an error raised inside a ``$``
-  expression in ``RuntimeError: Failed to evaluate <the whole expression>``, so the line naming the
-  file and the problem ends up in the middle of the traceback. The hook prints the traceback as
+  expression in ``RuntimeError: Failed to evaluate <the whole expression>`` (and ``apply_transform``
+  wraps a transform's error in ``RuntimeError: applying transform <object at 0x...>``), so the line
+  naming the file and the problem ends up in the middle of the traceback. The hook prints the traceback as
   before, then the root cause last, where a user reads it.
 
 - :func:`expression_share`: how much of a bundle config file is Python in ``$`` expressions (the
@@ -59,8 +60,8 @@ MONAI_RUN_ARGS = frozenset(
         "properties_path",
     }
 )
-#: messages of the RuntimeErrors MONAI wraps the real error in
-_WRAPPERS = ("Failed to evaluate", "Failed to instantiate")
+#: messages of the RuntimeErrors MONAI wraps the real error in (its config parser, and ``apply_transform``)
+_WRAPPERS = ("Failed to evaluate", "Failed to instantiate", "applying transform")
 _REFERENCE = re.compile(r"@(\w+)")
 
 

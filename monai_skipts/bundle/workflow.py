@@ -4,7 +4,7 @@
 (``_target_``) with ``@`` references; whatever is more than a plain call lives in this module:
 
 =================================  ====================================================================
-datalist and split                 :func:`build_split`
+datalist and split                 :func:`build_split`, :func:`check_split_images`
 data loading                       :func:`seeded_generator`, :func:`training_prepare_batch`
 trained model (evaluate)           :func:`load_trained_model` (:class:`TrainedModel`)
 run folder and processes           :func:`prepare_output_dir`, :func:`release_output_dir`,
@@ -45,6 +45,7 @@ import torch
 __all__ = [
     "TrainedModel",
     "build_split",
+    "check_split_images",
     "deferred_attribute",
     "end_distributed",
     "evaluation_run_name",
@@ -130,6 +131,54 @@ def build_split(
         min_val_normals=min_val,
         **dict(dataset_kwargs or {}),
     )
+
+
+def check_split_images(
+    split: Mapping[str, Any], transform: Callable, subsets: Sequence[str] = ("val", "test"), max_listed: int = 5
+) -> int:
+    """Before training: run the preprocessing ``transform`` over every image of ``subsets`` (the
+    validation images, which also calibrate the threshold, and the test images) and refuse the run
+    when any cannot be read or preprocessed (missing, corrupt, NaN/inf values, ...). The training
+    images need no pass here: the training ``CacheDataset`` preprocesses them all before the first
+    epoch. Without this check a bad validation image stops the run after a trained epoch, a bad test
+    image after the whole training.
+
+    Args:
+        split: what :func:`build_split` returns.
+        transform: the bundle's preprocessing (``Compose`` of dictionary transforms, from the path).
+        subsets: the split keys to check.
+        max_listed: how many bad files the error names besides the first.
+
+    Returns:
+        The number of images checked.
+
+    Raises:
+        InputDataError: naming the first bad file and its problem, the subset it is in, and how many
+            others are bad (up to ``max_listed`` named).
+    """
+    from monai_skipts.utils import InputDataError
+
+    bad: list[tuple[str, str, str]] = []
+    n = 0
+    for subset in subsets:
+        for item in split.get(subset) or []:
+            n += 1
+            try:
+                transform(dict(item))
+            except Exception as e:  # MONAI wraps the loader's error in RuntimeError("applying transform ...")
+                err = e
+                while not isinstance(err, InputDataError) and (err.__cause__ or err.__context__) is not None:
+                    err = err.__cause__ or err.__context__
+                problem = err.problem if isinstance(err, InputDataError) else f"{type(err).__name__}: {err}"
+                bad.append((str(item.get("image")), problem, subset))
+    if bad:
+        path, problem, subset = bad[0]
+        others = "".join(f"; {p} ({s}): {q}" for p, q, s in bad[1 : 1 + max_listed])
+        more = f"; {len(bad) - 1 - max_listed} more" if len(bad) > 1 + max_listed else ""
+        count = f" ({len(bad)} of {n} {'/'.join(subsets)} images are bad{others}{more})" if len(bad) > 1 else ""
+        raise InputDataError(path, f"{problem} [{subset} split; checked before training]{count}")
+    logger.info("%d %s images read and preprocessed before training", n, "/".join(subsets))
+    return n
 
 
 def seeded_generator(seed: int) -> torch.Generator:

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from monai_skipts.progress import progress_bar
+
 from .render import DISCLAIMER, burn_in_text, frame_to_grey, overlay_rgb
 from .study import MANUFACTURER, Series, Study, read_study, scrub
 from .writers import ModelInfo, make_sc, make_seg, make_sr, save_dataset
@@ -440,7 +442,7 @@ def score_study(
         if name not in names:
             errors.append({"series": name, "reason": _incomplete_reason(files)})
     n_warnings = 0
-    for s in st.series:
+    for s in progress_bar(st.series, desc="scoring series", unit="series"):  # a bar on a terminal only
         bad = st.incomplete(s)
         if bad:
             errors.append({"series": s.name, "reason": _incomplete_reason(bad)})

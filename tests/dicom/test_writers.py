@@ -227,6 +227,8 @@ def test_cli_keeps_patient_data_in_the_dicom_objects_only(dicom_study, dicom_che
             "--seg",
             "--device",
             "cpu",
+            "--progress",
+            "on",
         ],
         cwd=REPO,
         env=env,
@@ -235,6 +237,7 @@ def test_cli_keeps_patient_data_in_the_dicom_objects_only(dicom_study, dicom_che
     )
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
     assert b"DEBUG" in r.stderr, "the run did not log at DEBUG"
+    assert b"scoring series: 100%" in r.stderr and b"3/3" in r.stderr, "no progress bar with --progress on"
     printed = json.loads(r.stdout.decode().strip().splitlines()[-1])
     assert [s["series"] for s in printed["series"]] == ["series-001-CT", "series-002-MR", "series-003-CR"]
     needles = _needles(_sources(dicom_study))
