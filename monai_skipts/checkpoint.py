@@ -224,12 +224,16 @@ def upgrade_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> dict
     return out
 
 
-def check_teacher(cfg: dict[str, Any], model: torch.nn.Module, source: str = "checkpoint") -> None:
+def check_teacher(
+    cfg: dict[str, Any], model: torch.nn.Module, source: str = "checkpoint", weights: bool = True
+) -> None:
     """Refuse a student trained against another teacher (name or weights).
 
     Args:
         cfg: the architecture the student was trained with (a checkpoint's ``config["model"]``).
         model: the teacher-student model (or a detector holding it as ``model``).
+        weights: check the teacher's weights file too (``False``: the name only, for a state that
+            brings the teacher's weights itself).
     """
     model = getattr(model, "model", model)
     teacher = getattr(model, "module", model).teacher
@@ -238,7 +242,7 @@ def check_teacher(cfg: dict[str, Any], model: torch.nn.Module, source: str = "ch
             f"{source}: trained with teacher '{cfg['teacher']}', but the model's teacher is '{teacher.name}'"
         )
     want, have = cfg.get("teacher_weights_sha256"), teacher.weights_sha256
-    if want != have:
+    if weights and want != have:
         raise CheckpointError(
             f"{source}: trained with teacher '{cfg['teacher']}' weights sha256 {str(want)[:12]}…, but the "
             f"teacher loaded here has weights sha256 {str(have)[:12]}… (another weights file)"
@@ -330,7 +334,9 @@ def load_detector(
     dict of either version), in eval mode on ``map_location``: the one loader of every serving path.
 
     The teacher is rebuilt by name (``teacher_weights`` may point at the file) and must have the
-    weights the student was trained against.
+    weights the student was trained against. A checkpoint whose state holds the teacher's weights too
+    (an exported bundle's ``models/model.pt``, :func:`~monai_skipts.bundle.export.export_bundle`) is
+    rebuilt from its state alone: nothing is downloaded, ``teacher_weights`` is not used.
 
     Raises:
         FileNotFoundError, UnsafeCheckpointError, CheckpointError: see :func:`load_checkpoint`; a
@@ -343,11 +349,20 @@ def load_detector(
         ckpt = load_checkpoint(path_or_ckpt, map_location)
     config = ckpt["config"]
     cfg = config["model"]
+    if _holds_teacher(ckpt):  # an exported bundle's model.pt: the teacher's weights are in the state
+        detector = detector_from_config(config, pretrained=False, download=False, source=source)
+        restore_detector(detector, ckpt, source)
+        return detector.to(map_location).eval()
     if teacher_weights is not None and Path(teacher_weights).is_file() and cfg.get("teacher_weights_sha256"):
         _check_teacher_weights_file(cfg, Path(teacher_weights), source)
     detector = detector_from_config(config, teacher_weights=teacher_weights, download=download, source=source)
     restore_detector(detector, ckpt, source)
     return detector.to(map_location).eval()
+
+
+def _holds_teacher(ckpt: dict[str, Any]) -> bool:
+    """Whether a (version-2) checkpoint's state holds the teacher's weights (an exported bundle's)."""
+    return any(k.startswith(TEACHER_PREFIX) for k in (ckpt.get("state_dict") or {}))
 
 
 def detector_from_config(
@@ -390,7 +405,10 @@ def restore_detector(detector: torch.nn.Module, ckpt: dict[str, Any], source: st
     """
     ckpt = upgrade_checkpoint(ckpt, source)
     config = ckpt["config"]
-    check_teacher(config["model"], detector, source)
+    if _holds_teacher(ckpt):  # the stored teacher replaces the built one: its name must still match
+        check_teacher(config["model"], detector, source, weights=False)
+    else:
+        check_teacher(config["model"], detector, source)
     if float(config.get("sigma", 4.0)) != detector.sigma:
         detector.set_sigma(config.get("sigma", 4.0))
     detector.config.update({k: copy.deepcopy(config.get(k)) for k in ("preprocessing", "calibration", "anatomy_mask")})

@@ -38,7 +38,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from .backends import BACKENDS
-from .checkpoint import load_checkpoint, load_detector
+from .checkpoint import CheckpointError, load_checkpoint, load_detector
 from .data import is_image_file
 from .data.files import output_relpaths, relative_id
 from .progress import PROGRESS_CHOICES, ScoringInterrupted, progress_bar, write_run_status
@@ -62,7 +62,7 @@ from .transforms import (
 from .transforms.presets import SPEC_KEYS
 from .utils import InputDataError, atomic_save, atomic_write_text, resolve_device, save_map_png
 
-__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "list_inputs", "main"]
+__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "list_inputs", "main", "run_and_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -698,8 +698,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     inputs = args.input[0] if len(args.input) == 1 else args.input
-    try:
-        predictor = AnomalyPredictor(
+
+    def predictor() -> AnomalyPredictor:
+        return AnomalyPredictor(
             args.checkpoint,
             args.teacher_weights,
             device=args.device,
@@ -710,10 +711,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             num_threads=args.num_threads,
         )
-        summary = predictor.run(
-            inputs, args.output_dir, save_maps=not args.no_maps, fail_fast=args.fail_fast, progress=args.progress
-        )
-    except (InputDataError, OSError) as e:
+
+    return run_and_report(
+        predictor, inputs, args.output_dir, save_maps=not args.no_maps, fail_fast=args.fail_fast, progress=args.progress
+    )
+
+
+def run_and_report(
+    make_predictor: Callable[[], AnomalyPredictor],
+    inputs: str | os.PathLike | Sequence,
+    output_dir: str | os.PathLike,
+    save_maps: bool = True,
+    fail_fast: bool = False,
+    progress: bool | str | None = None,
+) -> int:
+    """Build a predictor, :meth:`AnomalyPredictor.run` it, and report as a command line: the summary
+    as one JSON line on stdout; a failure as one line on stderr, no traceback. The one ending of
+    ``python -m monai_skipts.inference`` and of an exported bundle's ``run``
+    (:func:`monai_skipts.bundle.runtime.run_bundle_inference`).
+
+    Args:
+        make_predictor: builds the predictor (its errors, e.g. a refused checkpoint, are reported too).
+        inputs, output_dir, save_maps, fail_fast, progress: see :meth:`AnomalyPredictor.run`.
+
+    Returns:
+        The exit status: 0 every input scored; 1 an input could not be scored (``errors.csv``), a
+        checkpoint refused, or a file not readable or writable; 130 Ctrl-C (what was scored is written).
+    """
+    try:
+        summary = make_predictor().run(inputs, output_dir, save_maps=save_maps, fail_fast=fail_fast, progress=progress)
+    except (InputDataError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (run() wrote what was scored)

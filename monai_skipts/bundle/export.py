@@ -11,11 +11,13 @@ The zip holds one folder named after it (``skipts_brainmri/``, as MONAI's model-
     skipts_brainmri/
       configs/metadata.json    MONAI's metadata fields (version, changelog, monai/pytorch/numpy versions,
                                required_packages_version, task, description, authors, copyright,
-                               network_data_format {inputs, outputs}, ...) and the decision threshold
+                               network_data_format {inputs, outputs}, ...), the decision threshold, and
+                               the SHA-256 of each model file (``model_files_sha256``)
       configs/inference.json   self-contained: MONAI components and the installed monai_skipts package only;
                                files are found through ``@bundle_root``
       configs/logging.conf     MONAI's usual console logging
-      models/model.pt          state dict of ``network_def`` (teacher, student, statistics, thresholds: no download)
+      models/model.pt          the detector's checkpoint (version 2) with the teacher's weights in its state
+                               (no download); ``"model"``: the same state, where MONAI Label reads it
       models/model.ts          TorchScript of ``network_def`` (image -> anomaly map, score), metadata embedded
       docs/README.md           what the model does, how to run it, inputs and outputs
       LICENSE                  Apache-2.0
@@ -24,11 +26,14 @@ Run it from any working directory::
 
     python -m monai.bundle run --config_file skipts_brainmri/configs/inference.json --input /path/to/images
 
-``inference.json`` follows MONAI's inference layout (``network_def``, ``preprocessing``, ``inferer``,
-``postprocessing``, ``handlers``, ``evaluator``), so MONAI Label's ``BundleInferTask`` serves the unzipped
-folder as it is. The network is the trained :class:`~monai_skipts.networks.AnomalyDetector`
-(:func:`~monai_skipts.checkpoint.detector_from_config`; ``models/model.pt`` holds its whole state);
-through :class:`~monai_skipts.inferers.SkipTSInferer` it maps a preprocessed image ``(B, 3, S, S)`` to
+Its ``run`` is ``python -m monai_skipts.inference`` (:func:`~monai_skipts.bundle.runtime.run_bundle_inference`):
+the model loaded by :func:`~monai_skipts.checkpoint.load_detector` (``weights_only``; a file holding
+pickled code is refused), both model files checked against their recorded SHA-256, then
+:class:`~monai_skipts.inference.AnomalyPredictor`'s ``run``: the same ``predictions.csv``,
+``errors.csv``, maps, progress bar, exit status and one-line errors. ``inference.json`` also holds
+MONAI's inference layout (``network_def``, ``preprocessing``, ``inferer``, ``postprocessing``), so MONAI
+Label's ``BundleInferTask`` serves the unzipped folder as it is: through
+:class:`~monai_skipts.inferers.SkipTSInferer` the network maps a preprocessed image ``(B, 3, S, S)`` to
 the anomaly map ``(B, 1, S, S)``; the postprocessing adds the image score (the map's maximum) and the
 decision against the calibrated threshold. ``bundle_root`` defaults to the folder of the config being
 run (:func:`~monai_skipts.bundle.runtime.running_bundle_root`; MONAI's runner does not set it, MONAI
@@ -42,6 +47,7 @@ This module writes the zip (:func:`export_bundle`); the pieces live beside it:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -58,7 +64,16 @@ from torch import nn
 from monai_skipts.bundle.inference_config import LOGGING_CONF, inference_config
 from monai_skipts.bundle.metadata import bundle_metadata, check_metadata
 from monai_skipts.bundle.readme import bundle_readme, license_text
+from monai_skipts.bundle.runtime import MODEL_FILES_KEY
+from monai_skipts.checkpoint import (
+    CHECKPOINT_KIND,
+    CHECKPOINT_VERSION,
+    detector_from_config,
+    load_checkpoint,
+    load_detector,
+)
 from monai_skipts.transforms.presets import spatial_size_2d
+from monai_skipts.utils import atomic_write_bytes
 
 __all__ = ["export_bundle"]
 
@@ -127,9 +142,6 @@ def export_bundle(
     from monai.bundle import ConfigParser
     from monai.data import save_net_with_metadata
 
-    from ..checkpoint import detector_from_config, load_checkpoint, load_detector
-    from ..utils import atomic_write_bytes
-
     config_file, checkpoint, out = Path(config_file), Path(checkpoint), Path(out)
     if out.suffix != ".zip":
         raise ValueError(f"{out}: the bundle is written as a .zip file")
@@ -157,8 +169,16 @@ def export_bundle(
 
     net = reference
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    payload = {
+        "kind": CHECKPOINT_KIND,
+        "version": CHECKPOINT_VERSION,
+        "config": reference.config,
+        "state_dict": state,  # the teacher's weights included: nothing to download
+        "model": state,  # the same tensors (stored once), where MONAI Label's BundleInferTask reads them
+        "extra": extra,
+    }
     buf = io.BytesIO()  # in memory: the zip is written atomically below
-    torch.save(state, buf)
+    torch.save(payload, buf)
 
     traced = _trace(net, size)
     ts = io.BytesIO()
@@ -172,14 +192,20 @@ def export_bundle(
         x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             want = reference(x)[0]
+            stored = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+            _close("models/model.pt", want, load_detector(stored)(x)[0], atol)  # as the bundle's run loads it
             kwargs = {k: v for k, v in config["network_def"].items() if k != "_target_"}
-            fresh = detector_from_config(**kwargs).eval()
-            fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
-            _close("models/model.pt", want, fresh(x)[0], atol)
+            fresh = detector_from_config(**kwargs).eval()  # as MONAI Label loads it
+            fresh.load_state_dict(stored["model"])
+            _close("network_def with models/model.pt", want, fresh(x)[0], atol)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated")
                 _close("models/model.ts", want, torch.jit.load(io.BytesIO(ts.getvalue()))(x)[0], atol)
 
+    meta[MODEL_FILES_KEY] = {  # checked before the bundle scores (after embedding the metadata in model.ts)
+        "models/model.pt": hashlib.sha256(buf.getvalue()).hexdigest(),
+        "models/model.ts": hashlib.sha256(ts.getvalue()).hexdigest(),
+    }
     files = {
         f"{name}/configs/metadata.json": json.dumps(meta, indent=2).encode(),
         f"{name}/configs/inference.json": json.dumps(config, indent=2).encode(),

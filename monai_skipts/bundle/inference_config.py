@@ -36,39 +36,32 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 
 
 def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, Any]:
-    """``configs/inference.json`` of the exported bundle: MONAI's inference layout, self-contained.
+    """``configs/inference.json`` of the exported bundle: self-contained, in two parts.
 
-    Overridable on the command line: ``--input`` (a folder, a file or a list; default
-    ``--dataset_dir``), ``--output_dir`` (default ``<bundle_root>/eval``), ``--batch_size``,
-    ``--device``, ``--save_maps``, ``--volume_axis``, ``--threshold``. Writes
-    ``<output_dir>/predictions.csv`` (MONAI's ``ClassificationSaver``: ``file, score, anomalous``; no
-    header; ``anomalous`` is 1/0, ``nan`` without a threshold) and, with ``save_maps``, the anomaly
-    maps ``<output_dir>/maps/<name>_map.nii.gz`` (float32, the network's size).
+    - ``run`` is ``python -m monai_skipts.inference`` on the bundle's ``models/model.pt``
+      (:func:`~monai_skipts.bundle.runtime.run_bundle_inference`): the same predictor, outputs
+      (``predictions.csv`` with its header and ids relative to the input, ``errors.csv``, ``maps/``,
+      ``status.json``), progress bar, exit status and one-line errors. Overridable on the command
+      line: ``--input`` (a folder, a file or a list; default ``--dataset_dir``), ``--output_dir``
+      (default ``<bundle_root>/eval``), ``--device``, ``--batch_size``, ``--volume_axis``,
+      ``--volume_aggregation``, ``--max_pixels``, ``--save_maps``, ``--fail_fast``, ``--progress``,
+      and the preprocessing options ``--modality``, ``--spatial_size``, ``--window``, ``--mri_norm``.
+    - ``network_def``, ``preprocessing``, ``inferer`` and ``postprocessing`` (with ``device``,
+      ``threshold``, ``threshold_scale``) are MONAI's inference layout for MONAI Label's
+      ``BundleInferTask``, which loads ``models/model.pt``'s ``"model"`` entry into ``network_def``.
+      ``run`` does not use them.
     """
     config = ckpt["config"]
     prep = config["preprocessing"]
     thr = dict(config.get("calibration") or {})
     size = list(spatial_size_2d(prep.get("spatial_size") or 256))
     return {
-        "imports": [
-            "$import os",
-            "$import torch",
-            "$import numpy",
-            "$import monai",
-            "$import monai_skipts",
-            "$import monai_skipts.bundle.runtime",
-            "$import monai_skipts.checkpoint",
-            "$import monai_skipts.inference",
-            "$import monai_skipts.inferers",
-            "$import monai_skipts.networks",
-            "$import monai_skipts.transforms",
-        ],
+        "imports": ["$import monai_skipts", "$import monai_skipts.bundle.runtime"],
         "bundle_root": "$monai_skipts.bundle.runtime.running_bundle_root()",
-        "ckpt_path": "$@bundle_root + '/models/model.pt'",
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": "/workspace/data",
         "input": "@dataset_dir",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "device": "auto",
         "modality": str(prep.get("modality") or "xray"),
         "spatial_size": size,
         "window": prep.get("window"),
@@ -76,25 +69,24 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
         "threshold": thr.get("value"),
         "threshold_scale": thr.get("scale"),
         "batch_size": int(batch_size),
-        "num_workers": 0,
         "volume_axis": 2,
+        "volume_aggregation": "max",
+        "max_pixels": None,
         "save_maps": True,
-        "datalist": "$monai_skipts.transforms.expand_volume_datalist(monai_skipts.inference.list_inputs(@input), axis=@volume_axis)",
+        "fail_fast": False,
+        "progress": "auto",
         "network_def": {
             "_target_": "monai_skipts.checkpoint.detector_from_config",
             "config": json.loads(json.dumps(config)),
             "pretrained": False,
             "download": False,
         },
-        "network": "$@network_def.to(@device)",
-        "preprocessing": "$monai_skipts.transforms.build_preprocessing(@modality, @spatial_size, window=@window, mri_norm=@mri_norm)",
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {
-            "_target_": "DataLoader",
-            "dataset": "@dataset",
-            "batch_size": "@batch_size",
-            "shuffle": False,
-            "num_workers": "@num_workers",
+        "preprocessing": {
+            "_target_": "monai_skipts.transforms.build_preprocessing",
+            "modality": "@modality",
+            "spatial_size": "@spatial_size",
+            "window": "@window",
+            "mri_norm": "@mri_norm",
         },
         "inferer": {"_target_": "monai_skipts.inferers.SkipTSInferer"},
         "postprocessing": {
@@ -103,58 +95,43 @@ def inference_config(ckpt: Mapping[str, Any], batch_size: int = 4) -> dict[str, 
                 {
                     "_target_": "Lambdad",
                     "keys": "pred",
-                    "func": "$monai_skipts.bundle.runtime.map_score",
+                    "func": {"_target_": "monai_skipts.bundle.runtime.map_score", "_mode_": "callable"},
                     "overwrite": "score",
                 },
                 {
                     "_target_": "Lambdad",
                     "keys": "score",
                     "overwrite": "result",
-                    "func": "$lambda s: monai_skipts.networks.decide(s, @threshold, @threshold_scale)",
+                    "func": {
+                        "_target_": "monai_skipts.networks.decide",
+                        "_mode_": "callable",
+                        "threshold": "@threshold",
+                        "scale": "@threshold_scale",
+                    },
                 },
                 {"_target_": "monai_skipts.bundle.runtime.ToMonaiLayoutd", "keys": ["pred", "image"]},
-                {
-                    "_target_": "SaveImaged",
-                    "_disabled_": "$not @save_maps",
-                    "keys": "pred",
-                    "output_dir": "$@output_dir + '/maps'",
-                    "output_postfix": "map",
-                    "output_ext": ".nii.gz",
-                    "output_dtype": "$numpy.float32",
-                    "resample": False,
-                    "separate_folder": False,
-                    "print_log": False,
-                    "data_root_dir": "$@input if isinstance(@input, str) and os.path.isdir(@input) else ''",
-                },
             ],
         },
-        "handlers": [
+        "initialize": [{"_target_": "monai_skipts.bundle.check_command_line"}],
+        "run": [
             {
-                "_target_": "CheckpointLoader",
-                "load_path": "@ckpt_path",
-                "load_dict": {"model": "@network"},
-                "map_location": "@device",
-            },
-            {"_target_": "StatsHandler", "iteration_log": False},
-            {
-                "_target_": "ClassificationSaver",
+                "_target_": "monai_skipts.bundle.runtime.run_bundle_inference",
+                "bundle_root": "@bundle_root",
+                "inputs": "@input",
                 "output_dir": "@output_dir",
-                "filename": "predictions.csv",
-                "batch_transform": "$monai_skipts.bundle.runtime.item_names",
-                "output_transform": "$lambda out: [torch.cat([o['score'], torch.tensor([float('nan') if o['result']['anomalous'] is None else float(o['result']['anomalous'])])]) for o in out]",
-            },
+                "device": "@device",
+                "batch_size": "@batch_size",
+                "volume_axis": "@volume_axis",
+                "volume_aggregation": "@volume_aggregation",
+                "max_pixels": "@max_pixels",
+                "modality": "@modality",
+                "spatial_size": "@spatial_size",
+                "window": "@window",
+                "mri_norm": "@mri_norm",
+                "save_maps": "@save_maps",
+                "fail_fast": "@fail_fast",
+                "progress": "@progress",
+            }
         ],
-        "evaluator": {
-            "_target_": "SupervisedEvaluator",
-            "device": "@device",
-            "val_data_loader": "@dataloader",
-            "network": "@network",
-            "inferer": "@inferer",
-            "postprocessing": "@postprocessing",
-            "val_handlers": "@handlers",
-            "amp": False,
-        },
-        "initialize": ["$monai.utils.set_determinism(seed=0)"],
-        "run": ["$@evaluator.run()"],
         "finalize": [],
     }

@@ -27,9 +27,11 @@ Skip-TS teacher-student anomaly detector (Liu et al., IEEE TIM 2024) trained on 
 teacher `{sk["teacher"]}`, input {s[0]}x{s[1]}, modality preset `{sk["modality"]}`. Training data:
 {meta.get("data_source", "not recorded")}. Test metrics of the training run: {metrics}.
 
-- `models/model.pt`: state dict of `network_def` (`monai_skipts.networks.AnomalyDetector`): teacher and
-  student weights, per-level statistics, thresholds; `models/model.ts`: TorchScript of the same network
-  (outputs: the map and the score).
+- `models/model.pt`: the `monai_skipts.networks.AnomalyDetector` checkpoint: its config, and its state
+  (teacher and student weights, per-level statistics, thresholds) under `state_dict` and, for MONAI
+  Label, `model` (the state dict of `network_def`); `models/model.ts`: TorchScript of the same network
+  (outputs: the map and the score). Both are checked against the SHA-256 recorded in
+  `configs/metadata.json` (`model_files_sha256`) before the bundle scores anything.
 - Network input `image`: `(B, 3, {s[0]}, {s[1]})` float32, preprocessed by `preprocessing` (intensity to
   [0, 1] for the `{sk["modality"]}` preset, resize, 3 channels, ImageNet normalisation).
 - Network output `pred`: the anomaly map `(B, 1, {s[0]}, {s[1]})`. The image score is its maximum; an
@@ -44,10 +46,15 @@ python -m monai.bundle run --config_file {name}/configs/inference.json --input /
 ```
 
 `--input` takes a folder (every PNG/JPG/DICOM/NIfTI/NRRD below it), a file, or a list; volumes are
-scored slice by slice. Outputs under `--output_dir` (default `{name}/eval`): `predictions.csv`
-(no header: file, score, anomalous as 1/0; a volume's slices as `file#slice=<i>`) and the anomaly
-maps of 2-D images `maps/<name>_map.nii.gz` (`--save_maps False` to skip; a volume's slice maps share
-one name, so score volumes with `--save_maps False`, or with monai-skipts' own inference). Other overrides: `--batch_size`, `--device`, `--threshold`.
+scored slice by slice. The run is monai-skipts' own inference (`python -m monai_skipts.inference`), so
+its outputs under `--output_dir` (default `{name}/eval`) are the same: `predictions.csv` (header: id,
+score, threshold, anomalous, normalized_score, volume_id, slice_index, map; ids relative to the input),
+`volume_predictions.csv` for volumes, `errors.csv` (file, reason: the inputs that could not be scored),
+`status.json`, and the anomaly maps under `maps/` (`<id>.map.png` for a picture, `<id>.map.nii.gz` for a
+volume; `--save_maps False` to skip). An input that cannot be scored does not stop the others: it is
+listed in `errors.csv` and the run exits 1 with one line (`--fail_fast True` stops at the first). Other
+overrides: `--batch_size`, `--device`, `--volume_axis`, `--volume_aggregation`, `--max_pixels`,
+`--progress on|off|auto`.
 The bundle finds its models from any working directory; `--bundle_root` overrides.
 
 MONAI Label serves the unzipped folder with `monailabel.tasks.infer.bundle.BundleInferTask`; the

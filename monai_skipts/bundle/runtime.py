@@ -1,15 +1,34 @@
-"""What an exported bundle's ``inference.json`` calls at inference: its root folder, the image score of a
-map, MONAI's image layout for the writers, the names of the saved rows."""
+"""What an exported bundle's ``inference.json`` calls: its root folder, its ``run``
+(:func:`run_bundle_inference`: the package's own inference on the bundle's model files, checked
+first), and, for MONAI Label's ``BundleInferTask``, the image score of a map and MONAI's image
+layout for its writers."""
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["running_bundle_root", "map_score", "ToMonaiLayoutd", "item_names"]
+from monai_skipts.checkpoint import CheckpointError
+from monai_skipts.inference import AnomalyPredictor, run_and_report
+from monai_skipts.utils import file_sha256
+
+__all__ = [
+    "MODEL_FILES_KEY",
+    "running_bundle_root",
+    "check_model_files",
+    "run_bundle_inference",
+    "map_score",
+    "ToMonaiLayoutd",
+]
+
+#: the key of ``configs/metadata.json`` recording the SHA-256 of each model file (``models/model.pt``,
+#: ``models/model.ts``), written by the export and checked before the bundle scores anything
+MODEL_FILES_KEY = "model_files_sha256"
 
 
 def running_bundle_root(default: str = ".") -> str:
@@ -36,6 +55,93 @@ def running_bundle_root(default: str = ".") -> str:
     finally:
         del frame
     return default
+
+
+def check_model_files(bundle_root: str | os.PathLike) -> None:
+    """Check every model file ``configs/metadata.json`` records (:data:`MODEL_FILES_KEY`) against its
+    SHA-256: a file that is missing, truncated, corrupted or replaced is refused, whichever runtime
+    would load it (``model.pt`` here, ``model.ts`` in MONAI Label or a TorchScript server).
+
+    Raises:
+        CheckpointError: naming the file and the problem (also when the metadata records no files).
+    """
+    root = Path(bundle_root)
+    meta_file = root / "configs" / "metadata.json"
+    try:
+        recorded = json.loads(meta_file.read_text(encoding="utf-8")).get(MODEL_FILES_KEY)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: not readable ({type(e).__name__}: {e})") from None
+    if not isinstance(recorded, dict) or not recorded:
+        raise CheckpointError(
+            f"{meta_file}: records no model file checksums ('{MODEL_FILES_KEY}'); re-export the bundle"
+        )
+    for rel, want in recorded.items():
+        path = root / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the bundle was exported with it)")
+        have = file_sha256(path)
+        if have != want:
+            raise CheckpointError(
+                f"{path}: refused: its sha256 {have[:12]}… is not the {want[:12]}… recorded in {meta_file} "
+                "(the file is corrupted or was replaced; unzip the bundle again)"
+            )
+
+
+def run_bundle_inference(
+    bundle_root: str | os.PathLike,
+    inputs: str | os.PathLike | Sequence[str],
+    output_dir: str | os.PathLike,
+    device: str = "auto",
+    batch_size: int = 16,
+    volume_axis: int = 2,
+    volume_aggregation: str = "max",
+    max_pixels: int | None = None,
+    modality: str | None = None,
+    spatial_size: int | Sequence[int] | None = None,
+    window: str | Sequence[float] | None = None,
+    mri_norm: str | None = None,
+    save_maps: bool = True,
+    fail_fast: bool = False,
+    progress: bool | str | None = "auto",
+) -> None:
+    """An exported bundle's ``run``: ``python -m monai_skipts.inference`` on the bundle's
+    ``models/model.pt``. The predictor is :class:`~monai_skipts.inference.AnomalyPredictor` (the model
+    loaded by :func:`~monai_skipts.checkpoint.load_detector`, ``weights_only``; then
+    :func:`check_model_files`), the outputs are its ``run``'s (``predictions.csv``, ``errors.csv``,
+    ``maps/``, ``status.json``, ...), and the ending is :func:`~monai_skipts.inference.run_and_report`'s.
+
+    Args:
+        bundle_root: the unzipped bundle's folder.
+        inputs, output_dir, save_maps, fail_fast, progress: see
+            :meth:`~monai_skipts.inference.AnomalyPredictor.run`.
+        device, batch_size, volume_axis, volume_aggregation, max_pixels, modality, spatial_size,
+            window, mri_norm: see :class:`~monai_skipts.inference.AnomalyPredictor` (the
+            preprocessing options default to the model's own).
+
+    Raises:
+        SystemExit: the command line's exit status when not 0 (1: an input not scored, a model file
+            refused; 130: Ctrl-C), after one line on stderr.
+    """
+
+    def predictor() -> AnomalyPredictor:
+        pred = AnomalyPredictor(
+            Path(bundle_root) / "models" / "model.pt",
+            device=device,
+            batch_size=batch_size,
+            volume_axis=volume_axis,
+            volume_aggregation=volume_aggregation,
+            max_pixels=max_pixels,
+            modality=modality,
+            spatial_size=spatial_size,
+            window=window,
+            mri_norm=mri_norm,
+        )
+        check_model_files(bundle_root)
+        return pred
+
+    status = run_and_report(predictor, inputs, output_dir, save_maps, fail_fast, progress)
+    if status:
+        raise SystemExit(status)
 
 
 def map_score(amap: torch.Tensor) -> torch.Tensor:
@@ -87,18 +193,3 @@ class ToMonaiLayoutd:
             if key in d:
                 d[key] = self._swap(d[key])
         return d
-
-
-def item_names(batch: Sequence[Mapping[str, Any]], key: str = "image") -> list[dict[str, str]]:
-    """``[{"filename_or_obj": name}]`` per item of a decollated batch, for MONAI's
-    ``ClassificationSaver``: the input file, with ``#slice=<i>`` for a slice of a volume (so that every
-    slice keeps its own row)."""
-    out = []
-    for item in batch:
-        img = item[key]
-        meta = dict(getattr(img, "meta", None) or item.get(f"{key}_meta_dict", {}))
-        name = str(meta.get("filename_or_obj", item.get("id", "")))
-        idx = meta.get("slice_index", item.get("slice_index", -1))
-        idx = int(idx.reshape(-1)[0]) if isinstance(idx, torch.Tensor) else int(idx if idx is not None else -1)
-        out.append({"filename_or_obj": name if idx < 0 else f"{name}#slice={idx}"})
-    return out

@@ -25,8 +25,13 @@ import torch
 from conftest import REPO
 from test_bundles import make_layout
 
+from monai_skipts.bundle.checks import expression_share
 from monai_skipts.bundle.metadata import METADATA_REQUIRED, TENSOR_SPEC_REQUIRED, check_metadata
-from monai_skipts.bundle.runtime import running_bundle_root
+from monai_skipts.bundle.runtime import MODEL_FILES_KEY, running_bundle_root
+from monai_skipts.utils import file_sha256
+
+#: the bundles' limit on the share of a config that is Python in ``$`` expressions (as bundles/common/)
+MAX_SHARE = 0.10
 
 NAME = "skipts_brainmri"
 LAYOUT = [
@@ -112,27 +117,58 @@ def _unzip(zip_path: Path, dest: Path) -> Path:
     return dest / NAME
 
 
-def _predictions(csv_path: Path) -> dict[str, tuple[float, float]]:
+def _predictions(csv_path: Path) -> dict[str, tuple[float, bool]]:
+    """``{id: (score, anomalous)}`` of a ``predictions.csv`` (the package's columns)."""
     with open(csv_path, newline="") as f:
-        return {row[0]: (float(row[1]), float(row[2])) for row in csv.reader(f)}
+        return {row["id"]: (float(row["score"]), row["anomalous"] == "True") for row in csv.DictReader(f)}
 
 
 def _reference(checkpoint: Path, data: Path) -> dict[str, dict]:
-    """The package's predictor (monai_skipts.inference.AnomalyPredictor) on the same images."""
+    """The package's predictor (monai_skipts.inference.AnomalyPredictor) on the same images, by id."""
     from monai_skipts.inference import AnomalyPredictor, list_inputs
 
     pred = AnomalyPredictor(checkpoint, device="cpu")
-    return {r["image"]: r for r in pred.predict_items(list_inputs(data))}
+    return {r["id"]: r for r in pred.predict_items(list_inputs(data))}
 
 
-def _check_scores(got: dict[str, tuple[float, float]], want: dict[str, dict]) -> None:
+def _check_scores(got: dict[str, tuple[float, bool]], want: dict[str, dict]) -> None:
     assert set(got) == set(want) and len(got) == 13  # brainmri layout: 10 normal + 3 abnormal images
     for f, (score, anomalous) in got.items():
         assert score == pytest.approx(want[f]["score"], abs=1e-4), f
         thr = want[f]["threshold"]
-        assert bool(anomalous) == (score >= thr), f  # the bundle's decision on its own score
+        assert anomalous == (score >= thr), f  # the bundle's decision on its own score
         if abs(want[f]["score"] - thr) > 1e-4:  # the empirical threshold is a validation normal's score: a tie
-            assert bool(anomalous) == want[f]["anomalous"], f
+            assert anomalous == want[f]["anomalous"], f
+
+
+def _bundle_run(root: Path, inputs: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of the unzipped bundle ``root`` from ``cwd``, with this checkout's
+    package (``PYTHONPATH``; the fresh-venv test runs it without); the exit status is the caller's to
+    check."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json")]
+    cmd += ["--input", str(inputs), "--output_dir", str(out)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=_env(PYTHONPATH=str(REPO)))
+
+
+def _last_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _gray_pngs(folder: Path, names: list[str], seed: int = 0) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(folder / name)
+    return folder
 
 
 # the MONAI bundle specification's required metadata, as a JSON schema: a local stand-in for the schema
@@ -217,14 +253,21 @@ def test_zip_layout_metadata_and_self_contained_configs(exported, tmp_path):
     text = (root / "configs" / "inference.json").read_text()
     assert "%" not in text and "bundles/" not in text and str(REPO) not in text and "transforms/" not in text
     cfg = json.loads(text)
-    assert cfg["ckpt_path"] == "$@bundle_root + '/models/model.pt'"
     assert cfg["bundle_root"] == "$monai_skipts.bundle.runtime.running_bundle_root()"
-    for key in ("network_def", "preprocessing", "inferer", "postprocessing", "handlers", "evaluator", "run"):
+    assert cfg["run"][0]["_target_"] == "monai_skipts.bundle.runtime.run_bundle_inference"
+    for key in ("network_def", "preprocessing", "inferer", "postprocessing", "run"):  # MONAI Label's keys
         assert key in cfg, key
+    expr, total = expression_share(root / "configs" / "inference.json")  # the bundles' rule: logic in Python
+    assert expr / total <= MAX_SHARE, f"{100 * expr / total:.1f} % of inference.json is Python in $ expressions"
     parser = ConfigParser(cfg)
     parser["bundle_root"] = str(root)
     net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))  # strict: every key
+    stored = torch.load(root / "models" / "model.pt", weights_only=True)
+    net.load_state_dict(stored["model"])  # strict: every key, where MONAI Label's BundleInferTask reads them
+    assert stored["state_dict"] is stored["model"] and stored["kind"] == "monai-skipts/checkpoint"
+    for rel, digest in meta[MODEL_FILES_KEY].items():
+        assert file_sha256(root / rel) == digest, rel
+    assert sorted(meta[MODEL_FILES_KEY]) == ["models/model.pt", "models/model.ts"]
     assert (
         "spatial_size" in (root / "docs" / "README.md").read_text()
         or "64x64" in (root / "docs" / "README.md").read_text()
@@ -265,43 +308,128 @@ def test_monai_verify_metadata(exported, tmp_path):
         verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(schema))
 
 
-def test_monai_bundle_run_from_another_working_directory(exported, tmp_path):
+def test_monai_bundle_run_writes_what_the_package_inference_writes(exported, tmp_path):
     """`python -m monai.bundle run --config_file <unzipped>/configs/inference.json --input ...` from a
-    folder that is neither the repository nor the bundle, without --bundle_root: the package's
-    predictor's scores and decisions, and its maps."""
-    import nibabel as nib
-
+    folder that is neither the repository nor the bundle, without --bundle_root, and
+    `python -m monai_skipts.inference` with the training checkpoint on the same folder: the same
+    predictions.csv (header, columns, ids relative to the input, map names), scores, decisions and
+    maps, and an empty errors.csv."""
     zip_path, checkpoint, data = exported
     root = _unzip(zip_path, tmp_path / "unzipped")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
+    r = _bundle_run(root, data, Path("out"), cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cli = cwd / "cli"
     _run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            str(root / "configs" / "inference.json"),
-            "--input",
-            str(data),
-            "--output_dir",
-            "out",
-        ],
+        [sys.executable, "-m", "monai_skipts.inference", "--checkpoint", str(checkpoint), "--input", str(data)]
+        + ["--output_dir", str(cli), "--device", "cpu"],
         cwd=cwd,
+        env=_env(PYTHONPATH=str(REPO)),
     )
-    want = _reference(checkpoint, data)
-    _check_scores(_predictions(cwd / "out" / "predictions.csv"), want)
-    # the maps at the network's size, in MONAI's x-first layout (as MONAI reads the PNG/JPG)
-    from monai_skipts.inference import AnomalyPredictor
+    got_cols, got = _rows(cwd / "out" / "predictions.csv")
+    want_cols, want = _rows(cli / "predictions.csv")
+    assert got_cols == want_cols and got_cols[:4] == ["id", "score", "threshold", "anomalous"]
+    assert [(g["id"], g["map"], g["anomalous"], g["threshold"]) for g in got] == [
+        (w["id"], w["map"], w["anomalous"], w["threshold"]) for w in want
+    ]
+    assert "no/img000.jpg" in {g["id"] for g in got} and got[0]["map"].endswith(".map.png")
+    for g, w in zip(got, want):
+        assert float(g["score"]) == pytest.approx(float(w["score"]), abs=1e-4), g["id"]
+    _check_scores(_predictions(cwd / "out" / "predictions.csv"), _reference(checkpoint, data))
+    maps = sorted(p.relative_to(cwd / "out").as_posix() for p in (cwd / "out" / "maps").rglob("*"))
+    assert maps == sorted(p.relative_to(cli).as_posix() for p in (cli / "maps").rglob("*"))
+    assert _rows(cwd / "out" / "errors.csv") == (["file", "reason"], [])
+    assert json.loads((cwd / "out" / "status.json").read_text())["status"] == "complete"
 
-    pred = AnomalyPredictor(checkpoint, device="cpu")
-    f = data / "no" / "img000.jpg"
-    x = pred.preprocess({"image": str(f)})["image"].as_tensor()[None]
-    amap, _ = pred.predict_tensor(x)
-    saved = nib.load(cwd / "out" / "maps" / "no" / "img000_map.nii.gz").get_fdata()
-    np.testing.assert_allclose(saved.squeeze(), amap[0, 0].numpy().T, atol=1e-4)
-    assert len(list((cwd / "out" / "maps").rglob("*_map.nii.gz"))) == 13
+
+def test_monai_bundle_run_scores_rgb_pngs(exported, tmp_path):
+    from PIL import Image
+
+    root = _unzip(exported[0], tmp_path / "unzipped")
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(rgb / f"x{i}.png")
+    r = _bundle_run(root, rgb, tmp_path / "out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, rows = _rows(tmp_path / "out" / "predictions.csv")
+    assert [(row["id"], row["map"]) for row in rows] == [
+        ("x0.png", "maps/x0.png.map.png"),
+        ("x1.png", "maps/x1.png.map.png"),
+    ]
+    assert all((tmp_path / "out" / row["map"]).is_file() for row in rows)
+
+
+def test_monai_bundle_run_keeps_one_map_per_input_when_names_collide(exported, tmp_path):
+    """img.png and img.jpg: two rows, two maps (neither overwrites the other)."""
+    root = _unzip(exported[0], tmp_path / "unzipped")
+    data = _gray_pngs(tmp_path / "coll", ["img.png"])
+    _gray_pngs(tmp_path / "jpg", ["img.jpg"], seed=1)
+    shutil.move(tmp_path / "jpg" / "img.jpg", data / "img.jpg")
+    r = _bundle_run(root, data, tmp_path / "out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, rows = _rows(tmp_path / "out" / "predictions.csv")
+    assert {row["id"]: row["map"] for row in rows} == {
+        "img.jpg": "maps/img.jpg.map.png",
+        "img.png": "maps/img.png.map.png",
+    }
+    assert sorted(p.name for p in (tmp_path / "out" / "maps").iterdir()) == ["img.jpg.map.png", "img.png.map.png"]
+
+
+def test_monai_bundle_run_scores_the_others_when_one_file_is_bad(exported, tmp_path):
+    """6 good PNGs and a truncated one: the 6 are scored, errors.csv names the bad one, the exit status
+    is not 0 and stderr ends with one line naming it (as ``python -m monai_skipts.inference``)."""
+    root = _unzip(exported[0], tmp_path / "unzipped")
+    data = _gray_pngs(tmp_path / "data", [f"{i:03d}.png" for i in range(6)])
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a picture")
+    r = _bundle_run(root, data, tmp_path / "out", tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = _last_line(r.stderr)
+    assert last.startswith("error: ") and "1 of 7 inputs could not be scored" in last and "broken.png" in last
+    assert "Traceback" not in r.stderr
+    _, rows = _rows(tmp_path / "out" / "predictions.csv")
+    assert [row["id"] for row in rows] == [f"{i:03d}.png" for i in range(6)]
+    _, errors = _rows(tmp_path / "out" / "errors.csv")
+    assert [e["file"] for e in errors] == ["broken.png"]
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["status"] == "incomplete"
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_monai_bundle_run_refuses_a_pickle_as_model_pt(exported, tmp_path):
+    """A crafted pickle in place of models/model.pt is not loaded (no code runs): one line naming the
+    file, without torch's advice to load it with weights_only=False."""
+    import pickle
+
+    root = _unzip(exported[0], tmp_path / "unzipped")
+    (root / "models" / "model.pt").write_bytes(pickle.dumps({"kind": _Exploit()}))
+    data = _gray_pngs(tmp_path / "data", ["a.png"])
+    r = _bundle_run(root, data, tmp_path / "out", tmp_path)
+    assert r.returncode == 1 and not (tmp_path / "pwned.txt").exists()
+    last = _last_line(r.stderr)
+    assert last.startswith("error: ") and "model.pt: refused" in last and "could execute code" in last
+    assert "weights_only=False" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_monai_bundle_run_refuses_a_corrupt_model_ts(exported, tmp_path):
+    """A byte changed in models/model.ts (which MONAI Label and TorchScript servers load): the bundle
+    refuses to run, naming the file, before scoring anything."""
+    root = _unzip(exported[0], tmp_path / "unzipped")
+    ts = root / "models" / "model.ts"
+    data = bytearray(ts.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ts.write_bytes(bytes(data))
+    r = _bundle_run(root, _gray_pngs(tmp_path / "data", ["a.png"]), tmp_path / "out", tmp_path)
+    assert r.returncode == 1
+    last = _last_line(r.stderr)
+    assert last.startswith("error: ") and "model.ts: refused" in last and "metadata.json" in last
+    assert not (tmp_path / "out" / "predictions.csv").exists()
 
 
 def test_running_bundle_root_outside_a_workflow_is_the_default():
