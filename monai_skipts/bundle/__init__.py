@@ -23,6 +23,7 @@ from monai_skipts.bundle.workflow import (
     TrainedModel,
     build_split,
     deferred_attribute,
+    denoising_prepare_batch,
     end_distributed,
     evaluation_run_name,
     experiment_name,
