@@ -206,3 +206,15 @@ def test_denoising_is_off_by_default_in_the_bundle_path():
     model = SkipTS("efficientnet_lite0")
     assert isinstance(training_prepare_batch(model, None), TeacherFeatureCache)
     assert training_prepare_batch(model, None, cache_teacher=False) is default_prepare_batch
+
+
+def test_denoising_batch_docstring_example_runs():
+    import doctest
+
+    from monai_skipts import engines
+
+    finder = doctest.DocTestFinder()
+    (test,) = [t for t in finder.find(engines.DenoisingBatch, "DenoisingBatch", globs=vars(engines)) if t.examples]
+    runner = doctest.DocTestRunner()
+    runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0
