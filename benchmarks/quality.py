@@ -25,6 +25,10 @@ rd4ad      RD4AD-style: one-class bottleneck (fused E1..E3 → E4-sized code), s
 patchcore  PatchCore on E2+E3 of the same teacher, greedy coreset 10 % (at most 4096 patches)
 ========== ======================================================================================
 
+and the variants of ``METHODS`` (skip variants, the one-class bottleneck, denoising distillation
+``*_dn``: the student reads the teacher's features of training normals with synthetic lesions and is
+trained towards the clean image's features, :class:`monai_skipts.engines.DenoisingBatch`).
+
 Every method's anomaly map is scored the same way (per-pixel maps up-sampled, summed, Gaussian
 σ = 4; image score = max); the MSE ablation's per-pixel maps are squared errors. Output, in ``--work-dir`` (written atomically after every run, so an
 interrupted run keeps what it finished and ``--resume`` continues it): ``quality.json`` (every
@@ -54,6 +58,7 @@ from monai.utils import set_determinism
 from torch.utils.data import Subset
 
 from monai_skipts.baselines import PatchCore
+from monai_skipts.bundle import denoising_prepare_batch
 from monai_skipts.data import DATASETS, DatasetPreset, get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
 from monai_skipts.inferers import fit_level_stats
@@ -128,6 +133,61 @@ METHODS: dict[str, dict[str, Any]] = {
         "loss_kind": "rd4ad",
         "model": {"bottleneck": True, "skip_levels": (3,)},
         "loss": dict,
+    },
+    # denoising distillation (issue 20): the student reads the teacher's features of training normals
+    # with synthetic lesions (half of them), its target is the clean image's features (engines.DenoisingBatch)
+    "default": {
+        "label": "default (OCB w/o SC, RD4AD loss)",
+        "kind": "skipts",
+        "loss_kind": "rd4ad",
+        "model": {"bottleneck": True, "skip": "none"},
+        "loss": dict,
+    },
+    "default_dn": {
+        "label": "default + denoising (mixed)",
+        "kind": "skipts",
+        "loss_kind": "rd4ad",
+        "model": {"bottleneck": True, "skip": "none"},
+        "loss": dict,
+        "denoise": {"prob": 0.5, "families": ["intensity", "fpi", "elastic"]},
+    },
+    "default_dn_int": {
+        "label": "default + denoising (intensity)",
+        "kind": "skipts",
+        "loss_kind": "rd4ad",
+        "model": {"bottleneck": True, "skip": "none"},
+        "loss": dict,
+        "denoise": {"prob": 0.5, "families": ["intensity"]},
+    },
+    "default_dn_fpi": {
+        "label": "default + denoising (FPI)",
+        "kind": "skipts",
+        "loss_kind": "rd4ad",
+        "model": {"bottleneck": True, "skip": "none"},
+        "loss": dict,
+        "denoise": {"prob": 0.5, "families": ["fpi"]},
+    },
+    "default_sc_dn": {
+        "label": "default + SC + denoising (mixed)",
+        "kind": "skipts",
+        "loss_kind": "rd4ad",
+        "model": {"bottleneck": True},
+        "loss": dict,
+        "denoise": {"prob": 0.5, "families": ["intensity", "fpi", "elastic"]},
+    },
+    "skipts_dn": {
+        "label": "Skip-TS + denoising (mixed)",
+        "kind": "skipts",
+        "model": {},
+        "loss": dict,
+        "denoise": {"prob": 0.5, "families": ["intensity", "fpi", "elastic"]},
+    },
+    "no_skip_dn": {
+        "label": "DRKD w/o SC + denoising (mixed)",
+        "kind": "skipts",
+        "model": {"skip": "none"},
+        "loss": dict,
+        "denoise": {"prob": 0.5, "families": ["intensity", "fpi", "elastic"]},
     },
     "expanded_no_skip": {
         "label": "expanded, w/o SC",
@@ -277,6 +337,7 @@ class DatasetRun:
         image_cache: dict,
     ):
         self.name, self.seed, self.size, self.batch_size, self.device = name, seed, size, batch_size, device
+        self.modality = modality
         split = prepare_split(
             name,
             root,
@@ -406,7 +467,9 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0,
         lr=PAPER_HPARAMS["lr"],
         betas=PAPER_HPARAMS["betas"],
         loss_function=loss,
-        prepare_batch=run.feature_cache(model, run.train_store),
+        prepare_batch=denoising_prepare_batch(
+            model, run.feature_cache(model, run.train_store), spec.get("denoise"), run.modality, run.seed
+        ),
     )
     t0 = time.time()
     log_epochs(trainer, log_every, t0, f"[{run.name} s{run.seed} {method}] ")
@@ -537,6 +600,7 @@ def summarise(records: list[dict], methods: list[str], datasets: list[tuple[str,
         "ranking": ranking,
         "pixel": pixel,
         "selection": selection_scores(table, pixel, methods),
+        "refused": refused_candidates(table, methods),
     }
 
 
@@ -578,6 +642,29 @@ def selection_scores(table: dict, pixel: dict, methods: list[str]) -> dict[str, 
     pa = _ranks({m: statistics.mean(lgg[m]["pixel_auroc"]) for m in cands})
     pro = _ranks({m: statistics.mean(lgg[m]["aupro"]) for m in cands})
     return {m: 0.5 * image[m] + 0.25 * pa[m] + 0.25 * pro[m] for m in cands}
+
+
+#: the no-trade rule of issue 20 (written before the screen, benchmarks/README.md): a candidate that
+#: loses image AUROC to ``paper_std`` (``skipts+std``) by more than one sd on any dev set is refused.
+#: With one seed per screen, the sd is ``paper_std``'s seed-to-seed sd of the second confirmation
+#: (bundles, seeds 0-2): BrainMRI 4.1, IQ-OTH/NCCD 0.5, LGG 5.9 points; with several seeds, the
+#: sd over this run's seeds of the reference when it is larger
+REFUSAL_REFERENCE = "skipts+std"
+REFUSAL_SD = {"brainmri": 0.041, "iq_oth_nccd": 0.005, "lgg": 0.059}
+
+
+def refused_candidates(table: dict, methods: list[str], reference: str = REFUSAL_REFERENCE) -> dict[str, list[str]]:
+    """``{method: [dev sets where it loses image AUROC to reference by more than one sd]}`` for the
+    methods refused by the no-trade rule (see ``REFUSAL_SD``); empty without the reference."""
+    out: dict[str, list[str]] = {}
+    for d, row in table.items():
+        if reference not in row:
+            continue
+        sd = max(REFUSAL_SD.get(d, 0.0), row[reference]["std"])
+        for m in methods:
+            if m in row and m != reference and row[m]["mean"] < row[reference]["mean"] - sd:
+                out.setdefault(m, []).append(d)
+    return out
 
 
 def markdown(summary: dict, methods: list[str], datasets: list[tuple[str, float]], meta: dict) -> str:
@@ -648,6 +735,12 @@ def markdown(summary: dict, methods: list[str], datasets: list[tuple[str, float]
             "",
             f"Selection rule ({SELECTION_RULE}): "
             + ", ".join(f"{method_spec(m)['label']} {v:.2f}" for m, v in sorted(sel.items(), key=lambda kv: kv[1])),
+        ]
+    if summary.get("refused"):
+        lines += [
+            "",
+            f"Refused (image AUROC more than one sd below {REFUSAL_REFERENCE} on a dev set): "
+            + ", ".join(f"{method_spec(m)['label']} ({', '.join(ds)})" for m, ds in summary["refused"].items()),
         ]
     return "\n".join(lines) + "\n"
 

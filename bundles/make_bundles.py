@@ -118,6 +118,9 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         "device_name": "auto",
         "amp": True,
         "cache_teacher": True,
+        # denoising distillation (issue 20): None = off; else RandSyntheticLesion's keyword arguments,
+        # e.g. {"prob": 0.5, "families": ["intensity", "fpi", "elastic"]} (monai_skipts.bundle.training_prepare_batch)
+        "synthetic_lesions": None,
         "cache_rate": 1.0,
         "num_workers": 0,
         "save_interval": 1,

@@ -14,6 +14,9 @@
   reach the network as plain tensors in channels-last memory format (:class:`PlainTensorBatch`, a
   ``prepare_batch``); an AMP batch whose map is non-finite is scored again in fp32
   (``IterationEvents.FORWARD_COMPLETED`` handler), score and ids are added at ``MODEL_COMPLETED``.
+- :class:`DenoisingBatch` (a ``prepare_batch``) trains the student to denoise: it reads the teacher's
+  features of images with synthetic lesions and is compared with the teacher's features of the clean
+  images (off unless a bundle's ``synthetic_lesions`` or a benchmark method asks for it).
 - :class:`LevelStatsFitter` fits those per-level statistics on the training normals after training
   and sets them on the detector (bundle: ``$@fit_level_stats()`` between the trainer's run and the
   calibration).
@@ -41,6 +44,7 @@ __all__ = [
     "LevelStatsFitter",
     "TeacherFeatureCache",
     "PlainTensorBatch",
+    "DenoisingBatch",
     "build_optimizer",
     "distribute_student",
     "PAPER_HPARAMS",
@@ -354,7 +358,9 @@ class LevelStatsFitter:
         device: default the network's device.
         prepare_batch: optional ``prepare_batch(batch, device)`` of the trainer; a
             :class:`TeacherFeatureCache` makes the fit reuse its cached teacher features. ``None``
-            (or MONAI's default) recomputes the features through the network.
+            (or MONAI's default) recomputes the features through the network. A
+            :class:`DenoisingBatch` is replaced by its clean ``features``: the statistics describe
+            the maps of the training normals as they are, not of their corrupted copies.
         similarity: as for :class:`~monai_skipts.inferers.AnomalyMapHead`.
         enabled: ``False`` makes the call a no-op (the maps stay unstandardised), so a config can
             switch the standardisation with one flag.
@@ -372,6 +378,8 @@ class LevelStatsFitter:
         self.network = network
         self.data_loader = data_loader
         self.device = None if device is None else resolve_device(device)
+        if isinstance(prepare_batch, DenoisingBatch):
+            prepare_batch = prepare_batch.features
         self.prepare_batch = None if prepare_batch is default_prepare_batch else prepare_batch
         self.similarity = similarity
         self.enabled = bool(enabled)
@@ -445,3 +453,147 @@ class TeacherFeatureCache:
             for level in range(4)
         ]
         return image, label, (), {"teacher_feats": feats}
+
+
+class DenoisingBatch:
+    """``prepare_batch`` for denoising distillation (the denoising student of DeSTSeg, Zhang et al.
+    CVPR 2023, and RD++, Tien et al. CVPR 2023): the student reads the teacher's features of a
+    *corrupted* image, and its loss compares what it produces with the teacher's features of the
+    *clean* image, so it learns not to reproduce what does not belong to a normal image.
+
+    Per batch:
+
+    1. the clean image and its teacher features ``[E1..E4]`` from ``features`` (a
+       :class:`TeacherFeatureCache`: cached, computed once per image; MONAI's ``default_prepare_batch``:
+       the teacher runs here);
+    2. optionally ``annotation`` (:class:`~monai_skipts.transforms.RandBurnedInAnnotation`) pastes
+       captions and markers into some clean images as *normal* content (their clean features are
+       computed again);
+    3. ``lesion`` (:class:`~monai_skipts.transforms.RandSyntheticLesion`) corrupts a share ``lesion.prob``
+       of the images inside their anatomy (``batchdata[anatomy_key]`` when the batch carries one, else
+       :class:`~monai_skipts.transforms.AnatomyMask` of ``modality``, computed once per image id and
+       kept); the foreign patches of the ``"fpi"`` family come from the next image of the batch;
+    4. the teacher runs on the corrupted images only (the others keep their clean features).
+
+    Returns ``(corrupted image, clean [E1, E2, E3], (), {"teacher_feats": corrupted [E1..E4]})``: MONAI's
+    trainer hands the second element to the loss as ``targets`` (:func:`~monai_skipts.losses.teacher_target`:
+    the clean features replace the teacher features the model's forward returns), the dictionary to
+    the network's ``forward``. What the student sees, by architecture (all through ``teacher_feats``):
+
+    - Skip-TS with skip connections: D3 reads E4 of the corrupted image and the skips E3, E2 of the
+      corrupted image (so the skips carry the lesion, and the decoder is trained not to pass it on);
+    - without skips (``skip="none"``): E4 of the corrupted image;
+    - RD4AD's one-class bottleneck (``bottleneck=True``, :class:`~monai_skipts.networks.RD4AD`): the
+      bottleneck's fusion of E1..E3 of the corrupted image;
+    - the encoder student (traditional KD): the corrupted image itself.
+
+    The target is always the teacher's E1..E3 of the clean image. :attr:`last_masks` holds the
+    ``(B, 1, H, W)`` masks of the pixels changed in the last batch.
+
+    Args:
+        network: the :class:`~monai_skipts.networks.SkipTS` / ``RD4AD`` being trained (DDP-wrapped is fine).
+        lesion: the corruption; its random state is the one to seed (``lesion.set_random_state``).
+        features: the clean ``prepare_batch`` (see 1.).
+        modality: :class:`~monai_skipts.transforms.AnatomyMask` preset for the anatomy.
+        anatomy_key: batch key of precomputed ``(B, 1, H, W)`` anatomy masks.
+        key: batch key of the unique image ids (the anatomy masks are kept per id; without ids they are
+            computed every batch).
+        annotation: optional burned-in annotations pasted as normal content.
+
+    Example:
+        >>> import torch
+        >>> from monai_skipts.networks import SkipTS
+        >>> from monai_skipts.transforms import RandSyntheticLesion
+        >>> net = SkipTS("efficientnet_lite0", pretrained=False)
+        >>> lesion = RandSyntheticLesion(prob=1.0, families=("intensity",)); _ = lesion.set_random_state(0)
+        >>> prep = DenoisingBatch(net, lesion)
+        >>> img = torch.zeros(2, 3, 64, 64); img[:, :, 8:56, 8:56] = torch.rand(2, 3, 48, 48) + 1
+        >>> x, clean, _, kw = prep({"image": img, "id": ["a", "b"]}, "cpu")
+        >>> len(clean), len(kw["teacher_feats"]), bool((x != img).any())
+        (3, 4, True)
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        lesion: Any,
+        features: Callable = default_prepare_batch,
+        modality: str = "mri",
+        anatomy_key: str = "anatomy",
+        key: str = "id",
+        annotation: Any = None,
+    ):
+        from monai_skipts.transforms.anatomy import AnatomyMask
+
+        self.network = network
+        self.lesion = lesion
+        self.features = features
+        self.masker = AnatomyMask(modality)
+        self.anatomy_key, self.key = anatomy_key, key
+        self.annotation = annotation
+        self.anatomy_store: dict[str, torch.Tensor] = {}
+        self.last_masks: torch.Tensor | None = None
+
+    @property
+    def store(self) -> dict:
+        """The clean features' cache (the inner :class:`TeacherFeatureCache`'s), when there is one."""
+        return getattr(self.features, "store", {})
+
+    def _teacher(self, image: torch.Tensor) -> list[torch.Tensor]:
+        net = getattr(self.network, "module", self.network)
+        return net.teacher_features(image)
+
+    def _anatomy(self, batchdata: dict, clean: torch.Tensor, i: int, ids: list[str] | None) -> torch.Tensor:
+        given = batchdata.get(self.anatomy_key) if isinstance(batchdata, dict) else None
+        if isinstance(given, torch.Tensor):
+            return _plain(given[i]).cpu()
+        if ids is not None and ids[i] in self.anatomy_store:
+            return self.anatomy_store[ids[i]]
+        mask = self.masker(clean[i].detach().float().cpu()).bool()
+        if ids is not None:
+            self.anatomy_store[ids[i]] = mask
+        return mask
+
+    def __call__(self, batchdata: dict, device: Any = None, non_blocking: bool = False, **kwargs: Any):
+        batch = self.features(batchdata, device, non_blocking, **kwargs)
+        image = _plain(batch[0])
+        feats = list(batch[3]["teacher_feats"]) if len(batch) > 3 and "teacher_feats" in batch[3] else None
+        if feats is None:
+            feats = self._teacher(image)
+        ids = [str(k) for k in batchdata[self.key]] if isinstance(batchdata, dict) and self.key in batchdata else None
+        n = image.shape[0]
+        clean_cpu = image.detach().float().cpu()
+        anatomy = [self._anatomy(batchdata, clean_cpu, i, ids) for i in range(n)]
+        if self.annotation is not None:
+            annotated = []
+            for i in range(n):
+                out = self.annotation(clean_cpu[i])
+                if bool(self.annotation.last_mask.any()):
+                    clean_cpu[i] = torch.as_tensor(out)
+                    annotated.append(i)
+            if annotated:
+                image = image.clone()
+                image[annotated] = clean_cpu[annotated].to(image.device, image.dtype)
+                fresh = self._teacher(image[annotated])
+                feats = [f.clone() for f in feats]
+                for level, f in enumerate(fresh):
+                    feats[level][annotated] = f.to(feats[level].dtype)
+        corrupted = clean_cpu.clone()
+        masks = torch.zeros((n, 1, *image.shape[-2:]))
+        for i in range(n):
+            source = clean_cpu[(i + 1) % n] if n > 1 else None
+            corrupted[i], masks[i] = self.lesion(clean_cpu[i], anatomy=anatomy[i], source=source)
+        changed = [i for i in range(n) if bool(masks[i].any())]
+        self.last_masks = masks
+        student_feats = feats
+        x = image
+        if changed:
+            x = image.clone()
+            x[changed] = corrupted[changed].to(image.device, image.dtype)
+            fresh = self._teacher(x[changed])
+            student_feats = [f.clone() for f in feats]
+            for level, f in enumerate(fresh):
+                student_feats[level][changed] = f.to(student_feats[level].dtype)
+        if x.ndim == 4 and image.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, feats[:3], (), {"teacher_feats": student_feats}

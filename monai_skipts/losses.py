@@ -18,6 +18,7 @@ __all__ = [
     "LOSSES",
     "build_loss",
     "SIMILARITIES",
+    "teacher_target",
 ]
 
 SIMILARITIES = ("cosine", "mse")
@@ -59,6 +60,17 @@ def anomaly_maps(
     return maps
 
 
+def teacher_target(pred, target=None) -> Sequence[torch.Tensor]:
+    """The teacher features a loss compares the student with: ``pred``'s own (``pred[0]``), or
+    ``target`` when it is a list/tuple of feature maps: in denoising training
+    (:class:`~monai_skipts.engines.DenoisingBatch`) the student reads the teacher's features of a
+    corrupted image and is compared with the teacher's features of the clean one, which reach the loss
+    as MONAI's ``targets``. A label tensor (or ``None``) as ``target`` is ignored."""
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, torch.Tensor) for t in target):
+        return list(target)[: len(pred[1])]
+    return pred[0]
+
+
 def similarity_loss(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """``L_sim = sum_l mean_{b,h,w} M_l`` (eq 2-3)."""
     return torch.stack([m.mean() for m in maps]).sum()
@@ -93,7 +105,8 @@ class DRKDLoss(nn.Module):
 
     ``forward(pred, target=None)`` takes ``pred = (teacher_feats, student_feats)`` as returned by
     :class:`~monai_skipts.networks.SkipTS`; ``target`` is ignored (training images are all normal),
-    so the loss plugs into :class:`monai.engines.SupervisedTrainer` unchanged.
+    so the loss plugs into :class:`monai.engines.SupervisedTrainer` unchanged, unless it is a list of
+    clean teacher features (denoising training, :func:`teacher_target`), which replace ``pred``'s.
     After each call ``last`` holds the float components ``{"sim", "mac", "total"}``.
     """
 
@@ -107,8 +120,8 @@ class DRKDLoss(nn.Module):
         self.layers = tuple(layers) if layers is not None else None
         self.last: dict[str, float] = {}
 
-    def forward(self, pred, target: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
-        t_feats, s_feats = pred
+    def forward(self, pred, target: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        t_feats, s_feats = teacher_target(pred, target), pred[1]
         maps = anomaly_maps(t_feats, s_feats, self.similarity, self.layers)
         l_sim = similarity_loss(maps)
         l_mac = mac_loss(maps) if self.mac and len(maps) > 1 else torch.zeros_like(l_sim)
@@ -120,14 +133,15 @@ class DRKDLoss(nn.Module):
 class RD4ADLoss(nn.Module):
     """RD4AD's loss: ``sum_l mean_b (1 - cos(flatten(F_t^l), flatten(F_s^l)))``, the cosine taken over
     each sample's whole flattened feature map. ``forward(pred, target=None)`` with ``pred`` the
-    model's ``(teacher_feats, student_feats)``; ``last`` holds ``{"total"}`` after each call."""
+    model's ``(teacher_feats, student_feats)`` (``target``: as for :class:`DRKDLoss`); ``last`` holds
+    ``{"total"}`` after each call."""
 
     def __init__(self):
         super().__init__()
         self.last: dict[str, float] = {}
 
-    def forward(self, pred, target: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
-        t_feats, s_feats = pred
+    def forward(self, pred, target: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        t_feats, s_feats = teacher_target(pred, target), pred[1]
         total = torch.zeros((), device=t_feats[0].device)
         for t, s in zip(t_feats, s_feats):
             cos = F.cosine_similarity(t.float().flatten(1), s.float().flatten(1), dim=1)

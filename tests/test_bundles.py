@@ -581,3 +581,35 @@ def test_presets_merged_over_a_bundle_build_their_model(preset, expect, loss, le
     assert type(parser.get_parsed_content("train#loss")).__name__ == loss
     assert parser.get_parsed_content("level_stats") is level_stats
     assert parser.get_parsed_content("epochs") == epochs
+
+
+def test_demo_bundle_trains_with_synthetic_lesions_switched_on(tmp_path):
+    """``synthetic_lesions`` (off by default) switches the training to denoising distillation: the
+    trainer's prepare_batch is a DenoisingBatch over the cached clean features, and the run completes."""
+    from monai.bundle import ConfigParser
+
+    from monai_skipts.engines import DenoisingBatch, TeacherFeatureCache
+
+    cfg = ConfigParser()
+    cfg.read_config(str(REPO / "bundles" / "demo" / "train.json"))
+    assert cfg["synthetic_lesions"] is None
+    lesions = {"prob": 1.0, "families": ["intensity", "elastic"]}
+    cfg.update({"synthetic_lesions": lesions, "output_dir": str(tmp_path / "parsed"), "spatial_size": 64})
+    prep = cfg.get_parsed_content("train#prepare_batch")
+    assert isinstance(prep, DenoisingBatch) and isinstance(prep.features, TeacherFeatureCache)
+    assert prep.lesion.families == ("intensity", "elastic") and prep.lesion.prob == 1.0
+    out = tmp_path / "demo"
+    bundle_run(
+        config_file="bundles/demo/train.json",
+        output_dir=str(out),
+        epochs=1,
+        n_train_images=8,
+        spatial_size=64,
+        val_interval=1,
+        progress_bar=False,
+        target_fpr=0.5,
+        calibration="empirical",
+        mlflow=False,
+        synthetic_lesions=lesions,
+    )
+    assert (out / "model.pt").is_file() and (out / "metrics.json").is_file()

@@ -24,6 +24,7 @@ from monai_skipts.bundle.workflow import (
     build_split,
     check_split_images,
     deferred_attribute,
+    denoising_prepare_batch,
     end_distributed,
     evaluation_run_name,
     experiment_name,

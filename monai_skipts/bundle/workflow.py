@@ -5,7 +5,8 @@
 
 =================================  ====================================================================
 datalist and split                 :func:`build_split`, :func:`check_split_images`
-data loading                       :func:`seeded_generator`, :func:`training_prepare_batch`
+data loading                       :func:`seeded_generator`, :func:`training_prepare_batch`,
+                                   :func:`denoising_prepare_batch`
 trained model (evaluate)           :func:`load_trained_model` (:class:`TrainedModel`)
 run folder and processes           :func:`prepare_output_dir`, :func:`release_output_dir`,
                                    :func:`init_distributed`,
@@ -62,6 +63,7 @@ __all__ = [
     "seeded_generator",
     "tracking_uri",
     "training_prepare_batch",
+    "denoising_prepare_batch",
     "training_run_name",
 ]
 
@@ -192,23 +194,72 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def training_prepare_batch(network: torch.nn.Module, transform: Callable, cache_teacher: bool = True) -> Callable:
+def training_prepare_batch(
+    network: torch.nn.Module,
+    transform: Callable,
+    cache_teacher: bool = True,
+    synthetic_lesions: dict[str, Any] | None = None,
+    modality: str = "mri",
+    seed: int | None = 0,
+) -> Callable:
     """The trainer's ``prepare_batch``: a :class:`~monai_skipts.engines.TeacherFeatureCache` (each
     image's teacher features computed once; ``transform`` must not be random) when ``cache_teacher``,
-    else MONAI's ``default_prepare_batch``.
+    else MONAI's ``default_prepare_batch``; with ``synthetic_lesions``, that clean path wrapped in a
+    :class:`~monai_skipts.engines.DenoisingBatch` (denoising distillation: the student reads the
+    teacher's features of images with synthetic lesions, its target is the clean images' features,
+    which stay cached).
 
     Args:
         network: the :class:`~monai_skipts.networks.SkipTS` being trained.
         transform: the training preprocessing (checked to be deterministic for the cache).
         cache_teacher: the bundle's ``cache_teacher`` switch.
-    """
-    if cache_teacher:
-        from monai_skipts.engines import TeacherFeatureCache
+        synthetic_lesions: the bundle's ``synthetic_lesions``: ``None`` (off, the default) or keyword
+            arguments of :class:`~monai_skipts.transforms.RandSyntheticLesion` (``{"prob": 0.5,
+            "families": ["intensity", "fpi", "elastic"]}``; ``{}``: its defaults). The key
+            ``"annotations"`` (a probability) also pastes burned-in captions and markers into that
+            share of the clean images as normal content
+            (:class:`~monai_skipts.transforms.RandBurnedInAnnotation`).
+        modality: the bundle's modality preset (the anatomy the lesions are placed in, and the
+            lesions' default ``modality``).
+        seed: seeds the lesions' (and annotations') random state.
 
-        return TeacherFeatureCache(network, transform)
+    >>> training_prepare_batch(None, None, cache_teacher=False).__name__
+    'default_prepare_batch'
+    """
     from monai.engines import default_prepare_batch
 
-    return default_prepare_batch
+    from monai_skipts.engines import TeacherFeatureCache
+
+    clean = TeacherFeatureCache(network, transform) if cache_teacher else default_prepare_batch
+    return denoising_prepare_batch(network, clean, synthetic_lesions, modality, seed)
+
+
+def denoising_prepare_batch(
+    network: torch.nn.Module,
+    features: Callable,
+    synthetic_lesions: dict[str, Any] | None,
+    modality: str = "mri",
+    seed: int | None = 0,
+) -> Callable:
+    """``features`` (a clean ``prepare_batch``) as it is when ``synthetic_lesions`` is ``None``, else
+    wrapped in a :class:`~monai_skipts.engines.DenoisingBatch` built from ``synthetic_lesions``
+    (see :func:`training_prepare_batch`, whose second half this is; ``benchmarks/quality.py`` calls it
+    with its shared feature cache)."""
+    from monai_skipts.engines import DenoisingBatch
+    from monai_skipts.transforms import RandBurnedInAnnotation, RandSyntheticLesion
+
+    if synthetic_lesions is None:
+        return features
+    opts = dict(synthetic_lesions)
+    annotations = opts.pop("annotations", None)
+    opts.setdefault("modality", modality)
+    lesion = RandSyntheticLesion(**opts)
+    lesion.set_random_state(seed)
+    annotation = None
+    if annotations:
+        annotation = RandBurnedInAnnotation(prob=float(annotations))
+        annotation.set_random_state(None if seed is None else seed + 1)
+    return DenoisingBatch(network, lesion, features=features, modality=modality, annotation=annotation)
 
 
 # ------------------------------------------------------------------------------------- trained model

@@ -6,8 +6,19 @@
 - :mod:`.intensity`: CT windows, MRI percentile/z-score, bit-range scaling, 3 channels, ImageNet.
 - :mod:`.presets`: :func:`build_preprocessing` per modality (``ct_brain``, ``ct_lung``, ``mri``,
   ``xray``, ``ultrasound``, ``rgb``).
+- :mod:`.anatomy`: :class:`AnatomyMask` (per-modality foreground) and :class:`RandBurnedInAnnotation`
+  (captions and markers pasted into training normals as normal content).
+- :mod:`.lesion`: :class:`RandSyntheticLesion` (intensity blobs, foreign patches, local deformation
+  inside the anatomy, with the mask of the changed pixels) for denoising distillation.
 """
 
+from monai_skipts.transforms.anatomy import (
+    ANATOMY_MODALITIES,
+    AnatomyMask,
+    AnatomyMaskd,
+    RandBurnedInAnnotation,
+    RandBurnedInAnnotationd,
+)
 from monai_skipts.transforms.intensity import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,6 +54,7 @@ from monai_skipts.transforms.io import (
     take_slice,
     validate_datalist,
 )
+from monai_skipts.transforms.lesion import LESION_FAMILIES, RandSyntheticLesion, RandSyntheticLesiond
 from monai_skipts.transforms.presets import (
     PRESETS,
     build_preprocessing,
@@ -106,4 +118,12 @@ __all__ = [
     "preprocessing_spec",
     "spatial_size_2d",
     "has_random_transforms",
+    "ANATOMY_MODALITIES",
+    "AnatomyMask",
+    "AnatomyMaskd",
+    "RandBurnedInAnnotation",
+    "RandBurnedInAnnotationd",
+    "LESION_FAMILIES",
+    "RandSyntheticLesion",
+    "RandSyntheticLesiond",
 ]
