@@ -326,6 +326,12 @@ class AnomalyPredictor:
         :meth:`~monai_skipts.networks.AnomalyDetector.decide`)."""
         return self.detector.decide(score)
 
+    def decide_volume(self, score: float) -> dict[str, Any]:
+        """:meth:`decide` for a volume score, plus ``"threshold_kind"``: the volume threshold when the
+        checkpoint has one (``"volume"``), else the image threshold (``"image"``) (the detector's
+        :meth:`~monai_skipts.networks.AnomalyDetector.decide_volume`)."""
+        return self.detector.decide_volume(score)
+
     # ---- loaded images and volumes (MONAI Label, MLflow) ------------------------------------------
 
     def model_input(self, image: torch.Tensor | str | os.PathLike) -> torch.Tensor:
@@ -388,7 +394,7 @@ class AnomalyPredictor:
 
     def score_file(self, path: str | os.PathLike, maps: bool = True) -> dict[str, Any]:
         """Score one file (2-D image or volume): ``{"kind", "score", "map", "slice_scores", "image"}``
-        plus the decision (:meth:`decide`)."""
+        plus the decision (:meth:`decide`; a volume's is :meth:`decide_volume`, with ``"threshold_kind"``)."""
         img = self.load(path)
         if img.ndim == 4:
             score, slice_scores, amap = self.score_volume(img, maps)
@@ -397,7 +403,7 @@ class AnomalyPredictor:
             scores, amaps = self.score_images([img], maps)
             out = {"kind": "image", "score": float(scores[0]), "map": amaps[0] if maps else None}
         out["image"] = img
-        out.update(self.decide(out["score"]))
+        out.update(self.decide_volume(out["score"]) if img.ndim == 4 else self.decide(out["score"]))
         return out
 
     # ---- datalists and folders (bundle inference, command line) -----------------------------------
@@ -580,7 +586,7 @@ class AnomalyPredictor:
         )
         return {
             v: {
-                **self.decide(s),
+                **self.decide_volume(s),
                 "n_slices": sum(r["volume_id"] == v for r in sl),
                 "aggregation": self.volume_aggregation,
             }

@@ -3,7 +3,8 @@ temporary file and renamed; the run's ``status.json`` is :func:`~monai_skipts.pr
 
 Outputs under ``output_dir``: ``predictions.csv`` (one row per image or slice: id, score, threshold,
 anomalous, normalized_score, volume_id, slice_index, map), ``volume_predictions.csv`` (one row per
-volume), ``errors.csv`` (file, reason: one row per input that could not be scored) and the anomaly maps
+volume; ``threshold_kind`` says which threshold decided it: ``volume``, the checkpoint's volume
+threshold, or ``image`` when it has none), ``errors.csv`` (file, reason: one row per input that could not be scored) and the anomaly maps
 at the input's own size under ``maps/``: a 16-bit PNG per 2-D image, a NIfTI per volume (slice maps
 stacked, with the volume's RAS affine so it overlays the input in any viewer).
 
@@ -41,7 +42,17 @@ __all__ = [
 ]
 
 PREDICTION_COLUMNS = ("id", "score", "threshold", "anomalous", "normalized_score", "volume_id", "slice_index", "map")
-VOLUME_COLUMNS = ("volume_id", "score", "threshold", "anomalous", "normalized_score", "n_slices", "aggregation", "map")
+VOLUME_COLUMNS = (
+    "volume_id",
+    "score",
+    "threshold",
+    "threshold_kind",
+    "anomalous",
+    "normalized_score",
+    "n_slices",
+    "aggregation",
+    "map",
+)
 ERROR_COLUMNS = ("file", "reason")
 
 
