@@ -245,3 +245,23 @@ def test_volume_threshold_decides_volumes_at_the_target_where_the_slice_threshol
 def _calibrated(predictor, record):
     predictor.detector.set_calibration(record)
     return predictor.detector
+
+
+def test_score_file_decides_a_volume_with_the_volume_threshold_and_an_image_with_the_image_one(tmp_path):
+    torch.manual_seed(0)
+    record = {"value": 0.0, "scale": 1.0, "volume": {"value": 1e6}, "pixel": {"value": 0.5}}
+    ckpt = save_test_checkpoint(
+        tmp_path / "model.pt",
+        SkipTS("efficientnet_lite0"),
+        threshold=record,
+        extra={"modality": "mri", "spatial_size": 32},
+    )
+    predictor = AnomalyPredictor(ckpt, device="cpu")
+    vol = np.random.default_rng(0).normal(100, 20, (20, 24, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    Image.fromarray(vol[..., 0].astype(np.uint8)).save(tmp_path / "slice.png")
+    v = predictor.score_file(tmp_path / "vol.nii.gz", maps=False)
+    assert (v["kind"], v["threshold"], v["threshold_kind"], v["anomalous"]) == ("volume", 1e6, "volume", False)
+    i = predictor.score_file(tmp_path / "slice.png", maps=False)
+    assert (i["kind"], i["threshold"], i["anomalous"]) == ("image", 0.0, True) and "threshold_kind" not in i
+    assert predictor.detector.outline_threshold() == (0.5, "pixel")
