@@ -475,17 +475,14 @@ def log_and_register(
                     "epoch": ckpt.get("epoch"),
                 }
             )
-            numbers = {"threshold": float(thr["value"]), **_flat_metrics(metrics)}
-            for key, value in (
-                ("threshold_scale", thr.get("scale")),
-                ("threshold_fpr_expected", thr.get("fpr_expected")),
-                ("threshold_fpr_bound", thr.get("fpr_bound")),
-                ("volume_threshold", (thr.get("volume") or {}).get("value")),
-                ("volume_threshold_fpr_bound", (thr.get("volume") or {}).get("fpr_bound")),
-                ("pixel_threshold", (thr.get("pixel") or {}).get("value")),
-            ):
-                if value is not None:
-                    numbers[key] = float(value)
+            # the calibration record (thresholds, FPR bound and expectation, volume and pixel) as calibration/...
+            numbers = {
+                "threshold": float(thr["value"]),
+                **_flat_metrics({"calibration": thr}),
+                **_flat_metrics(metrics),
+            }
+            if thr.get("scale") is not None:
+                numbers["threshold_scale"] = float(thr["scale"])
             mlflow.log_metrics(numbers)
             info = log_model(
                 checkpoint_path, "model", serving, bundle_config_files, include_teacher_weights, name, teacher_weights

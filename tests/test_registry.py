@@ -83,8 +83,8 @@ def test_register_and_load_by_alias_gives_evaluator_scores(registered, phantom_r
     assert str(mv.version) == "1" and mv.tags["teacher"] == "efficientnet_lite0"
     metrics = client.get_run(info["run_id"]).data.metrics
     assert metrics["image/auroc"] == 0.9
-    assert (metrics["threshold_fpr_bound"], metrics["threshold_fpr_expected"]) == (0.41, 0.25)
-    assert (metrics["volume_threshold_fpr_bound"], metrics["pixel_threshold"]) == (0.5, 0.5)
+    assert (metrics["calibration/fpr_bound"], metrics["calibration/fpr_expected"]) == (0.41, 0.25)
+    assert (metrics["calibration/volume/fpr_bound"], metrics["calibration/pixel/value"]) == (0.5, 0.5)
 
     loaded = mlflow.pyfunc.load_model("models:/skipts-phantom@champion")
     sig = loaded.metadata.signature
