@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from monai_skipts.backends import OpenVINORunner, require_backend
+from monai_skipts.backends import BackendRunner, OpenVINORunner, make_backend_runner, require_backend
 from monai_skipts.export import check_close, example_input, export_onnx
 from monai_skipts.transforms.presets import spatial_size_2d
 from monai_skipts.utils import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BACKEND_CACHE_VERSION", "backend_cache_paths", "cached_backend_export"]
 
@@ -146,3 +149,26 @@ def cached_backend_export(
         _record(files).unlink()
     _export_for_backend(module_factory(), backend, files, spatial_size, metadata, atol)
     return files
+
+
+def cached_backend_runner(
+    checkpoint: str | os.PathLike,
+    backend: str,
+    module_factory,
+    spatial_size,
+    options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    num_threads: int | None = None,
+) -> tuple[BackendRunner, list[Path]]:
+    """``(runner, files)``: the backend's runner over the cached export (:func:`cached_backend_export`).
+    A cached export the runtime refuses (valid bytes, e.g. made by another runtime version) is exported
+    again once."""
+    files = cached_backend_export(checkpoint, backend, module_factory, spatial_size, options, metadata, cache_dir)
+    try:
+        return make_backend_runner(backend, files, num_threads), files
+    except (RuntimeError, ValueError, OSError) as e:
+        logger.warning("%s: cached export could not be loaded (%s); exporting again", files[0], e)
+        _record(files).unlink(missing_ok=True)
+        files = cached_backend_export(checkpoint, backend, module_factory, spatial_size, options, metadata, cache_dir)
+        return make_backend_runner(backend, files, num_threads), files

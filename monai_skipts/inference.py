@@ -1,17 +1,8 @@
 """Inference with a trained checkpoint on files a hospital has: PNG/JPG, DICOM (single, multi-frame,
 series folders), NIfTI/NRRD volumes. Volumes are scored slice-wise and aggregated to a volume score.
 
-Outputs under ``output_dir``: ``predictions.csv`` (one row per image or slice: id, score, threshold,
-anomalous, normalized_score, volume_id, slice_index, map), ``volume_predictions.csv`` (one row per
-volume), ``errors.csv`` (file, reason: one row per input that could not be scored) and the anomaly maps
-at the input's own size under ``maps/``: a 16-bit PNG per 2-D image, a NIfTI per volume (slice maps
-stacked, with the volume's RAS affine so it overlays the input in any viewer).
-
-Ids (``id``, ``volume_id``, ``file``) are paths relative to the input root: the folder given, or the
-deepest folder holding every file of a list. A map keeps its input's relative folders and whole file
-name (``p1/ct.nii.gz`` -> ``maps/p1/ct.nii.gz.map.nii.gz``; see
-:func:`~monai_skipts.data.files.output_relpath`), so no two inputs share a map; the ``map`` column names
-each row's map file (relative to ``output_dir``).
+The files a run writes under ``output_dir`` (tables and maps) are described in
+:mod:`monai_skipts.inference_writers`.
 
 One bad input does not lose the batch: everything else is scored and written, every failure is listed
 in ``errors.csv``, and :class:`InferenceIncompleteError` is raised at the end (the command line and
@@ -30,27 +21,24 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from .backends import BACKENDS
-from .checkpoint import CheckpointError, load_checkpoint, load_detector
-from .data import is_image_file
-from .data.files import output_relpaths, relative_id
-from .progress import PROGRESS_CHOICES, ScoringInterrupted, progress_bar, write_run_status
-from .transforms import (
+from monai_skipts.backends import BACKENDS
+from monai_skipts.checkpoint import load_checkpoint, load_detector
+from monai_skipts.data import is_image_file
+from monai_skipts.data.files import relative_id
+from monai_skipts.inference_writers import map_names, write_maps, write_tables
+from monai_skipts.progress import ScoringInterrupted, progress_bar, write_run_status
+from monai_skipts.transforms import (
     LoadMedicalImage,
     VolumeToSlices,
     aggregate_volume_scores,
@@ -59,17 +47,12 @@ from .transforms import (
     preprocessing_spec,
     slice_to_plane,
 )
-from .transforms.presets import SPEC_KEYS
-from .utils import InputDataError, atomic_save, atomic_write_text, resolve_device, save_map_png
+from monai_skipts.transforms.presets import SPEC_KEYS
+from monai_skipts.utils import InputDataError, atomic_save, resolve_device
 
-__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "list_inputs", "main", "run_and_report"]
+__all__ = ["AnomalyPredictor", "InferenceIncompleteError", "list_inputs"]
 
 logger = logging.getLogger(__name__)
-
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
-PREDICTION_COLUMNS = ("id", "score", "threshold", "anomalous", "normalized_score", "volume_id", "slice_index", "map")
-VOLUME_COLUMNS = ("volume_id", "score", "threshold", "anomalous", "normalized_score", "n_slices", "aggregation", "map")
-ERROR_COLUMNS = ("file", "reason")
 
 
 class InferenceIncompleteError(InputDataError):
@@ -251,8 +234,7 @@ class AnomalyPredictor:
         """The exported graph's runner, from the cache (made and verified when missing or invalid)."""
         import tempfile
 
-        from .backends import make_backend_runner
-        from .export_cache import cached_backend_export
+        from monai_skipts.export_cache import cached_backend_runner
 
         if isinstance(checkpoint, dict):  # no file to key the cache by: a private export for this predictor
             self._export_tmp = tempfile.TemporaryDirectory(prefix="skipts-export-")
@@ -261,24 +243,17 @@ class AnomalyPredictor:
             cache_dir = self._export_tmp.name
         else:
             checkpoint_path = Path(checkpoint)
-        options = {"sigma": self.sigma}
         meta = {"preprocessing": dict(self.spec), "checkpoint": {"file": checkpoint_path.name}}
-
-        def module():
-            return self.detector
-
-        files = cached_backend_export(
-            checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir
+        runner, files = cached_backend_runner(
+            checkpoint_path,
+            self.backend,
+            lambda: self.detector,
+            self.spatial_size,
+            {"sigma": self.sigma},
+            meta,
+            cache_dir,
+            self.num_threads,
         )
-        try:
-            runner = make_backend_runner(self.backend, files, self.num_threads)
-        except (RuntimeError, ValueError, OSError) as e:  # valid bytes the runtime refuses (e.g. another version)
-            logger.warning("%s: cached export could not be loaded (%s); exporting again", files[0], e)
-            files[0].with_name(files[0].name + ".sha256").unlink(missing_ok=True)  # the record: rebuild
-            files = cached_backend_export(
-                checkpoint_path, self.backend, module, self.spatial_size, options, meta, cache_dir
-            )
-            runner = make_backend_runner(self.backend, files, self.num_threads)
         self.export_files = files
         logger.info("backend %s: %s", self.backend, files[0])
         return runner
@@ -351,6 +326,12 @@ class AnomalyPredictor:
         :meth:`~monai_skipts.networks.AnomalyDetector.decide`)."""
         return self.detector.decide(score)
 
+    def decide_volume(self, score: float) -> dict[str, Any]:
+        """:meth:`decide` for a volume score, plus ``"threshold_kind"``: the volume threshold when the
+        checkpoint has one (``"volume"``), else the image threshold (``"image"``) (the detector's
+        :meth:`~monai_skipts.networks.AnomalyDetector.decide_volume`)."""
+        return self.detector.decide_volume(score)
+
     # ---- loaded images and volumes (MONAI Label, MLflow) ------------------------------------------
 
     def model_input(self, image: torch.Tensor | str | os.PathLike) -> torch.Tensor:
@@ -413,7 +394,7 @@ class AnomalyPredictor:
 
     def score_file(self, path: str | os.PathLike, maps: bool = True) -> dict[str, Any]:
         """Score one file (2-D image or volume): ``{"kind", "score", "map", "slice_scores", "image"}``
-        plus the decision (:meth:`decide`)."""
+        plus the decision (:meth:`decide`; a volume's is :meth:`decide_volume`, with ``"threshold_kind"``)."""
         img = self.load(path)
         if img.ndim == 4:
             score, slice_scores, amap = self.score_volume(img, maps)
@@ -422,7 +403,7 @@ class AnomalyPredictor:
             scores, amaps = self.score_images([img], maps)
             out = {"kind": "image", "score": float(scores[0]), "map": amaps[0] if maps else None}
         out["image"] = img
-        out.update(self.decide(out["score"]))
+        out.update(self.decide_volume(out["score"]) if img.ndim == 4 else self.decide(out["score"]))
         return out
 
     # ---- datalists and folders (bundle inference, command line) -----------------------------------
@@ -564,27 +545,11 @@ class AnomalyPredictor:
         except ScoringInterrupted as e:
             results, errors, interrupted = e.done, e.errors, e
         volumes = self._volumes(results)
-        names: dict[str, str] = {}
+        names = map_names(results, list(volumes)) if save_maps else {}
         if save_maps:
-            wanted = {r["id"]: ".map.png" for r in results if "volume_id" not in r}
-            wanted.update(dict.fromkeys(volumes, ".map.nii.gz"))
-            names = {k: f"maps/{v}" for k, v in output_relpaths(wanted).items()}
             vmax = 2.0 * self.threshold if self.threshold else max((r["score"] for r in results), default=1.0)
-            for r in results:
-                if "volume_id" not in r:
-                    save_map_png(out / names[r["id"]], r["map"], vmax)
-            for vid in volumes:
-                slices = [r for r in results if r.get("volume_id") == vid]
-                self._save_volume_map(out / names[vid], slices[0]["image"], slices)
-        rows = [
-            {k: r.get(k, "") for k in PREDICTION_COLUMNS[:-1]} | {"map": names.get(r.get("volume_id", r["id"]), "")}
-            for r in results
-        ]
-        _write_csv(out / "predictions.csv", rows, PREDICTION_COLUMNS)
-        if volumes:
-            vrows = [{"volume_id": v, **d, "map": names.get(v, "")} for v, d in volumes.items()]
-            _write_csv(out / "volume_predictions.csv", vrows, VOLUME_COLUMNS)
-        _write_csv(out / "errors.csv", errors, ERROR_COLUMNS)  # always: no stale list from an earlier run
+            write_maps(out, results, list(volumes), names, vmax, self._load_volume, self.volume_axis)
+        rows = write_tables(out, results, volumes, errors, names)
         summary = {
             "n_images": len(results),
             "n_volumes": len(volumes),
@@ -621,134 +586,19 @@ class AnomalyPredictor:
         )
         return {
             v: {
-                **self.decide(s),
+                **self.decide_volume(s),
                 "n_slices": sum(r["volume_id"] == v for r in sl),
                 "aggregation": self.volume_aggregation,
             }
             for v, s in agg.items()
         }
 
-    def _save_volume_map(self, path: Path, volume_path: str, slices: list[dict]) -> None:
-        """Stack slice maps back into the volume's RAS grid (inverse of the slice display layout)."""
-        import nibabel as nib
-
-        vol = LoadMedicalImage(cache_volumes=0, **self._loader_kwargs)(volume_path)
-        shape = tuple(vol.shape[1:])
-        grid = np.zeros(shape, np.float32)
-        axis = self.volume_axis
-        for r in slices:
-            m = slice_to_plane(torch.from_numpy(r["map"])).numpy()  # (H, W) display layout -> the volume's plane
-            idx = [slice(None)] * 3
-            idx[axis] = r["slice_index"]
-            grid[tuple(idx)] = m
-        affine = np.asarray(getattr(vol, "affine", np.eye(4)), dtype=np.float64)
-        img = nib.Nifti1Image(grid, affine)
-        atomic_save(path, lambda f: f.write(img.to_bytes() if not str(path).endswith(".gz") else _gz(img)))
+    def _load_volume(self, path: str) -> MetaTensor:
+        """A volume loaded afresh (not cached), as scored: ``(C, X, Y, Z)`` RAS."""
+        return LoadMedicalImage(cache_volumes=0, **self._loader_kwargs)(path)
 
 
-def _gz(img) -> bytes:
-    import gzip
+if __name__ == "__main__":  # python -m monai_skipts.inference: the command line is monai_skipts.inference_cli
+    from monai_skipts.inference_cli import main
 
-    return gzip.compress(img.to_bytes())
-
-
-def _write_csv(path: Path, rows: list[dict], columns: Sequence[str] | None = None) -> None:
-    """Rows as CSV (UTF-8), written atomically; ``columns`` fixes the header (written even without rows)."""
-    keys: list[str] = list(columns or [])
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m monai_skipts.inference``: score files with a checkpoint. Exit status 0 when every
-    input was scored, 1 when any could not be (listed in ``errors.csv``) or the run failed, 2 for
-    bad arguments."""
-    p = argparse.ArgumentParser(prog="python -m monai_skipts.inference", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="the training run's model.pt")
-    p.add_argument("--input", required=True, nargs="+", help="a folder, a file, or several files")
-    p.add_argument("--output_dir", required=True, help="where predictions.csv, errors.csv and maps/ go")
-    p.add_argument("--teacher_weights", default=None, help="the teacher's weights file when not in the default place")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--volume_axis", type=int, default=2, help="slicing axis of volumes (2 = axial)")
-    p.add_argument("--volume_aggregation", default="max", choices=("max", "mean", "topk"))
-    p.add_argument(
-        "--max_pixels",
-        type=int,
-        default=None,
-        help="largest picture or DICOM frame accepted, in pixels (default 40 million; 0 = no limit)",
-    )
-    p.add_argument(
-        "--backend",
-        default="torch",
-        choices=("torch", "onnxruntime", "openvino"),
-        help="runtime of the network: eager PyTorch, or the exported graph on the CPU (cached next to the checkpoint)",
-    )
-    p.add_argument("--num_threads", type=int, default=None, help="CPU threads of the forward pass")
-    p.add_argument("--no_maps", action="store_true", help="do not write the anomaly maps")
-    p.add_argument("--fail_fast", action="store_true", help="stop at the first input that cannot be scored")
-    p.add_argument(
-        "--progress", default="auto", choices=PROGRESS_CHOICES, help="progress bar (auto: when stderr is a terminal)"
-    )
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    inputs = args.input[0] if len(args.input) == 1 else args.input
-
-    def predictor() -> AnomalyPredictor:
-        return AnomalyPredictor(
-            args.checkpoint,
-            args.teacher_weights,
-            device=args.device,
-            volume_axis=args.volume_axis,
-            volume_aggregation=args.volume_aggregation,
-            batch_size=args.batch_size,
-            max_pixels=args.max_pixels,
-            backend=args.backend,
-            num_threads=args.num_threads,
-        )
-
-    return run_and_report(
-        predictor, inputs, args.output_dir, save_maps=not args.no_maps, fail_fast=args.fail_fast, progress=args.progress
-    )
-
-
-def run_and_report(
-    make_predictor: Callable[[], AnomalyPredictor],
-    inputs: str | os.PathLike | Sequence,
-    output_dir: str | os.PathLike,
-    save_maps: bool = True,
-    fail_fast: bool = False,
-    progress: bool | str | None = None,
-) -> int:
-    """Build a predictor, :meth:`AnomalyPredictor.run` it, and report as a command line: the summary
-    as one JSON line on stdout; a failure as one line on stderr, no traceback. The one ending of
-    ``python -m monai_skipts.inference`` and of an exported bundle's ``run``
-    (:func:`monai_skipts.bundle.runtime.run_bundle_inference`).
-
-    Args:
-        make_predictor: builds the predictor (its errors, e.g. a refused checkpoint, are reported too).
-        inputs, output_dir, save_maps, fail_fast, progress: see :meth:`AnomalyPredictor.run`.
-
-    Returns:
-        The exit status: 0 every input scored; 1 an input could not be scored (``errors.csv``), a
-        checkpoint refused, or a file not readable or writable; 130 Ctrl-C (what was scored is written).
-    """
-    try:
-        summary = make_predictor().run(inputs, output_dir, save_maps=save_maps, fail_fast=fail_fast, progress=progress)
-    except (InputDataError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (run() wrote what was scored)
-        print(f"\n{e}" if isinstance(e, ScoringInterrupted) else "\ninterrupted before scoring", file=sys.stderr)
-        return 130
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

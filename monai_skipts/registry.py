@@ -23,7 +23,9 @@ Scoring is :class:`~monai_skipts.inference.AnomalyPredictor`'s (the package's on
 preprocessing is the bundle's: :func:`~monai_skipts.transforms.preset_transforms` with the options the
 checkpoint stores (arrays skip only the loading step).
 
-Output, one row per input row: ``score`` (float), ``threshold``, ``anomalous`` (``score >= threshold``),
+Output, one row per input row: ``score`` (float), ``threshold``, ``threshold_kind`` (``"volume"``: a
+volume decided with the checkpoint's volume threshold; ``"image"``: the image threshold, for images and
+for volumes when the checkpoint has none), ``anomalous`` (``score >= threshold``),
 ``normalized_score`` (0.5 at the threshold, see :func:`~monai_skipts.metrics.normalize_score`) and, with
 ``params={"return_maps": True}``, ``anomaly_map`` (``(H, W)`` at the image's size; ``(X, Y, Z)`` for volumes).
 """
@@ -110,7 +112,7 @@ class SkipTSPyfuncModel(mlflow.pyfunc.PythonModel):
                 img = scorer.load(value)
                 if img.ndim == 4:
                     score, _, amap = scorer.score_volume(img, maps)
-                    rows[i] = {"score": score, "anomaly_map": None if amap is None else amap.numpy()}
+                    rows[i] = {"score": score, "anomaly_map": None if amap is None else amap.numpy(), "volume": True}
                     continue
             else:
                 img = array_to_image(value, bit_depth, name)
@@ -120,17 +122,19 @@ class SkipTSPyfuncModel(mlflow.pyfunc.PythonModel):
             rows[i] = {"score": float(scores[j]), "anomaly_map": amaps[j].numpy() if maps else None}
         out = []
         for row in rows:
-            d = scorer.decide(row["score"])
+            d = scorer.decide_volume(row["score"]) if row.get("volume") else scorer.decide(row["score"])
             rec = {
                 "score": row["score"],
                 "threshold": _nan(d["threshold"]),
+                "threshold_kind": d.get("threshold_kind") or ("" if d["threshold"] is None else "image"),
                 "anomalous": bool(d["anomalous"]),
                 "normalized_score": _nan(d["normalized_score"]),
             }
             if maps:
                 rec["anomaly_map"] = row["anomaly_map"]
             out.append(rec)
-        columns = ["score", "threshold", "anomalous", "normalized_score"] + (["anomaly_map"] if maps else [])
+        columns = ["score", "threshold", "threshold_kind", "anomalous", "normalized_score"]
+        columns += ["anomaly_map"] if maps else []
         return pd.DataFrame(out, columns=columns)
 
 
@@ -203,6 +207,34 @@ def _check_backend(backend: str, backends: Sequence[str]) -> str:
     return backend
 
 
+def calibration_metadata(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The MLmodel's ``metadata``: ``{"calibration": {"image": {...}, "volume": {...} | None, "pixel":
+    {...} | None}}``, the scalar entries (``value``, ``target_fpr``, ``fpr_expected``, ``fpr_bound``,
+    ``fpr_bound_confidence``, ``n_normals``, ``method``, ...) of the checkpoint's calibration record
+    (:func:`~monai_skipts.calibration.threshold_record`) and of its volume and pixel sub-records;
+    ``{"calibration": None}`` when the checkpoint has none.
+
+    Example:
+        >>> calibration_metadata({"value": 1.5, "fpr_bound": 0.12, "pixel": {"value": 0.3}})["calibration"]
+        {'image': {'value': 1.5, 'fpr_bound': 0.12}, 'volume': None, 'pixel': {'value': 0.3}}
+    """
+
+    def scalars(r: Any) -> dict[str, Any] | None:
+        if not isinstance(r, Mapping):
+            return None
+        return {k: v for k, v in r.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+    if not record:
+        return {"calibration": None}
+    return {
+        "calibration": {
+            "image": scalars(record),
+            "volume": scalars(record.get("volume")),
+            "pixel": scalars(record.get("pixel")),
+        }
+    }
+
+
 def model_signature() -> ModelSignature:
     """Input column ``image`` (any: path or array), output columns, params ``return_maps``, ``bit_depth``."""
     inputs = Schema([ColSpec(AnyType(), "image")])
@@ -210,6 +242,7 @@ def model_signature() -> ModelSignature:
         [
             ColSpec(DataType.double, "score"),
             ColSpec(DataType.double, "threshold"),
+            ColSpec(DataType.string, "threshold_kind"),
             ColSpec(DataType.boolean, "anomalous"),
             ColSpec(DataType.double, "normalized_score"),
             ColSpec(AnyType(), "anomaly_map", required=False),
@@ -323,6 +356,7 @@ def log_model(
             artifacts=artifacts,
             code_paths=[str(_PKG_DIR)],
             signature=model_signature(),
+            metadata=calibration_metadata(load_checkpoint(ckpt_path)["config"].get("calibration")),
             input_example=(_example_input(), {"return_maps": False, "bit_depth": 8}),
             pip_requirements=pip_requirements(teacher, (serving_config or {}).get("backend", "torch")),
             registered_model_name=registered_model_name,
@@ -441,7 +475,12 @@ def log_and_register(
                     "epoch": ckpt.get("epoch"),
                 }
             )
-            numbers = {"threshold": float(thr["value"]), **_flat_metrics(metrics)}
+            # the calibration record (thresholds, FPR bound and expectation, volume and pixel) as calibration/...
+            numbers = {
+                "threshold": float(thr["value"]),
+                **_flat_metrics({"calibration": thr}),
+                **_flat_metrics(metrics),
+            }
             if thr.get("scale") is not None:
                 numbers["threshold_scale"] = float(thr["scale"])
             mlflow.log_metrics(numbers)

@@ -180,3 +180,88 @@ def test_a_complete_run_says_complete_in_its_status_file(tmp_path, checkpoint):
         "n_errors": 0,
         "n_anomalous": status["n_anomalous"],
     }
+
+
+def _noise_volumes(folder, n, seed):
+    """``n`` normal volumes (32 x 32 x 8 Gaussian noise, NIfTI) under ``folder``."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        vol = rng.normal(500, 100, (32, 32, 8)).astype(np.float32)
+        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 3.0, 1.0])), folder / f"v{i:02d}.nii.gz")
+    return folder
+
+
+def _volume_rows(checkpoint, inputs, out):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cmd = [sys.executable, "-m", "monai_skipts.inference", "--checkpoint", str(checkpoint), "--input", str(inputs)]
+    cmd += ["--output_dir", str(out), "--no_maps", "--device", "cpu", "--progress", "off"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "volume_predictions.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_volume_threshold_decides_volumes_at_the_target_where_the_slice_threshold_flags_more(tmp_path):
+    """60 normal noise volumes calibrate the image (slice) threshold and the volume threshold (volume
+    scores aggregated as served) at 5 %; on 80 other normal volumes scored by ``python -m
+    monai_skipts.inference`` the volume threshold flags about 5 % and says ``volume``; the same
+    checkpoint without a volume threshold decides with the slice threshold (``image``) and flags
+    more, as the max of 8 slices exceeds it far more often than one slice does."""
+    from monai_skipts.calibration import threshold_record, volume_threshold
+    from monai_skipts.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    base = save_test_checkpoint(
+        tmp_path / "base.pt", SkipTS("efficientnet_lite0"), extra={"modality": "mri", "spatial_size": 32}
+    )
+    predictor = AnomalyPredictor(base, device="cpu", batch_size=32)
+    calib = predictor.predict_items(list_inputs(_noise_volumes(tmp_path / "calib", 60, seed=1)))
+    scores, vids = [r["score"] for r in calib], [r["volume_id"] for r in calib]
+    record = threshold_record(scores, 0.05, "lognormal")
+    image_only = save_checkpoint(tmp_path / "image_only.pt", _calibrated(predictor, record))
+    record["volume"] = volume_threshold(scores, 0.05, "lognormal", volume_ids=vids)
+    with_volume = save_checkpoint(tmp_path / "with_volume.pt", _calibrated(predictor, record))
+
+    test = _noise_volumes(tmp_path / "test", 80, seed=2)
+    by_volume = _volume_rows(with_volume, test, tmp_path / "out_volume")
+    by_image = _volume_rows(image_only, test, tmp_path / "out_image")
+    assert len(by_volume) == len(by_image) == 80
+    assert {r["threshold_kind"] for r in by_volume} == {"volume"} and {r["threshold_kind"] for r in by_image} == {
+        "image"
+    }
+    assert float(by_volume[0]["threshold"]) == pytest.approx(record["volume"]["value"])
+    assert float(by_image[0]["threshold"]) == pytest.approx(record["value"])
+    fpr_volume = np.mean([r["anomalous"] == "True" for r in by_volume])
+    fpr_image = np.mean([r["anomalous"] == "True" for r in by_image])
+    assert abs(fpr_volume - 0.05) <= 0.05 + 1e-9, (fpr_volume, fpr_image)
+    assert fpr_image > fpr_volume + 0.1, (fpr_volume, fpr_image)
+
+
+def _calibrated(predictor, record):
+    predictor.detector.set_calibration(record)
+    return predictor.detector
+
+
+def test_score_file_decides_a_volume_with_the_volume_threshold_and_an_image_with_the_image_one(tmp_path):
+    torch.manual_seed(0)
+    record = {"value": 0.0, "scale": 1.0, "volume": {"value": 1e6}, "pixel": {"value": 0.5}}
+    ckpt = save_test_checkpoint(
+        tmp_path / "model.pt",
+        SkipTS("efficientnet_lite0"),
+        threshold=record,
+        extra={"modality": "mri", "spatial_size": 32},
+    )
+    predictor = AnomalyPredictor(ckpt, device="cpu")
+    vol = np.random.default_rng(0).normal(100, 20, (20, 24, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    Image.fromarray(vol[..., 0].astype(np.uint8)).save(tmp_path / "slice.png")
+    v = predictor.score_file(tmp_path / "vol.nii.gz", maps=False)
+    assert (v["kind"], v["threshold"], v["threshold_kind"], v["anomalous"]) == ("volume", 1e6, "volume", False)
+    i = predictor.score_file(tmp_path / "slice.png", maps=False)
+    assert (i["kind"], i["threshold"], i["anomalous"]) == ("image", 0.0, True) and "threshold_kind" not in i
+    assert predictor.detector.outline_threshold() == (0.5, "pixel")

@@ -52,6 +52,9 @@ def registered(phantom_root, tmp_path_factory):
         warnings.simplefilter("ignore")  # 16 normals cannot resolve 5 %: fine for a round trip
         value = calibrate_threshold(normal_scores, 0.25)
     threshold = {"value": value, "target_fpr": 0.25, "n_normals": len(normals), "scale": float(normal_scores.std())}
+    threshold.update(fpr_expected=0.25, fpr_bound=0.41, fpr_bound_confidence=0.9, method="lognormal")
+    threshold["volume"] = {"value": 2 * value, "target_fpr": 0.25, "fpr_bound": 0.5, "source": "sidak", "n_slices": 3}
+    threshold["pixel"] = {"value": 0.5, "target_fpr": 0.005, "method": "pixel_quantile"}
     extra = {"spatial_size": SIZE, "modality": "xray"}
     ckpt = save_test_checkpoint(tmp / "model.pt", model, threshold=threshold, extra=extra)
     bundle = tmp / "phantom"
@@ -78,15 +81,23 @@ def test_register_and_load_by_alias_gives_evaluator_scores(registered, phantom_r
     client = mlflow.MlflowClient()
     mv = client.get_model_version_by_alias("skipts-phantom", "champion")
     assert str(mv.version) == "1" and mv.tags["teacher"] == "efficientnet_lite0"
-    assert client.get_run(info["run_id"]).data.metrics["image/auroc"] == 0.9
+    metrics = client.get_run(info["run_id"]).data.metrics
+    assert metrics["image/auroc"] == 0.9
+    assert (metrics["calibration/fpr_bound"], metrics["calibration/fpr_expected"]) == (0.41, 0.25)
+    assert (metrics["calibration/volume/fpr_bound"], metrics["calibration/pixel/value"]) == (0.5, 0.5)
 
     loaded = mlflow.pyfunc.load_model("models:/skipts-phantom@champion")
     sig = loaded.metadata.signature
+    calibration = loaded.metadata.metadata["calibration"]  # the MLmodel's metadata: thresholds and FPR bounds
+    assert calibration["image"]["fpr_bound"] == 0.41 and calibration["image"]["fpr_bound_confidence"] == 0.9
+    assert calibration["volume"]["value"] == pytest.approx(2 * registered["threshold"]["value"])
+    assert calibration["pixel"] == {"value": 0.5, "target_fpr": 0.005, "method": "pixel_quantile"}
     assert sig.inputs.input_names() == ["image"] and "anomalous" in sig.outputs.input_names()
 
     paths = sorted(glob.glob(str(phantom_root / "test/*/*.png")))[::3]
     df = loaded.predict(pd.DataFrame({"image": paths}))
-    assert list(df.columns) == ["score", "threshold", "anomalous", "normalized_score"] and len(df) == len(paths)
+    assert list(df.columns) == ["score", "threshold", "threshold_kind", "anomalous", "normalized_score"]
+    assert len(df) == len(paths) and (df["threshold_kind"] == "image").all()
 
     model, pre = registered["model"], registered["pre"]
     want = _scores(model, [{"image": p} for p in paths], pre)  # the evaluator
@@ -111,9 +122,12 @@ def test_register_and_load_by_alias_gives_evaluator_scores(registered, phantom_r
     # a volume path: one row, the max of its slice scores (slices scored as the evaluator scores them)
     vol = registered["tmp"] / "vol.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(100, 20, (40, 48, 3)).astype(np.float32), np.eye(4)), vol)
-    got = loaded.predict(pd.DataFrame({"image": [str(vol)]}))["score"].to_numpy()
+    vdf = loaded.predict(pd.DataFrame({"image": [str(vol)]}))
     want = _scores(model, expand_volume_datalist([{"image": str(vol)}]), pre)
-    assert len(want) == 3 and got[0] == pytest.approx(want.max(), abs=1e-5)
+    assert len(want) == 3 and vdf["score"][0] == pytest.approx(want.max(), abs=1e-5)
+    # the volume is decided with the volume threshold, and says so
+    assert (vdf["threshold_kind"][0], vdf["threshold"][0]) == ("volume", pytest.approx(thr["volume"]["value"]))
+    assert vdf["anomalous"][0] == (vdf["score"][0] >= thr["volume"]["value"])
     with pytest.raises(Exception, match="expected \\(H, W\\) or \\(C, H, W\\)"):
         loaded.predict(pd.DataFrame({"image": [np.zeros((2, 3, 8, 8))]}))
 

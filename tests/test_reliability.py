@@ -438,9 +438,9 @@ def _write_plot(d: Path) -> Path:
 
 
 def _write_predictions(d: Path) -> Path:
-    from monai_skipts.inference import _write_csv
+    from monai_skipts.inference_writers import write_csv
 
-    _write_csv(d / "predictions.csv", [{"id": "a.dcm", "score": 1.0}])
+    write_csv(d / "predictions.csv", [{"id": "a.dcm", "score": 1.0}])
     return d / "predictions.csv"
 
 

@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from monai_skipts.checkpoint import CheckpointError
-from monai_skipts.inference import AnomalyPredictor, run_and_report
+from monai_skipts.inference import AnomalyPredictor
+from monai_skipts.inference_cli import run_and_report
 from monai_skipts.utils import file_sha256
 
 __all__ = [
@@ -108,7 +109,7 @@ def run_bundle_inference(
     ``models/model.pt``. The predictor is :class:`~monai_skipts.inference.AnomalyPredictor` (the model
     loaded by :func:`~monai_skipts.checkpoint.load_detector`, ``weights_only``; then
     :func:`check_model_files`), the outputs are its ``run``'s (``predictions.csv``, ``errors.csv``,
-    ``maps/``, ``status.json``, ...), and the ending is :func:`~monai_skipts.inference.run_and_report`'s.
+    ``maps/``, ``status.json``, ...), and the ending is :func:`~monai_skipts.inference_cli.run_and_report`'s.
 
     Args:
         bundle_root: the unzipped bundle's folder.

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,9 +120,15 @@ class SkipTSOperator(Operator):
         else:
             vol = volume_to_ras(image)
             score, slice_scores, amap = pred.score_volume(vol, maps=True)
-        decision = pred.decide(score)
+        # a volume is decided with the volume threshold when the checkpoint has one (threshold_kind says which)
+        decision = pred.decide(score) if len(slice_scores) == 1 else pred.decide_volume(score)
+        decision.setdefault("threshold_kind", None if decision["threshold"] is None else "image")
+
+        def plain(k: str, v: Any) -> Any:
+            return None if v is None else bool(v) if k == "anomalous" else v if k == "threshold_kind" else float(v)
+
         result = {
-            **{k: (None if v is None else (bool(v) if k == "anomalous" else float(v))) for k, v in decision.items()},
+            **{k: plain(k, v) for k, v in decision.items()},
             "slice_scores": [float(s) for s in slice_scores],
             "volume_aggregation": pred.volume_aggregation,
             "series_instance_uid": str(meta.get("SeriesInstanceUID", "")),
@@ -139,7 +146,11 @@ class SkipTSOperator(Operator):
         )
         nifti = nib.Nifti1Image(amap.numpy(), np.asarray(amap.affine, dtype=np.float64))
         atomic_write_bytes(self.output_folder / "anomaly_map.nii.gz", gzip.compress(nifti.to_bytes()))
-        thr = "not calibrated" if decision["threshold"] is None else f"{decision['threshold']:.6g}"
+        thr = (
+            "not calibrated"
+            if decision["threshold"] is None
+            else f"{decision['threshold_kind']} {decision['threshold']:.6g}"
+        )
         verdict = {True: "ANOMALOUS", False: "normal"}.get(decision["anomalous"], "undecided")
         text = (
             f"Skip-TS anomaly detection (research use only, not for diagnosis). Series {result['series_instance_uid']}: "

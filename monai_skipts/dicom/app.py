@@ -161,13 +161,54 @@ def _volume_decision(predictor, scores: list[float]) -> dict[str, Any]:
     agg = aggregate_volume_scores(
         [0] * len(scores), scores, getattr(predictor, "volume_aggregation", "max"), int(getattr(predictor, "topk", 3))
     )[0]
-    return predictor.decide(agg)
+    return predictor.decide_volume(agg)
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * float(x):.1f} %"
+
+
+def threshold_texts(decision: dict[str, Any], record: dict[str, Any] | None, outline: tuple) -> dict[str, str]:
+    """The SR's text items about the thresholds of one decision: ``{"threshold_applied",
+    "threshold_fpr", "outline_threshold"}`` (keys of :data:`~monai_skipts.dicom.writers.CODES`;
+    absent when unknown).
+
+    Args:
+        decision: the decision (``threshold``, ``threshold_kind``: ``"image"`` or ``"volume"``).
+        record: the checkpoint's calibration record (``config["calibration"]``; its ``"volume"`` and
+            ``"pixel"`` sub-records), or ``None``.
+        outline: ``(value, kind)`` of the outline threshold
+            (:meth:`~monai_skipts.networks.AnomalyDetector.outline_threshold`).
+    """
+    out: dict[str, str] = {}
+    kind = decision.get("threshold_kind") or "image"
+    if decision.get("threshold") is None:
+        out["threshold_applied"] = "none: the checkpoint has no calibrated threshold; no decision"
+    else:
+        what = {"volume": "volume threshold (calibrated on volume scores)", "image": "image threshold"}[kind]
+        out["threshold_applied"] = f"{what} {_fmt(decision['threshold'])}"
+        rec = (record or {}).get("volume") if kind == "volume" else record
+        if rec and rec.get("fpr_bound") is not None:
+            conf = float(rec.get("fpr_bound_confidence") or 0.9)
+            out["threshold_fpr"] = (
+                f"target FPR {_pct(rec['target_fpr'])}; expected {_pct(rec['fpr_expected'])}; at most "
+                f"{_pct(rec['fpr_bound'])} with {100 * conf:g} % confidence "
+                f"({rec.get('n_normals', '?')} calibration normals, {rec.get('method', '?')})"
+            )
+    value, okind = outline
+    if value is not None:
+        pixel = (record or {}).get("pixel") or {}
+        at = f" at pixel FPR {_pct(pixel['target_fpr'])}" if okind == "pixel" and pixel.get("target_fpr") else ""
+        out["outline_threshold"] = f"{okind} threshold {_fmt(value)}{at}"
+    return out
 
 
 def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool) -> dict[str, Any]:
     results = _score_series(predictor, s)
     folder = out / s.name
     threshold = getattr(predictor, "threshold", None)
+    outline = predictor.detector.outline_threshold()  # the pixel threshold when calibrated, else the image one
+    record = predictor.threshold_record
     scores = [float(r["score"]) for r in results.values()]
     vmax = 2.0 * threshold if threshold else max(scores + [1e-6])
     units, groups = [], []
@@ -183,9 +224,27 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
             dec = _volume_decision(predictor, [float(results[sl]["score"]) for sl in u.slices])
         else:
             dec = {k: results[u.slices[0]][k] for k in ("score", "threshold", "anomalous", "normalized_score")}
+            dec["threshold_kind"] = None if dec["threshold"] is None else "image"
         verdict = "n/a" if dec["anomalous"] is None else ("ANOMALOUS" if dec["anomalous"] else "normal")
-        units.append({"unit": u.label, "kind": u.kind, "n_slices": len(u.slices), **dec})
-        groups.append({"kind": u.kind, "label": f"{s.name} {u.label}", "slices": u.slices, "decision": dec})
+        units.append(
+            {
+                "unit": u.label,
+                "kind": u.kind,
+                "n_slices": len(u.slices),
+                **dec,
+                "outline_threshold": outline[0],
+                "outline_kind": outline[1],
+            }
+        )
+        groups.append(
+            {
+                "kind": u.kind,
+                "label": f"{s.name} {u.label}",
+                "slices": u.slices,
+                "decision": dec,
+                "texts": threshold_texts(dec, record, outline),
+            }
+        )
         for n, sl in enumerate(u.slices):
             r = results[sl]
             sv = "n/a" if r["anomalous"] is None else ("above" if r["anomalous"] else "below")
@@ -195,7 +254,8 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
                 )
                 slice_text[sl] = [
                     f"Skip-TS slice {n + 1}/{len(u.slices)}: score {_fmt(r['score'])} ({sv} threshold {_fmt(threshold)})",
-                    f"Volume ({aggregation} of {len(u.slices)} slices): {_fmt(dec['score'])} {verdict}",
+                    f"Volume ({aggregation} of {len(u.slices)} slices): {_fmt(dec['score'])} {verdict}"
+                    f" ({dec['threshold_kind'] or 'no'} threshold {_fmt(dec['threshold'])})",
                 ]
                 slice_alarm[sl] = bool(dec["anomalous"])
                 slice_short[sl] = [f"{_fmt(r['score'])}/{_fmt(threshold)}", f"vol {_fmt(dec['score'])} {verdict}"]
@@ -213,7 +273,7 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
         src = s.headers[i]
         r = results[(i, f)]
         grey = frame_to_grey(src, f)
-        rgb = overlay_rgb(grey, _fit(r["map"], grey.shape[:2]), threshold, vmax)
+        rgb = overlay_rgb(grey, _fit(r["map"], grey.shape[:2]), threshold, vmax, outline_threshold=outline[0])
         rgb = burn_in_text(
             rgb, slice_text[(i, f)], [DISCLAIMER], alarm=slice_alarm[(i, f)], compact=slice_short[(i, f)]
         )
@@ -235,7 +295,7 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
 
     seg_notes = []
     if seg:
-        if threshold is None:
+        if outline[0] is None:
             seg_notes.append("no SEG: the checkpoint has no threshold")
         else:
             seg_uid = result_series_uid(s.series_uid, model, "SEG")
@@ -243,7 +303,7 @@ def _process_series(predictor, s: Series, out: Path, model: ModelInfo, seg: bool
                 masks = np.stack(
                     [
                         _fit(results[sl]["map"], (int(s.headers[sl[0]].Rows), int(s.headers[sl[0]].Columns)))
-                        >= threshold
+                        >= outline[0]
                         for sl in u.slices
                     ]
                 )

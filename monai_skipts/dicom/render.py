@@ -76,11 +76,18 @@ def frame_to_grey(ds, frame: int = 0) -> np.ndarray:
     return (g * 255.0 + 0.5).astype(np.uint8)
 
 
-def overlay_rgb(grey: np.ndarray, amap: np.ndarray, threshold: float | None, vmax: float) -> np.ndarray:
+def overlay_rgb(
+    grey: np.ndarray,
+    amap: np.ndarray,
+    threshold: float | None,
+    vmax: float,
+    outline_threshold: float | None = None,
+) -> np.ndarray:
     """``grey`` (uint8 ``(H, W)`` or ``(H, W, 3)``) with the anomaly map ``amap`` (``(H, W)``) drawn over it
     by :func:`monai_skipts.visualize.overlay_map`, in the Secondary Capture's look: 'jet' colours on
     ``[0, vmax]``, clear below ``vmax / 4`` (half the threshold when ``vmax`` is twice it), the opacity
-    growing to 0.6 at ``vmax``, and the outline of ``amap >= threshold`` in yellow, 1 pixel per 256.
+    growing to 0.6 at ``vmax``, and the outline of ``amap >= outline_threshold`` (default ``threshold``;
+    the app passes the pixel threshold when the checkpoint has one) in yellow, 1 pixel per 256.
     Returns uint8 ``(H, W, 3)``.
 
     Raises:
@@ -93,6 +100,7 @@ def overlay_rgb(grey: np.ndarray, amap: np.ndarray, threshold: float | None, vma
         grey[..., :3] if grey.ndim == 3 else grey,
         amap,
         threshold=threshold,
+        outline_threshold=outline_threshold,
         vmax=float(vmax),
         alpha=0.6,
         fade_below=0.25,

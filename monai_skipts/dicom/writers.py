@@ -53,6 +53,9 @@ CODES = {
     "anomalous": ("SKIPTS-004", "Anomalous"),
     "slice_score": ("SKIPTS-005", "Slice anomaly score"),
     "region": ("SKIPTS-006", "Region above anomaly threshold"),
+    "threshold_applied": ("SKIPTS-007", "Decision threshold applied"),
+    "threshold_fpr": ("SKIPTS-008", "False-positive rate of the threshold"),
+    "outline_threshold": ("SKIPTS-009", "Outline threshold"),
 }
 """``key: (code value, code meaning)`` of the private concepts (scheme :data:`SCHEME`)."""
 
@@ -299,7 +302,9 @@ def make_sr(
         groups: one dict per measurement group: ``label`` (tracking identifier), ``slices``
             (``[(instance index, frame)]`` referenced), ``decision`` (``score``, ``threshold``,
             ``anomalous``, ``normalized_score``) and ``kind`` (``"image"``, ``"volume"`` or ``"slice"``;
-            slice groups carry the slice score only).
+            slice groups carry the slice score only); optional ``texts``: ``{CODES key: text}``, TEXT
+            items of the group (which threshold was applied, its FPR bound and expected FPR, the
+            outline threshold).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -333,6 +338,10 @@ def make_sr(
                 source_images=_source_images(headers, g["slices"]),
             )
         )
+        for key, text in (g.get("texts") or {}).items():
+            measurement_groups[-1][0].ContentSequence.append(
+                hd.sr.TextContentItem(name=_code(*CODES[key]), value=str(text)[:1024], relationship_type="CONTAINS")
+            )
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=_code("363679005", "Imaging procedure", "SCT"),

@@ -4,12 +4,15 @@ Requires monailabel (``pip install 'monai-skipts[label]'``, in its own environme
 
 Request keys (besides MONAI Label's ``image``, ``device``, ...):
 
-- ``output``: ``"map"`` (default): the float32 anomaly map; ``"mask"``: uint8 ``map >= threshold``
-  (the pixels above the image-level decision threshold);
+- ``output``: ``"map"`` (default): the float32 anomaly map; ``"mask"``: uint8 ``map >= t``, ``t`` the
+  checkpoint's pixel threshold when calibrated, else the image threshold (``mask_threshold`` and
+  ``mask_threshold_kind``, ``"pixel"`` or ``"image"``, in the result JSON);
 - ``result_extension``: default ``.nrrd`` for 2-D maps, ``.png`` for 2-D masks, ``.nii.gz`` for volumes.
 
-Result JSON (``params`` of MONAI Label's answer): ``score``, ``threshold``, ``anomalous`` (``score >=
-threshold``), ``normalized_score`` (0.5 at the threshold), ``kind`` (``"image"``/``"volume"``),
+Result JSON (``params`` of MONAI Label's answer): ``score``, ``threshold``, ``threshold_kind``
+(``"volume"``: a volume decided with the checkpoint's volume threshold; ``"image"``: the image
+threshold, for images and for volumes when the checkpoint has no volume threshold), ``anomalous``
+(``score >= threshold``), ``normalized_score`` (0.5 at the threshold), ``kind`` (``"image"``/``"volume"``),
 ``teacher``, ``modality``, and for volumes ``slice_scores`` and ``volume_aggregation``.
 
 The label file holds the map at the input's geometry: 2-D images at their own size; volumes as a
@@ -131,12 +134,15 @@ class SkipTSAnomalyInfer(BasicInferTask):
             scores, maps = scorer.score_images([img])
             score, pred = float(scores[0]), maps[0].transpose(0, 1)
             result = {"kind": "image", "score": score}
-        result.update(scorer.decide(score), teacher=scorer.teacher, modality=scorer.modality)
+        decision = scorer.decide_volume(score) if img.ndim == 4 else scorer.decide(score)
+        decision.setdefault("threshold_kind", None if decision["threshold"] is None else "image")
+        result.update(decision, teacher=scorer.teacher, modality=scorer.modality)
         if output == "mask":
-            thr = result["threshold"]
+            thr, kind = scorer.detector.outline_threshold()  # the pixel threshold when calibrated
             if thr is None:
                 raise ValueError(f"{self.get_path()}: output 'mask' needs a calibrated threshold in the checkpoint")
             pred = (pred >= thr).to(torch.uint8)
+            result.update(mask_threshold=thr, mask_threshold_kind=kind)
         affine = img.affine if img.ndim == 4 and isinstance(img, MetaTensor) else None
         data[self.output_label_key] = MetaTensor(pred, affine=affine) if affine is not None else pred.numpy()
         data[self.output_json_key] = result

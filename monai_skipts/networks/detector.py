@@ -207,6 +207,26 @@ class AnomalyDetector(nn.Module):
         """
         return decide(score, _value(self.threshold), _value(self.scale))
 
+    def decide_volume(self, score: Any) -> dict[str, Any]:
+        """The decision for a volume score (slice scores aggregated as served): :meth:`decide`'s keys
+        plus ``"threshold_kind"``. It uses ``volume_threshold`` when calibrated (``"volume"``), else
+        the image threshold (``"image"``); ``None`` without any threshold."""
+        volume = _value(self.volume_threshold)
+        if volume is not None:
+            return {**decide(score, volume, _value(self.scale)), "threshold_kind": "volume"}
+        out = self.decide(score)
+        return {**out, "threshold_kind": None if out["threshold"] is None else "image"}
+
+    def outline_threshold(self) -> tuple[float | None, str | None]:
+        """``(value, kind)``: the map threshold outlines are drawn at (``map >= value``): the pixel
+        threshold when calibrated (``"pixel"``), else the image threshold (``"image"``); ``(None,
+        None)`` without any threshold."""
+        pixel = _value(self.pixel_threshold)
+        if pixel is not None:
+            return pixel, "pixel"
+        image = _value(self.threshold)
+        return (image, "image") if image is not None else (None, None)
+
 
 def decide(score: Any, threshold: float | None, scale: float | None = None) -> dict[str, Any]:
     """The decision rule of :meth:`AnomalyDetector.decide` for a given threshold and scale."""

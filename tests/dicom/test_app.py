@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -153,3 +154,72 @@ def test_unwritable_output_is_refused_before_scoring_naming_the_folder(predictor
     assert f"the output folder {unwritable_folder} is not writable" in message
     assert ".tmp" not in message
     assert time.perf_counter() - t < 3.0, "the folder was found unwritable only after scoring"
+
+
+def _sr_texts(path) -> dict[str, list[str]]:
+    """``{code value: [text, ...]}`` of every TEXT item in an SR."""
+    import pydicom
+
+    out: dict[str, list[str]] = {}
+
+    def walk(items):
+        for it in items:
+            if it.get("ValueType") == "TEXT":
+                out.setdefault(it.ConceptNameCodeSequence[0].CodeValue, []).append(str(it.TextValue))
+            walk(it.get("ContentSequence", []))
+
+    walk(pydicom.dcmread(path).ContentSequence)
+    return out
+
+
+def test_calibrated_volume_and_pixel_thresholds_decide_volumes_and_draw_the_seg(
+    dicom_study, dicom_checkpoint, tmp_path
+):
+    """A checkpoint with volume and pixel thresholds, through ``python -m monai_skipts.dicom_app``: the CT
+    volume is decided with the volume threshold, the CR image with the image threshold, the SEG is the
+    region above the pixel threshold, and the SR says which threshold was applied and its FPR bound."""
+    import highdicom as hd
+    import numpy as np
+    import pydicom
+    from conftest import REPO
+
+    from monai_skipts.checkpoint import load_detector, save_checkpoint
+    from monai_skipts.inference import AnomalyPredictor
+
+    cr = dicom_study / "cr" / "1.dcm"
+    cr_map = AnomalyPredictor(dicom_checkpoint, device="cpu").predict_items([{"image": str(cr), "id": "cr"}])[0]["map"]
+    detector = load_detector(dicom_checkpoint)
+    record = dict(detector.config["calibration"])
+    image_thr = float(record["value"])
+    pixel_thr = float(np.quantile(cr_map, 0.25))  # far below the image threshold: a larger outline
+    assert int((cr_map >= pixel_thr).sum()) > int((cr_map >= image_thr).sum())
+    bounds = {"fpr_expected": 0.05, "fpr_bound": 0.2, "fpr_bound_confidence": 0.9, "method": "lognormal"}
+    record.update(bounds, n_normals=40)
+    record["volume"] = {"value": 1e6, "target_fpr": 0.05, **bounds, "n_normals": 20, "source": "sidak", "n_slices": 3}
+    record["pixel"] = {"value": pixel_thr, "target_fpr": 0.005, "method": "pixel_quantile"}
+    detector.set_calibration(record)
+    ckpt = save_checkpoint(tmp_path / "calibrated.pt", detector)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai_skipts.dicom_app", "--input", str(dicom_study), "--output", str(out)]
+    cmd += ["--checkpoint", str(ckpt), "--seg", "--device", "cpu", "--progress", "off"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    units = {s["series"]: s["units"][0] for s in json.loads((out / "dicom_results.json").read_text())["series"]}
+    ct, cr_unit = units["series-001-CT"], units["series-003-CR"]
+    assert (ct["kind"], ct["threshold_kind"], ct["threshold"], ct["anomalous"]) == ("volume", "volume", 1e6, False)
+    assert (cr_unit["kind"], cr_unit["threshold_kind"]) == ("image", "image")
+    assert cr_unit["threshold"] == pytest.approx(image_thr)
+    assert (cr_unit["outline_kind"], cr_unit["outline_threshold"]) == ("pixel", pytest.approx(pixel_thr))
+    src = pydicom.dcmread(cr)
+    seg = hd.seg.segread(out / "series-003-CR" / "SEG-01.dcm")
+    mask = seg.get_pixels_by_source_instance([src.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
+    assert np.array_equal(mask.astype(bool), cr_map >= pixel_thr)
+    texts = _sr_texts(out / "series-001-CT" / "SR.dcm")
+    assert texts["SKIPTS-007"] == ["volume threshold (calibrated on volume scores) 1e+06"]
+    assert (
+        "at most 20.0 % with 90 % confidence" in texts["SKIPTS-008"][0] and "20 calibration" in texts["SKIPTS-008"][0]
+    )
+    assert texts["SKIPTS-009"][0].startswith("pixel threshold") and "pixel FPR 0.5 %" in texts["SKIPTS-009"][0]
+    cr_texts = _sr_texts(out / "series-003-CR" / "SR.dcm")
+    assert cr_texts["SKIPTS-007"][0].startswith("image threshold") and "40 calibration" in cr_texts["SKIPTS-008"][0]

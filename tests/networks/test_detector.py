@@ -65,6 +65,19 @@ def test_decide_casts_and_needs_a_positive_scale(detector):
     assert detector.decide(4.0)["anomalous"] is None
 
 
+def test_volumes_use_the_volume_threshold_and_outlines_the_pixel_threshold_else_the_image_one(detector):
+    detector.set_calibration({"value": 3.0, "scale": 0.5})
+    assert detector.decide_volume(3.5) == {**detector.decide(3.5), "threshold_kind": "image"}
+    assert detector.outline_threshold() == (3.0, "image")
+    detector.set_calibration({"value": 3.0, "scale": 0.5, "volume": {"value": 4.0}, "pixel": {"value": 0.25}})
+    d = detector.decide_volume(3.5)
+    assert (d["threshold"], d["anomalous"], d["threshold_kind"]) == (4.0, False, "volume")
+    assert d["normalized_score"] < 0.5 and detector.decide(3.5)["anomalous"] is True
+    assert detector.outline_threshold() == (0.25, "pixel")
+    detector.set_calibration(None)
+    assert detector.decide_volume(3.5)["threshold_kind"] is None and detector.outline_threshold() == (None, None)
+
+
 def test_another_input_size_than_the_trained_one_is_refused(detector):
     with pytest.raises(ValueError, match="trained at 32x32"):
         detector(torch.zeros(1, 3, 64, 64))
