@@ -6,8 +6,10 @@ the checkpoint's preprocessing, the chosen backend, volumes sliced and aggregate
 their scores come the image threshold and its uncertainty (:func:`~monai_skipts.calibration.threshold_record`),
 the volume threshold when volumes are given (:func:`~monai_skipts.calibration.volume_threshold`) and
 the pixel threshold of the outlines (:func:`~monai_skipts.calibration.pixel_threshold`). A new
-checkpoint is written atomically with that record; the student's weights, the per-level statistics
-and everything else are copied unchanged, which is checked by hash on the written file.
+checkpoint is written atomically with that record (the detector's ``config["calibration"]`` and its
+threshold buffers, :meth:`~monai_skipts.networks.AnomalyDetector.set_calibration`); the student's
+weights, the per-level statistics and everything else are copied unchanged, which is checked by hash
+on the written file.
 
 Command line::
 
@@ -23,7 +25,6 @@ threshold record as metrics (``calibration/fpr_bound``, ...) and the tag ``calib
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import logging
 import os
@@ -42,17 +43,18 @@ from monai_skipts.calibration import (
     uncertainty_warning,
     volume_threshold,
 )
-from monai_skipts.checkpoint import load_checkpoint
+from monai_skipts.checkpoint import TEACHER_PREFIX, load_checkpoint, save_checkpoint
 from monai_skipts.inference import AnomalyPredictor, list_inputs
 from monai_skipts.metrics import CALIBRATION_METHODS, min_calibration_normals
-from monai_skipts.utils import InputDataError, atomic_save
+from monai_skipts.networks.detector import SCALAR_STATE
+from monai_skipts.utils import InputDataError
 
 __all__ = ["RecalibrationError", "main", "recalibrate", "site_normals", "weights_sha256"]
 
 logger = logging.getLogger(__name__)
 
-#: the checkpoint entries that make the model: copied unchanged and hashed before and after
-MODEL_KEYS = ("model_config", "student", "map_level_stats")
+#: the detector config entries that make the model's maps: copied unchanged and hashed before and after
+MODEL_CONFIG_KEYS = ("model", "sigma", "similarity", "preprocessing")
 
 
 class RecalibrationError(ValueError):
@@ -61,13 +63,16 @@ class RecalibrationError(ValueError):
 
 
 def weights_sha256(ckpt: dict[str, Any]) -> str:
-    """SHA-256 over the model's entries of a checkpoint (its config, the student's tensors by name,
-    the per-level statistics): equal for the same model, whatever else the checkpoint holds.
+    """SHA-256 over the model of a (version-2) checkpoint: its architecture, sigma, similarity and
+    preprocessing (``config``) and its state dict's weight tensors by name (the student's, the
+    per-level statistics; not the teacher's, nor the threshold buffers the calibration sets): equal
+    for the same model, whatever its calibration.
 
     Example:
-        >>> a = {"model_config": {"teacher": "t"}, "student": {"w": torch.ones(2)}}
-        >>> weights_sha256(a) == weights_sha256(copy.deepcopy(a)), weights_sha256(a) == weights_sha256({**a, "threshold": {}})
-        (True, True)
+        >>> a = {"config": {"model": {"teacher": "t"}}, "state_dict": {"model.student.w": torch.ones(2)}}
+        >>> b = {"config": {**a["config"], "calibration": {"value": 1.0}}, "state_dict": {**a["state_dict"], "threshold": torch.tensor(1.0)}}
+        >>> weights_sha256(a) == weights_sha256(b)
+        True
     """
     h = hashlib.sha256()
 
@@ -75,17 +80,16 @@ def weights_sha256(ckpt: dict[str, Any]) -> str:
         t = t.detach().cpu().contiguous().reshape(-1)
         return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
-    for key in MODEL_KEYS:
-        value = ckpt.get(key)
-        h.update(key.encode())
-        if isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values()):
-            for name in sorted(value):
-                t = value[name]
-                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode() + raw(t))
-        elif isinstance(value, torch.Tensor):
-            h.update(f"{value.dtype}:{tuple(value.shape)}".encode() + raw(value))
-        else:
-            h.update(repr(sorted(value.items()) if isinstance(value, dict) else value).encode())
+    config = ckpt.get("config") or {}
+    for key in MODEL_CONFIG_KEYS:
+        value = config.get(key)
+        h.update(key.encode() + repr(sorted(value.items()) if isinstance(value, dict) else value).encode())
+    state = ckpt.get("state_dict") or {}
+    for name in sorted(state):
+        if name in SCALAR_STATE or name.startswith(TEACHER_PREFIX):
+            continue
+        t = state[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode() + raw(t))
     return h.hexdigest()
 
 
@@ -159,10 +163,10 @@ def recalibrate(
         ckpt = load_checkpoint(src)
     except (ValueError, OSError) as e:  # CheckpointError, UnsafeCheckpointError, FileNotFoundError
         raise RecalibrationError(f"{e}; recalibration needs the model.pt of a monai-skipts training") from None
-    old = ckpt.get("threshold")
-    if not isinstance(old, dict) or old.get("value") is None or "student" not in ckpt:
+    old = ckpt["config"].get("calibration")
+    if not isinstance(old, dict) or old.get("value") is None:
         raise RecalibrationError(
-            f"{src}: not a calibrated model (no threshold record): use the training run's model.pt, "
+            f"{src}: not a calibrated model (no calibration record): use the training run's model.pt, "
             "not its checkpoint.pt (training state) or another file"
         )
     target = float(target_fpr if target_fpr is not None else old.get("target_fpr", 0.05))
@@ -215,9 +219,16 @@ def recalibrate(
     record["pixel"] = pixel_threshold(sketch, pixel_target)
     record["previous"] = {k: v for k, v in old.items() if k != "previous"}
     record["weights_sha256"] = before
-    new = copy.copy(ckpt)
-    new["threshold"] = record
-    atomic_save(dst, lambda f: torch.save(new, f))
+    detector = predictor.detector  # load_detector's: the checkpoint's config and state
+    detector.set_calibration(record)
+    save_checkpoint(
+        dst,
+        detector,
+        epoch=ckpt.get("epoch", 0),
+        iteration=ckpt.get("iteration", 0),
+        extra=ckpt.get("extra"),
+        with_rng=False,
+    )
     after = weights_sha256(load_checkpoint(dst))
     if after != before:
         dst.unlink(missing_ok=True)

@@ -294,13 +294,14 @@ class CrossFitScorer:
     form of conformal calibration, CV+ / Jackknife+: Barber et al. 2021). No normal is lost to
     calibration and ``n`` is the training set's size.
 
-    The fold students are copies of ``network`` as it is when the scorer is constructed (call it
-    before the final training; the bundle's ``run`` does), trained like it (same loss, optimizer
-    settings, epochs, batch size, per-level statistics) on the other folds.
+    The fold detectors are copies of ``network`` as it is when the scorer is constructed (call it
+    before the final training; the bundle's ``run`` does); each one's model is trained like the final
+    one (same loss, optimizer settings, epochs, batch size, per-level statistics) on the other folds,
+    and the detector (same sigma, similarity and map head) scores the held-out fold.
 
     Args:
         folds: K (at least 2); 0 or 1: off (``__call__`` returns ``None``).
-        network: the untrained :class:`~monai_skipts.networks.SkipTS`.
+        network: the untrained :class:`~monai_skipts.networks.AnomalyDetector` (its ``model`` is trained).
         data: the training datalist (normals).
         transform: the training preprocessing.
         loss_function: the training loss.
@@ -377,7 +378,8 @@ class CrossFitScorer:
         return [{"id": r["id"], "fold": int(r["fold"]), "score": float(r["score"])} for r in rows]
 
     def _train_and_score(self, train: list, held_out: list, k: int) -> list[float]:
-        net = copy.deepcopy(self.network)
+        detector = copy.deepcopy(self.network)
+        net = detector.model
         loader = DataLoader(
             Dataset(train, self.transform),
             batch_size=self.batch_size,
@@ -397,7 +399,7 @@ class CrossFitScorer:
             prepare_batch=prepare,
         )
         trainer.run()
-        LevelStatsFitter(net, loader, prepare_batch=prepare, enabled=self.level_stats)()
+        LevelStatsFitter(detector, loader, prepare_batch=prepare, enabled=self.level_stats)()
         scores: list[float] = []
 
         def collect(engine: Engine) -> None:
@@ -406,7 +408,7 @@ class CrossFitScorer:
         ev = SkipTSEvaluator(
             device=self.device,
             val_data_loader=DataLoader(Dataset(held_out, self.transform), batch_size=self.batch_size),
-            network=net,
+            network=detector,
             amp=self.amp,
         )
         ev.add_event_handler(Events.ITERATION_COMPLETED, collect)

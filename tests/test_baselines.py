@@ -207,13 +207,16 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path, capsys, m
 
 
 def test_rd4ad_checkpoint_round_trip(tmp_path):
-    from monai_skipts.checkpoint import load_model, save_checkpoint
+    from monai_skipts.checkpoint import load_checkpoint, load_detector, save_checkpoint
 
     torch.manual_seed(0)
-    model = RD4AD("efficientnet_lite0").eval()
-    path = save_checkpoint(tmp_path / "rd4ad.pt", model, threshold={"value": 1.0}, extra={"modality": "xray"})
-    loaded, ckpt = load_model(path)
-    assert isinstance(loaded, RD4AD) and ckpt["model_config"]["model"] == "rd4ad"
+    detector = AnomalyDetector(RD4AD("efficientnet_lite0"), preprocessing={"modality": "xray"}).eval()
+    detector.set_calibration({"value": 1.0})
+    path = save_checkpoint(tmp_path / "rd4ad.pt", detector)
+    loaded, ckpt = load_detector(path), load_checkpoint(path)
+    assert isinstance(loaded.model, RD4AD) and ckpt["config"]["model"]["model"] == "rd4ad"
+    assert float(loaded.threshold) == 1.0 and loaded.config["preprocessing"]["modality"] == "xray"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.predict(x), model.predict(x))
+        for got, want in zip(loaded(x), detector(x)):
+            torch.testing.assert_close(got, want)

