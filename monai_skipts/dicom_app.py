@@ -13,7 +13,9 @@ Command line::
 Exit status: 0 when every scorable series was scored and written (or had been, by this model:
 ``already_scored``), 1 when any failed, was incomplete (a file of it cannot be read), or nothing could
 be scored: the reasons go to stderr, one line each, and into ``dicom_results.json``; 2 for bad
-arguments. The output folder and the PACS are checked before the model is loaded. The summary printed
+arguments; 130 on Ctrl-C: the series scored in full keep their results, ``dicom_results.json`` lists
+them with ``"status": "interrupted"``, nothing is stored in the PACS, and one line on stderr says how many
+series were scored and where the summary is. The output folder and the PACS are checked before the model is loaded. The summary printed
 and logged holds scores and decisions, no patient data and no UID. Running twice is safe: the series
 this model already scored are skipped (``--replace`` scores them again and replaces their results).
 A progress bar over the series shows when stderr is a terminal (``--progress on|off`` forces it).
@@ -29,7 +31,7 @@ import os
 import sys
 from typing import Sequence
 
-from monai_skipts.progress import PROGRESS_CHOICES, PROGRESS_ENV
+from monai_skipts.progress import PROGRESS_CHOICES, PROGRESS_ENV, ScoringInterrupted
 
 __all__ = ["main"]
 
@@ -92,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputDataError, OSError, PacsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (run_app wrote what was scored)
+        print(f"\n{e}" if isinstance(e, ScoringInterrupted) else "\ninterrupted before scoring", file=sys.stderr)
+        return 130
     brief = {
         "series": [
             {

@@ -257,3 +257,24 @@ def save_test_checkpoint(path, model, threshold=None, extra=None, level_stats=No
     detector.set_level_stats(level_stats)
     detector.set_calibration(threshold)
     return save_checkpoint(path, detector, extra=extra, **kwargs)
+
+
+def read_until(stream, pattern: str, timeout: float) -> str:
+    """Read a subprocess's text stream until a line matches ``pattern`` (a tqdm bar redraws its line
+    after a ``\\r``); everything read is returned."""
+    import re
+    import time
+
+    seen, line, deadline = "", "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ch = stream.read(1)
+        if not ch:
+            break
+        seen += ch
+        if ch not in "\r\n":
+            line += ch
+        elif re.search(pattern, line):
+            return seen
+        else:
+            line = ""
+    raise AssertionError(f"{pattern!r} not seen within {timeout} s; got {seen[-2000:]!r}")

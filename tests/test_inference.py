@@ -99,27 +99,6 @@ def test_heatmap_panel_marks_the_maps_peak_where_the_lesion_is():
     assert o[10, 50, 2] > o[10, 50, 0] + 40  # zero map: jet's dark blue blended over the tissue
 
 
-def _read_until(stream, pattern: str, timeout: float) -> str:
-    """Read a subprocess's text stream until a line matches ``pattern`` (a tqdm bar redraws its line
-    after a ``\\r``); everything read is returned."""
-    import re
-    import time
-
-    seen, line, deadline = "", "", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ch = stream.read(1)
-        if not ch:
-            break
-        seen += ch
-        if ch not in "\r\n":
-            line += ch
-        elif re.search(pattern, line):
-            return seen
-        else:
-            line = ""
-    raise AssertionError(f"{pattern!r} not seen within {timeout} s; got {seen[-2000:]!r}")
-
-
 def test_ctrl_c_writes_the_scored_rows_marks_the_run_interrupted_and_exits_with_one_line(tmp_path, checkpoint):
     """``python -m monai_skipts.inference`` on 300 PNGs, SIGINT once the progress bar (forced on) has
     counted 16 files: the CSV holds the rows scored so far (each with its map), ``status.json`` says
@@ -130,7 +109,7 @@ def test_ctrl_c_writes_the_scored_rows_marks_the_run_interrupted_and_exits_with_
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, read_until
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -143,7 +122,7 @@ def test_ctrl_c_writes_the_scored_rows_marks_the_run_interrupted_and_exits_with_
     cmd += ["--output_dir", str(out), "--batch_size", "8", "--device", "cpu", "--progress", "on"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        before = _read_until(proc.stderr, r"scoring:.*\b(1[6-9]|[2-9]\d|1\d\d)/300\b", timeout=300)
+        before = read_until(proc.stderr, r"scoring:.*\b(1[6-9]|[2-9]\d|1\d\d)/300\b", timeout=300)
         proc.send_signal(signal.SIGINT)
         stdout, rest = proc.communicate(timeout=120)
     finally:

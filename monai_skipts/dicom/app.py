@@ -29,13 +29,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from monai_skipts.progress import progress_bar
+from monai_skipts.progress import ScoringInterrupted, progress_bar
 
 from .render import DISCLAIMER, burn_in_text, frame_to_grey, overlay_rgb
 from .study import MANUFACTURER, Series, Study, read_study, scrub
@@ -502,45 +503,61 @@ def score_study(
         if name not in names:
             errors.append({"series": name, "reason": _incomplete_reason(files)})
     n_warnings = 0
-    for s in progress_bar(st.series, desc="scoring series", unit="series"):  # a bar on a terminal only
-        bad = st.incomplete(s)
-        if bad:
-            errors.append({"series": s.name, "reason": _incomplete_reason(bad)})
-            continue
-        if s.name in earlier and not replace:
-            kinds = ", ".join(earlier[s.name])
-            already.append({"series": s.name, "results": list(earlier[s.name])})
-            logger.info(
-                "%s: already scored by this model (%s in the study): skipped; --replace scores it again", s.name, kinds
-            )
-            continue
-        with warnings.catch_warnings(record=True) as caught, quiet_loggers("highdicom", "pydicom"):
-            warnings.simplefilter("always")
-            try:
-                rec = _process_series(predictor, s, out, model, seg)
-            except Exception as e:
-                reason = f"{type(e).__name__}: {scrub(e, s.headers)}"
-                errors.append({"series": s.name, "reason": reason})
-                logger.warning("%s: not scored: %s", s.name, reason)
+    current: list[Series] = []  # the series being scored: its partial results go on Ctrl-C
+    try:
+        for s in progress_bar(st.series, desc="scoring series", unit="series"):  # a bar on a terminal only
+            current[:] = [s]
+            bad = st.incomplete(s)
+            if bad:
+                errors.append({"series": s.name, "reason": _incomplete_reason(bad)})
                 continue
-            finally:
-                n_warnings += len(caught)
-        if s.not_volume:
-            rec["notes"].insert(0, f"not scored as one volume: {s.not_volume}; each instance is scored as an image")
-        if s.name in earlier:
-            rec["replaces"] = list(earlier[s.name])
-        done.append(rec)
-        for u in rec["units"]:
-            logger.info(
-                "%s %s: score %s, threshold %s, %s",
-                s.name,
-                u["unit"],
-                _fmt(u["score"]),
-                _fmt(u["threshold"]),
-                "no decision" if u["anomalous"] is None else ("ANOMALOUS" if u["anomalous"] else "normal"),
-            )
-        for note in rec["notes"]:
-            logger.warning("%s: %s", s.name, note)
+            if s.name in earlier and not replace:
+                kinds = ", ".join(earlier[s.name])
+                already.append({"series": s.name, "results": list(earlier[s.name])})
+                logger.info(
+                    "%s: already scored by this model (%s in the study): skipped; --replace scores it again",
+                    s.name,
+                    kinds,
+                )
+                continue
+            with warnings.catch_warnings(record=True) as caught, quiet_loggers("highdicom", "pydicom"):
+                warnings.simplefilter("always")
+                try:
+                    rec = _process_series(predictor, s, out, model, seg)
+                except Exception as e:
+                    reason = f"{type(e).__name__}: {scrub(e, s.headers)}"
+                    errors.append({"series": s.name, "reason": reason})
+                    logger.warning("%s: not scored: %s", s.name, reason)
+                    continue
+                finally:
+                    n_warnings += len(caught)
+            if s.not_volume:
+                rec["notes"].insert(0, f"not scored as one volume: {s.not_volume}; each instance is scored as an image")
+            if s.name in earlier:
+                rec["replaces"] = list(earlier[s.name])
+            done.append(rec)
+            for u in rec["units"]:
+                logger.info(
+                    "%s %s: score %s, threshold %s, %s",
+                    s.name,
+                    u["unit"],
+                    _fmt(u["score"]),
+                    _fmt(u["threshold"]),
+                    "no decision" if u["anomalous"] is None else ("ANOMALOUS" if u["anomalous"] else "normal"),
+                )
+            for note in rec["notes"]:
+                logger.warning("%s: %s", s.name, note)
+    except KeyboardInterrupt:  # Ctrl-C: keep the series written in full, drop the one being written
+        if current and current[0].name not in {r["series"] for r in done}:
+            shutil.rmtree(out / current[0].name, ignore_errors=True)
+        summary = _summary(st, done, errors, already, seg, "interrupted")
+        path = atomic_write_json(out / "dicom_results.json", summary, indent=1)
+        interrupted = ScoringInterrupted(summary, errors, len(done), len(st.series))
+        interrupted.args = (
+            f"interrupted: {len(done)} of {len(st.series)} series scored and written to {out}; the others were not "
+            f"scored ({path}: status interrupted)",
+        )
+        raise interrupted from None
     for e in errors:
         if e["reason"].startswith("incomplete"):
             logger.error("%s: not scored: %s", e["series"], e["reason"])
@@ -559,7 +576,16 @@ def score_study(
         logger.debug(
             "%d warnings from pydicom/highdicom while writing (not shown: they can quote header values)", n_warnings
         )
-    summary = {
+    summary = _summary(st, done, errors, already, seg, "incomplete" if errors or st.unreadable else "complete")
+    atomic_write_json(out / "dicom_results.json", summary, indent=1)
+    logger.info("wrote %d DICOM files for %d series into %s", len(summary["files"]), len(done), out)
+    return summary
+
+
+def _summary(st: Study, done: list, errors: list, already: list, seg: bool, status: str) -> dict[str, Any]:
+    """What ``dicom_results.json`` holds (:func:`score_study`); ``status``: one of
+    :data:`~monai_skipts.progress.RUN_STATUSES` but ``running``."""
+    return {
         "series": done,
         "skipped": st.skipped,
         "errors": errors,
@@ -569,11 +595,9 @@ def score_study(
         "earlier_results": len(st.earlier),
         "files": [f for r in done for f in r["files"]],
         "seg": bool(seg),
-        "complete": not errors and not st.unreadable,
+        "complete": status == "complete",
+        "status": status,
     }
-    atomic_write_json(out / "dicom_results.json", summary, indent=1)
-    logger.info("wrote %d DICOM files for %d series into %s", len(summary["files"]), len(done), out)
-    return summary
 
 
 def _incomplete_reason(files: list[dict[str, str]]) -> str:

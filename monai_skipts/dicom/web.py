@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from monai_skipts.progress import ScoringInterrupted
+
 from .app import HTTP_LOGGERS, earlier_results, model_info, quiet_loggers, score_study, scrubbed_loggers
 from .study import read_study, scrub
 from .writers import save_dataset
@@ -159,6 +161,8 @@ def score_pacs_study(
     Raises:
         PacsError: the PACS cannot be reached, holds no such study, refuses a request or a deletion.
         OSError: ``output`` cannot be written (checked before the study is pulled).
+        ScoringInterrupted: Ctrl-C while scoring: nothing is stored in the PACS (``output``, when given,
+            holds the series scored in full and ``dicom_results.json`` with status ``interrupted``).
     """
     from .app import check_output
 
@@ -176,7 +180,16 @@ def score_pacs_study(
             contextlib.nullcontext(output) if output is not None else tempfile.TemporaryDirectory(prefix="skipts-out-")
         )
         with out_ctx as out:
-            summary = score_study(predictor, Path(tmp) / "study", out, seg=seg, checkpoint=checkpoint, replace=replace)
+            try:
+                summary = score_study(
+                    predictor, Path(tmp) / "study", out, seg=seg, checkpoint=checkpoint, replace=replace
+                )
+            except ScoringInterrupted as e:  # Ctrl-C: nothing goes to the PACS
+                kept = f"; the results are in {out}" if output is not None else ""
+                e.args = (
+                    f"interrupted: {e.n_done} of {e.n_total} series scored; nothing was stored in the PACS{kept}",
+                )
+                raise
             files = [Path(out) / f for f in summary["files"]]
             summary["n_pulled"] = n
             summary["n_deleted"] = 0

@@ -223,3 +223,56 @@ def test_calibrated_volume_and_pixel_thresholds_decide_volumes_and_draw_the_seg(
     assert texts["SKIPTS-009"][0].startswith("pixel threshold") and "pixel FPR 0.5 %" in texts["SKIPTS-009"][0]
     cr_texts = _sr_texts(out / "series-003-CR" / "SR.dcm")
     assert cr_texts["SKIPTS-007"][0].startswith("image threshold") and "40 calibration" in cr_texts["SKIPTS-008"][0]
+
+
+def test_ctrl_c_keeps_the_series_scored_marks_the_summary_interrupted_and_exits_130_with_one_line(
+    dicom_checkpoint, tmp_path
+):
+    """``python -m monai_skipts.dicom_app`` on a study of 60 one-slice CT series (pydicom's ``CT_small.dcm``
+    with new SeriesInstanceUIDs), SIGINT once the progress bar (forced on) has counted 3 series: the series
+    scored keep their SC and SR (whole DICOM files, no temp file, no half-written series folder),
+    ``dicom_results.json`` lists them with status ``interrupted``, the exit status is 130 and stderr ends
+    with one line naming the count and the summary, no traceback."""
+    import signal
+
+    import pydicom
+    from conftest import REPO, read_until
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    study = tmp_path / "study"
+    study.mkdir()
+    study_uid = generate_uid()
+    for k in range(60):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, generate_uid(), generate_uid()
+        ds.SeriesNumber = k + 1
+        ds.save_as(study / f"{k:03d}.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai_skipts.dicom_app", "--input", str(study), "--output", str(out)]
+    cmd += ["--checkpoint", str(dicom_checkpoint), "--device", "cpu", "--progress", "on"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MONAI_SKIPTS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        before = read_until(proc.stderr, r"scoring series:.*\b([3-9]|[1-5]\d)/60\b", timeout=300)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stderr = before + rest
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    summary = json.loads((out / "dicom_results.json").read_text())
+    n = len(summary["series"])
+    assert last.startswith(f"interrupted: {n} of 60 series scored") and str(out / "dicom_results.json") in last, last
+    assert (summary["status"], summary["complete"]) == ("interrupted", False)
+    assert 3 <= n < 60, n
+    names = {s["series"] for s in summary["series"]}
+    assert {p.name for p in out.iterdir() if p.is_dir()} == names  # no folder of a series half written
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert on_disk == sorted(summary["files"] + ["dicom_results.json"])  # no temp file either
+    for s in summary["series"]:
+        assert {f.split("/", 1)[1] for f in s["files"]} == {"SC/0001.dcm", "SR.dcm"}
+    for f in summary["files"]:
+        pydicom.dcmread(out / f)  # whole DICOM files
