@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _preflight(args) -> str | None:
     """What makes the run fail before the model is loaded: an output folder that cannot be written or lies
     in the study folder, a PACS that cannot be reached or holds no such study (None when all is well)."""
-    from monai_skipts.dicom import PacsError, check_output, check_pacs, connect
+    from monai_skipts.dicom.preflight import PacsError, check_output, check_pacs, connect  # light: no torch, MONAI
     from monai_skipts.utils import InputDataError
 
     try:

@@ -20,7 +20,7 @@ Safe to run twice: the result series of a source series are numbered from the so
 series and the algorithm identification (:func:`result_series_uid`): the same model's earlier results
 in the study are found and skipped (or, with ``replace``, scored again). The output folder must be new,
 empty or hold this app's results of the same study (they are replaced), and lie outside the study
-folder; it is checked for writing before any scoring (:func:`check_output`). A series with a file
+folder; it is checked for writing before any scoring (:func:`~monai_skipts.dicom.preflight.check_output`). A series with a file
 that cannot be used (0 bytes, cut short) is not scored, and the summary names the file.
 """
 
@@ -38,6 +38,7 @@ import numpy as np
 
 from monai_skipts.progress import ScoringInterrupted, progress_bar
 
+from .preflight import check_output, quiet_loggers
 from .render import DISCLAIMER, burn_in_text, frame_to_grey, overlay_rgb
 from .study import MANUFACTURER, Series, Study, read_study, scrub
 from .writers import ModelInfo, make_sc, make_seg, make_sr, save_dataset
@@ -45,11 +46,6 @@ from .writers import ModelInfo, make_sc, make_seg, make_sr, save_dataset
 __all__ = [
     "score_study",
     "model_info",
-    "quiet_loggers",
-    "scrubbed_loggers",
-    "UidScrubber",
-    "HTTP_LOGGERS",
-    "check_output",
     "result_series_uid",
     "earlier_results",
     "problems",
@@ -59,51 +55,6 @@ logger = logging.getLogger(__name__)
 
 SERIES_NUMBER_BASE = {"SC": 9000, "SR": 9300, "SEG": 9600}
 """New series are numbered ``base + source series index`` (viewers list them after the source)."""
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str, level: int = logging.ERROR):
-    """Keep the loggers ``names`` at ``level`` or above meanwhile: highdicom logs the source SOP
-    instance UIDs it copies from (INFO), dicomweb-client the request URLs (which hold UIDs)."""
-    saved = [(lg, lg.level) for lg in map(logging.getLogger, names)]
-    for lg, old in saved:
-        lg.setLevel(max(level, old))
-    try:
-        yield
-    finally:
-        for lg, old in saved:
-            lg.setLevel(old)
-
-
-class UidScrubber(logging.Filter):
-    """A logging filter that replaces UIDs in a record's message by ``<uid>`` (hosts kept): urllib3
-    logs every request line (``GET /dicom-web/studies/<StudyInstanceUID>``) at DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = scrub(message)
-        if clean != " ".join(message.split())[:500]:
-            record.msg, record.args = clean, None
-        return True
-
-
-#: the loggers of the HTTP stack under dicomweb-client: they log request URLs, which hold UIDs
-HTTP_LOGGERS = ("urllib3", "urllib3.connectionpool", "requests", "dicomweb_client", "dicomweb_client.web")
-
-
-@contextlib.contextmanager
-def scrubbed_loggers(*names: str):
-    """Meanwhile, records logged to the loggers ``names`` have their UIDs replaced by ``<uid>`` (a filter
-    on each logger: filters do not apply to records propagated from child loggers, so name each)."""
-    scrubber = UidScrubber()
-    loggers = [logging.getLogger(n) for n in names]
-    for lg in loggers:
-        lg.addFilter(scrubber)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(scrubber)
 
 
 def model_info(predictor, checkpoint: str | os.PathLike | None = None) -> ModelInfo:
@@ -356,40 +307,6 @@ def earlier_results(study: Study, model: ModelInfo) -> dict[str, dict[str, str]]
         found = {k: u for k in RESULT_KINDS if (u := result_series_uid(s.series_uid, model, k)) in study.earlier}
         if found:
             out[s.name] = found
-    return out
-
-
-def check_output(output: str | os.PathLike, study: str | os.PathLike | None = None) -> Path:
-    """Create the output folder and check that it can be written, before any scoring.
-
-    Raises:
-        InputDataError: ``output`` is the study folder or inside it (a second run would read the
-            results as part of the study).
-        OSError: ``output`` cannot be created or written (the message names the folder).
-    """
-    import tempfile
-
-    from monai_skipts.utils import InputDataError
-
-    out = Path(output)
-    if study is not None:
-        src, dst = Path(study).resolve(), out.resolve()
-        if dst == src or src in dst.parents:
-            where = "is the study folder" if dst == src else f"is inside the study folder {study}"
-            raise InputDataError(
-                out,
-                f"the output folder {where}: a second run would read the results as part of the study; "
-                "give a folder outside it",
-            )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot create the output folder {out}: {e.strerror}") from None
-    try:
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise OSError(e.errno, f"the output folder {out} is not writable: {e.strerror}") from None
     return out
 
 

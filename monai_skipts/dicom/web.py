@@ -22,55 +22,14 @@ from typing import Any
 
 from monai_skipts.progress import ScoringInterrupted
 
-from .app import HTTP_LOGGERS, earlier_results, model_info, quiet_loggers, score_study, scrubbed_loggers
+from .app import earlier_results, model_info, score_study
+from .preflight import CONNECT_TIMEOUT, PacsError, check_output, check_pacs, connect, quiet_client
 from .study import read_study, scrub
 from .writers import save_dataset
 
-__all__ = ["connect", "check_pacs", "delete_series", "pull_study", "store_files", "score_pacs_study", "PacsError"]
-
-CONNECT_TIMEOUT = 5.0
-"""Seconds to wait for the PACS to accept a connection (an unreachable host fails fast)."""
+__all__ = ["delete_series", "pull_study", "store_files", "score_pacs_study"]
 
 logger = logging.getLogger(__name__)
-
-
-class PacsError(RuntimeError):
-    """The PACS refused or failed a request (the message holds no UID)."""
-
-
-@contextlib.contextmanager
-def _quiet_client():
-    with quiet_loggers("dicomweb_client"), scrubbed_loggers(*HTTP_LOGGERS):
-        yield
-
-
-def connect(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None, attempts: int = 3):
-    """A :class:`dicomweb_client.DICOMwebClient` for the DICOMweb root ``url`` (e.g.
-    ``http://localhost:8042/dicom-web``): :data:`CONNECT_TIMEOUT` seconds to connect, ``timeout`` to
-    read a response, ``attempts`` tries per request 1 s, 2 s... apart (dicomweb-client retries every
-    error, a refused connection included: its default, 5 tries 2 to 16 s apart, took 30 s to fail)."""
-    from dicomweb_client.api import DICOMwebClient
-
-    client = DICOMwebClient(url.rstrip("/"), timeout=(CONNECT_TIMEOUT, timeout), headers=headers)
-    client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts, wait_exponential_multiplier=500)
-    return client
-
-
-def check_pacs(client, study_uid: str) -> int:
-    """Ask the PACS for the study's series (QIDO-RS), before anything is loaded or scored; returns how many.
-
-    Raises:
-        PacsError: the PACS cannot be reached or refuses the query (the message names the host, no
-            UID), or holds no series for ``study_uid``.
-    """
-    with _quiet_client():
-        try:
-            series = client.search_for_series(study_uid)
-        except Exception as e:
-            raise PacsError(f"cannot query the PACS at {client.base_url}: {type(e).__name__}: {scrub(e)}") from None
-    if not series:
-        raise PacsError(f"the PACS at {client.base_url} holds no series for this StudyInstanceUID")
-    return len(series)
 
 
 def delete_series(client, study_uid: str, series_uid: str) -> None:
@@ -82,7 +41,7 @@ def delete_series(client, study_uid: str, series_uid: str) -> None:
     """
     import requests
 
-    with _quiet_client():
+    with quiet_client():
         try:
             client.delete_series(study_uid, series_uid)
             return
@@ -108,7 +67,7 @@ def delete_series(client, study_uid: str, series_uid: str) -> None:
 def pull_study(client, study_uid: str, folder: str | os.PathLike) -> int:
     """Retrieve every instance of the study into ``folder`` (``NNNNN.dcm``); returns the count."""
     folder = Path(folder)
-    with _quiet_client():
+    with quiet_client():
         try:
             instances = client.retrieve_study(study_uid)
         except Exception as e:
@@ -124,7 +83,7 @@ def store_files(client, paths: list[str | os.PathLike], study_uid: str | None = 
     import pydicom
 
     stored = 0
-    with _quiet_client():
+    with quiet_client():
         for k in range(0, len(paths), chunk):
             datasets = [pydicom.dcmread(str(p)) for p in paths[k : k + chunk]]
             try:
@@ -164,8 +123,6 @@ def score_pacs_study(
         ScoringInterrupted: Ctrl-C while scoring: nothing is stored in the PACS (``output``, when given,
             holds the series scored in full and ``dicom_results.json`` with status ``interrupted``).
     """
-    from .app import check_output
-
     if output is not None:
         check_output(output)
     client = client or connect(url)
