@@ -9,6 +9,7 @@ Layout (what :func:`~monai_skipts.data.layouts.busi_datalist` reads)::
 
     normal/normal (<n>).png
     benign/benign (<n>).png  + benign (<n>)_mask.png   (a bright ellipse; the mask marks it)
+    malignant/malignant (<n>).png + malignant (<n>)_mask.png   (likewise, with ``--n-malignant``)
 
 Images are ``--size``² (8-bit grey, or RGB with ``--rgb``; PNG or ``--ext jpg``), smooth seeded noise;
 each abnormal image has one ellipse whose mask is written beside it. Deterministic for a seed. The
@@ -45,14 +46,22 @@ def _save(path: Path, grey: np.ndarray, rgb: bool) -> None:
 
 
 def make_large_set(
-    out: str | Path, size: int = 1024, n_normal: int = 80, n_abnormal: int = 40, rgb: bool = False, ext: str = "png"
+    out: str | Path,
+    size: int = 1024,
+    n_normal: int = 80,
+    n_abnormal: int = 40,
+    rgb: bool = False,
+    ext: str = "png",
+    n_malignant: int = 0,
 ) -> Path:
     """Write the dataset under ``out`` (see the module docstring) and return ``out``."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     rng = np.random.default_rng(0)
-    for cls, n in (("normal", n_normal), ("benign", n_abnormal)):
+    for cls, n in (("normal", n_normal), ("benign", n_abnormal), ("malignant", n_malignant)):
+        if not n:
+            continue
         (out / cls).mkdir(parents=True)
         for i in range(1, n + 1):
             img = _texture(rng, size)
@@ -71,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--n-normal", type=int, default=80)
     p.add_argument("--n-abnormal", type=int, default=40)
+    p.add_argument("--n-malignant", type=int, default=0, help="malignant/ images with masks (BUSI has 210)")
     p.add_argument("--rgb", action="store_true")
     p.add_argument("--ext", default="png", choices=("png", "jpg"))
     args = p.parse_args(argv)
-    make_large_set(args.out, args.size, args.n_normal, args.n_abnormal, args.rgb, args.ext)
+    make_large_set(args.out, args.size, args.n_normal, args.n_abnormal, args.rgb, args.ext, args.n_malignant)
     print(args.out)
     return 0
 
