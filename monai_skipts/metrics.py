@@ -521,43 +521,63 @@ def _check_aupro_args(fpr_limit: float, num_thresholds: int | None) -> tuple[flo
 
 def _score_levels(m: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The distinct scores of ``m`` in descending order and, at each, the number of pixels and of
-    lesion pixels (``g``) scoring at or above it: ``(values, n_flagged, n_hit)``, the last two int64.
+    lesion pixels (``g``) scoring at or above it: ``(values, n_flagged, n_hit)``; the counts are
+    int32 below 2**30 pixels, else int64.
 
     Every pooled threshold metric is a function of these counts. Memory: one sorted copy of the
-    scores, one byte per pixel while the ties are found, then O(distinct scores), never the
-    per-pixel index, float64 and cumulative-sum arrays a per-pixel ``argsort`` needs.
+    scores and one byte per pixel while the ties are found, then 12 bytes per distinct score; never
+    the per-pixel index, float64 and cumulative-sum arrays a per-pixel ``argsort`` needs.
     """
+    n = m.size
+    count = np.int32 if n < 2**30 else np.int64
     s = np.sort(m, axis=None)  # ascending copy
-    new = np.empty(s.size, dtype=bool)
+    new = np.empty(n, dtype=bool)
     new[0] = True
     np.not_equal(s[1:], s[:-1], out=new[1:])
-    starts = np.flatnonzero(new)  # first index of each distinct value
-    del new
-    values = s[starts]
-    n = s.size
+    values = s[new]
     del s
+    n_flagged = np.flatnonzero(new).astype(count)  # first index of each distinct value
+    del new
+    np.subtract(n, n_flagged, out=n_flagged)
     pos = np.sort(m[g], axis=None)
-    n_hit = pos.size - np.searchsorted(pos, values, side="left").astype(np.int64)
-    del pos
-    n_flagged = n - starts.astype(np.int64)
+    n_hit = np.empty(values.size, dtype=count)
+    chunk = 1 << 20
+    for i in range(0, values.size, chunk):
+        n_hit[i : i + chunk] = pos.size - np.searchsorted(pos, values[i : i + chunk], side="left")
     return values[::-1], n_flagged[::-1], n_hit[::-1]
+
+
+def _corners(x: np.ndarray) -> np.ndarray:
+    """``np.diff(x, 2) != 0`` for an integer ``x``, with one integer temporary."""
+    d = np.diff(x)
+    return d[1:] != d[:-1]
 
 
 def _pixel_auroc(m: np.ndarray, g: np.ndarray, levels: tuple | None = None) -> float:
     """``roc_auc_score(g.ravel(), m.ravel())``, bit for bit, from :func:`_score_levels`.
 
-    The ROC points are sklearn's ``roc_curve`` (true and false positives as float64 counts at each
-    distinct score, collinear points dropped, ``(0, 0)`` prepended), integrated with ``auc``.
+    The ROC points are sklearn's ``roc_curve``: true and false positives as float64 counts at each
+    distinct score, the points collinear with both neighbours dropped (a zero second difference
+    of both counts; false positives = flagged - hits, so those two counts decide it), ``(0, 0)``
+    prepended, integrated with ``auc``.
     """
     _, n_flagged, n_hit = _score_levels(m, g) if levels is None else levels
-    tps = n_hit.astype(np.float64)
-    fps = (n_flagged - n_hit).astype(np.float64)
-    if fps.shape[0] > 2:
-        keep = np.flatnonzero(np.concatenate(([True], np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), [True])))
-        fps, tps = fps[keep], tps[keep]
-    fps = np.concatenate(([0.0], fps))
-    tps = np.concatenate(([0.0], tps))
-    return float(auc(fps / fps[-1], tps / tps[-1]))
+    if n_hit.shape[0] > 2:
+        keep = np.ones(n_hit.shape[0], dtype=bool)
+        keep[1:-1] = _corners(n_hit)
+        keep[1:-1] |= _corners(n_flagged)
+        idx = np.flatnonzero(keep)
+        del keep
+        n_flagged, n_hit = n_flagged[idx], n_hit[idx]
+        del idx
+    fpr = np.zeros(n_hit.shape[0] + 1)
+    tpr = np.zeros(n_hit.shape[0] + 1)
+    np.subtract(n_flagged, n_hit, out=fpr[1:])  # exact integers in float64, as sklearn's counts
+    tpr[1:] = n_hit
+    del n_flagged, n_hit
+    fpr /= fpr[-1]
+    tpr /= tpr[-1]
+    return float(auc(fpr, tpr))
 
 
 def _aupro(
@@ -668,9 +688,14 @@ def _best_dice(m: np.ndarray, g: np.ndarray, levels: tuple | None = None) -> tup
     distinct score is tried; the highest such ``t`` on a tie). Dice = 2 TP / (flagged + lesion
     pixels). ``levels``: :func:`_score_levels` of ``(m, g)``, computed when not given."""
     values, n_flagged, n_hit = _score_levels(m, g) if levels is None else levels
-    dice = 2.0 * n_hit / (n_flagged + int(n_hit[-1]))
-    k = int(np.argmax(dice))
-    return float(dice[k]), float(values[k])
+    n_lesion = int(n_hit[-1])
+    best, k, chunk = -1.0, 0, 1 << 20
+    for i in range(0, values.shape[0], chunk):  # the first maximum, a chunk at a time
+        dice = 2.0 * n_hit[i : i + chunk] / (n_flagged[i : i + chunk].astype(np.int64) + n_lesion)
+        j = int(np.argmax(dice))
+        if dice[j] > best:
+            best, k = float(dice[j]), i + j
+    return best, float(values[k])
 
 
 def _dice_at(m: np.ndarray, g: np.ndarray, threshold: float) -> float:
