@@ -456,6 +456,24 @@ def test_pixel_auroc_and_best_dice_equal_the_per_pixel_computations_bit_for_bit(
         assert dice_scores(maps, masks) == {"dice_best": float(dice[k]), "dice_best_threshold": float(ss[last][k])}
 
 
+def test_best_dice_and_pixel_auroc_over_more_distinct_scores_than_one_chunk():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(13)
+    maps = rng.random((18, 256, 256))  # 1.18 M distinct scores: the best Dice is searched in 2 chunks
+    masks = np.zeros(maps.shape, bool)
+    masks[:, 100:140, 60:90] = True
+    maps[masks] += 0.2
+    maps[5, 120, 70] = 2.0  # a lone top pixel inside a lesion
+    s = maps.ravel()
+    order = np.argsort(s, kind="stable")[::-1]
+    tp = np.cumsum(masks.ravel()[order])
+    dice = 2.0 * tp / (np.arange(1, s.size + 1) + int(tp[-1]))
+    k = int(np.argmax(dice))
+    assert dice_scores(maps, masks) == {"dice_best": float(dice[k]), "dice_best_threshold": float(s[order][k])}
+    assert pixel_auroc(maps, masks) == float(roc_auc_score(masks.ravel(), maps.ravel()))
+
+
 def test_pooled_pixel_metrics_keep_one_entry_per_distinct_score_not_per_pixel():
     from monai_skipts.metrics import _score_levels
 
