@@ -519,17 +519,76 @@ def _check_aupro_args(fpr_limit: float, num_thresholds: int | None) -> tuple[flo
     return fpr_limit, num_thresholds
 
 
-def _pixel_auroc(m: np.ndarray, g: np.ndarray) -> float:
-    return float(roc_auc_score(g.ravel(), m.ravel()))
+def _score_levels(m: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct scores of ``m`` in descending order and, at each, the number of pixels and of
+    lesion pixels (``g``) scoring at or above it: ``(values, n_flagged, n_hit)``; the counts are
+    int32 below 2**30 pixels, else int64.
+
+    Every pooled threshold metric is a function of these counts. Memory: one sorted copy of the
+    scores and one byte per pixel while the ties are found, then 12 bytes per distinct score; never
+    the per-pixel index, float64 and cumulative-sum arrays a per-pixel ``argsort`` needs.
+    """
+    n = m.size
+    count = np.int32 if n < 2**30 else np.int64
+    s = np.sort(m, axis=None)  # ascending copy
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    values = s[new]
+    del s
+    n_flagged = np.flatnonzero(new).astype(count)  # first index of each distinct value
+    del new
+    np.subtract(n, n_flagged, out=n_flagged)
+    pos = np.sort(m[g], axis=None)
+    n_hit = np.empty(values.size, dtype=count)
+    chunk = 1 << 20
+    for i in range(0, values.size, chunk):
+        n_hit[i : i + chunk] = pos.size - np.searchsorted(pos, values[i : i + chunk], side="left")
+    return values[::-1], n_flagged[::-1], n_hit[::-1]
 
 
-def _aupro(m: np.ndarray, g: np.ndarray, fpr_limit: float, num_thresholds: int | None) -> float:
-    """:func:`aupro` on checked inputs: ``m`` float and ``g`` bool, both ``(N, *spatial)``."""
+def _corners(x: np.ndarray) -> np.ndarray:
+    """``np.diff(x, 2) != 0`` for an integer ``x``, with one integer temporary."""
+    d = np.diff(x)
+    return d[1:] != d[:-1]
+
+
+def _pixel_auroc(m: np.ndarray, g: np.ndarray, levels: tuple | None = None) -> float:
+    """``roc_auc_score(g.ravel(), m.ravel())``, bit for bit, from :func:`_score_levels`.
+
+    The ROC points are sklearn's ``roc_curve``: true and false positives as float64 counts at each
+    distinct score, the points collinear with both neighbours dropped (a zero second difference
+    of both counts; false positives = flagged - hits, so those two counts decide it), ``(0, 0)``
+    prepended, integrated with ``auc``.
+    """
+    _, n_flagged, n_hit = _score_levels(m, g) if levels is None else levels
+    if n_hit.shape[0] > 2:
+        keep = np.ones(n_hit.shape[0], dtype=bool)
+        keep[1:-1] = _corners(n_hit)
+        keep[1:-1] |= _corners(n_flagged)
+        idx = np.flatnonzero(keep)
+        del keep
+        n_flagged, n_hit = n_flagged[idx], n_hit[idx]
+        del idx
+    fpr = np.zeros(n_hit.shape[0] + 1)
+    tpr = np.zeros(n_hit.shape[0] + 1)
+    np.subtract(n_flagged, n_hit, out=fpr[1:])  # exact integers in float64, as sklearn's counts
+    tpr[1:] = n_hit
+    del n_flagged, n_hit
+    fpr /= fpr[-1]
+    tpr /= tpr[-1]
+    return float(auc(fpr, tpr))
+
+
+def _aupro(
+    m: np.ndarray, g: np.ndarray, fpr_limit: float, num_thresholds: int | None, levels: tuple | None = None
+) -> float:
+    """:func:`aupro` on checked inputs: ``m`` float and ``g`` bool, both ``(N, *spatial)``;
+    ``levels``: :func:`_score_levels` of ``(m, g)`` (the exact curve computes it when not given)."""
     labels, n_regions = _label_regions(g)
     scores = m.ravel()
     labels = labels.ravel()
-    normal = labels == 0
-    n_normal = int(np.count_nonzero(normal))
+    n_normal = int(g.size - np.count_nonzero(g))
     # each region adds 1/size per flagged pixel, so its total is the overlap fraction
     inv_size = 1.0 / np.bincount(labels, minlength=n_regions + 1).astype(np.float64)
     inv_size[0] = 0.0
@@ -540,26 +599,32 @@ def _aupro(m: np.ndarray, g: np.ndarray, fpr_limit: float, num_thresholds: int |
         # against rounding); pixels below it cannot change those points, so they are not sorted.
         c = int(math.floor(fpr_limit * n_normal)) + 2
         if c <= n_normal:
-            normal_scores = scores[normal]
-            cut = np.partition(normal_scores, n_normal - c)[n_normal - c]
-            del normal_scores
+            values, n_flagged, n_hit = _score_levels(m, g) if levels is None else levels
+            # the c-th highest normal score: the first level (descending) with >= c normals at or above it
+            cut = values[int(np.searchsorted(n_flagged - n_hit, c, side="left"))]
+            del values, n_flagged, n_hit, levels
             keep = np.flatnonzero(scores >= cut)
             sub_scores, sub_labels = scores[keep], labels[keep]
+            del keep
         else:
             sub_scores, sub_labels = scores, labels
+        del labels
         order = np.argsort(sub_scores)[::-1]
         sub_scores = sub_scores[order]
         sub_labels = sub_labels[order]
-        fp = np.cumsum(sub_labels == 0)
-        pro = np.cumsum(inv_size[sub_labels])
+        del order
         last_of_tie = np.append(sub_scores[1:] != sub_scores[:-1], True)  # descending order
-        fp, pro = fp[last_of_tie], pro[last_of_tie]
+        del sub_scores
+        fp = np.cumsum(sub_labels == 0)[last_of_tie]
+        pro = inv_size[sub_labels]
+        del sub_labels
+        pro = np.cumsum(pro, out=pro)[last_of_tie]
     else:
         k = num_thresholds
         grid = np.linspace(scores.min(), scores.max(), k)
         # bin b holds the scores in [grid[b], grid[b + 1]); a pixel is flagged at grid[j] iff b >= j
         bins = np.searchsorted(grid, scores, side="right") - 1
-        fp = np.bincount(bins, weights=normal, minlength=k)[::-1].cumsum()
+        fp = np.bincount(bins, weights=labels == 0, minlength=k)[::-1].cumsum()
         pro = np.bincount(bins, weights=inv_size[labels], minlength=k)[::-1].cumsum()
 
     fprs = np.minimum(np.concatenate(([0.0], fp / n_normal, [1.0])), 1.0)
@@ -618,19 +683,19 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int | N
     return _aupro(m, g, fpr_limit, num_thresholds)
 
 
-def _best_dice(m: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+def _best_dice(m: np.ndarray, g: np.ndarray, levels: tuple | None = None) -> tuple[float, float]:
     """Highest pooled Dice over all thresholds ``map >= t`` and the ``t`` reaching it (exact: every
-    distinct score is tried). Dice = 2 TP / (flagged + lesion pixels)."""
-    scores = m.ravel()
-    labels = g.ravel()
-    order = np.argsort(scores, kind="stable")[::-1]
-    s, y = scores[order], labels[order]
-    tp = np.cumsum(y, dtype=np.int64)
-    flagged = np.arange(1, s.size + 1, dtype=np.int64)
-    last_of_tie = np.append(s[1:] != s[:-1], True)
-    dice = 2.0 * tp[last_of_tie] / (flagged[last_of_tie] + int(tp[-1]))
-    k = int(np.argmax(dice))
-    return float(dice[k]), float(s[last_of_tie][k])
+    distinct score is tried; the highest such ``t`` on a tie). Dice = 2 TP / (flagged + lesion
+    pixels). ``levels``: :func:`_score_levels` of ``(m, g)``, computed when not given."""
+    values, n_flagged, n_hit = _score_levels(m, g) if levels is None else levels
+    n_lesion = int(n_hit[-1])
+    best, k, chunk = -1.0, 0, 1 << 20
+    for i in range(0, values.shape[0], chunk):  # the first maximum, a chunk at a time
+        dice = 2.0 * n_hit[i : i + chunk] / (n_flagged[i : i + chunk].astype(np.int64) + n_lesion)
+        j = int(np.argmax(dice))
+        if dice[j] > best:
+            best, k = float(dice[j]), i + j
+    return best, float(values[k])
 
 
 def _dice_at(m: np.ndarray, g: np.ndarray, threshold: float) -> float:
@@ -712,11 +777,15 @@ def pixel_metrics(
     """
     fpr_limit, num_thresholds = _check_aupro_args(fpr_limit, num_thresholds)
     m, g = _pixel_inputs(maps, masks)  # checked once for all
-    best, t_best = _best_dice(m, g)
+    levels = _score_levels(m, g)  # shared by the pooled threshold metrics
+    best, t_best = _best_dice(m, g, levels)
+    auroc = _pixel_auroc(m, g, levels)
+    pro = _aupro(m, g, fpr_limit, num_thresholds, levels)
+    del levels
     hits, n_lesion = _hit_rate(m, g)
     out = {
-        "pixel_auroc": _pixel_auroc(m, g),
-        "aupro": _aupro(m, g, fpr_limit, num_thresholds),
+        "pixel_auroc": auroc,
+        "aupro": pro,
         "dice_best": best,
         "dice_best_threshold": t_best,
         "hit_rate": hits,

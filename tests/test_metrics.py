@@ -435,6 +435,58 @@ def test_pixel_metrics_dict_and_torch():
     assert pixel_metrics(torch.from_numpy(maps), torch.from_numpy(masks)) == d
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pixel_auroc_and_best_dice_equal_the_per_pixel_computations_bit_for_bit(dtype):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(11)
+    for q in (0, 3, 40):  # distinct scores, few levels, many ties
+        maps = rng.random((4, 12, 12)).astype(dtype)
+        if q:
+            maps = (np.round(maps * q) / q).astype(dtype)
+        masks = rng.random((4, 12, 12)) < 0.3
+        assert pixel_auroc(maps, masks) == float(roc_auc_score(masks.ravel(), maps.ravel()))
+        # the best Dice by sorting every pixel (descending, ties resolved at their last pixel)
+        s = maps.ravel()
+        order = np.argsort(s, kind="stable")[::-1]
+        tp, ss = np.cumsum(masks.ravel()[order]), s[order]
+        last = np.append(ss[1:] != ss[:-1], True)
+        dice = 2.0 * tp[last] / (np.arange(1, s.size + 1)[last] + int(tp[-1]))
+        k = int(np.argmax(dice))
+        assert dice_scores(maps, masks) == {"dice_best": float(dice[k]), "dice_best_threshold": float(ss[last][k])}
+
+
+def test_best_dice_and_pixel_auroc_over_more_distinct_scores_than_one_chunk():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(13)
+    maps = rng.random((18, 256, 256))  # 1.18 M distinct scores: the best Dice is searched in 2 chunks
+    masks = np.zeros(maps.shape, bool)
+    masks[:, 100:140, 60:90] = True
+    maps[masks] += 0.2
+    maps[5, 120, 70] = 2.0  # a lone top pixel inside a lesion
+    s = maps.ravel()
+    order = np.argsort(s, kind="stable")[::-1]
+    tp = np.cumsum(masks.ravel()[order])
+    dice = 2.0 * tp / (np.arange(1, s.size + 1) + int(tp[-1]))
+    k = int(np.argmax(dice))
+    assert dice_scores(maps, masks) == {"dice_best": float(dice[k]), "dice_best_threshold": float(s[order][k])}
+    assert pixel_auroc(maps, masks) == float(roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+def test_pooled_pixel_metrics_keep_one_entry_per_distinct_score_not_per_pixel():
+    from monai_skipts.metrics import _score_levels
+
+    rng = np.random.default_rng(12)
+    maps = rng.integers(0, 3, (40, 64, 64)).astype(np.float32)  # 163 840 pixels, 3 distinct scores
+    masks = maps == 2
+    masks[0] = False
+    values, n_flagged, n_hit = _score_levels(maps, masks)
+    assert values.tolist() == [2.0, 1.0, 0.0]
+    assert n_flagged.tolist() == np.cumsum([np.sum(maps == v) for v in (2, 1, 0)]).tolist()
+    assert n_hit.tolist() == [int(masks.sum())] * 3
+
+
 def test_bad_pixel_inputs():
     maps, masks = two_region_case()
     with pytest.raises(ValueError, match="no anomalous pixels"):

@@ -134,6 +134,11 @@ class AnomalyScoreHandler:
                 records.append(r)
             maps += mp
             masks += mk
+        # one copy of the pooled maps while the pixel metrics run, not the batches beside it
+        self._maps, self._masks = [], []
+        del gathered, recs, mp, mk
+        if maps:
+            maps, masks = [np.concatenate(maps)], [np.concatenate(masks)]
         self.records = records
         self.metrics = self.compute(records, maps, masks)
         engine.state.metrics.update(
@@ -162,11 +167,12 @@ class AnomalyScoreHandler:
             y = np.array(labels)
             m.update(report_metrics(scores, y, t))
             if maps and self.pixel_metrics_on:
-                mk = np.concatenate(masks)
+                mk = masks[0] if len(masks) == 1 else np.concatenate(masks)
                 if mk.any():
                     pt = self.pixel_threshold
                     dice_t = pt if pt is not None else t
-                    m.update(pixel_metrics(np.concatenate(maps), mk, threshold=dice_t))
+                    mp = maps[0] if len(maps) == 1 else np.concatenate(maps)
+                    m.update(pixel_metrics(mp, mk, threshold=dice_t))
                     if dice_t is not None:
                         m.update(dice_threshold=dice_t, dice_threshold_kind="pixel" if pt is not None else "image")
         if self.extra_metrics is not None:
