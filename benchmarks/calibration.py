@@ -42,8 +42,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from monai_skipts.calibration import fpr_uncertainty  # noqa: E402
-from monai_skipts.metrics import CALIBRATION_METHODS, calibrate_threshold  # noqa: E402
+from monai_skipts.calibration import (  # noqa: E402
+    CALIBRATION_METHODS,
+    calibrate_threshold,
+    fpr_uncertainty,  # noqa: E402
+)
 from monai_skipts.utils import atomic_write_json  # noqa: E402
 
 

@@ -36,8 +36,10 @@ import numpy as np
 import torch
 
 from monai_skipts.calibration import (
+    CALIBRATION_METHODS,
     DEFAULT_PIXEL_FPR,
     PixelScoreSketch,
+    min_calibration_normals,
     pixel_threshold,
     threshold_record,
     uncertainty_warning,
@@ -45,7 +47,6 @@ from monai_skipts.calibration import (
 )
 from monai_skipts.checkpoint import TEACHER_PREFIX, load_checkpoint, save_checkpoint
 from monai_skipts.inference import AnomalyPredictor, list_inputs
-from monai_skipts.metrics import CALIBRATION_METHODS, min_calibration_normals
 from monai_skipts.networks.detector import SCALAR_STATE
 from monai_skipts.utils import InputDataError
 

@@ -1,6 +1,6 @@
 """How far a calibrated threshold can be trusted, and the thresholds a deployment decides with.
 
-One place for the calibration logic around :func:`~monai_skipts.metrics.calibrate_threshold`:
+One place for the calibration logic around :func:`calibrate_threshold`:
 
 =========================================  ===============================================================
 uncertainty of an image threshold           :func:`fpr_uncertainty`, :func:`normals_needed`,
@@ -17,7 +17,7 @@ random variable; so is its false-positive rate on the population the normals cam
 continuous score distribution ``F`` it has a distribution that depends only on ``n``, the target and the
 method, not on ``F``:
 
-- ``"empirical"`` (the order statistic of :func:`~monai_skipts.metrics.calibrate_threshold`): with
+- ``"empirical"`` (the order statistic of :func:`calibrate_threshold`): with
   ``k = floor(target · n)`` normals allowed above it, the threshold is the ``(n − k + 1)``-th smallest
   score (``k = 0``: just above the largest, which gives the same rate as ``k = 1``); with
   ``a = max(k, 1)``, ``FPR = 1 − F(threshold) ~ Beta(a, n − a + 1)`` **exactly** (the uniform order
@@ -31,7 +31,7 @@ method, not on ``F``:
   cover a wrong family (a true tail heavier than the fit): the measured test FPRs in
   ``benchmarks/calibration.py`` show that part.
 
-With fewer than :data:`~monai_skipts.metrics.MIN_PARAMETRIC_NORMALS` normals the parametric methods
+With fewer than :data:`MIN_PARAMETRIC_NORMALS` normals the parametric methods
 fall back to the order statistic, and so does their uncertainty.
 """
 
@@ -42,6 +42,7 @@ import csv
 import io
 import logging
 import math
+import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,17 @@ from monai.data import DataLoader, Dataset
 
 from monai_skipts.bundle.workflow import seeded_generator, training_prepare_batch
 from monai_skipts.engines import LevelStatsFitter, SkipTSEvaluator, SkipTSTrainer, build_optimizer
-from monai_skipts.metrics import CALIBRATION_METHODS, MIN_PARAMETRIC_NORMALS, calibrate_threshold
+from monai_skipts.metrics import as_float_array, to_numpy
 from monai_skipts.transforms.volume import aggregate_volume_scores
 from monai_skipts.utils import atomic_write_text
 
 __all__ = [
+    "CalibrationWarning",
+    "CALIBRATION_METHODS",
+    "MIN_PARAMETRIC_NORMALS",
+    "calibrate_threshold",
+    "check_calibration_data",
+    "min_calibration_normals",
     "CONFIDENCE",
     "DEFAULT_PIXEL_FPR",
     "CrossFitScorer",
@@ -80,6 +87,141 @@ CONFIDENCE = 0.9
 DEFAULT_PIXEL_FPR = 0.005
 #: the bound is acceptable when at most this many times the target (else the training log warns)
 BOUND_FACTOR = 2.0
+
+
+class CalibrationWarning(UserWarning):
+    """Too few normal scores to resolve the requested false positive rate."""
+
+
+# --------------------------------------------------------------------------------------------
+# the decision threshold from held-out normals
+# --------------------------------------------------------------------------------------------
+
+
+CALIBRATION_METHODS = ("empirical", "lognormal", "gaussian")
+#: fewest held-out normals a parametric calibration fits its two parameters to
+MIN_PARAMETRIC_NORMALS = 10
+
+
+def min_calibration_normals(target_fpr: float, method: str = "empirical") -> int:
+    """Fewest held-out normals that let ``method`` resolve ``target_fpr``: ``ceil(1 / target_fpr)``
+    for the empirical quantile (fewer cannot flag even one normal), ``MIN_PARAMETRIC_NORMALS`` for a
+    fitted tail."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if method == "empirical":
+        return math.ceil(1.0 / float(target_fpr) - 1e-9)
+    return MIN_PARAMETRIC_NORMALS
+
+
+def check_calibration_data(n_normals: int, target_fpr: float, method: str = "empirical", source: Any = None) -> int:
+    """Refuse, before any training, a validation split too small to calibrate ``target_fpr`` with
+    ``method``; returns ``n_normals``.
+
+    Raises:
+        ValueError: naming ``source`` (e.g. the split file), the counts and what to change.
+    """
+    need = min_calibration_normals(target_fpr, method)
+    if n_normals < need:
+        where = f"{source}: " if source else ""
+        raise ValueError(
+            f"{where}{n_normals} validation normals cannot calibrate target_fpr={target_fpr:g} with the "
+            f"{method!r} calibration (needs at least {need}); give the validation split more normals "
+            f"(--val_fraction, or more normal images), raise --target_fpr, or use --calibration lognormal "
+            f"(needs {MIN_PARAMETRIC_NORMALS})"
+        )
+    return int(n_normals)
+
+
+def _parametric_threshold(s: np.ndarray, target_fpr: float, method: str) -> float:
+    """``method`` ``"gaussian"``: mean + z·sd of the scores; ``"lognormal"``: the same on
+    ``log(score)`` (scores must be positive), mapped back; ``z`` the standard normal's
+    ``1 - target_fpr`` quantile, ``sd`` the sample standard deviation (ddof 1)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1.0 - target_fpr))
+    if method == "lognormal":
+        if s.min() <= 0:
+            raise ValueError("the lognormal calibration needs positive scores; use 'gaussian' or 'empirical'")
+        x = np.log(s.astype(np.float64))
+        return float(np.exp(x.mean() + z * x.std(ddof=1)))
+    x = s.astype(np.float64)
+    return float(x.mean() + z * x.std(ddof=1))
+
+
+def calibrate_threshold(
+    normal_scores: Any, target_fpr: float = 0.05, *, strict: bool = False, method: str = "empirical"
+) -> float:
+    """Decision threshold from held-out normal scores with false positive rate <= ``target_fpr``.
+
+    Returns the *smallest* threshold ``t`` for which the fraction of the given normal scores with
+    ``score >= t`` is at most ``target_fpr``, i.e. the empirical quantile with no interpolation:
+    with the scores sorted ascending ``s[0] <= ... <= s[n-1]`` and ``k = floor(target_fpr * n)``
+    normals allowed above threshold, ``t`` is the smallest score strictly greater than
+    ``s[n-k-1]``. So ``t`` is always an observed score, at most ``k`` normals are flagged (fewer
+    when ties at the boundary force ``t`` higher), and any lower threshold would flag more than
+    ``k``. (numpy's default linear interpolation would instead place ``t`` between two scores and
+    can exceed the target.)
+
+    When no observed score qualifies (``k = 0``, i.e. fewer than ``1 / target_fpr`` normals, or all
+    top scores tied) the threshold is the next representable number above the highest normal
+    score, in the scores' own float precision, so that no given normal is flagged.
+
+    With ``method="lognormal"`` (or ``"gaussian"``) a distribution is fitted to the normal scores
+    (to their logarithms) and the threshold is its ``1 - target_fpr`` quantile: it extrapolates the
+    tail from every score instead of reading it off the one or two highest, which is what a small
+    validation split can afford (see ``benchmarks/calibration.py`` for the measured test FPR of
+    each). It needs at least ``MIN_PARAMETRIC_NORMALS`` scores; with fewer, or when every score is
+    the same, it falls back to the empirical rule.
+
+    Args:
+        normal_scores: scores of held-out normal images (not the training set), shape ``(n,)``;
+            finite; at least one.
+        target_fpr: the false positive rate to stay at or below, in ``(0, 1)``.
+        strict: raise instead of warning when there are too few normals (see Warns).
+        method: ``"empirical"``, ``"lognormal"`` or ``"gaussian"`` (see ``CALIBRATION_METHODS``).
+
+    Returns:
+        The threshold, a Python float; classify ``score >= threshold`` as anomalous.
+
+    Warns:
+        CalibrationWarning: ``n < 1 / target_fpr``: the target cannot be resolved; the threshold
+            sits just above the highest normal score and the true FPR is unknown. As a rule of
+            thumb ``n >= 10 / target_fpr`` normals give a stable estimate.
+
+    Raises:
+        ValueError: no scores, non-finite scores, not 1-D, ``target_fpr`` outside ``(0, 1)``,
+            or too few normals with ``strict=True``.
+    """
+    target_fpr = float(target_fpr)
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
+    s = to_numpy(normal_scores)
+    if s.ndim != 1:
+        raise ValueError(f"normal_scores must be 1-D (one score per image); got shape {s.shape}")
+    if s.size == 0:
+        raise ValueError("calibrate_threshold needs at least one normal score; got none")
+    s = np.sort(as_float_array(s, "normal_scores"))
+    n = s.size
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if method != "empirical" and n >= MIN_PARAMETRIC_NORMALS and s[-1] > s[0]:
+        return _parametric_threshold(s, target_fpr, method)
+    k = int(math.floor(target_fpr * n + 1e-9))  # normals allowed at or above the threshold
+    if k == 0:
+        needed = math.ceil(1.0 / target_fpr - 1e-9)
+        msg = (
+            f"only {n} normal score(s): cannot resolve target_fpr={target_fpr:g} "
+            f"(needs at least {needed}); the threshold is set just above the highest normal score"
+        )
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, CalibrationWarning, stacklevel=2)
+    boundary = s[n - k - 1]  # the highest score that must stay below the threshold
+    i = int(np.searchsorted(s, boundary, side="right"))  # first score strictly above it
+    if i < n:
+        return float(s[i])
+    return float(np.nextafter(s[-1], np.array(np.inf, dtype=s.dtype)))
 
 
 # ------------------------------------------------------------------------------------ uncertainty
@@ -246,7 +388,7 @@ def threshold_record(
 
     Args:
         scores: the calibration normals' scores, shape ``(n,)``.
-        target_fpr, method: as for :func:`~monai_skipts.metrics.calibrate_threshold`.
+        target_fpr, method: as for :func:`calibrate_threshold`.
         confidence: of the FPR bound.
         fields: more entries, e.g. ``method="cross_fit", estimator="lognormal"`` (``method`` here only
             renames the record's method: the threshold is computed with the ``method`` argument
@@ -493,7 +635,7 @@ def volume_threshold(
     Args:
         slice_scores: normal slices' scores, ``(N,)``.
         target_fpr: the share of normal volumes allowed above the threshold.
-        method: the calibration method (:func:`~monai_skipts.metrics.calibrate_threshold`).
+        method: the calibration method (:func:`calibrate_threshold`).
         volume_ids: the volume of every slice (source ``"volumes"``).
         n_slices: slices per judged volume (source ``"sidak"``).
         aggregation, topk: the serving aggregation (source ``"volumes"``).
@@ -590,7 +732,7 @@ class PixelScoreSketch:
 
     def quantile_threshold(self, target_fpr: float) -> float:
         """The smallest sampled value with at most ``target_fpr`` of the sample at or above it (the
-        order-statistic rule of :func:`~monai_skipts.metrics.calibrate_threshold`)."""
+        order-statistic rule of :func:`calibrate_threshold`)."""
         v = self.values()
         if v.size == 0:
             raise ValueError("the pixel threshold needs normal maps; none were seen")

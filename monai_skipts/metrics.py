@@ -34,7 +34,6 @@ logged as metrics directly. Inputs may be anything :func:`numpy.asarray` accepts
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -43,15 +42,13 @@ from scipy.special import expit
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
 __all__ = [
-    "CalibrationWarning",
+    "to_numpy",
+    "as_float_array",
+    "check_finite",
     "image_metrics",
     "metrics_at_threshold",
     "report_metrics",
     "AT_THRESHOLD_KEYS",
-    "calibrate_threshold",
-    "CALIBRATION_METHODS",
-    "min_calibration_normals",
-    "check_calibration_data",
     "normalize_score",
     "pixel_auroc",
     "aupro",
@@ -61,31 +58,27 @@ __all__ = [
 ]
 
 
-class CalibrationWarning(UserWarning):
-    """Too few normal scores to resolve the requested false positive rate."""
-
-
 # --------------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------------
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """``x`` as a numpy array; torch tensors are detached and moved to the CPU first."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
 
 
-def _check_finite(x: np.ndarray, name: str) -> None:
+def check_finite(x: np.ndarray, name: str) -> None:
     bad = int(x.size - np.count_nonzero(np.isfinite(x)))
     if bad:
         raise ValueError(f"{name} contain {bad} non-finite value(s) (NaN or inf) out of {x.size}")
 
 
-def _as_float(x: Any, name: str) -> np.ndarray:
+def as_float_array(x: Any, name: str) -> np.ndarray:
     """Real-valued array of ``x``, kept in float32/float64 when already floating, else float64."""
-    a = _to_numpy(x)
+    a = to_numpy(x)
     if a.dtype.kind == "b" or a.dtype.kind in "iu":
         a = a.astype(np.float64)
     elif a.dtype.kind != "f":
@@ -93,13 +86,13 @@ def _as_float(x: Any, name: str) -> np.ndarray:
             a = a.astype(np.float64)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name} must be real numbers; got dtype {a.dtype}") from e
-    _check_finite(a, name)
+    check_finite(a, name)
     return a
 
 
 def _as_binary(x: Any, name: str) -> np.ndarray:
     """Boolean array of ``x``, which must hold only 0/1 (or False/True)."""
-    a = _to_numpy(x)
+    a = to_numpy(x)
     if a.dtype.kind == "b":
         return a
     if a.dtype.kind not in "iuf":
@@ -118,13 +111,13 @@ def _as_binary(x: Any, name: str) -> np.ndarray:
 
 def _image_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     """Checked ``(scores as float64 (N,), labels as bool (N,))`` with both classes present."""
-    s = _to_numpy(scores)
-    y = _to_numpy(labels)
+    s = to_numpy(scores)
+    y = to_numpy(labels)
     if s.ndim != 1 or y.ndim != 1:
         raise ValueError(f"scores and labels must be 1-D (one value per image); got shapes {s.shape} and {y.shape}")
     if s.shape[0] != y.shape[0]:
         raise ValueError(f"scores and labels differ in length: {s.shape[0]} scores, {y.shape[0]} labels")
-    s = _as_float(s, "scores").astype(np.float64, copy=False)
+    s = as_float_array(s, "scores").astype(np.float64, copy=False)
     y = _as_binary(y, "labels")
     n_abnormal = int(np.count_nonzero(y))
     n_normal = int(y.size - n_abnormal)
@@ -275,137 +268,6 @@ def report_metrics(scores: Any, labels: Any, decision_threshold: float | None = 
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# decision threshold
-# --------------------------------------------------------------------------------------------
-
-
-CALIBRATION_METHODS = ("empirical", "lognormal", "gaussian")
-#: fewest held-out normals a parametric calibration fits its two parameters to
-MIN_PARAMETRIC_NORMALS = 10
-
-
-def min_calibration_normals(target_fpr: float, method: str = "empirical") -> int:
-    """Fewest held-out normals that let ``method`` resolve ``target_fpr``: ``ceil(1 / target_fpr)``
-    for the empirical quantile (fewer cannot flag even one normal), ``MIN_PARAMETRIC_NORMALS`` for a
-    fitted tail."""
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    if method == "empirical":
-        return math.ceil(1.0 / float(target_fpr) - 1e-9)
-    return MIN_PARAMETRIC_NORMALS
-
-
-def check_calibration_data(n_normals: int, target_fpr: float, method: str = "empirical", source: Any = None) -> int:
-    """Refuse, before any training, a validation split too small to calibrate ``target_fpr`` with
-    ``method``; returns ``n_normals``.
-
-    Raises:
-        ValueError: naming ``source`` (e.g. the split file), the counts and what to change.
-    """
-    need = min_calibration_normals(target_fpr, method)
-    if n_normals < need:
-        where = f"{source}: " if source else ""
-        raise ValueError(
-            f"{where}{n_normals} validation normals cannot calibrate target_fpr={target_fpr:g} with the "
-            f"{method!r} calibration (needs at least {need}); give the validation split more normals "
-            f"(--val_fraction, or more normal images), raise --target_fpr, or use --calibration lognormal "
-            f"(needs {MIN_PARAMETRIC_NORMALS})"
-        )
-    return int(n_normals)
-
-
-def _parametric_threshold(s: np.ndarray, target_fpr: float, method: str) -> float:
-    """``method`` ``"gaussian"``: mean + z·sd of the scores; ``"lognormal"``: the same on
-    ``log(score)`` (scores must be positive), mapped back; ``z`` the standard normal's
-    ``1 - target_fpr`` quantile, ``sd`` the sample standard deviation (ddof 1)."""
-    from scipy.stats import norm
-
-    z = float(norm.ppf(1.0 - target_fpr))
-    if method == "lognormal":
-        if s.min() <= 0:
-            raise ValueError("the lognormal calibration needs positive scores; use 'gaussian' or 'empirical'")
-        x = np.log(s.astype(np.float64))
-        return float(np.exp(x.mean() + z * x.std(ddof=1)))
-    x = s.astype(np.float64)
-    return float(x.mean() + z * x.std(ddof=1))
-
-
-def calibrate_threshold(
-    normal_scores: Any, target_fpr: float = 0.05, *, strict: bool = False, method: str = "empirical"
-) -> float:
-    """Decision threshold from held-out normal scores with false positive rate <= ``target_fpr``.
-
-    Returns the *smallest* threshold ``t`` for which the fraction of the given normal scores with
-    ``score >= t`` is at most ``target_fpr``, i.e. the empirical quantile with no interpolation:
-    with the scores sorted ascending ``s[0] <= ... <= s[n-1]`` and ``k = floor(target_fpr * n)``
-    normals allowed above threshold, ``t`` is the smallest score strictly greater than
-    ``s[n-k-1]``. So ``t`` is always an observed score, at most ``k`` normals are flagged (fewer
-    when ties at the boundary force ``t`` higher), and any lower threshold would flag more than
-    ``k``. (numpy's default linear interpolation would instead place ``t`` between two scores and
-    can exceed the target.)
-
-    When no observed score qualifies (``k = 0``, i.e. fewer than ``1 / target_fpr`` normals, or all
-    top scores tied) the threshold is the next representable number above the highest normal
-    score, in the scores' own float precision, so that no given normal is flagged.
-
-    With ``method="lognormal"`` (or ``"gaussian"``) a distribution is fitted to the normal scores
-    (to their logarithms) and the threshold is its ``1 - target_fpr`` quantile: it extrapolates the
-    tail from every score instead of reading it off the one or two highest, which is what a small
-    validation split can afford (see ``benchmarks/calibration.py`` for the measured test FPR of
-    each). It needs at least ``MIN_PARAMETRIC_NORMALS`` scores; with fewer, or when every score is
-    the same, it falls back to the empirical rule.
-
-    Args:
-        normal_scores: scores of held-out normal images (not the training set), shape ``(n,)``;
-            finite; at least one.
-        target_fpr: the false positive rate to stay at or below, in ``(0, 1)``.
-        strict: raise instead of warning when there are too few normals (see Warns).
-        method: ``"empirical"``, ``"lognormal"`` or ``"gaussian"`` (see ``CALIBRATION_METHODS``).
-
-    Returns:
-        The threshold, a Python float; classify ``score >= threshold`` as anomalous.
-
-    Warns:
-        CalibrationWarning: ``n < 1 / target_fpr``: the target cannot be resolved; the threshold
-            sits just above the highest normal score and the true FPR is unknown. As a rule of
-            thumb ``n >= 10 / target_fpr`` normals give a stable estimate.
-
-    Raises:
-        ValueError: no scores, non-finite scores, not 1-D, ``target_fpr`` outside ``(0, 1)``,
-            or too few normals with ``strict=True``.
-    """
-    target_fpr = float(target_fpr)
-    if not 0.0 < target_fpr < 1.0:
-        raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
-    s = _to_numpy(normal_scores)
-    if s.ndim != 1:
-        raise ValueError(f"normal_scores must be 1-D (one score per image); got shape {s.shape}")
-    if s.size == 0:
-        raise ValueError("calibrate_threshold needs at least one normal score; got none")
-    s = np.sort(_as_float(s, "normal_scores"))
-    n = s.size
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    if method != "empirical" and n >= MIN_PARAMETRIC_NORMALS and s[-1] > s[0]:
-        return _parametric_threshold(s, target_fpr, method)
-    k = int(math.floor(target_fpr * n + 1e-9))  # normals allowed at or above the threshold
-    if k == 0:
-        needed = math.ceil(1.0 / target_fpr - 1e-9)
-        msg = (
-            f"only {n} normal score(s): cannot resolve target_fpr={target_fpr:g} "
-            f"(needs at least {needed}); the threshold is set just above the highest normal score"
-        )
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, CalibrationWarning, stacklevel=2)
-    boundary = s[n - k - 1]  # the highest score that must stay below the threshold
-    i = int(np.searchsorted(s, boundary, side="right"))  # first score strictly above it
-    if i < n:
-        return float(s[i])
-    return float(np.nextafter(s[-1], np.array(np.inf, dtype=s.dtype)))
-
-
 def normalize_score(score: Any, threshold: float, scale: float) -> float | np.ndarray:
     """Map raw scores to (0, 1) with a logistic centred on the decision threshold.
 
@@ -438,7 +300,7 @@ def normalize_score(score: Any, threshold: float, scale: float) -> float | np.nd
         raise ValueError(f"threshold must be finite; got {threshold}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be positive and finite; got {scale}")
-    s = _as_float(score, "score").astype(np.float64, copy=False)
+    s = as_float_array(score, "score").astype(np.float64, copy=False)
     out = expit((s - threshold) / scale)
     # keep the decision exact where the logistic rounds to 0.5 (|score - threshold| << scale)
     out = np.where(s < threshold, np.minimum(out, np.nextafter(0.5, 0.0)), out)
@@ -455,8 +317,8 @@ def _pixel_inputs(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
 
     A singleton channel axis (``(N, 1, *spatial)`` with 2 or 3 spatial dims) is dropped.
     """
-    m = _to_numpy(maps)
-    g = _to_numpy(masks)
+    m = to_numpy(maps)
+    g = to_numpy(masks)
     if m.shape != g.shape:
         raise ValueError(f"maps and masks differ in shape: {m.shape} and {g.shape}")
     if m.ndim not in (3, 4, 5):
@@ -466,7 +328,7 @@ def _pixel_inputs(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
         )
     if m.ndim >= 4 and m.shape[1] == 1:
         m, g = m[:, 0], g[:, 0]
-    m = _as_float(m, "maps")
+    m = as_float_array(m, "maps")
     g = _as_binary(g, "masks")
     n_pos = int(np.count_nonzero(g))
     if n_pos == 0:

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from monai.data import MetaTensor
 
+from monai_skipts.calibration import calibrate_threshold
 from monai_skipts.handlers import AnomalyScoreHandler
 from monai_skipts.inferers import GaussianBlur2d, SkipTSInferer, anomaly_map_and_score
-from monai_skipts.metrics import calibrate_threshold, normalize_score
+from monai_skipts.metrics import normalize_score
 from monai_skipts.transforms import EXTRA_META, PRESETS, LoadMedicalImage, build_preprocessing, preset_transforms
 from monai_skipts.utils import InputDataError
 

@@ -17,8 +17,8 @@ from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from PIL import Image
 
+from monai_skipts.calibration import calibrate_threshold
 from monai_skipts.engines import SkipTSEvaluator, SkipTSTrainer
-from monai_skipts.metrics import calibrate_threshold
 from monai_skipts.networks import AnomalyDetector, SkipTS
 from monai_skipts.transforms import build_preprocessing, expand_volume_datalist
 

@@ -18,9 +18,9 @@ from monai.data import DataLoader, Dataset
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from monai_skipts.calibration import calibrate_threshold
 from monai_skipts.engines import SkipTSTrainer
 from monai_skipts.inference import AnomalyPredictor
-from monai_skipts.metrics import calibrate_threshold
 from monai_skipts.networks import SkipTS
 from monai_skipts.transforms import build_preprocessing
 

@@ -104,7 +104,7 @@ def build_split(
         val_fraction: share of the training normals held out to calibrate the threshold.
         target_fpr, calibration: when ``target_fpr`` is given, the split keeps at least the
             validation normals that ``calibration`` needs for it
-            (:func:`~monai_skipts.metrics.min_calibration_normals`); ``None`` (evaluation): no minimum.
+            (:func:`~monai_skipts.calibration.min_calibration_normals`); ``None`` (evaluation): no minimum.
         dataset_kwargs: more options of the layout (``prepare_split``'s keyword arguments).
 
     Returns:
@@ -120,8 +120,8 @@ def build_split(
         >>> sorted(k for k in ("train", "val", "test") if split[k]), os.path.isfile(tmp + "/run/split.json")
         (['test', 'train', 'val'], True)
     """
+    from monai_skipts.calibration import min_calibration_normals
     from monai_skipts.data import prepare_split
-    from monai_skipts.metrics import min_calibration_normals
 
     min_val = 0 if target_fpr is None else min_calibration_normals(target_fpr, calibration)
     return prepare_split(

@@ -93,7 +93,7 @@ def split_datalist(
     ``round(val_fraction * n_train)`` of the training normals (at least 1 when ``val_fraction > 0``
     and at least one training normal remains) become ``val``, and at least ``min_val_normals`` when
     that leaves at least as many for training (a calibration needs a minimum number of normals:
-    ``monai_skipts.metrics.min_calibration_normals``). Anomalous images all go to test, or
+    ``monai_skipts.calibration.min_calibration_normals``). Anomalous images all go to test, or
     at most ``n_test_abnormal`` of them when given.
 
     Args:

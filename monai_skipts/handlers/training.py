@@ -17,10 +17,15 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from monai_skipts.calibration import DEFAULT_PIXEL_FPR, threshold_record, uncertainty_warning, volume_threshold
+from monai_skipts.calibration import (
+    DEFAULT_PIXEL_FPR,
+    check_calibration_data,
+    threshold_record,
+    uncertainty_warning,
+    volume_threshold,
+)
 
 from ..checkpoint import CheckpointError, check_teacher, load_checkpoint, save_checkpoint, set_rng_state
-from ..metrics import check_calibration_data
 from ..utils import atomic_write_json, atomic_write_text, is_rank0, lock_output_dir, remove_stale_temp_files
 
 __all__ = [
@@ -202,7 +207,7 @@ class SkipTSCheckpointHandler:
 def check_calibration_split(split: dict[str, Any], target_fpr: float, method: str = "empirical") -> int:
     """Before training: log how many exact duplicates the split removed, and refuse a validation
     split with too few normals to calibrate ``target_fpr`` with ``method``
-    (:func:`~monai_skipts.metrics.check_calibration_data`). When duplicates were removed the error says
+    (:func:`~monai_skipts.calibration.check_calibration_data`). When duplicates were removed the error says
     so (12 copies of one image are 1 normal). Returns the number of validation normals.
 
     Args:
@@ -265,7 +270,7 @@ class ThresholdCalibrator:
             output_dir: where ``model.pt`` (its checkpoint) goes.
         extra: run information stored in the checkpoint (e.g. the bundle's dataset).
         method: ``"empirical"``, ``"lognormal"`` or ``"gaussian"``
-            (:func:`~monai_skipts.metrics.calibrate_threshold`).
+            (:func:`~monai_skipts.calibration.calibrate_threshold`).
         cross_fit: a :class:`~monai_skipts.calibration.CrossFitScorer`; when enabled, its pooled
             out-of-fold scores of the training normals calibrate the threshold instead of the
             validation normals (record ``method`` ``"cross_fit"``, ``estimator`` the ``method``).
