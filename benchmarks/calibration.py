@@ -11,7 +11,7 @@ Cross-fitted rows (``cross_fit/<method>``): runs trained with ``--calibration_fo
 same run's validation normals, against the same test normals. The dev-set measurement (3 dev sets x
 3 seeds, K = 5)::
 
-    for ds in headct busi lgg; do for s in 0 1 2; do
+    for ds in brainmri iqothnccd lgg; do for s in 0 1 2; do
       python -m monai.bundle run --config_file bundles/$ds/train.json --seed $s --calibration_folds 5 \
         --output_dir runs/calibration/$ds-s$s; done; done
     python benchmarks/calibration.py runs/calibration
