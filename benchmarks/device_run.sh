@@ -110,7 +110,7 @@ case ${PHASE:-} in
     else
       echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"
     fi
-    $PY -c "import torch, monai, monai_skipts; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)" || exit 1
+    $PY -c "import torch, monai, monai_skipts; from PIL import features; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__, 'webp', features.check('webp'))" || exit 1
     setsid nohup bash -c "$PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > $W/test_cuda.log 2>&1; echo \"test_cuda exit \$?\" >> $W/test_cuda.log" > /dev/null 2>&1 &
     launch brainmri
     launch iqothnccd

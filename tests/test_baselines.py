@@ -112,6 +112,14 @@ def test_patchcore_scores_an_obviously_different_image_higher():
     # cached teacher features give the same result as images
     feats = model.teacher(normals[:2])
     assert torch.allclose(model(normals[:2], teacher_feats=feats)[1], model(normals[:2])[1])
+    # ... and PatchCore fills a teacher-feature cache by itself (benchmarks/quality.py runs it alone)
+    cache = TeacherFeatureCache(model)
+    alone = PatchCore("efficientnet_lite0", coreset_ratio=0.5, seed=0)
+    alone.fit(
+        [{"image": normals[:4], "id": list("abcd")}, {"image": normals[4:], "id": list("efgh")}],
+        feature_fn=lambda b: cache(b, "cpu")[3]["teacher_feats"],
+    )
+    assert len(cache.store) == 8 and torch.allclose(alone(odd[None])[1], model(odd[None])[1])
 
 
 def test_quality_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path, capsys, monkeypatch):

@@ -134,6 +134,12 @@ class PatchCore(nn.Module):
         return super().train(False)
 
     @torch.inference_mode()
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[E1, E2, E3, E4]`` of the frozen teacher, computed without autograd (what
+        :class:`~monai_skipts.engines.TeacherFeatureCache` caches)."""
+        with torch.no_grad():
+            return [f.detach() for f in self.teacher(x)]
+
     def embed(self, x: torch.Tensor | None = None, teacher_feats: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Patch features ``(B, D, h, w)`` on the grid of the first of ``layers``, from the image
         ``x`` or from precomputed teacher features ``[E1..E4]``."""
