@@ -119,3 +119,65 @@ def test_relative_checkpoint_is_taken_against_the_start_folder(app, tmp_path, mo
             app_instance(str(skipts_label.APP_DIR), str(studies), {"checkpoint": "runs/y/model.pt"})
     finally:
         clear_cache()
+
+
+def test_mask_and_volume_follow_the_pixel_and_volume_thresholds(app, tmp_path):
+    """A checkpoint calibrated with volume and pixel thresholds: the PNG mask is drawn at the pixel
+    threshold and the NIfTI volume is decided with the volume threshold, each named in the result."""
+    _, ckpt, studies = app
+    png = AnomalyPredictor(ckpt).score_file(studies / "phantom.png")
+    vol = AnomalyPredictor(ckpt).score_file(studies / "volume.nii.gz")
+    pixel = float(np.median(png["map"].numpy()))  # about half the pixels above it
+    record = dict(
+        THRESHOLD,
+        value=vol["score"] + 1.0,  # the image threshold would call the volume normal ...
+        volume={"value": vol["score"] - 1e-3, "method": "sidak"},  # ... its volume threshold anomalous
+        pixel={"value": pixel, "target_fpr": 0.005},
+    )
+    torch.manual_seed(0)  # the same weights as the app fixture's checkpoint
+    calibrated = save_test_checkpoint(
+        tmp_path / "model.pt",
+        SkipTS("efficientnet_lite0"),
+        threshold=record,
+        extra={"spatial_size": 32, "modality": "mri"},
+    )
+    clear_cache()
+    try:
+        instance = app_instance(str(skipts_label.APP_DIR), str(studies), {"checkpoint": str(calibrated)})
+        res = instance.infer({"model": "skipts_anomaly", "image": "volume", "device": "cpu"})["params"]
+        assert res["threshold_kind"] == "volume" and res["threshold"] == pytest.approx(vol["score"] - 1e-3)
+        assert res["anomalous"] is True and res["score"] == pytest.approx(vol["score"], abs=1e-6)
+        mask = instance.infer({"model": "skipts_anomaly", "image": "phantom", "device": "cpu", "output": "mask"})
+        assert mask["params"]["mask_threshold_kind"] == "pixel"
+        assert mask["params"]["mask_threshold"] == pytest.approx(pixel)
+        m = itk.array_from_image(itk.imread(mask["file"]))
+        np.testing.assert_array_equal(m, (png["map"].numpy() >= pixel).astype(np.uint8))
+        assert 0.3 < m.mean() < 0.7  # not the image threshold's (empty) mask
+    finally:
+        clear_cache()
+
+
+def test_site_normals_recalibrate_the_served_model(app, tmp_path, phantom_root):
+    """``--conf site_normals <folder>``: the app scores the site's normals when it starts, writes
+    ``<app>/model/site_model.pt`` with their threshold and serves it."""
+    _, ckpt, studies = app
+    app_dir = tmp_path / "app"
+    shutil.copytree(skipts_label.APP_DIR, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    normals = sorted(phantom_root.glob("train/good/*.png"))
+    site = tmp_path / "site_normals"
+    site.mkdir()
+    for f in normals:
+        shutil.copy(f, site / f.name)
+    clear_cache()
+    try:
+        conf = {"checkpoint": str(ckpt), "site_normals": str(site)}
+        instance = app_instance(str(app_dir), str(studies), conf)
+        assert instance.checkpoint == (app_dir / "model" / "site_model.pt").resolve()
+        record = torch.load(instance.checkpoint, weights_only=True)["config"]["calibration"]
+        assert record["source"] == "site" and record["n_normals"] == len(normals)
+        assert record["value"] != THRESHOLD["value"] and record["previous"]["value"] == THRESHOLD["value"]
+        res = instance.infer({"model": "skipts_anomaly", "image": "phantom", "device": "cpu"})["params"]
+        assert res["threshold"] == pytest.approx(record["value"])
+        assert res["anomalous"] == (res["score"] >= record["value"])
+    finally:
+        clear_cache()
