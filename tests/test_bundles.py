@@ -12,20 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, TINY_TRAINING
 from monai.bundle import run as bundle_run
 from PIL import Image
 
-# target_fpr 0.5 with the empirical calibration needs only 2 validation normals (the tiny data's)
-TINY = {
-    "epochs": 1,
-    "spatial_size": 64,
-    "batch_size": 4,
-    "teacher": "efficientnet_lite0",
-    "n_heatmaps": 2,
-    "target_fpr": 0.5,
-    "calibration": "empirical",
-}
+from monai_skipts import bundle
+
+# the tiny training with 2 heat-maps drawn
+TINY = {**TINY_TRAINING, "n_heatmaps": 2}
+
+COMMON = sorted((REPO / "bundles" / "common").glob("*.json"))
+GENERATED = sorted(
+    p
+    for p in (REPO / "bundles").glob("*/*.json")
+    if p.parent.name not in ("common", "presets") and p.name != "metadata.json"
+)
+MAX_SHARE = 0.10
 
 
 def _img(path: Path, seed: int, rgb: bool = False, lesion: bool = False, fmt: str | None = None) -> None:
@@ -153,13 +155,74 @@ def test_bundle_files_are_generated_from_the_table():
             assert key in meta, (name, key)
 
 
+@pytest.mark.parametrize("path", COMMON, ids=lambda p: p.name)
+def test_dollar_share_of_each_common_file_is_at_most_10_percent(path):
+    """Characters inside ``$...`` string values over the file's characters, plain calls included."""
+    expr, total = bundle.expression_share(path)
+    print(f"{path.relative_to(REPO)}: {expr} of {total} characters in $ expressions ({100 * expr / total:.1f} %)")
+    assert expr / total <= MAX_SHARE, f"{path.name}: {100 * expr / total:.1f} % of the file is Python in $ expressions"
+
+
+def test_generated_bundles_are_self_contained():
+    """No ``%file#id`` macro (resolved against the working directory) in any generated bundle: each
+    holds its parameters, its modality's transforms and the shared wiring, which it copies whole; the
+    evaluation and inference overrides merged over it are the shared ones (the demo's default input
+    aside)."""
+    assert GENERATED
+    for path in GENERATED:
+        text = path.read_text()
+        assert '"%' not in text, f"{path}: a %file#id macro depends on the working directory"
+        cfg = json.loads(text)
+        kind = path.stem
+        wiring = json.loads((REPO / "bundles" / "common" / f"{kind}.json").read_text())
+        overridden = {"registered_model_name", "input"} if path.parent.name == "demo" else set()
+        for key, value in wiring.items():
+            if key not in overridden:
+                assert cfg[key] == value, f"{path}: {key} differs from bundles/common/{kind}.json (run make_bundles.py)"
+        if kind == "train":
+            preset = json.loads((REPO / "transforms" / f"{cfg['modality']}.json").read_text())["preprocessing"]
+            assert cfg["preprocessing"] == preset, path
+
+
+def test_bundle_trains_and_evaluates_from_another_working_directory(tmp_path, monkeypatch):
+    """The user's bundle, given by its absolute path, run from a folder that is not the repository
+    root: nothing it reads is looked up relative to the working directory."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_layout("brainmri", data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    bundle_run(
+        config_file=str(REPO / "bundles/brainmri/train.json"),
+        dataset_dir=str(data),
+        output_dir=str(out),
+        **TINY_TRAINING,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (
+        metrics["teacher"] == "efficientnet_lite0"
+        and metrics["split"]
+        and metrics["calibration"]["method"] == "empirical"
+    )
+    bundle_run(
+        config_file=[str(REPO / "bundles/brainmri/train.json"), str(REPO / "bundles/brainmri/evaluate.json")],
+        dataset_dir=str(data),
+        output_dir=str(out),
+        mlflow=False,
+        batch_size=4,
+        n_heatmaps=0,
+    )
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    assert ev["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)
+    assert ev["checkpoint"] == str(out / "model.pt") and ev["teacher"] == "efficientnet_lite0"
+    assert list(elsewhere.iterdir()) == []  # nothing written into the working directory
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_dataset_bundle_train_evaluate_infer(name, tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     make_layout(name, data)
-    bundle_run(
-        config_file=f"bundles/{name}/train.json", dataset_dir=str(data), output_dir=str(out), mlflow=False, **TINY
-    )
+    bundle_run(config_file=f"bundles/{name}/train.json", dataset_dir=str(data), output_dir=str(out), **TINY)
     for f in (
         "model.pt",
         "checkpoint.pt",
@@ -531,7 +594,6 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
         config_file="bundles/lgg/train.json",
         dataset_dir=str(data),
         output_dir=str(out),
-        mlflow=False,
         level_stats=True,
         val_interval=1,
         **{**TINY, "epochs": 2},

@@ -14,7 +14,7 @@
   before, then the root cause last, where a user reads it.
 
 - :func:`expression_share`: how much of a bundle config file is Python in ``$`` expressions (the
-  bundles keep it under 10 %: logic lives in :mod:`monai_skipts.bundle.workflow`, JSON keeps the
+  bundles keep it under 10 %: logic lives in :mod:`monai_skipts.bundle`'s functions, JSON keeps the
   wiring); ``python bundles/expression_share.py [FILE...]`` prints it.
 
 The bundles (``bundles/common/{train,evaluate,inference}.json``) call :func:`check_command_line` as the

@@ -12,26 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_TRAINING, override_args, run_doctests
+
+from monai_skipts import bundle
+from monai_skipts.bundle import checks
 
 ENV = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-# what tests/test_bundles.py runs: 1 epoch at 64², 2 validation normals enough to calibrate
-TINY = [
-    "--epochs",
-    "1",
-    "--spatial_size",
-    "64",
-    "--batch_size",
-    "4",
-    "--teacher",
-    "efficientnet_lite0",
-    "--n_heatmaps",
-    "0",
-    "--target_fpr",
-    "0.5",
-    "--calibration",
-    "empirical",
-]
+# the tiny training, MLflow as each test sets it
+TINY = override_args({k: v for k, v in TINY_TRAINING.items() if k != "mlflow"})
 
 
 def _bundle(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -358,3 +346,13 @@ def test_an_override_without_its_train_json_is_refused_with_the_command_that_wor
             check_command_line([main, "run", "--config_file", f"bundles/brainmri/{kind}.json", "--output_dir", "x"])
         assert want in str(e.value)
         check_command_line([main, "run", "--config_file", f"[{want}]", "--output_dir", "x"])  # both: accepted
+
+
+def test_docstring_examples_run():
+    run_doctests(checks)
+
+
+def test_expression_share_counts_only_dollar_values(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"$key": 1, "a": "$@b.run()", "b": {"_target_": "X", "c": ["@d", "$1 + 2"]}, "e": "plain"}))
+    assert bundle.expression_share(f) == (len("$@b.run()") + len("$1 + 2"), len(f.read_text()))

@@ -32,10 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
-
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-ENV.update(MONAI_SKIPTS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+from conftest import BUNDLE_ENV, REPO, tiny_training_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,32 +46,10 @@ def data_dir(tmp_path_factory):
     )
 
 
-def _train_cmd(data: Path | None, out: Path, config: str = "bundles/demo/train.json", **over) -> list[str]:
-    """The user's command, with the tiny overrides of tests/test_bundles.py (one epoch, 64², the
-    empirical calibration at FPR 0.5 that 2 validation normals can resolve)."""
-    args = {
-        "epochs": 1,
-        "spatial_size": 64,
-        "batch_size": 4,
-        "teacher": "efficientnet_lite0",
-        "progress_bar": False,
-        "n_heatmaps": 0,
-        "save_maps": False,
-        "target_fpr": 0.5,
-        "calibration": "empirical",
-        "mlflow": False,
-    }
-    args.update(over)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--output_dir", str(out)]
-    if data is not None:
-        cmd += ["--dataset_dir", str(data)]
-    for k, v in args.items():
-        cmd += [f"--{k}", str(v)]
-    return cmd
-
-
 def _run(cmd: list[str], env: dict | None = None, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        cmd, cwd=REPO, env=env or BUNDLE_ENV, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 def _tmp_files(root: Path) -> list[Path]:
@@ -110,11 +85,11 @@ def test_output_dir_locked(data_dir, tmp_path):
     PID. Once the holder is gone (killed: its PID is still written in ``.lock``), the folder is free."""
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, str(out)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOLD_LOCK, str(out)], cwd=REPO, env=BUNDLE_ENV, stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        r = _run(_train_cmd(data_dir, out, mlflow=True))
+        r = _run(tiny_training_command(data_dir, out, mlflow=True))
         log = r.stdout + r.stderr
         assert r.returncode != 0, log[-3000:]
         assert f"{out} is in use by another training (PID {holder.pid}" in log, log[-3000:]
@@ -153,7 +128,7 @@ def test_nan_pixel_stops_training_naming_the_image(data_dir, tmp_path):
     )
     out = tmp_path / "run"
     config = f"['bundles/demo/train.json', '{override}']"
-    r = _run(_train_cmd(data_dir, out, config=config, epochs=2))
+    r = _run(tiny_training_command(data_dir, out, config=config, epochs=2))
     log = r.stdout + r.stderr
     assert r.returncode != 0, log[-3000:]
     train_ids = {it["id"] for it in json.loads((out / "split.json").read_text())["train"]}
@@ -230,7 +205,7 @@ def test_disk_full_names_the_file(data_dir, tmp_path):
     (RLIMIT_FSIZE) gives the same real short write. The error names the file and says the disk may be
     full; no temp file is left, and a previous checkpoint survives."""
     out = tmp_path / "run"
-    r = _run(_train_cmd(data_dir, out), preexec_fn=_limit_file_size(4 << 20))  # checkpoint.pt is ~20 MB
+    r = _run(tiny_training_command(data_dir, out), preexec_fn=_limit_file_size(4 << 20))  # checkpoint.pt is ~20 MB
     log = r.stdout + r.stderr
     assert r.returncode != 0, log[-3000:]
     ckpt = out / "checkpoint.pt"
@@ -278,7 +253,7 @@ def test_too_few_calibration_normals_fail_before_training(case, tmp_path):
     training, saying how many duplicates were removed; no checkpoint.pt, no MLflow run RUNNING."""
     data, out = tmp_path / "data", tmp_path / "run"
     _brainmri(data, 2 if case == "two_normals" else 12, identical=case == "identical_normals")
-    r = _run(_train_cmd(data, out, config="bundles/brainmri/train.json", mlflow=True))
+    r = _run(tiny_training_command(data, out, config="bundles/brainmri/train.json", mlflow=True))
     log = r.stdout + r.stderr
     assert r.returncode != 0, log[-3000:]
     assert "validation normals cannot calibrate target_fpr=0.5" in log, log[-3000:]
@@ -302,10 +277,10 @@ def test_killed_run_marked_killed_on_next_start(data_dir, tmp_path):
     """A training killed by SIGKILL once its MLflow run exists, then a new training (not a resume) in
     the same folder: the killed run is marked KILLED (not left RUNNING forever), the new one FINISHED."""
     out = tmp_path / "run"
-    cmd = _train_cmd(data_dir, out, mlflow=True, register=False, epochs=20)
+    cmd = tiny_training_command(data_dir, out, mlflow=True, register=False, epochs=20)
     log = tmp_path / "killed.log"
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(cmd, cwd=REPO, env=BUNDLE_ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     killed_run = None
     try:
         deadline = time.time() + 300
@@ -330,7 +305,7 @@ def test_killed_run_marked_killed_on_next_start(data_dir, tmp_path):
     assert killed_run is not None and p.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert _client(out).get_run(killed_run).info.status == "RUNNING"
 
-    r = _run(_train_cmd(data_dir, out, mlflow=True, register=False, resume=False))
+    r = _run(tiny_training_command(data_dir, out, mlflow=True, register=False, resume=False))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"was left RUNNING by process {p.pid}" in r.stdout + r.stderr
     client = _client(out)
@@ -351,14 +326,14 @@ def test_missing_wrn50_weights_said_once_in_one_line(how, tmp_path):
     from monai_skipts.apps import make_phantom_dataset
 
     data = make_phantom_dataset(tmp_path / "data", n_train=8, n_test_normal=2, n_test_abnormal=2, size=64, seed=0)
-    env = {**ENV, "TORCH_HOME": str(tmp_path / "torch_home")}
+    env = {**BUNDLE_ENV, "TORCH_HOME": str(tmp_path / "torch_home")}
     if how == "no_network":
         env.pop("MONAI_SKIPTS_OFFLINE")
         for k in ("no_proxy", "NO_PROXY"):
             env.pop(k, None)
         env.update(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     out = tmp_path / "run"
-    r = _run(_train_cmd(data, out, teacher="auto"), env=env)
+    r = _run(tiny_training_command(data, out, teacher="auto"), env=env)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     lines = [ln for ln in log.splitlines() if "wide_resnet50_2" in ln]
