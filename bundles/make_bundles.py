@@ -96,6 +96,10 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         "skip_noise": 0.0,
         "teacher_taps": None,
         "level_stats": True,
+        # maps zero outside the anatomy, the score the maximum inside it, the level statistics fitted
+        # inside it (monai_skipts.networks.AnatomyMaskLayer, per modality; stored in the checkpoint and
+        # the exports); false: the plain maps. A mapping sets its options (anatomy_mask_config)
+        "anatomy_mask": True,
         "bottleneck": True,
         "loss": "rd4ad",
         "upsample_kernel": 3,

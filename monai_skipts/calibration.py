@@ -787,6 +787,7 @@ class PixelThresholdHandler:
     def _collect(self, engine: Engine) -> None:
         batch = engine.state.batch
         mask = batch.get(self.anatomy_key) if isinstance(batch, dict) else None
+        mask = engine.state.output.get(self.anatomy_key, mask)  # the detector's own (SkipTSEvaluator's output)
         self.sketch.update(engine.state.output["pred"], mask if isinstance(mask, torch.Tensor) else None)
 
     def record(self, target_fpr: float = DEFAULT_PIXEL_FPR) -> dict[str, Any] | None:

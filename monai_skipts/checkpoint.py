@@ -411,7 +411,8 @@ def restore_detector(detector: torch.nn.Module, ckpt: dict[str, Any], source: st
         check_teacher(config["model"], detector, source)
     if float(config.get("sigma", 4.0)) != detector.sigma:
         detector.set_sigma(config.get("sigma", 4.0))
-    detector.config.update({k: copy.deepcopy(config.get(k)) for k in ("preprocessing", "calibration", "anatomy_mask")})
+    detector.config.update({k: copy.deepcopy(config.get(k)) for k in ("preprocessing", "calibration")})
+    detector.set_anatomy_mask(config.get("anatomy_mask"))
     result = torch.nn.Module.load_state_dict(detector, ckpt["state_dict"], strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(TEACHER_PREFIX)]
     if missing or result.unexpected_keys:

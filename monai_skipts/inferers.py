@@ -160,6 +160,10 @@ class AnomalyMapHead(nn.Module):
         return amap, amap.flatten(1).amax(dim=1)
 
 
+def _plain_tensor(x: Any) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
 def _batch_image(batch: Any) -> torch.Tensor:
     image = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
     return image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -172,7 +176,9 @@ def fit_level_stats(
     similarity: str = "cosine",
     prepare_batch: Callable | None = None,
 ) -> torch.Tensor:
-    """Per-level mean and std of the maps ``M_l`` over all pixels of ``batches`` (training normals).
+    """Per-level mean and std of the maps ``M_l`` over all pixels of ``batches`` (training normals),
+    inside the anatomy when ``model`` is a detector with its anatomy mask on (each level's pixels whose
+    cell lies at least half inside :meth:`~monai_skipts.networks.AnomalyDetector.anatomy_mask`).
 
     Streaming: each batch's per-level count, mean and sum of squared deviations (float64) are merged
     (Chan et al.), so any number of images fits in memory. The std is the population one (all pixels
@@ -213,28 +219,38 @@ def fit_level_stats(
                     prepared = prepare_batch(batch, device)
                     args = prepared[2] if len(prepared) > 2 else ()
                     kwargs = prepared[3] if len(prepared) > 3 else {}
-                    t, s = features(prepared[0], *args, **kwargs)
+                    image = prepared[0]
+                    t, s = features(image, *args, **kwargs)
                 else:
-                    t, s = features(_batch_image(batch).to(device=device, dtype=torch.float32))
+                    image = _batch_image(batch).to(device=device, dtype=torch.float32)
+                    t, s = features(image)
                 maps = anomaly_maps(t, s, similarity)
                 md = [m.double() for m in maps]
-                bn = torch.tensor([float(m.numel()) for m in md], dtype=torch.float64)
-                bmean = torch.stack([m.mean() for m in md])
-                bm2 = torch.stack([(m - mu).pow(2).sum() for m, mu in zip(md, bmean)]).cpu()
+                inside = model.anatomy_mask(_plain_tensor(image)) if hasattr(model, "anatomy_mask") else None
+                if inside is None:
+                    bn = torch.tensor([float(m.numel()) for m in md], dtype=torch.float64)
+                    bmean = torch.stack([m.mean() for m in md])
+                    bm2 = torch.stack([(m - mu).pow(2).sum() for m, mu in zip(md, bmean)]).cpu()
+                else:  # the pixels of each level whose cell lies mostly inside the anatomy
+                    ws = [(F.interpolate(inside.float(), size=m.shape[-2:], mode="area") >= 0.5).double() for m in md]
+                    bn = torch.stack([w.sum() for w in ws]).cpu()
+                    bmean = torch.stack([(m * w).sum() / w.sum().clamp_min(1.0) for m, w in zip(md, ws)])
+                    bm2 = torch.stack([((m - mu) * w).pow(2).sum() for m, mu, w in zip(md, bmean, ws)]).cpu()
                 bmean = bmean.cpu()
                 if n is None:
                     n, mean, m2 = bn, bmean, bm2
                     continue
                 tot = n + bn
                 delta = bmean - mean
-                mean = mean + delta * bn / tot
-                m2 = m2 + bm2 + delta.pow(2) * n * bn / tot
+                # clamped: a level without anatomy pixels so far (tot = 0) changes nothing
+                mean = mean + delta * bn / tot.clamp_min(1.0)
+                m2 = m2 + bm2 + delta.pow(2) * n * bn / tot.clamp_min(1.0)
                 n = tot
     finally:
         net.train(was_training)
     if n is None:
         raise ValueError("fit_level_stats: no batches")
-    std = (m2 / n).sqrt().clamp_min(1e-6)
+    std = (m2 / n.clamp_min(1.0)).sqrt().clamp_min(1e-6)
     return torch.stack([mean, std], dim=1).float()
 
 

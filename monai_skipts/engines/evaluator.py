@@ -11,7 +11,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.utils import CommonKeys as Keys
 
-from monai_skipts.engines.prepare_batch import PlainTensorBatch, batch_ids, engine_batch
+from monai_skipts.engines.prepare_batch import PlainTensorBatch, batch_ids, engine_batch, plain_tensor
 from monai_skipts.inferers import SkipTSInferer
 from monai_skipts.utils import resolve_device
 
@@ -88,9 +88,19 @@ class SkipTSEvaluator(SupervisedEvaluator):
 
     @staticmethod
     def _add_scores(engine: SupervisedEvaluator) -> None:
-        """``MODEL_COMPLETED``: the map in float32, its ``"score"`` and the batch's ``"id"``."""
+        """``MODEL_COMPLETED``: the map in float32, its ``"score"``, the batch's ``"id"`` and, when the
+        detector bounds its maps by the anatomy, the ``(B, 1, H, W)`` mask as ``"anatomy"`` (where the
+        :class:`~monai_skipts.calibration.PixelThresholdHandler` finds it)."""
         output, batchdata = engine.state.output, engine.state.batch
         output[Keys.PRED] = output[Keys.PRED].float()
         output["score"] = SkipTSInferer.score(output[Keys.PRED])
+        masker = getattr(engine.network, "anatomy_mask", None)
+        if masker is not None and output.get(Keys.IMAGE) is not None:
+            with torch.no_grad():
+                inside = masker(plain_tensor(output[Keys.IMAGE]))
+            if inside is not None:
+                output["anatomy"] = inside
+                # the score is the maximum inside the anatomy (the map is zero outside it)
+                output["score"] = output[Keys.PRED].masked_fill(inside <= 0, float("-inf")).flatten(1).amax(dim=1)
         if isinstance(batchdata, dict) and "id" in batchdata:
             output["id"] = list(batchdata["id"])

@@ -1,5 +1,6 @@
 """Networks: frozen teachers, the skip-connected student decoder and the Skip-TS model."""
 
+from .anatomy import ANATOMY_MASK_DEFAULTS, ANATOMY_METHODS, AnatomyMaskLayer, anatomy_mask_config
 from .bottleneck import OneClassBottleneck, RD4ADStudent
 from .detector import AnomalyDetector, decide
 from .rd4ad import RD4AD

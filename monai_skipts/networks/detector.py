@@ -16,7 +16,9 @@ in ``state_dict()`` plus one JSON-able :attr:`AnomalyDetector.config`:
 ``config["similarity"]``    per-pixel discrepancy of the maps (``"cosine"``: eq 1)
 ``config["preprocessing"]`` ``{"modality", "spatial_size": [H, W], "window", "mri_norm"}``
 ``config["calibration"]``   the calibration record (``method``, ``target_fpr``, ``n_normals``, ...)
-``config["anatomy_mask"]``  anatomy mask settings (``None``: off)
+``config["anatomy_mask"]``  anatomy mask settings (:func:`~monai_skipts.networks.anatomy_mask_config`;
+                            ``None``: off): the maps are zero outside the anatomy, the score is the
+                            maximum inside it (:class:`~monai_skipts.networks.AnatomyMaskLayer`)
 ==========================  ======================================================================
 
 A checkpoint is this state (:func:`~monai_skipts.checkpoint.save_checkpoint`,
@@ -34,6 +36,7 @@ from torch import nn
 
 from monai_skipts.inferers import AnomalyMapHead
 from monai_skipts.metrics import normalize_score
+from monai_skipts.networks.anatomy import AnatomyMaskLayer, anatomy_mask_config
 from monai_skipts.transforms.presets import SPEC_KEYS, spatial_size_2d
 
 __all__ = ["AnomalyDetector", "SCALAR_STATE", "decide"]
@@ -60,12 +63,16 @@ class AnomalyDetector(nn.Module):
         sigma: Gaussian sigma of the map (paper: 4).
         preprocessing: the preset options the model is trained with (``modality``, ``spatial_size``,
             ``window``, ``mri_norm``); ``spatial_size`` is stored as ``[H, W]``.
-        anatomy_mask: anatomy mask settings (``None``: off).
+        anatomy_mask: bound the maps and scores by the anatomy (:meth:`set_anatomy_mask`): ``None``
+            or ``False``: off (the plain maps, bit for bit); ``True``: the mask of
+            ``preprocessing["modality"]``; a mapping: its settings
+            (:func:`~monai_skipts.networks.anatomy_mask_config`).
         similarity: the maps' per-pixel discrepancy (``"cosine"``: eq 1; see
             :class:`~monai_skipts.inferers.AnomalyMapHead`).
 
     Raises:
-        ValueError: a ``spatial_size`` that is not ``S``, ``(S,)`` or ``(H, W)`` of positive ints.
+        ValueError: a ``spatial_size`` that is not ``S``, ``(S,)`` or ``(H, W)`` of positive ints;
+            anatomy mask settings :func:`~monai_skipts.networks.anatomy_mask_config` refuses.
 
     >>> from monai_skipts.networks import SkipTS
     >>> det = AnomalyDetector(SkipTS(teacher="resnet18", pretrained=False), preprocessing={"spatial_size": 64})
@@ -79,7 +86,7 @@ class AnomalyDetector(nn.Module):
         model: nn.Module,
         sigma: float = 4.0,
         preprocessing: Mapping[str, Any] | None = None,
-        anatomy_mask: Mapping[str, Any] | None = None,
+        anatomy_mask: Mapping[str, Any] | bool | None = None,
         similarity: str = "cosine",
     ):
         super().__init__()
@@ -99,8 +106,10 @@ class AnomalyDetector(nn.Module):
             "similarity": str(similarity),
             "preprocessing": prep,
             "calibration": None,
-            "anatomy_mask": dict(anatomy_mask) if anatomy_mask else None,
+            "anatomy_mask": None,
         }
+        self.anatomy: AnatomyMaskLayer | None = None
+        self.set_anatomy_mask(anatomy_mask)
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -148,6 +157,18 @@ class AnomalyDetector(nn.Module):
         self.volume_threshold.fill_(value(rec.get("volume")))
         self.pixel_threshold.fill_(value(rec.get("pixel")))
 
+    def set_anatomy_mask(self, spec: Mapping[str, Any] | bool | None) -> None:
+        """Bound the maps and scores by the anatomy (``True``: the mask of the model's modality; a
+        mapping: settings, see :func:`~monai_skipts.networks.anatomy_mask_config`), or not
+        (``None``/``False``). The resolved settings go to ``config["anatomy_mask"]``."""
+        cfg = anatomy_mask_config(spec, self.config["preprocessing"].get("modality"))
+        self.config["anatomy_mask"] = cfg
+        self.anatomy = AnatomyMaskLayer(**cfg) if cfg is not None else None
+
+    def anatomy_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The ``(B, 1, H, W)`` anatomy mask of the input ``x`` (``None`` when the mask is off)."""
+        return None if self.anatomy is None else self.anatomy(x)
+
     def set_sigma(self, sigma: float) -> None:
         """Use another Gaussian sigma for the map (stored in the config)."""
         self.config["sigma"] = float(sigma)
@@ -181,7 +202,8 @@ class AnomalyDetector(nn.Module):
     def forward(
         self, x: torch.Tensor, teacher_feats: Sequence[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anomaly map ``(B, 1, H, W)`` (float32) and score ``(B,)`` (its maximum).
+        """Anomaly map ``(B, 1, H, W)`` (float32) and score ``(B,)`` (its maximum). With the anatomy
+        mask on, the map is zero outside the anatomy and the score is the maximum inside it.
 
         Raises:
             ValueError: the input is not of the trained size (the threshold holds at that size only).
@@ -194,7 +216,12 @@ class AnomalyDetector(nn.Module):
                 f'e.g. ckpt_export --input_shape "[1, 3, {size[0]}, {size[1]}]"'
             )
         t, s = self.model(x, teacher_feats)
-        return self.head(t, s, x.shape[-2:], self.get_level_stats())
+        amap, score = self.head(t, s, x.shape[-2:], self.get_level_stats())
+        if self.anatomy is None:
+            return amap, score
+        inside = self.anatomy(x) > 0
+        score = amap.masked_fill(~inside, float("-inf")).flatten(1).amax(dim=1)
+        return amap.masked_fill(~inside, 0.0), score
 
     # ---- the one decision ---------------------------------------------------------------------------
 
