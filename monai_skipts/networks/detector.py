@@ -17,6 +17,8 @@ in ``state_dict()`` plus one JSON-able :attr:`AnomalyDetector.config`:
 ``config["preprocessing"]`` ``{"modality", "spatial_size": [H, W], "window", "mri_norm"}``
 ``config["calibration"]``   the calibration record (``method``, ``target_fpr``, ``n_normals``, ...)
 ``config["anatomy_mask"]``  anatomy mask settings (``None``: off)
+``config["seg_head"]``      the segmentation head's config (``None``: none; :class:`~monai_skipts.networks.SegHead`)
+``seg_head.*`` (weights)    the head's weights and its ``map_norm`` buffer (only with a head)
 ==========================  ======================================================================
 
 A checkpoint is this state (:func:`~monai_skipts.checkpoint.save_checkpoint`,
@@ -34,6 +36,7 @@ from torch import nn
 
 from monai_skipts.inferers import AnomalyMapHead
 from monai_skipts.metrics import normalize_score
+from monai_skipts.networks.seg_head import SegHead
 from monai_skipts.transforms.presets import SPEC_KEYS, spatial_size_2d
 
 __all__ = ["AnomalyDetector", "SCALAR_STATE", "decide"]
@@ -63,6 +66,8 @@ class AnomalyDetector(nn.Module):
         anatomy_mask: anatomy mask settings (``None``: off).
         similarity: the maps' per-pixel discrepancy (``"cosine"``: eq 1; see
             :class:`~monai_skipts.inferers.AnomalyMapHead`).
+        seg_head: an optional segmentation head's config (:meth:`set_seg_head`; ``None``: none, the
+            map is the discrepancy map).
 
     Raises:
         ValueError: a ``spatial_size`` that is not ``S``, ``(S,)`` or ``(H, W)`` of positive ints.
@@ -81,6 +86,7 @@ class AnomalyDetector(nn.Module):
         preprocessing: Mapping[str, Any] | None = None,
         anatomy_mask: Mapping[str, Any] | None = None,
         similarity: str = "cosine",
+        seg_head: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -100,7 +106,10 @@ class AnomalyDetector(nn.Module):
             "preprocessing": prep,
             "calibration": None,
             "anatomy_mask": dict(anatomy_mask) if anatomy_mask else None,
+            "seg_head": None,
         }
+        self.seg_head: SegHead | None = None
+        self.set_seg_head(seg_head)
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -153,6 +162,37 @@ class AnomalyDetector(nn.Module):
         self.config["sigma"] = float(sigma)
         self.head = AnomalyMapHead(float(sigma), similarity=self.config["similarity"]).to(self.level_stats.device)
 
+    def set_seg_head(self, options: Mapping[str, Any] | None) -> SegHead | None:
+        """Add a new (untrained) segmentation head, or remove it (``None``); its config becomes
+        ``config["seg_head"]``.
+
+        Args:
+            options: :class:`~monai_skipts.networks.SegHead`'s ``mode``, ``hidden``, ``reduce`` and
+                ``in_channels`` (default: the teacher's ``E1..E3`` channels).
+        """
+        if not options:
+            self.seg_head, self.config["seg_head"] = None, None
+            return None
+        opts = dict(options)
+        if opts.get("in_channels") is None:
+            opts["in_channels"] = list(getattr(self.model, "module", self.model).teacher.out_channels[:3])
+        head = SegHead.from_config(opts).to(self.level_stats.device)
+        self.seg_head, self.config["seg_head"] = head, head.config
+        return head
+
+    def set_seg_head_mode(self, mode: str) -> None:
+        """Select the map (:data:`~monai_skipts.networks.seg_head.SEG_HEAD_MODES`) of the detector's head.
+        The thresholds were calibrated on another map: they are cleared (calibrate again).
+
+        Raises:
+            ValueError: no head, or an unknown mode.
+        """
+        if self.seg_head is None:
+            raise ValueError("the detector has no segmentation head: train one first (SegHeadTrainer)")
+        if mode != self.seg_head.mode:
+            self.seg_head.mode = mode
+            self.set_calibration(None)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """The module's own state dict, or a whole monai-skipts checkpoint (what ``python -m
         monai.bundle ckpt_export`` hands it): then the teacher is checked, the config (sigma,
@@ -194,7 +234,11 @@ class AnomalyDetector(nn.Module):
                 f'e.g. ckpt_export --input_shape "[1, 3, {size[0]}, {size[1]}]"'
             )
         t, s = self.model(x, teacher_feats)
-        return self.head(t, s, x.shape[-2:], self.get_level_stats())
+        amap, score = self.head(t, s, x.shape[-2:], self.get_level_stats())
+        if self.seg_head is not None and self.seg_head.mode != "discrepancy":
+            amap = self.seg_head(t, s, amap)
+            score = amap.flatten(1).amax(dim=1)
+        return amap, score
 
     # ---- the one decision ---------------------------------------------------------------------------
 
