@@ -125,6 +125,10 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         # denoising distillation (issue 20): None = off; else RandSyntheticLesion's keyword arguments,
         # e.g. {"prob": 0.5, "families": ["intensity", "fpi", "elastic"]} (monai_skipts.bundle.training_prepare_batch)
         "synthetic_lesions": None,
+        # DeSTSeg's second stage (issue 20): None = off; else {"mode": "map"|"fused", "epochs": 5, ...}
+        # (monai_skipts.engines_seghead.SegHeadTrainer: a head on the frozen teacher-student discrepancy,
+        # trained on synthetic lesions; the detector's map is then the head's, or fused with the discrepancy)
+        "seg_head": None,
         "cache_rate": 1.0,
         "num_workers": 0,
         "save_interval": 1,

@@ -373,7 +373,7 @@ def detector_from_config(
     source: str = "checkpoint",
 ) -> AnomalyDetector:
     """An :class:`~monai_skipts.networks.AnomalyDetector` of a detector config (architecture, sigma,
-    preprocessing, calibration, anatomy mask), its student untrained and its state unset.
+    preprocessing, calibration, anatomy mask, segmentation head), its student (and head) untrained and its state unset.
 
     Args:
         config: a detector's ``config`` (a checkpoint's ``"config"``).
@@ -390,6 +390,7 @@ def detector_from_config(
         preprocessing=config.get("preprocessing"),
         anatomy_mask=config.get("anatomy_mask"),
         similarity=config.get("similarity", "cosine"),
+        seg_head=config.get("seg_head"),
     )
     detector.config["model"] = dict(config["model"])
     detector.config["calibration"] = copy.deepcopy(config.get("calibration"))
@@ -413,6 +414,8 @@ def restore_detector(detector: torch.nn.Module, ckpt: dict[str, Any], source: st
         detector.set_sigma(config.get("sigma", 4.0))
     detector.config.update({k: copy.deepcopy(config.get(k)) for k in ("preprocessing", "calibration")})
     detector.set_anatomy_mask(config.get("anatomy_mask"))
+    if config.get("seg_head") != detector.config.get("seg_head"):  # the stored head (or none) replaces the built one
+        detector.set_seg_head(copy.deepcopy(config.get("seg_head")))
     result = torch.nn.Module.load_state_dict(detector, ckpt["state_dict"], strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(TEACHER_PREFIX)]
     if missing or result.unexpected_keys:

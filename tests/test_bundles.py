@@ -675,3 +675,41 @@ def test_demo_bundle_trains_with_synthetic_lesions_switched_on(tmp_path):
         synthetic_lesions=lesions,
     )
     assert (out / "model.pt").is_file() and (out / "metrics.json").is_file()
+
+
+def test_demo_bundle_trains_a_segmentation_head_when_asked(tmp_path):
+    """``seg_head`` (off by default) adds the head's stage after the student's training and before the
+    calibration: the stage is a no-op when off, and with ``{"mode": "fused", ...}`` the saved model
+    holds the head (its mode in the config, its weights in the state) and is calibrated on its map."""
+    from monai.bundle import ConfigParser
+
+    from monai_skipts.checkpoint import load_checkpoint, load_detector
+    from monai_skipts.engines_seghead import SegHeadTrainer
+
+    cfg = ConfigParser()
+    cfg.read_config(str(REPO / "bundles" / "demo" / "train.json"))
+    assert cfg["seg_head"] is None and "$@seg_head_stage()" in cfg["run"]
+    assert cfg["run"].index("$@seg_head_stage()") < cfg["run"].index("$@calibrate()")
+    cfg.update({"output_dir": str(tmp_path / "parsed"), "spatial_size": 64})
+    stage = cfg.get_parsed_content("seg_head_stage")
+    assert isinstance(stage, SegHeadTrainer) and not stage.enabled
+    out = tmp_path / "demo"
+    bundle_run(
+        config_file="bundles/demo/train.json",
+        output_dir=str(out),
+        epochs=1,
+        n_train_images=8,
+        spatial_size=64,
+        val_interval=1,
+        progress_bar=False,
+        target_fpr=0.5,
+        calibration="empirical",
+        mlflow=False,
+        seg_head={"mode": "fused", "epochs": 2},
+    )
+    ckpt = load_checkpoint(out / "model.pt")
+    assert ckpt["config"]["seg_head"]["mode"] == "fused" and "seg_head.map_norm" in ckpt["state_dict"]
+    assert ckpt["config"]["calibration"] is not None
+    det = load_detector(ckpt)
+    assert det.seg_head is not None and det.seg_head.mode == "fused"
+    assert 0.0 <= json.loads((out / "metrics.json").read_text())["auroc"] <= 1.0

@@ -107,3 +107,29 @@ def test_a_checkpoint_without_statistics_loads_without_them(tmp_path):
     det = AnomalyDetector(SkipTS("resnet18", pretrained=False))
     back = load_detector(save_checkpoint(tmp_path / "m.pt", det, with_rng=False))
     assert back.get_level_stats() is None and back.decide(3.0)["anomalous"] is None
+
+
+def test_segmentation_head_travels_in_the_checkpoint_and_rebuilds_on_load(tmp_path):
+    """The head's config (mode, channels) and weights (and its fused normalisation) are checkpoint state:
+    load_detector rebuilds it, and a detector built without one (a bundle's ``predictor_def``) takes it
+    from a whole checkpoint; the maps are bit-identical."""
+    torch.manual_seed(0)
+    det = AnomalyDetector(SkipTS("resnet18", pretrained=False), preprocessing={"spatial_size": 32})
+    det.set_seg_head({"mode": "fused", "hidden": 16})
+    det.seg_head.set_map_norm(0.25, 3.0)
+    path = save_checkpoint(tmp_path / "m.pt", det, with_rng=False)
+    raw = torch.load(path, weights_only=True)
+    assert raw["config"]["seg_head"]["mode"] == "fused" and "seg_head.map_norm" in raw["state_dict"]
+    torch.manual_seed(0)
+    back = load_detector(path)
+    assert back.config == det.config and back.seg_head.mode == "fused"
+    torch.manual_seed(0)
+    bare = AnomalyDetector(SkipTS("resnet18", pretrained=False), preprocessing={"spatial_size": 32})
+    assert bare.seg_head is None
+    bare.load_state_dict(load_checkpoint(path))
+    x = torch.randn(2, 3, 32, 32)
+    det.eval(), bare.eval()
+    with torch.no_grad():
+        want = det(x)
+        for got in (back(x), bare(x)):
+            assert all(torch.equal(a, b) for a, b in zip(want, got))

@@ -157,3 +157,28 @@ def test_monai_bundle_ckpt_export(tmp_path, lite_checkpoint):
     with torch.no_grad():
         for a, b in zip(ts(x), eager(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["map", "fused"])
+def test_segmentation_head_exports_to_torchscript_and_onnx(tmp_path, mode):
+    """The head's map (or the fused one) is the exported graph's output, within 1e-4 of eager PyTorch
+    (the export's own check), and its config is in the metadata."""
+    torch.manual_seed(0)
+    det = AnomalyDetector(SkipTS("efficientnet_lite0"), preprocessing={"spatial_size": SIZE}).eval()
+    det.set_seg_head({"mode": mode}).eval()
+    det.seg_head.set_map_norm(0.1, 2.0)
+    x = _input()
+    with torch.no_grad():
+        want_map, want_score = det(x)
+    ts, meta, _ = load_torchscript(export_torchscript(det, tmp_path / "m.ts", verify=True))
+    with torch.no_grad():
+        ts_map, ts_score = ts(x)
+    torch.testing.assert_close(ts_map, want_map, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ts_score, want_score, rtol=0, atol=1e-4)
+    assert meta["detector_config"]["seg_head"]["mode"] == mode
+    onnx_path = export_onnx(det, tmp_path / "m.onnx", verify=True)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = sess.run(["anomaly_map", "score"], {"image": x.numpy()})
+    np.testing.assert_allclose(onnx_map, want_map.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(onnx_score, want_score.numpy(), rtol=0, atol=1e-4)
+    assert read_onnx_metadata(onnx_path)["detector_config"]["seg_head"]["mode"] == mode

@@ -4,6 +4,7 @@ from .anatomy import ANATOMY_MASK_DEFAULTS, ANATOMY_METHODS, AnatomyMaskLayer, a
 from .bottleneck import OneClassBottleneck, RD4ADStudent
 from .detector import AnomalyDetector, decide
 from .rd4ad import RD4AD
+from .seg_head import SEG_HEAD_MODES, SegHead
 from .skipts import (
     STUDENT_PRESETS,
     EncoderStudent,

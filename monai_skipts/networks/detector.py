@@ -19,6 +19,8 @@ in ``state_dict()`` plus one JSON-able :attr:`AnomalyDetector.config`:
 ``config["anatomy_mask"]``  anatomy mask settings (:func:`~monai_skipts.networks.anatomy_mask_config`;
                             ``None``: off): the maps are zero outside the anatomy, the score is the
                             maximum inside it (:class:`~monai_skipts.networks.AnatomyMaskLayer`)
+``config["seg_head"]``      the segmentation head's config (``None``: none; :class:`~monai_skipts.networks.SegHead`)
+``seg_head.*`` (weights)    the head's weights and its ``map_norm`` buffer (only with a head)
 ==========================  ======================================================================
 
 A checkpoint is this state (:func:`~monai_skipts.checkpoint.save_checkpoint`,
@@ -37,6 +39,7 @@ from torch import nn
 from monai_skipts.inferers import AnomalyMapHead
 from monai_skipts.metrics import normalize_score
 from monai_skipts.networks.anatomy import AnatomyMaskLayer, anatomy_mask_config
+from monai_skipts.networks.seg_head import SegHead
 from monai_skipts.transforms.presets import SPEC_KEYS, spatial_size_2d
 
 __all__ = ["AnomalyDetector", "SCALAR_STATE", "decide"]
@@ -69,6 +72,8 @@ class AnomalyDetector(nn.Module):
             (:func:`~monai_skipts.networks.anatomy_mask_config`).
         similarity: the maps' per-pixel discrepancy (``"cosine"``: eq 1; see
             :class:`~monai_skipts.inferers.AnomalyMapHead`).
+        seg_head: an optional segmentation head's config (:meth:`set_seg_head`; ``None``: none, the
+            map is the discrepancy map).
 
     Raises:
         ValueError: a ``spatial_size`` that is not ``S``, ``(S,)`` or ``(H, W)`` of positive ints;
@@ -88,6 +93,7 @@ class AnomalyDetector(nn.Module):
         preprocessing: Mapping[str, Any] | None = None,
         anatomy_mask: Mapping[str, Any] | bool | None = None,
         similarity: str = "cosine",
+        seg_head: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -107,9 +113,12 @@ class AnomalyDetector(nn.Module):
             "preprocessing": prep,
             "calibration": None,
             "anatomy_mask": None,
+            "seg_head": None,
         }
         self.anatomy: AnatomyMaskLayer | None = None
         self.set_anatomy_mask(anatomy_mask)
+        self.seg_head: SegHead | None = None
+        self.set_seg_head(seg_head)
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -174,6 +183,37 @@ class AnomalyDetector(nn.Module):
         self.config["sigma"] = float(sigma)
         self.head = AnomalyMapHead(float(sigma), similarity=self.config["similarity"]).to(self.level_stats.device)
 
+    def set_seg_head(self, options: Mapping[str, Any] | None) -> SegHead | None:
+        """Add a new (untrained) segmentation head, or remove it (``None``); its config becomes
+        ``config["seg_head"]``.
+
+        Args:
+            options: :class:`~monai_skipts.networks.SegHead`'s ``mode``, ``hidden``, ``reduce`` and
+                ``in_channels`` (default: the teacher's ``E1..E3`` channels).
+        """
+        if not options:
+            self.seg_head, self.config["seg_head"] = None, None
+            return None
+        opts = dict(options)
+        if opts.get("in_channels") is None:
+            opts["in_channels"] = list(getattr(self.model, "module", self.model).teacher.out_channels[:3])
+        head = SegHead.from_config(opts).to(self.level_stats.device)
+        self.seg_head, self.config["seg_head"] = head, head.config
+        return head
+
+    def set_seg_head_mode(self, mode: str) -> None:
+        """Select the map (:data:`~monai_skipts.networks.seg_head.SEG_HEAD_MODES`) of the detector's head.
+        The thresholds were calibrated on another map: they are cleared (calibrate again).
+
+        Raises:
+            ValueError: no head, or an unknown mode.
+        """
+        if self.seg_head is None:
+            raise ValueError("the detector has no segmentation head: train one first (SegHeadTrainer)")
+        if mode != self.seg_head.mode:
+            self.seg_head.mode = mode
+            self.set_calibration(None)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """The module's own state dict, or a whole monai-skipts checkpoint (what ``python -m
         monai.bundle ckpt_export`` hands it): then the teacher is checked, the config (sigma,
@@ -217,6 +257,9 @@ class AnomalyDetector(nn.Module):
             )
         t, s = self.model(x, teacher_feats)
         amap, score = self.head(t, s, x.shape[-2:], self.get_level_stats())
+        if self.seg_head is not None and self.seg_head.mode != "discrepancy":
+            amap = self.seg_head(t, s, amap)
+            score = amap.flatten(1).amax(dim=1)
         if self.anatomy is None:
             return amap, score
         inside = self.anatomy(x) > 0
