@@ -126,7 +126,7 @@ def params(name: str, dataset: str, modality: str, dataset_dir: str, kwargs: dic
         # e.g. {"prob": 0.5, "families": ["intensity", "fpi", "elastic"]} (monai_skipts.bundle.training_prepare_batch)
         "synthetic_lesions": None,
         # DeSTSeg's second stage (issue 20): None = off; else {"mode": "map"|"fused", "epochs": 5, ...}
-        # (monai_skipts.engines_seghead.SegHeadTrainer: a head on the frozen teacher-student discrepancy,
+        # (monai_skipts.engines.SegHeadTrainer: a head on the frozen teacher-student discrepancy,
         # trained on synthetic lesions; the detector's map is then the head's, or fused with the discrepancy)
         "seg_head": None,
         "cache_rate": 1.0,

@@ -684,7 +684,7 @@ def test_demo_bundle_trains_a_segmentation_head_when_asked(tmp_path):
     from monai.bundle import ConfigParser
 
     from monai_skipts.checkpoint import load_checkpoint, load_detector
-    from monai_skipts.engines_seghead import SegHeadTrainer
+    from monai_skipts.engines import SegHeadTrainer
 
     cfg = ConfigParser()
     cfg.read_config(str(REPO / "bundles" / "demo" / "train.json"))

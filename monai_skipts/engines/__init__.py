@@ -17,18 +17,21 @@
 - :class:`DenoisingBatch` (a ``prepare_batch``) trains the student to denoise: it reads the teacher's
   features of images with synthetic lesions and is compared with the teacher's features of the clean
   images (off unless a bundle's ``synthetic_lesions`` or a benchmark method asks for it).
+- :class:`SegHeadTrainer` trains the optional segmentation head on the frozen teacher-student
+  discrepancy with synthetic lesions (bundle: ``$@seg_head_stage()`` after the level statistics).
 - :class:`LevelStatsFitter` fits those per-level statistics on the training normals after training
   and sets them on the detector (bundle: ``$@fit_level_stats()`` between the trainer's run and the
   calibration).
 
 Modules: :mod:`~monai_skipts.engines.trainer`, :mod:`~monai_skipts.engines.evaluator`,
 :mod:`~monai_skipts.engines.prepare_batch` (the ``prepare_batch`` callables),
-:mod:`~monai_skipts.engines.level_stats`; the names above are this package's API.
+:mod:`~monai_skipts.engines.level_stats`, :mod:`~monai_skipts.engines.seg_head`; the names above are this package's API.
 """
 
 from monai_skipts.engines.evaluator import SkipTSEvaluator
 from monai_skipts.engines.level_stats import LevelStatsFitter
 from monai_skipts.engines.prepare_batch import DenoisingBatch, PlainTensorBatch, TeacherFeatureCache
+from monai_skipts.engines.seg_head import SEG_HEAD_DEFAULTS, SEG_HEAD_LOSSES, SegHeadLoss, SegHeadTrainer
 from monai_skipts.engines.trainer import (
     PAPER_HPARAMS,
     NonFiniteLossError,
@@ -45,6 +48,10 @@ __all__ = [
     "TeacherFeatureCache",
     "PlainTensorBatch",
     "DenoisingBatch",
+    "SegHeadTrainer",
+    "SegHeadLoss",
+    "SEG_HEAD_DEFAULTS",
+    "SEG_HEAD_LOSSES",
     "build_optimizer",
     "distribute_student",
     "PAPER_HPARAMS",

@@ -6,7 +6,7 @@ teacher and student features (whose channel sum is the cosine similarity of eq 1
 discrepancy ``1 - cos`` itself; each level is reduced by a 1x1 convolution, brought to the resolution
 of level 1 (bilinear), and two 3x3 convolutions (GroupNorm, ReLU) and a 1x1 convolution give a lesion
 logit map, up-sampled (bilinear) to the image. It is trained on synthetic lesions with the teacher and
-student frozen (:class:`~monai_skipts.engines_seghead.SegHeadTrainer`).
+student frozen (:class:`~monai_skipts.engines.SegHeadTrainer`).
 
 Held by an :class:`~monai_skipts.networks.AnomalyDetector` (``seg_head``), whose map it selects by
 ``mode`` (:data:`SEG_HEAD_MODES`):

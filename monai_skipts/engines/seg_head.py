@@ -5,7 +5,7 @@ teacher-student discrepancy, trained on synthetic lesions.
 before the calibration (the thresholds are calibrated on the map the head selects). In a bundle config
 (``seg_head``: ``None`` = off, or ``{"mode": "map"|"fused", "epochs": 5, ...}``)::
 
-    "seg_head_stage": {"_target_": "monai_skipts.engines_seghead.SegHeadTrainer", "network": "@detector",
+    "seg_head_stage": {"_target_": "monai_skipts.engines.SegHeadTrainer", "network": "@detector",
                        "data_loader": "@train#dataloader", "prepare_batch": "@train#prepare_batch",
                        "options": "@seg_head", ...},
     "run": ["$@train#trainer.run()", "$@fit_level_stats()", "$@seg_head_stage()", "$@calibrate()", ...]
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from monai.engines.utils import default_prepare_batch
 from monai.losses import DiceLoss, FocalLoss
 
+from monai_skipts.engines.prepare_batch import DenoisingBatch
+from monai_skipts.transforms import RandSyntheticLesion
 from monai_skipts.utils import resolve_device
 
 __all__ = ["SEG_HEAD_LOSSES", "SEG_HEAD_DEFAULTS", "SegHeadLoss", "SegHeadTrainer"]
@@ -134,8 +136,6 @@ class SegHeadTrainer:
         if lesions is None:
             lesions = {k: v for k, v in (synthetic_lesions or {"prob": 0.5}).items() if k != "annotations"}
         self.lesions = dict(lesions)
-        from monai_skipts.engines import DenoisingBatch
-
         if isinstance(prepare_batch, DenoisingBatch):
             prepare_batch = prepare_batch.features
         self.prepare_batch = prepare_batch if prepare_batch is not None else default_prepare_batch
@@ -147,8 +147,6 @@ class SegHeadTrainer:
         """Train the head and set it on the network; returns it (``None`` when off)."""
         if not self.enabled:
             return None
-        from monai_skipts.bundle.workflow import denoising_prepare_batch
-
         det, opts = self.network, self.options
         device = self.device or det.level_stats.device
         if self.seed is not None:
@@ -159,7 +157,9 @@ class SegHeadTrainer:
         was_training = model.training
         model.eval()
         seed = None if self.seed is None else int(self.seed) + 2  # not the student's lesion sequence
-        corrupt = denoising_prepare_batch(model, self.prepare_batch, self.lesions, self.modality, seed)
+        lesion = RandSyntheticLesion(**{"modality": self.modality, **self.lesions})
+        lesion.set_random_state(seed)
+        corrupt = DenoisingBatch(model, lesion, features=self.prepare_batch, modality=self.modality)
         loss_fn = SegHeadLoss(opts["loss"])
         optimizer = torch.optim.Adam(head.parameters(), lr=float(opts["lr"]))
         head.train()

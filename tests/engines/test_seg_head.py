@@ -10,8 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from monai_skipts.apps import make_phantom_dataset
 from monai_skipts.data import prepare_split
-from monai_skipts.engines import LevelStatsFitter, SkipTSTrainer, TeacherFeatureCache
-from monai_skipts.engines_seghead import SegHeadLoss, SegHeadTrainer
+from monai_skipts.engines import LevelStatsFitter, SegHeadLoss, SegHeadTrainer, SkipTSTrainer, TeacherFeatureCache
 from monai_skipts.losses import build_loss
 from monai_skipts.networks import AnomalyDetector, SkipTS
 from monai_skipts.transforms import RandSyntheticLesion, preset_transforms
