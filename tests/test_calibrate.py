@@ -1,5 +1,5 @@
 """Recalibration on site with real files: a model trained by the demo bundle, site normals from
-another scanner (another intensity scale), the command line, and its refusals."""
+another scanner (more noise), the command line, and its refusals."""
 
 from __future__ import annotations
 
@@ -34,16 +34,19 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """Normal images of another site: the phantom's anatomy, another intensity scale (0.5 x + 100),
-    30 to calibrate on (``cal/``), 30 to measure on (``test/``)."""
+    """Normal images of another site: the phantom's anatomy seen by a noisier scanner (Gaussian noise,
+    sd 25 grey levels; a shift of the intensity scale alone is normalised away and, outside the
+    anatomy, not scored), 30 to calibrate on (``cal/``), 30 to measure on (``test/``)."""
     root = tmp_path_factory.mktemp("site")
     src = make_phantom_dataset(root / "phantom", n_train=60, n_test_normal=1, n_test_abnormal=1, size=64, seed=7)
     files = sorted((src / "train" / "good").glob("*.png"))
+    rng = np.random.default_rng(0)
     for part, chunk in (("cal", files[:30]), ("test", files[30:])):
         (root / part).mkdir()
         for f in chunk:
             x = np.asarray(Image.open(f)).astype(np.float32)
-            Image.fromarray(np.clip(0.5 * x + 100, 0, 255).astype(np.uint8)).save(root / part / f.name)
+            noisy = np.clip(x + rng.normal(0.0, 25.0, x.shape), 0, 255)
+            Image.fromarray(noisy.astype(np.uint8)).save(root / part / f.name)
     return root
 
 
@@ -62,7 +65,8 @@ def test_site_recalibration_moves_the_observed_fpr_toward_the_target(trained, si
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     after = _observed_fpr(out, site / "test")
-    assert abs(after - 0.05) < abs(before - 0.05) and before > 0.2  # measured: 36.7 % -> 3.3 %
+    # before: at least 6 of the 30 site normals flagged (P = 0.016 were the FPR still 5 %); measured 20 % -> 6.7 %
+    assert abs(after - 0.05) < abs(before - 0.05) and before >= 0.2
     old, new = load_checkpoint(model), load_checkpoint(out)
     rec = new["config"]["calibration"]
     assert rec["source"] == "site" and rec["n_normals"] == 30 and rec["target_fpr"] == 0.05
