@@ -662,17 +662,7 @@ def test_demo_bundle_trains_with_synthetic_lesions_switched_on(tmp_path):
     assert prep.lesion.families == ("intensity", "elastic") and prep.lesion.prob == 1.0
     out = tmp_path / "demo"
     bundle_run(
-        config_file="bundles/demo/train.json",
-        output_dir=str(out),
-        epochs=1,
-        n_train_images=8,
-        spatial_size=64,
-        val_interval=1,
-        progress_bar=False,
-        target_fpr=0.5,
-        calibration="empirical",
-        mlflow=False,
-        synthetic_lesions=lesions,
+        config_file="bundles/demo/train.json", output_dir=str(out), **TINY, n_train_images=8, synthetic_lesions=lesions
     )
     assert (out / "model.pt").is_file() and (out / "metrics.json").is_file()
 
@@ -697,14 +687,8 @@ def test_demo_bundle_trains_a_segmentation_head_when_asked(tmp_path):
     bundle_run(
         config_file="bundles/demo/train.json",
         output_dir=str(out),
-        epochs=1,
+        **TINY,
         n_train_images=8,
-        spatial_size=64,
-        val_interval=1,
-        progress_bar=False,
-        target_fpr=0.5,
-        calibration="empirical",
-        mlflow=False,
         seg_head={"mode": "fused", "epochs": 2},
     )
     ckpt = load_checkpoint(out / "model.pt")
