@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,13 @@ def tiny_training_command(data: Path | None, out: Path, config: str = "bundles/d
     if data is not None:
         cmd += ["--dataset_dir", str(data)]
     return cmd + override_args({**TINY_TRAINING, "progress_bar": False, "save_maps": False, **over})
+
+
+def assert_plain_json(d: dict) -> None:
+    """Every value of ``d`` is a plain Python ``float``/``int`` (not a numpy scalar) and ``d`` serialises."""
+    for k, v in d.items():
+        assert type(v) in (float, int), (k, type(v))
+    json.dumps(d)
 
 
 def run_doctests(module) -> None:
