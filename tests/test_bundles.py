@@ -629,8 +629,9 @@ def test_threshold_is_calibrated_on_the_maps_the_model_serves(tmp_path):
 )
 def test_presets_merged_over_a_bundle_build_their_model(preset, expect, loss, level_stats, epochs, tmp_path):
     """`--config_file "['bundles/<d>/train.json','bundles/presets/<p>.json']"` (bundle_runs.py --preset):
-    the preset's ids win over the bundle's, and the model, loss, map standardisation and schedule
-    follow them; without a preset the bundle builds the default the rule picked (benchmarks/README.md)."""
+    the preset's ids win over the bundle's, and the model, loss, map standardisation, anatomy mask and
+    schedule follow them; without a preset the bundle builds the default the rule picked
+    (benchmarks/README.md), with the anatomy mask, which the paper's configuration has not."""
     from monai.bundle import ConfigWorkflow
 
     files = ["bundles/lgg/train.json"] + ([f"bundles/presets/{preset}.json"] if preset else [])
@@ -643,6 +644,7 @@ def test_presets_merged_over_a_bundle_build_their_model(preset, expect, loss, le
     assert type(parser.get_parsed_content("train#loss")).__name__ == loss
     assert parser.get_parsed_content("level_stats") is level_stats
     assert parser.get_parsed_content("epochs") == epochs
+    assert parser.get_parsed_content("anatomy_mask") is (preset is None)
 
 
 def test_demo_bundle_trains_with_synthetic_lesions_switched_on(tmp_path):
