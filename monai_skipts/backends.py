@@ -1,8 +1,10 @@
 """Serving backends: the exported detector graph on the CPU through ONNX Runtime or OpenVINO.
 
 :class:`~monai_skipts.inference.AnomalyPredictor` with ``backend="onnxruntime"`` or ``"openvino"``
-runs the graph :func:`~monai_skipts.export_cache.cached_backend_export` made; :func:`make_backend_runner`
-loads it (OpenVINO in f32: no bf16 inference precision, so the maps stay within 1e-4 of eager PyTorch).
+runs the graph :func:`~monai_skipts.export_cache.cached_backend_export` made (the detector's whole
+forward: a segmentation head and the anatomy mask included, so the served map is the one the threshold
+was calibrated on); :func:`make_backend_runner` loads it (OpenVINO in f32: no bf16 inference precision,
+so the maps stay within 1e-4 of eager PyTorch).
 """
 
 from __future__ import annotations

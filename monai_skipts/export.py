@@ -3,8 +3,9 @@
 The exported graph is the :class:`~monai_skipts.networks.AnomalyDetector`'s forward: teacher, student,
 per-level cosine maps, the per-level standardisation (its ``level_stats``), bilinear up-sampling, the
 Gaussian filter (separable convolution with symmetric index padding, so it traces and exports where
-``scipy``/kornia-style reflect padding does not, cf. anomalib issue #1513) and the image score (map
-maximum). Its threshold buffers travel with it.
+``scipy``/kornia-style reflect padding does not, cf. anomalib issue #1513), the segmentation head when
+the detector has one (its map in mode ``"map"`` or ``"fused"``), the anatomy mask and the image score
+(map maximum). Its threshold buffers travel with it.
 
 - :func:`export_torchscript`, :func:`export_onnx`: trace at a fixed ``spatial_size`` (the
   EfficientNet teachers' "same" padding and the up-sampling sizes are fixed at trace time; the batch
@@ -93,12 +94,14 @@ def export_metadata(
     detector: nn.Module, spatial_size: int | Sequence[int], extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The metadata embedded in exports: the detector's config (architecture, sigma, preprocessing,
-    calibration, anatomy mask), its threshold record, spatial size, per-level map statistics
-    (``[[mean, std], ...]`` or ``None``), input/output names and shapes, package version. Plain
-    JSON-able data."""
+    calibration, anatomy mask, segmentation head), its threshold record, spatial size, per-level map
+    statistics (``[[mean, std], ...]`` or ``None``), the segmentation head's config (``None``: none),
+    input/output names and shapes (``anomaly_map``'s ``"map"``: the map it is, ``"discrepancy"`` or the
+    head's mode), package version. Plain JSON-able data."""
     h, w = spatial_size_2d(spatial_size)
     cfg = detector.config
     stats = detector.get_level_stats()
+    head = cfg.get("seg_head")
     meta = {
         "kind": EXPORT_KIND,
         "monai_skipts_version": __version__,
@@ -109,6 +112,7 @@ def export_metadata(
         "spatial_size": [h, w],
         "sigma": detector.sigma,
         "level_stats": stats.detach().cpu().double().tolist() if stats is not None else None,
+        "seg_head": json.loads(json.dumps(head)),
         "inputs": {
             "image": {
                 "shape": ["B", 3, h, w],
@@ -117,7 +121,11 @@ def export_metadata(
             }
         },
         "outputs": {
-            "anomaly_map": {"shape": ["B", 1, h, w], "dtype": "float32"},
+            "anomaly_map": {
+                "shape": ["B", 1, h, w],
+                "dtype": "float32",
+                "map": (head or {}).get("mode", "discrepancy"),
+            },
             "score": {"shape": ["B"], "dtype": "float32", "anomalous_if": "score >= threshold.value"},
         },
     }
@@ -214,7 +222,8 @@ def export_onnx(
     Uses torch's TorchScript-based exporter (``dynamo=False``: it needs no ``onnxscript``). Metadata:
     ``metadata_props`` holds ``monai_skipts`` (the whole :func:`export_metadata` as JSON) and the flat
     keys ``teacher``, ``threshold``, ``threshold_scale``, ``spatial_size``, ``sigma``,
-    ``level_stats`` (JSON ``[[mean, std], ...]`` or ``null``). With
+    ``level_stats`` (JSON ``[[mean, std], ...]`` or ``null``), ``seg_head`` (JSON: the head's config or
+    ``null``). With
     ``verify``, onnxruntime (when installed) runs the file on a batch of 2 and it is compared with the
     eager model. ``constant_folding`` is torch's (off: a faster export; onnxruntime folds at load
     anyway). Other arguments: see :func:`export_torchscript`.
@@ -252,6 +261,7 @@ def export_onnx(
         "spatial_size": json.dumps(meta["spatial_size"]),
         "sigma": repr(meta["sigma"]),
         "level_stats": json.dumps(meta["level_stats"]),
+        "seg_head": json.dumps(meta["seg_head"]),
     }
     onnx.helper.set_model_props(proto, props)
     proto.producer_name, proto.producer_version = "monai-skipts", __version__

@@ -1,7 +1,7 @@
 """Serving backends of :class:`~monai_skipts.inference.AnomalyPredictor`: the exported graph
-(standardisation, blur and score included) through ONNX Runtime and OpenVINO against eager PyTorch on
-the same checkpoint, the export cache next to the checkpoint (reuse, invalidation, a corrupted file),
-and the inference bundle's ``--backend``.
+(standardisation, blur and score included; a segmentation head in each mode) through ONNX Runtime and
+OpenVINO against eager PyTorch on the same checkpoint, the export cache next to the checkpoint (reuse,
+invalidation, a corrupted file), and the inference bundle's ``--backend``.
 
 A backend whose runtime is not installed is skipped, saying which extra installs it.
 """
@@ -88,6 +88,61 @@ def test_backend_matches_eager(tmp_path, checkpoint, images, eager, backend, one
     s_eager, m_eager = eager.score_images([img])
     s_back, m_back = pred.score_images([img])
     assert abs(s_eager[0] - s_back[0]) <= 1e-4 and (m_eager[0] - m_back[0]).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def head_checkpoints(tmp_path_factory):
+    """Checkpoints of one detector (level statistics, anatomy mask on) with a segmentation head trained
+    briefly on synthetic lesions (:class:`~monai_skipts.engines.SegHeadTrainer`, which also fits the fused
+    normalisation), one per mode, each calibrated."""
+    from monai_skipts.checkpoint import save_checkpoint
+    from monai_skipts.engines import SegHeadTrainer
+    from monai_skipts.networks import AnomalyDetector
+
+    torch.manual_seed(0)
+    model = SkipTS("efficientnet_lite0").eval()
+    det = AnomalyDetector(model, preprocessing={"modality": "mri", "spatial_size": SIZE}, anatomy_mask=True)
+    x = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    det.set_level_stats(fit_level_stats(model, [x]))
+    SegHeadTrainer(det, [{"image": x, "id": list("abcd")}], {"mode": "fused", "epochs": 2}, seed=0, device="cpu")()
+    assert det.seg_head.map_norm.tolist() != [0.0, 1.0]
+    folder = tmp_path_factory.mktemp("head_ckpt")
+    paths = {}
+    for mode in ("map", "fused"):
+        det.set_seg_head_mode(mode)
+        det.set_calibration({**THRESHOLD, "value": 0.5})
+        paths[mode] = save_checkpoint(folder / f"{mode}.pt", det)
+    return paths
+
+
+@pytest.mark.parametrize("mode", ["map", "fused"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_backend_with_segmentation_head_matches_eager(tmp_path, head_checkpoints, backend, mode, one_thread):
+    """The served map is the head's (or the fused one), as eager PyTorch gives it, within 1e-4."""
+    _installed(backend)
+    from monai_skipts.checkpoint import load_detector
+    from monai_skipts.export import read_onnx_metadata
+
+    ckpt = head_checkpoints[mode]
+    images = torch.rand(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    eager = AnomalyPredictor(ckpt, device="cpu", batch_size=4)
+    assert eager.detector.seg_head.mode == mode and eager.detector.anatomy is not None
+    pred = AnomalyPredictor(ckpt, backend=backend, num_threads=1, batch_size=4, export_cache_dir=tmp_path)
+    want_map, want_score = eager.predict(images)
+    got_map, got_score = pred.predict(images)
+    assert got_map.shape == want_map.shape == (5, 1, SIZE, SIZE) and got_score.shape == (5,)
+    assert (got_map - want_map).abs().max().item() <= 1e-4
+    assert (got_score - want_score).abs().max().item() <= 1e-4
+    assert [pred.decide(float(s))["anomalous"] for s in got_score] == [
+        eager.decide(float(s))["anomalous"] for s in want_score
+    ]
+    plain = load_detector(ckpt).eval()  # the same detector serving its discrepancy map: another map
+    plain.seg_head.mode = "discrepancy"
+    with torch.no_grad():
+        assert (plain(images)[0] - want_map).abs().max().item() > 1e-2
+    if backend == "onnxruntime":
+        meta = read_onnx_metadata(pred.export_files[0])
+        assert meta["seg_head"]["mode"] == mode and meta["outputs"]["anomaly_map"]["map"] == mode
 
 
 def test_cache_reused_invalidated_and_repaired(tmp_path, checkpoint, images, one_thread):

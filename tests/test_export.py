@@ -60,8 +60,9 @@ def test_torchscript_and_onnx_match_eager(tmp_path, teacher, pretrained):
     np.testing.assert_allclose(onnx_score, want_score.numpy(), rtol=0, atol=1e-4)
     props = sess.get_modelmeta().custom_metadata_map
     assert props["teacher"] == teacher and float(props["threshold"]) == THRESHOLD["value"]
-    assert json.loads(props["spatial_size"]) == [SIZE, SIZE]
+    assert json.loads(props["spatial_size"]) == [SIZE, SIZE] and json.loads(props["seg_head"]) is None
     assert read_onnx_metadata(onnx_path)["threshold"] == THRESHOLD
+    assert meta["seg_head"] is None and meta["outputs"]["anomaly_map"]["map"] == "discrepancy"
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +176,12 @@ def test_segmentation_head_exports_to_torchscript_and_onnx(tmp_path, mode):
         ts_map, ts_score = ts(x)
     torch.testing.assert_close(ts_map, want_map, rtol=0, atol=1e-4)
     torch.testing.assert_close(ts_score, want_score, rtol=0, atol=1e-4)
-    assert meta["detector_config"]["seg_head"]["mode"] == mode
+    assert meta["detector_config"]["seg_head"]["mode"] == mode == meta["seg_head"]["mode"]
+    assert meta["outputs"]["anomaly_map"]["map"] == mode
     onnx_path = export_onnx(det, tmp_path / "m.onnx", verify=True)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_map, onnx_score = sess.run(["anomaly_map", "score"], {"image": x.numpy()})
     np.testing.assert_allclose(onnx_map, want_map.numpy(), rtol=0, atol=1e-4)
     np.testing.assert_allclose(onnx_score, want_score.numpy(), rtol=0, atol=1e-4)
     assert read_onnx_metadata(onnx_path)["detector_config"]["seg_head"]["mode"] == mode
+    assert json.loads(sess.get_modelmeta().custom_metadata_map["seg_head"]) == det.config["seg_head"]

@@ -11,8 +11,9 @@ them with ``_target_`` components and ``@`` references, by their names here:
 - :mod:`monai_skipts.bundle.tracking`: MLflow names, switch and registration;
 - :mod:`monai_skipts.bundle.deferred`: values known only after a step (the calibrated threshold,
   ``metrics.json``'s extra entries);
-- :mod:`monai_skipts.bundle.checks`: the command-line check every bundle runs first, the root cause
-  printed last, and :func:`expression_share` (how much of a config is Python in ``$`` expressions).
+- :mod:`monai_skipts.bundle.checks`: the command-line check every bundle runs first, the check of the
+  segmentation head's options before training, the root cause printed last, and
+  :func:`expression_share` (how much of a config is Python in ``$`` expressions).
 
 Every function takes plain values (the bundle's top-level ids) and returns a plain value or a
 component. The bundles' rule for ``initialize`` / ``run`` / ``finalize`` steps: a step that calls a
@@ -29,9 +30,11 @@ In a config: ``{"_target_": "monai_skipts.bundle.build_split", "dataset": "@data
 """
 
 from monai_skipts.bundle.checks import (
+    SegHeadCalibrationWarning,
     UnknownOptionError,
     check_command_line,
     check_overrides,
+    check_seg_head,
     command_line_overrides,
     expression_share,
     install_root_cause_hook,

@@ -13,12 +13,16 @@
   naming the file and the problem ends up in the middle of the traceback. The hook prints the traceback as
   before, then the root cause last, where a user reads it.
 
+- :func:`check_seg_head`: refuse a bad ``seg_head`` option, or a head with cross-fitted calibration,
+  and warn when the head's ``"map"`` would be calibrated with a parametric fit, before the student
+  trains (:class:`SegHeadCalibrationWarning`).
+
 - :func:`expression_share`: how much of a bundle config file is Python in ``$`` expressions (the
   bundles keep it under 10 %: logic lives in :mod:`monai_skipts.bundle`'s functions, JSON keeps the
   wiring); ``python bundles/expression_share.py [FILE...]`` prints it.
 
 The bundles (``bundles/common/{train,evaluate,inference}.json``) call :func:`check_command_line` as the
-first step of ``initialize``. It does nothing when the bundle is run from Python
+first step of ``initialize``; ``train.json`` calls :func:`check_seg_head` after the flag check. It does nothing when the bundle is run from Python
 (``monai.bundle.run(...)``, ``ConfigWorkflow``): the overrides are then the caller's keyword arguments,
 which are not visible from here.
 """
@@ -29,15 +33,18 @@ import ast
 import difflib
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 __all__ = [
     "MONAI_RUN_ARGS",
+    "SegHeadCalibrationWarning",
     "UnknownOptionError",
     "check_base_config",
     "check_command_line",
     "check_overrides",
+    "check_seg_head",
     "command_line_overrides",
     "expression_share",
     "install_root_cause_hook",
@@ -206,6 +213,52 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
         settings = DEFAULT_EXP_MGMT_SETTINGS.get(str(args["tracking"]), {})
         extra |= set(settings.get("configs", {}))
     check_overrides(args, _as_files(args["config_file"]), extra)
+
+
+class SegHeadCalibrationWarning(UserWarning):
+    """A segmentation head's map calibrated with a parametric fit (:func:`check_seg_head`)."""
+
+
+def check_seg_head(seg_head: Any, calibration_folds: int | None = 0, calibration: str = "empirical") -> None:
+    """Check a training bundle's ``seg_head`` against its calibration options, before anything trains.
+
+    Args:
+        seg_head: the bundle's ``seg_head`` (``None``: no head, nothing to check).
+        calibration_folds: the bundle's ``calibration_folds``.
+        calibration: the bundle's ``calibration`` method.
+
+    Raises:
+        ValueError: a bad ``seg_head`` option
+            (:func:`~monai_skipts.engines.seg_head.seg_head_options`), or a head with
+            ``calibration_folds >= 2``; the message names the options and what to change.
+
+    Warns:
+        SegHeadCalibrationWarning: mode ``"map"`` with a parametric ``calibration`` (not
+            ``"empirical"``), naming both options and recommending ``"empirical"``.
+    """
+    from monai_skipts.calibration import CALIBRATION_METHODS
+    from monai_skipts.engines.seg_head import seg_head_options
+
+    opts = seg_head_options(seg_head)
+    if opts is None:
+        return
+    folds = int(calibration_folds or 0)
+    if folds >= 2:
+        raise ValueError(
+            f"seg_head with calibration_folds={folds} is not supported: cross-fitted calibration trains a "
+            "student per fold and calibrates on their out-of-fold scores, but the segmentation head is trained "
+            "once, on the final student, so those scores would not be the map the model serves; use "
+            "--calibration_folds 0 (calibrate on the validation normals) with the head, or --seg_head None"
+        )
+    parametric = [m for m in CALIBRATION_METHODS if m != "empirical"]
+    if opts["mode"] == "map" and calibration in parametric:
+        warnings.warn(
+            f"seg_head mode 'map' with calibration {calibration!r}: the head's map is a lesion probability "
+            f"(at most 1) whose normal image scores are not {calibration}-distributed, so the fitted threshold "
+            "can lie above every score and flag nothing; use --calibration empirical",
+            SegHeadCalibrationWarning,
+            stacklevel=2,
+        )
 
 
 def root_cause(exc: BaseException) -> BaseException:

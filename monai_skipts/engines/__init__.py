@@ -18,7 +18,8 @@
   features of images with synthetic lesions and is compared with the teacher's features of the clean
   images (off unless a bundle's ``synthetic_lesions`` or a benchmark method asks for it).
 - :class:`SegHeadTrainer` trains the optional segmentation head on the frozen teacher-student
-  discrepancy with synthetic lesions (bundle: ``$@seg_head_stage()`` after the level statistics).
+  discrepancy with synthetic lesions (bundle: ``$@seg_head_stage()`` after the level statistics);
+  :func:`seg_head_options` checks a bundle's ``seg_head`` (the bundle does before training).
 - :class:`LevelStatsFitter` fits those per-level statistics on the training normals after training
   and sets them on the detector (bundle: ``$@fit_level_stats()`` between the trainer's run and the
   calibration).
@@ -31,7 +32,14 @@ Modules: :mod:`~monai_skipts.engines.trainer`, :mod:`~monai_skipts.engines.evalu
 from monai_skipts.engines.evaluator import SkipTSEvaluator
 from monai_skipts.engines.level_stats import LevelStatsFitter
 from monai_skipts.engines.prepare_batch import DenoisingBatch, PlainTensorBatch, TeacherFeatureCache
-from monai_skipts.engines.seg_head import SEG_HEAD_DEFAULTS, SEG_HEAD_LOSSES, SegHeadLoss, SegHeadTrainer
+from monai_skipts.engines.seg_head import (
+    SEG_HEAD_DEFAULTS,
+    SEG_HEAD_LOSSES,
+    SEG_HEAD_TRAINED_MODES,
+    SegHeadLoss,
+    SegHeadTrainer,
+    seg_head_options,
+)
 from monai_skipts.engines.trainer import (
     PAPER_HPARAMS,
     NonFiniteLossError,
@@ -52,6 +60,8 @@ __all__ = [
     "SegHeadLoss",
     "SEG_HEAD_DEFAULTS",
     "SEG_HEAD_LOSSES",
+    "SEG_HEAD_TRAINED_MODES",
+    "seg_head_options",
     "build_optimizer",
     "distribute_student",
     "PAPER_HPARAMS",

@@ -13,6 +13,7 @@ before the calibration (the thresholds are calibrated on the map the head select
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +28,14 @@ from monai_skipts.engines.prepare_batch import DenoisingBatch
 from monai_skipts.transforms import RandSyntheticLesion
 from monai_skipts.utils import resolve_device
 
-__all__ = ["SEG_HEAD_LOSSES", "SEG_HEAD_DEFAULTS", "SegHeadLoss", "SegHeadTrainer"]
+__all__ = [
+    "SEG_HEAD_LOSSES",
+    "SEG_HEAD_DEFAULTS",
+    "SEG_HEAD_TRAINED_MODES",
+    "SegHeadLoss",
+    "SegHeadTrainer",
+    "seg_head_options",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,43 @@ SEG_HEAD_DEFAULTS: dict[str, Any] = {
     # synthetic_lesions, else every family with prob 0.5, so the head also sees clean normals)
     "lesions": None,
 }
+#: the maps a trained head can give (``"discrepancy"`` would train a head that is not used)
+SEG_HEAD_TRAINED_MODES = ("map", "fused")
+
+
+def seg_head_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A bundle's ``seg_head`` checked, over :data:`SEG_HEAD_DEFAULTS`; ``None`` when off (``None``).
+
+    Raises:
+        ValueError: naming ``seg_head`` and the option: not a mapping, an unknown option, a mode other
+            than ``"map"``/``"fused"``, ``epochs`` not an integer ``>= 1``, or an unknown loss.
+
+    >>> seg_head_options({"mode": "fused"})["epochs"]
+    5
+    >>> seg_head_options({"epoch": 2})
+    Traceback (most recent call last):
+    ...
+    ValueError: seg_head: unknown options ['epoch']; did you mean 'epochs'? (known: [...])
+    """
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        raise ValueError(f"seg_head must be null (off) or a mapping of {sorted(SEG_HEAD_DEFAULTS)}, got {options!r}")
+    unknown = sorted(set(options) - set(SEG_HEAD_DEFAULTS))
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(SEG_HEAD_DEFAULTS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"seg_head: unknown options {unknown}{hint} (known: {sorted(SEG_HEAD_DEFAULTS)})")
+    opts = {**SEG_HEAD_DEFAULTS, **dict(options)}
+    if opts["mode"] not in SEG_HEAD_TRAINED_MODES:
+        modes = " or ".join(repr(m) for m in SEG_HEAD_TRAINED_MODES)
+        raise ValueError(f"seg_head mode must be {modes}, got {opts['mode']!r}")
+    epochs = opts["epochs"]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"seg_head epochs must be an integer >= 1, got {epochs!r}")
+    if opts["loss"] not in SEG_HEAD_LOSSES:
+        raise ValueError(f"seg_head loss must be one of {list(SEG_HEAD_LOSSES)}, got {opts['loss']!r}")
+    return opts
 
 
 class SegHeadLoss(torch.nn.Module):
@@ -103,7 +148,7 @@ class SegHeadTrainer:
         device: default the network's device.
 
     Raises:
-        ValueError: unknown options, a mode other than ``"map"``/``"fused"``, or ``epochs < 1``.
+        ValueError: bad ``options`` (:func:`seg_head_options`).
 
     >>> SegHeadTrainer(None, [], options=None)() is None
     True
@@ -122,16 +167,7 @@ class SegHeadTrainer:
     ):
         self.network, self.data_loader = network, data_loader
         self.enabled = options is not None
-        unknown = sorted(set(options or {}) - set(SEG_HEAD_DEFAULTS))
-        if unknown:
-            raise ValueError(f"seg_head: unknown options {unknown} (known: {sorted(SEG_HEAD_DEFAULTS)})")
-        self.options = {**SEG_HEAD_DEFAULTS, **dict(options or {})}
-        if self.enabled:
-            if self.options["mode"] not in ("map", "fused"):
-                raise ValueError(f"seg_head mode must be 'map' or 'fused', got {self.options['mode']!r}")
-            if int(self.options["epochs"]) < 1:
-                raise ValueError(f"seg_head epochs must be >= 1, got {self.options['epochs']}")
-            SegHeadLoss(self.options["loss"])  # refuse an unknown loss before the student is trained
+        self.options = seg_head_options(options) or dict(SEG_HEAD_DEFAULTS)
         lesions = self.options["lesions"]
         if lesions is None:
             lesions = {k: v for k, v in (synthetic_lesions or {"prob": 0.5}).items() if k != "annotations"}

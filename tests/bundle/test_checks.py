@@ -356,3 +356,116 @@ def test_expression_share_counts_only_dollar_values(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"$key": 1, "a": "$@b.run()", "b": {"_target_": "X", "c": ["@d", "$1 + 2"]}, "e": "plain"}))
     assert bundle.expression_share(f) == (len("$@b.run()") + len("$1 + 2"), len(f.read_text()))
+
+
+# ---- the segmentation head's options, checked before training --------------------------------------------
+
+
+def _seg_head_check(**over):
+    """The demo training bundle parsed by MONAI's ``ConfigParser`` with ``over``, and a function that runs
+    its ``check_seg_head`` step (it comes after the flag check and before the output folder is made)."""
+    from monai.bundle import ConfigParser
+
+    cfg = ConfigParser()
+    cfg.read_config(str(REPO / "bundles" / "demo" / "train.json"))
+    cfg.update(over)
+    targets = [step.get("_target_") for step in cfg["initialize"]]
+    i = targets.index("monai_skipts.bundle.check_seg_head")
+    assert targets.index("monai_skipts.utils.check_flags") < i < targets.index("monai_skipts.bundle.prepare_output_dir")
+    assert cfg["run"].index("$@train#trainer.run()") < cfg["run"].index("$@seg_head_stage()")
+    return lambda: cfg.get_parsed_content(f"initialize#{i}")
+
+
+@pytest.mark.parametrize(
+    "seg_head, message",
+    [
+        ({"epoch": 2}, "seg_head: unknown options ['epoch']; did you mean 'epochs'?"),
+        ({"mode": "discrepancy"}, "seg_head mode must be 'map' or 'fused', got 'discrepancy'"),
+        ({"mode": "fused", "epochs": 0}, "seg_head epochs must be an integer >= 1, got 0"),
+        ({"loss": "mse"}, "seg_head loss must be one of ['focal_l1', 'bce_dice'], got 'mse'"),
+    ],
+)
+def test_bad_seg_head_option_refused_by_the_bundle_config(seg_head, message):
+    check = _seg_head_check(seg_head=seg_head, calibration="empirical")
+    with pytest.raises(RuntimeError) as e:  # MONAI wraps the step's error; its root cause names the option
+        check()
+    root = checks.root_cause(e.value)
+    assert isinstance(root, ValueError) and message in str(root), root
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_seg_head_with_cross_fitted_calibration_refused_by_the_bundle_config(folds):
+    check = _seg_head_check(seg_head={"mode": "fused"}, calibration_folds=folds, calibration="empirical")
+    with pytest.raises(RuntimeError) as e:
+        check()
+    root = str(checks.root_cause(e.value))
+    assert f"seg_head with calibration_folds={folds} is not supported" in root
+    assert "trains a student per fold" in root and "--calibration_folds 0" in root and "--seg_head None" in root
+
+
+@pytest.mark.parametrize(
+    "seg_head, folds, calibration, warns",
+    [
+        ({"mode": "map"}, 0, "lognormal", True),
+        ({"mode": "map"}, 1, "gaussian", True),
+        ({}, 0, "lognormal", True),  # the default mode is "map"
+        ({"mode": "map"}, 0, "empirical", False),
+        ({"mode": "fused"}, 0, "lognormal", False),
+        (None, 5, "lognormal", False),  # no head: nothing to check
+    ],
+)
+def test_seg_head_map_with_parametric_calibration_warns(seg_head, folds, calibration, warns):
+    import warnings
+
+    check = _seg_head_check(seg_head=seg_head, calibration_folds=folds, calibration=calibration)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        check()
+    ours = [w for w in seen if issubclass(w.category, bundle.SegHeadCalibrationWarning)]
+    assert len(ours) == int(warns), [str(w.message) for w in seen]
+    if warns:
+        text = str(ours[0].message)
+        assert f"seg_head mode 'map' with calibration {calibration!r}" in text
+        assert "use --calibration empirical" in text
+
+
+def test_bad_seg_head_stops_the_bundle_run_before_anything_is_made(tmp_path):
+    """The user's command: a bad loss and a head with cross-fitted calibration stop the run in its
+    ``initialize``, the root cause last, before the output folder (the phantom, a checkpoint) exists."""
+    for i, over in enumerate(
+        [
+            {"seg_head": "{'mode': 'map', 'loss': 'mse'}", "calibration_folds": 0},
+            {"seg_head": "{'mode': 'fused'}", "calibration_folds": 3},
+        ]
+    ):
+        out = tmp_path / f"run{i}"
+        args = {**{k: v for k, v in TINY_TRAINING.items() if k != "mlflow"}, "mlflow": False, **over}
+        r = _bundle("run", "--config_file", "bundles/demo/train.json", "--output_dir", str(out), *override_args(args))
+        assert r.returncode != 0
+        tail = _last_lines(r.stderr, 2)
+        want = "seg_head loss must be one of" if i == 0 else "seg_head with calibration_folds=3 is not supported"
+        assert want in tail, r.stderr[-3000:]
+        assert not out.exists()
+
+
+def test_seg_head_map_warning_is_printed_before_training(tmp_path):
+    """The user's command with the head's map and the default lognormal calibration: the warning is on
+    stderr, from ``initialize`` (here the run then stops at the next check: 8 phantom images leave too few
+    validation normals for a lognormal fit, so nothing is trained)."""
+    out = tmp_path / "run"
+    args = {**TINY_TRAINING, "calibration": "lognormal", "target_fpr": 0.05, "seg_head": "{'mode': 'map'}"}
+    r = _bundle(
+        "run",
+        "--config_file",
+        "bundles/demo/train.json",
+        "--output_dir",
+        str(out),
+        "--n_train_images",
+        "8",
+        *override_args(args),
+    )
+    assert r.returncode != 0
+    warning = "seg_head mode 'map' with calibration 'lognormal'"
+    assert warning in r.stderr and "use --calibration empirical" in r.stderr, r.stderr[-3000:]
+    assert r.stderr.index(warning) < r.stderr.index("validation normals cannot calibrate")
+    assert not (out / "checkpoint.pt").exists()

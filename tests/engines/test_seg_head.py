@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_doctests
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 from sklearn.metrics import roc_auc_score
 
 from monai_skipts.apps import make_phantom_dataset
 from monai_skipts.data import prepare_split
-from monai_skipts.engines import LevelStatsFitter, SegHeadLoss, SegHeadTrainer, SkipTSTrainer, TeacherFeatureCache
+from monai_skipts.engines import (
+    SEG_HEAD_DEFAULTS,
+    LevelStatsFitter,
+    SegHeadLoss,
+    SegHeadTrainer,
+    SkipTSTrainer,
+    TeacherFeatureCache,
+    seg_head_options,
+)
+from monai_skipts.engines import seg_head as seg_head_module
 from monai_skipts.losses import build_loss
 from monai_skipts.networks import AnomalyDetector, SkipTS
 from monai_skipts.transforms import RandSyntheticLesion, preset_transforms
@@ -86,7 +96,32 @@ def test_stage_is_off_without_options_and_refuses_bad_ones(trained):
         SegHeadTrainer(det, loader, {"epoch": 2})
     with pytest.raises(ValueError, match="'map' or 'fused'"):
         SegHeadTrainer(det, loader, {"mode": "discrepancy"})
-    with pytest.raises(ValueError, match="seg head loss"):
+    with pytest.raises(ValueError, match="seg_head loss must be one of"):
         SegHeadTrainer(det, loader, {"loss": "mse"})
+    with pytest.raises(ValueError, match="seg_head epochs must be an integer >= 1, got 0"):
+        SegHeadTrainer(det, loader, {"epochs": 0})
     with pytest.raises(ValueError, match="seg head loss"):
         SegHeadLoss("dice")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"epoch": 2}, r"seg_head: unknown options \['epoch'\]; did you mean 'epochs'\?"),
+        ({"mode": "discrepancy"}, "seg_head mode must be 'map' or 'fused', got 'discrepancy'"),
+        ({"epochs": 0}, "seg_head epochs must be an integer >= 1, got 0"),
+        ({"epochs": 2.5}, "seg_head epochs must be an integer >= 1, got 2.5"),
+        ({"loss": "mse"}, r"seg_head loss must be one of \['focal_l1', 'bce_dice'\], got 'mse'"),
+        ("map", "seg_head must be null \\(off\\) or a mapping"),
+    ],
+)
+def test_options_are_checked_by_name(options, message):
+    """The one check of ``seg_head`` (the stage's and the bundle's, before training) names the option."""
+    with pytest.raises(ValueError, match=message):
+        seg_head_options(options)
+    assert seg_head_options(None) is None
+    assert seg_head_options({"mode": "fused", "epochs": 2}) == {**SEG_HEAD_DEFAULTS, "mode": "fused", "epochs": 2}
+
+
+def test_doctests():
+    run_doctests(seg_head_module)
