@@ -69,6 +69,17 @@ def skipts():
     return SkipTS("efficientnet_lite0")
 
 
+def threshold_calibrator(detector, out: Path, records: list[dict], **kwargs):
+    """A :class:`~monai_skipts.handlers.ThresholdCalibrator` of ``detector`` into ``out`` whose validation ran
+    at the trainer's last epoch (its score ``records`` are reused); ``kwargs``: the calibrator's."""
+    from types import SimpleNamespace
+
+    from monai_skipts.handlers import ThresholdCalibrator
+
+    state = SimpleNamespace(state=SimpleNamespace(epoch=1))
+    return ThresholdCalibrator(state, SimpleNamespace(records=records), detector, out, trainer=state, **kwargs)
+
+
 def png(path: Path, value: int) -> Path:
     """A tiny grey PNG whose bytes depend only on ``value`` (equal values: identical files)."""
     from PIL import Image
