@@ -52,11 +52,13 @@ def check_calibration_data(n_normals: int, target_fpr: float, method: str = "emp
     need = min_calibration_normals(target_fpr, method)
     if n_normals < need:
         where = f"{source}: " if source else ""
+        lognormal = (
+            "" if method != "empirical" else f", or use --calibration lognormal (needs {MIN_PARAMETRIC_NORMALS})"
+        )
         raise ValueError(
             f"{where}{n_normals} validation normals cannot calibrate target_fpr={target_fpr:g} with the "
             f"{method!r} calibration (needs at least {need}); give the validation split more normals "
-            f"(--val_fraction, or more normal images), raise --target_fpr, or use --calibration lognormal "
-            f"(needs {MIN_PARAMETRIC_NORMALS})"
+            f"(--val_fraction, or more normal images), raise --target_fpr{lognormal}"
         )
     return int(n_normals)
 

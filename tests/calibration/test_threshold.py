@@ -9,7 +9,12 @@ import warnings
 import numpy as np
 import pytest
 
-from monai_skipts.calibration import CalibrationWarning, calibrate_threshold
+from monai_skipts.calibration import (
+    CalibrationWarning,
+    calibrate_threshold,
+    check_calibration_data,
+    min_calibration_normals,
+)
 
 
 def brute_force_calibration(scores, target_fpr):
@@ -83,3 +88,13 @@ def test_no_scores_non_finite_scores_and_a_target_outside_0_1_are_refused():
     for bad in (0.0, 1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="target_fpr"):
             calibrate_threshold([0.1, 0.2], bad)
+
+
+@pytest.mark.parametrize("method, suggests_lognormal", [("empirical", True), ("lognormal", False), ("gaussian", False)])
+def test_too_small_a_validation_split_is_refused_with_what_to_change(method, suggests_lognormal):
+    with pytest.raises(ValueError, match="split.json: 5 validation normals cannot calibrate target_fpr=0.05") as err:
+        check_calibration_data(5, 0.05, method, source="split.json")
+    message = str(err.value)
+    assert f"{method!r} calibration (needs at least {min_calibration_normals(0.05, method)})" in message
+    assert ("--calibration lognormal" in message) is suggests_lognormal and "--val_fraction" in message
+    assert check_calibration_data(20, 0.05, method) == 20
