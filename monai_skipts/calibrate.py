@@ -46,6 +46,7 @@ from monai_skipts.calibration import (
     volume_threshold,
 )
 from monai_skipts.checkpoint import TEACHER_PREFIX, load_checkpoint, save_checkpoint
+from monai_skipts.engines.seg_head import warn_parametric_map_calibration
 from monai_skipts.inference import AnomalyPredictor, list_inputs
 from monai_skipts.networks.detector import SCALAR_STATE
 from monai_skipts.utils import InputDataError
@@ -174,6 +175,7 @@ def recalibrate(
     method = method or old.get("estimator") or old.get("method") or "lognormal"
     if method not in CALIBRATION_METHODS:  # e.g. "cross_fit": its estimator decides
         method = "lognormal"
+    warn_parametric_map_calibration((ckpt["config"].get("seg_head") or {}).get("mode"), method)
     pixel_target = float(
         pixel_fpr if pixel_fpr is not None else (old.get("pixel") or {}).get("target_fpr", DEFAULT_PIXEL_FPR)
     )

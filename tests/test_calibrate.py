@@ -142,3 +142,16 @@ def test_bundle_config_merged_over_the_inference_bundle_recalibrates(trained, si
     rec = load_checkpoint(out)["config"]["calibration"]
     assert rec["source"] == "site" and rec["n_normals"] == 30 and rec["site_normals"] == str(site / "cal")
     assert rec["target_fpr"] == load_checkpoint(trained / "model.pt")["config"]["calibration"]["target_fpr"]
+
+
+def test_a_map_head_recalibrated_with_a_parametric_fit_warns(trained, site, tmp_path):
+    from monai_skipts.checkpoint import save_checkpoint
+    from monai_skipts.engines import SegHeadCalibrationWarning
+
+    ckpt = load_checkpoint(trained / "model.pt")
+    detector = load_detector(ckpt)
+    detector.set_seg_head({"mode": "map"})
+    headed = save_checkpoint(tmp_path / "headed.pt", detector, with_rng=False)
+    with pytest.warns(SegHeadCalibrationWarning, match="seg_head mode 'map' with calibration 'lognormal'"):
+        recalibrate(headed, site / "cal", tmp_path / "site.pt", method="lognormal", device="cpu")
+    assert load_checkpoint(tmp_path / "site.pt")["config"]["calibration"]["method"] == "lognormal"

@@ -30,7 +30,6 @@ In a config: ``{"_target_": "monai_skipts.bundle.build_split", "dataset": "@data
 """
 
 from monai_skipts.bundle.checks import (
-    SegHeadCalibrationWarning,
     UnknownOptionError,
     check_command_line,
     check_overrides,

@@ -33,13 +33,11 @@ import ast
 import difflib
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 __all__ = [
     "MONAI_RUN_ARGS",
-    "SegHeadCalibrationWarning",
     "UnknownOptionError",
     "check_base_config",
     "check_command_line",
@@ -215,10 +213,6 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     check_overrides(args, _as_files(args["config_file"]), extra)
 
 
-class SegHeadCalibrationWarning(UserWarning):
-    """A segmentation head's map calibrated with a parametric fit (:func:`check_seg_head`)."""
-
-
 def check_seg_head(seg_head: Any, calibration_folds: int | None = 0, calibration: str = "empirical") -> None:
     """Check a training bundle's ``seg_head`` against its calibration options, before anything trains.
 
@@ -233,11 +227,10 @@ def check_seg_head(seg_head: Any, calibration_folds: int | None = 0, calibration
             ``calibration_folds >= 2``; the message names the options and what to change.
 
     Warns:
-        SegHeadCalibrationWarning: mode ``"map"`` with a parametric ``calibration`` (not
-            ``"empirical"``), naming both options and recommending ``"empirical"``.
+        ~monai_skipts.engines.seg_head.SegHeadCalibrationWarning: mode ``"map"`` with a parametric
+            ``calibration`` (:func:`~monai_skipts.engines.seg_head.warn_parametric_map_calibration`).
     """
-    from monai_skipts.calibration import CALIBRATION_METHODS
-    from monai_skipts.engines.seg_head import seg_head_options
+    from monai_skipts.engines.seg_head import seg_head_options, warn_parametric_map_calibration
 
     opts = seg_head_options(seg_head)
     if opts is None:
@@ -250,15 +243,7 @@ def check_seg_head(seg_head: Any, calibration_folds: int | None = 0, calibration
             "once, on the final student, so those scores would not be the map the model serves; use "
             "--calibration_folds 0 (calibrate on the validation normals) with the head, or --seg_head None"
         )
-    parametric = [m for m in CALIBRATION_METHODS if m != "empirical"]
-    if opts["mode"] == "map" and calibration in parametric:
-        warnings.warn(
-            f"seg_head mode 'map' with calibration {calibration!r}: the head's map is a lesion probability "
-            f"(at most 1) whose normal image scores are not {calibration}-distributed, so the fitted threshold "
-            "can lie above every score and flag nothing; use --calibration empirical",
-            SegHeadCalibrationWarning,
-            stacklevel=2,
-        )
+    warn_parametric_map_calibration(opts["mode"], calibration)
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ from monai_skipts.transforms import RandSyntheticLesion
 from monai_skipts.utils import resolve_device
 
 __all__ = [
+    "SegHeadCalibrationWarning",
+    "warn_parametric_map_calibration",
     "SEG_HEAD_LOSSES",
     "SEG_HEAD_DEFAULTS",
     "SEG_HEAD_TRAINED_MODES",
@@ -55,6 +58,30 @@ SEG_HEAD_DEFAULTS: dict[str, Any] = {
 }
 #: the maps a trained head can give (``"discrepancy"`` would train a head that is not used)
 SEG_HEAD_TRAINED_MODES = ("map", "fused")
+
+
+class SegHeadCalibrationWarning(UserWarning):
+    """A segmentation head's map calibrated with a parametric fit (:func:`warn_parametric_map_calibration`)."""
+
+
+def warn_parametric_map_calibration(mode: str | None, calibration: str | None) -> bool:
+    """Warn when a head in mode ``"map"`` is calibrated with a parametric method (``"lognormal"``,
+    ``"gaussian"``): the head's map is a lesion probability (at most 1) whose normal scores are not so
+    distributed, so the fitted threshold can lie above every score. Returns whether it warned.
+
+    Warns:
+        SegHeadCalibrationWarning: naming both options and recommending ``"empirical"``.
+    """
+    if mode != "map" or calibration in (None, "empirical"):
+        return False
+    warnings.warn(
+        f"seg_head mode 'map' with calibration {calibration!r}: the head's map is a lesion probability "
+        f"(at most 1) whose normal image scores are not {calibration}-distributed, so the fitted threshold "
+        "can lie above every score and flag nothing; use --calibration empirical",
+        SegHeadCalibrationWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def seg_head_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:

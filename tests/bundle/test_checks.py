@@ -16,6 +16,7 @@ from conftest import REPO, TINY_TRAINING, override_args, run_doctests
 
 from monai_skipts import bundle
 from monai_skipts.bundle import checks
+from monai_skipts.engines import SegHeadCalibrationWarning
 
 ENV = {**os.environ, "MONAI_SKIPTS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # the tiny training, MLflow as each test sets it
@@ -421,7 +422,7 @@ def test_seg_head_map_with_parametric_calibration_warns(seg_head, folds, calibra
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         check()
-    ours = [w for w in seen if issubclass(w.category, bundle.SegHeadCalibrationWarning)]
+    ours = [w for w in seen if issubclass(w.category, SegHeadCalibrationWarning)]
     assert len(ours) == int(warns), [str(w.message) for w in seen]
     if warns:
         text = str(ours[0].message)
