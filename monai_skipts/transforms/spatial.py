@@ -28,14 +28,22 @@ from monai.utils import convert_to_dst_type, convert_to_tensor, ensure_tuple, en
 from monai.utils.enums import InterpolateMode
 from monai.utils.type_conversion import get_equivalent_dtype
 
-__all__ = ["DEFAULT_TILE", "TiledResize", "TiledResized", "tiled_gaussian_smooth"]
+__all__ = ["DEFAULT_TILE", "MIN_TILE_SAMPLES", "TiledResize", "TiledResized", "tiled_gaussian_smooth"]
 
 #: tile side per number of spatial dimensions (output samples per axis of one convolution call)
 DEFAULT_TILE = {1: 32768, 2: 256, 3: 64}
 
+#: the fewest samples per channel a tile holds; smaller tiles are enlarged to it (PyTorch runs small
+#: single-channel convolutions without oneDNN, and their last bits differ from the whole image's)
+MIN_TILE_SAMPLES = 32768
 
-def _default_tile(spatial_ndim: int) -> int:
-    return DEFAULT_TILE.get(spatial_ndim, 32)
+
+def _tile_side(tile: int | None, spatial_ndim: int) -> int:
+    """The tile side used: ``tile`` (default :data:`DEFAULT_TILE`), at least :data:`MIN_TILE_SAMPLES` per tile."""
+    side = int(tile) if tile is not None else DEFAULT_TILE.get(spatial_ndim, 32)
+    if side < 1:
+        raise ValueError(f"tile must be positive, got {tile}")
+    return max(side, math.ceil(MIN_TILE_SAMPLES ** (1 / spatial_ndim) - 1e-9))
 
 
 def _conv_along(x: torch.Tensor, kernel: torch.Tensor, axis: int, tile: int) -> torch.Tensor:
@@ -70,14 +78,13 @@ def tiled_gaussian_smooth(img: torch.Tensor, sigma: Sequence[float], tile: int |
         img: ``(C, *spatial)`` float32 tensor, 1 to 3 spatial dimensions.
         sigma: one standard deviation per spatial axis (0: the axis is copied through a ``[0, 1, 0]`` kernel,
             as MONAI does).
-        tile: tile side; default :data:`DEFAULT_TILE` for the number of spatial dimensions.
+        tile: tile side; default :data:`DEFAULT_TILE` for the number of spatial dimensions; raised to
+            hold at least :data:`MIN_TILE_SAMPLES` samples.
     """
     n = img.ndim - 1
     if len(sigma) != n:
         raise ValueError(f"sigma needs one value per spatial dimension ({n}), got {sigma!r}")
-    tile = int(tile or _default_tile(n))
-    if tile < 1:
-        raise ValueError(f"tile must be positive, got {tile}")
+    tile = _tile_side(tile, n)
     # the kernels exactly as GaussianSmooth -> GaussianFilter -> separable_filtering build them
     gaussian = GaussianFilter(n, [torch.as_tensor(s, device=img.device) for s in sigma])
     kernels = [gaussian_1d(s, truncated=gaussian.truncated, approx=gaussian.approx).to(img) for s in gaussian.sigma]
@@ -106,7 +113,8 @@ class TiledResize(Resize):
         spatial_size, size_mode, mode, align_corners, anti_aliasing, anti_aliasing_sigma, dtype, lazy: as
             :class:`~monai.transforms.Resize`.
         tile: tile side in samples per axis; default :data:`DEFAULT_TILE` for the image's number of
-            spatial dimensions (256 in 2-D, 64 in 3-D).
+            spatial dimensions (256 in 2-D, 64 in 3-D); raised to hold at least :data:`MIN_TILE_SAMPLES`
+            samples (182 in 2-D).
     """
 
     def __init__(
@@ -163,7 +171,7 @@ class TiledResize(Resize):
         out_size = self._out_size(img)
         in_size = tuple(int(s) for s in img.shape[1:])
         n = len(in_size)
-        tile = self.tile or _default_tile(n)
+        tile = _tile_side(self.tile, n)
         if out_size is None or not any(o < i for o, i in zip(out_size, in_size)) or math.prod(in_size) < tile**n:
             return super().__call__(img, *args)
         # the smoothing of monai.transforms.spatial.functional.resize, on tiles
