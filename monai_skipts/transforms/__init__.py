@@ -4,6 +4,8 @@
 - :mod:`.volume`: volumes to 2-D slices (:class:`VolumeToSlicesd`, :func:`expand_volume_datalist`) and
   slice scores back to volume scores (:func:`aggregate_volume_scores`).
 - :mod:`.intensity`: CT windows, MRI percentile/z-score, bit-range scaling, 3 channels, ImageNet.
+- :mod:`.spatial`: :class:`TiledResize` (MONAI's ``Resize``, same output, anti-aliasing convolutions on
+  fixed-shape tiles, so images of many sizes do not each leave compiled convolutions behind).
 - :mod:`.presets`: :func:`build_preprocessing` per modality (``ct_brain``, ``ct_lung``, ``mri``,
   ``xray``, ``ultrasound``, ``rgb``).
 - :mod:`.anatomy`: :class:`AnatomyMask` (per-modality foreground) and :class:`RandBurnedInAnnotation`
@@ -63,6 +65,7 @@ from monai_skipts.transforms.presets import (
     preset_transforms,
     spatial_size_2d,
 )
+from monai_skipts.transforms.spatial import TiledResize, TiledResized, tiled_gaussian_smooth
 from monai_skipts.transforms.volume import (
     VolumeToSlices,
     VolumeToSlicesd,
@@ -112,6 +115,9 @@ __all__ = [
     "ImageNetNormalized",
     "BinarizeMask",
     "BinarizeMaskd",
+    "TiledResize",
+    "TiledResized",
+    "tiled_gaussian_smooth",
     "PRESETS",
     "preset_transforms",
     "build_preprocessing",

@@ -2,8 +2,11 @@
 
 Chain (dictionary transforms on ``keys``, plus ``mask_key`` when given)::
 
-    LoadMedicalImaged -> intensity to [0, 1] -> Resized to spatial_size^2 (bilinear, anti-aliased;
+    LoadMedicalImaged -> intensity to [0, 1] -> TiledResized to spatial_size^2 (bilinear, anti-aliased;
     masks: binarised then nearest) -> ToThreeChannelsd -> ImageNetNormalized
+
+(:class:`~monai_skipts.transforms.spatial.TiledResized`: MONAI's ``Resized``, same output, with the
+anti-aliasing convolutions on fixed-shape tiles.)
 
 Intensity step per preset:
 
@@ -32,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from monai.transforms import Compose, Resized, Transform
+from monai.transforms import Compose, Transform
 
 from monai_skipts.transforms.intensity import (
     BinarizeMaskd,
@@ -44,6 +47,7 @@ from monai_skipts.transforms.intensity import (
     WindowIntensityd,
 )
 from monai_skipts.transforms.io import LoadMedicalImaged
+from monai_skipts.transforms.spatial import TiledResized
 
 __all__ = [
     "PRESETS",
@@ -90,9 +94,9 @@ def preset_transforms(
         out.append(BitRangeScaleIntensityd(keys))
     if mask_key:
         out.append(BinarizeMaskd(mask_key, like_key=keys[0], allow_missing_keys=True))
-    out.append(Resized(keys, spatial_size=size, mode="bilinear", anti_aliasing=True))
+    out.append(TiledResized(keys, spatial_size=size, mode="bilinear", anti_aliasing=True))
     if mask_key:
-        out.append(Resized(mask_key, spatial_size=size, mode="nearest", allow_missing_keys=True))
+        out.append(TiledResized(mask_key, spatial_size=size, mode="nearest", allow_missing_keys=True))
     out += [ToThreeChannelsd(keys), ImageNetNormalized(keys)]
     return out
 
