@@ -30,7 +30,12 @@ and the variants of ``METHODS`` (skip variants, the one-class bottleneck, denois
 trained towards the clean image's features, :class:`monai_skipts.engines.DenoisingBatch`).
 
 Every method's anomaly map is scored the same way (per-pixel maps up-sampled, summed, Gaussian
-σ = 4; image score = max); the MSE ablation's per-pixel maps are squared errors. Output, in ``--work-dir`` (written atomically after every run, so an
+σ = 4; image score = max); the MSE ablation's per-pixel maps are squared errors. With
+``--anatomy-mask`` every method scores inside the anatomy, as the bundles do: the mask of the
+dataset's modality (``monai_skipts.networks.AnatomyMaskLayer``), the summed map zeroed outside it
+before the filter and after, the score the maximum inside (PatchCore: the largest patch score of the
+patches at least half inside), the level statistics fitted inside it; recorded as ``anatomy_mask`` in
+``quality.json`` (meta and every run), and ``--resume``/``--combine`` keep runs with and without it apart. Output, in ``--work-dir`` (written atomically after every run, so an
 interrupted run keeps what it finished and ``--resume`` continues it): ``quality.json`` (every
 run's metrics and timings, the summary) and ``quality.md`` (AUROC mean ± std over seeds per
 dataset, the average over datasets, the paper's Skip-TS figure for reference).
@@ -51,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader
 from monai.engines.utils import default_prepare_batch
@@ -61,13 +67,15 @@ from monai_skipts.baselines import PatchCore
 from monai_skipts.bundle import denoising_prepare_batch
 from monai_skipts.data import DATASETS, DatasetPreset, get_dataset, prepare_split
 from monai_skipts.engines import PAPER_HPARAMS, SkipTSEvaluator, SkipTSTrainer, TeacherFeatureCache
-from monai_skipts.inferers import fit_level_stats
+from monai_skipts.inferers import fit_level_stats, fuse_anomaly_maps, mask_map_and_score
 from monai_skipts.losses import RD4ADLoss, build_loss
 from monai_skipts.metrics import pixel_metrics, report_metrics
 from monai_skipts.networks import (
     RD4AD,
+    AnatomyMaskLayer,
     AnomalyDetector,
     SkipTS,
+    anatomy_mask_config,
     build_teacher,
     feature_shapes,
     teacher_weights_available,
@@ -447,11 +455,20 @@ def _metrics(test: dict, val: dict | None) -> dict:
     return m
 
 
-def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0, with_std: bool = False) -> dict:
+def run_kd_method(
+    run: DatasetRun,
+    method: str,
+    epochs: int,
+    log_every: int = 0,
+    with_std: bool = False,
+    anatomy_mask: bool = False,
+) -> dict:
     """Train one teacher-student method on ``run`` for ``epochs`` epochs; evaluate the last epoch.
 
     With ``with_std`` (or a ``+std`` method) the same trained model is evaluated a second time with
-    its per-level maps standardised; returns ``{method: metrics[, method + "+std": metrics]}``."""
+    its per-level maps standardised; with ``anatomy_mask`` the detector bounds its maps, scores and
+    level statistics by the anatomy mask of ``run.modality``; returns ``{method: metrics[, method +
+    "+std": metrics]}``."""
     spec = method_spec(method)
     set_determinism(seed=run.seed)
     if spec["kind"] == "rd4ad":
@@ -484,12 +501,14 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0,
         [base + STD_SUFFIX] if with_std or spec.get("level_stats") else []
     )
     out = {}
-    detector = AnomalyDetector(model, similarity=similarity)
+    detector = AnomalyDetector(
+        model, similarity=similarity, anatomy_mask=anatomy_mask_config(anatomy_mask, run.modality)
+    ).to(run.device)
     for name in variants:
         t1 = time.time()
         if name.endswith(STD_SUFFIX):
             stats = fit_level_stats(
-                model,
+                detector,
                 run.train_loader(),
                 device=run.device,
                 similarity=similarity,
@@ -509,8 +528,21 @@ def run_kd_method(run: DatasetRun, method: str, epochs: int, log_every: int = 0,
     return out
 
 
-def run_patchcore(run: DatasetRun, seed: int) -> dict:
+def patchcore_masked(model: PatchCore, image: torch.Tensor, teacher_feats, anatomy: AnatomyMaskLayer):
+    """PatchCore's ``(map, score)`` inside the anatomy: the up-sampled patch scores zeroed outside
+    ``anatomy``'s mask of ``image`` before the Gaussian filter and after it; the score the largest patch
+    score of the patches at least half inside (all patches when none is)."""
+    ps = model.patch_scores(image, teacher_feats)
+    mask = anatomy(image)
+    amap, _ = mask_map_and_score(fuse_anomaly_maps([ps], image.shape[-2:], model.blur, mask), mask)
+    cells = F.interpolate(mask, size=ps.shape[-2:], mode="area") >= 0.5
+    cells = cells | ~cells.flatten(1).any(dim=1).view(-1, 1, 1, 1)
+    return amap, ps.masked_fill(~cells, float("-inf")).flatten(1).amax(dim=1)
+
+
+def run_patchcore(run: DatasetRun, seed: int, anatomy_mask: bool = False) -> dict:
     set_determinism(seed=seed)
+    anatomy = AnatomyMaskLayer(**anatomy_mask_config(True, run.modality)) if anatomy_mask else None
     model = PatchCore(run.teacher, seed=seed)
     train_cache = run.feature_cache(model, run.train_store)
     t0 = time.time()
@@ -531,7 +563,11 @@ def run_patchcore(run: DatasetRun, seed: int) -> dict:
         with torch.inference_mode():
             for batch in run.test_loader(subset):
                 image, label, *rest = cache(batch, run.device)
-                amap, s = model(image, teacher_feats=rest[1]["teacher_feats"] if rest else None)
+                feats = rest[1]["teacher_feats"] if rest else None
+                if anatomy is None:
+                    amap, s = model(image, teacher_feats=feats)
+                else:
+                    amap, s = patchcore_masked(model, image, feats, anatomy)
                 _collect_output(
                     out, {"score": s, "label": label, "pred": amap}, batch, run.has_masks and subset == "test"
                 )
@@ -673,7 +709,9 @@ def markdown(summary: dict, methods: list[str], datasets: list[tuple[str, float]
         f"# Image AUROC (%), mean ± std over seeds {meta['seeds']}",
         "",
         f"Teacher `{meta['teacher']}`, {meta['size']}², {meta['schedule']}, last epoch, batch {meta['batch_size']}, "
-        f"device {meta['device']}; duplicates removed, Table I split. Wall time {meta.get('wall_seconds', 0):.0f} s.",
+        f"device {meta['device']}; duplicates removed, Table I split"
+        + ("; scored inside the anatomy mask" if meta.get("anatomy_mask") else "")
+        + f". Wall time {meta.get('wall_seconds', 0):.0f} s.",
         "",
         "| dataset | " + " | ".join(labels) + " | paper Skip-TS (WRN50, 256², 200 ep.) |",
         "|---|" + "---|" * len(labels) + "---|",
@@ -753,9 +791,12 @@ def combine(files: list[Path], work_dir: Path, methods: list[str] | None = None)
     import json
 
     docs = [json.loads(Path(f).read_text()) for f in files]
-    keys = {(d["meta"]["teacher"], d["meta"]["size"], d["meta"]["schedule"]) for d in docs}
+    keys = {
+        (d["meta"]["teacher"], d["meta"]["size"], d["meta"]["schedule"], bool(d["meta"].get("anatomy_mask")))
+        for d in docs
+    }
     if len(keys) != 1:
-        raise SystemExit(f"the files differ in teacher/size/schedule: {sorted(keys)}")
+        raise SystemExit(f"the files differ in teacher/size/schedule/anatomy mask: {sorted(keys)}")
     records = [r for d in docs for r in d["runs"]]
     methods = methods or list(dict.fromkeys(r["method"] for r in records))
     names = list(dict.fromkeys(r["dataset"] for r in records))
@@ -802,6 +843,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's default malloc (see tune_glibc_malloc)")
     p.add_argument(
+        "--anatomy-mask",
+        action="store_true",
+        help="score inside the anatomy mask of the dataset's modality, as the bundles do (recorded in quality.json)",
+    )
+    p.add_argument(
         "--combine",
         type=Path,
         nargs="+",
@@ -845,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "malloc_tuned": malloc_tuned,
+        "anatomy_mask": a.anatomy_mask,
     }
     records: list[dict] = []
     if a.resume and out_json.is_file():
@@ -857,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
             and r["size"] == size
             and r.get("steps") == steps
             and (steps or r["epochs"] == epochs)
+            and bool(r.get("anatomy_mask")) == a.anatomy_mask
         ]
     print(
         f"quality: {[d[0] for d in datasets]} x {a.methods} x seeds {seeds}; teacher {teacher_name}, {size}², "
@@ -906,9 +954,11 @@ def main(argv: list[str] | None = None) -> int:
                 ep = math.ceil(steps / n_batches) if steps else epochs
                 t0 = time.time()
                 if spec["kind"] == "patchcore":
-                    results = {method: run_patchcore(run, seed)}
+                    results = {method: run_patchcore(run, seed, a.anatomy_mask)}
                 else:
-                    results = run_kd_method(run, method, ep, a.log_every, with_std=method + STD_SUFFIX in todo)
+                    results = run_kd_method(
+                        run, method, ep, a.log_every, with_std=method + STD_SUFFIX in todo, anatomy_mask=a.anatomy_mask
+                    )
                 for meth, m in results.items():
                     rec = {
                         "dataset": name,
@@ -918,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
                         "size": size,
                         "epochs": ep,
                         "steps": steps,
+                        "anatomy_mask": a.anatomy_mask,
                         "n_train": len(run.train_items),
                         "n_test": len(run.test_items),
                         "wall_seconds": round(time.time() - t0, 1),

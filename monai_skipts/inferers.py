@@ -2,7 +2,10 @@
 the evaluator, bundle inference, MONAI Label, the MLflow model and the TorchScript/ONNX exports.
 
 ``M_ano = G_sigma * sum_l Upsample(M_l)`` (bilinear up-sampling to the input size, Gaussian
-filter sigma = 4), image score ``S = max M_ano``. The Gaussian filter is a separable convolution
+filter sigma = 4), image score ``S = max M_ano``. With an anatomy mask ``A`` (in {0, 1}), the sum is
+zeroed outside the anatomy before the filter and the filtered map again after it:
+``M_ano = A * G_sigma * (A * sum_l Upsample(M_l))``, ``S = max`` over ``A = 1``; so nothing outside the
+anatomy (a burned-in caption, a ruler) reaches the map inside it through the filter. The Gaussian filter is a separable convolution
 in torch with scipy's defaults (``truncate=4``, boundary mode ``reflect`` = half-sample symmetric),
 so it matches ``scipy.ndimage.gaussian_filter`` and exports to TorchScript and ONNX.
 
@@ -28,6 +31,7 @@ from .losses import anomaly_maps
 __all__ = [
     "GaussianBlur2d",
     "fuse_anomaly_maps",
+    "mask_map_and_score",
     "standardize_level_maps",
     "anomaly_map_and_score",
     "fit_level_stats",
@@ -75,12 +79,21 @@ class GaussianBlur2d(nn.Module):
         return y.reshape(b, c, h, w)
 
 
-def fuse_anomaly_maps(maps: Sequence[torch.Tensor], size: Sequence[int], blur: nn.Module | None = None) -> torch.Tensor:
-    """``sum_l Upsample(M_l)`` to ``size`` (bilinear, ``align_corners=False``), then ``blur``.
+def fuse_anomaly_maps(
+    maps: Sequence[torch.Tensor],
+    size: Sequence[int],
+    blur: nn.Module | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum_l Upsample(M_l)`` to ``size`` (bilinear, ``align_corners=False``), set to zero where
+    ``mask <= 0``, then ``blur``. The blurred map is not masked again: it is not zero outside the mask
+    near its edge.
 
     Args:
         maps: ``(B, 1, h_l, w_l)`` maps.
         size: ``(H, W)`` of the input image.
+        blur: the filter (``None``: none).
+        mask: ``(B, 1, H, W)`` anatomy mask, or ``None`` (every pixel counts).
     Returns:
         ``(B, 1, H, W)`` float32 map.
     """
@@ -88,6 +101,8 @@ def fuse_anomaly_maps(maps: Sequence[torch.Tensor], size: Sequence[int], blur: n
     fused = torch.zeros((maps[0].shape[0], 1) + size, device=maps[0].device, dtype=torch.float32)
     for m in maps:
         fused = fused + F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)
+    if mask is not None:
+        fused = fused.masked_fill(mask <= 0, 0.0)
     return blur(fused) if blur is not None else fused
 
 
@@ -133,11 +148,17 @@ def anomaly_map_and_score(
 
 
 class AnomalyMapHead(nn.Module):
-    """Module form of eq 1, 7, 8: ``(t_feats, s_feats, size[, level_stats]) -> (map (B,1,H,W), score (B,))``.
+    """Module form of eq 1, 7, 8: ``(t_feats, s_feats, size[, level_stats, mask]) -> (map (B,1,H,W), score (B,))``.
 
     ``level_stats`` (forward argument, ``(L, 2)`` mean/std per level, or ``None``) standardises each
     level's map before up-sampling (:func:`standardize_level_maps`); with ``None`` the result is
     bit-identical to the plain eq 7.
+
+    ``mask`` (forward argument, ``(B, 1, H, W)`` anatomy mask, or ``None``): the summed map is zeroed
+    where ``mask <= 0`` before the Gaussian filter (:func:`fuse_anomaly_maps`) and the filtered map
+    again after it, so the map is exactly zero outside the anatomy and takes nothing from outside it
+    inside; the score is the map's maximum over ``mask > 0``. With ``None`` the result is bit-identical
+    to no mask.
     """
 
     def __init__(self, sigma: float = 4.0, layers: Sequence[int] | None = None, similarity: str = "cosine"):
@@ -152,12 +173,23 @@ class AnomalyMapHead(nn.Module):
         s_feats: Sequence[torch.Tensor],
         size: Sequence[int],
         level_stats: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ):
         maps = anomaly_maps(t_feats, s_feats, self.similarity, self.layers)
         if level_stats is not None:
             maps = standardize_level_maps(maps, level_stats, self.layers)
-        amap = fuse_anomaly_maps(maps, size, self.blur)
-        return amap, amap.flatten(1).amax(dim=1)
+        amap = fuse_anomaly_maps(maps, size, self.blur, mask)
+        if mask is None:
+            return amap, amap.flatten(1).amax(dim=1)
+        return mask_map_and_score(amap, mask)
+
+
+def mask_map_and_score(amap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(map, score)``: ``amap`` ``(B, 1, H, W)`` set to zero where ``mask <= 0``, and its maximum over
+    ``mask > 0`` ``(B,)`` (``-inf`` for an empty mask)."""
+    outside = mask <= 0
+    score = amap.masked_fill(outside, float("-inf")).flatten(1).amax(dim=1)
+    return amap.masked_fill(outside, 0.0), score
 
 
 def _plain_tensor(x: Any) -> torch.Tensor:

@@ -228,3 +228,52 @@ def test_rd4ad_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         for got, want in zip(loaded(x), detector(x)):
             torch.testing.assert_close(got, want)
+
+
+def test_quality_benchmark_scores_inside_the_anatomy_with_anatomy_mask(tmp_path):
+    """``--anatomy-mask``: every method scores inside the anatomy mask; recorded in quality.json, and
+    ``--resume`` without the flag does not take those runs."""
+    from monai_skipts.apps.phantom import make_phantom_image
+
+    rng = np.random.default_rng(0)
+    for folder, anomalous, n in (("no", False, 12), ("yes", True, 8)):
+        (tmp_path / "data" / "brainmri" / folder).mkdir(parents=True)
+        for i in range(n):
+            img, _ = make_phantom_image(48, anomalous, rng)
+            Image.fromarray(img).save(tmp_path / "data" / "brainmri" / folder / f"{i}.png")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCH))
+    args = ["--data-root", str(tmp_path / "data"), "--steps", "1", "--size", "32", "--seeds", "0"]
+    args += ["--work-dir", str(tmp_path / "out"), "--no-tune-malloc"]
+    assert quality.main(args + ["--methods", "skipts+std", "patchcore", "--anatomy-mask"]) == 0
+    doc = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert doc["meta"]["anatomy_mask"] is True and {r["method"] for r in doc["runs"]} == {"skipts+std", "patchcore"}
+    assert all(r["anatomy_mask"] is True and 0.0 <= r["auroc"] <= 1.0 for r in doc["runs"])
+    assert "scored inside the anatomy mask" in (tmp_path / "out" / "quality.md").read_text()
+    assert quality.main(args + ["--methods", "patchcore", "--resume"]) == 0
+    doc = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert doc["meta"]["anatomy_mask"] is False and [r["anatomy_mask"] for r in doc["runs"]] == [False]
+
+
+def test_patchcore_inside_the_anatomy_has_a_map_zero_outside_it_and_a_patch_score_inside_it():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCH))
+    from monai_skipts.networks import AnatomyMaskLayer
+
+    torch.manual_seed(0)
+    model = PatchCore("efficientnet_lite0", coreset_ratio=0.5, seed=0)
+    img = torch.zeros(2, 3, 64, 64)
+    img[:, :, 16:48, 16:48] = torch.rand(2, 3, 32, 32)
+    model.fit([{"image": img}])
+    anatomy = AnatomyMaskLayer("nonzero")
+    amap, score = quality.patchcore_masked(model, img, None, anatomy)
+    inside = anatomy(img) > 0
+    assert bool((amap[~inside] == 0).all()) and score.shape == (2,)
+    ps = model.patch_scores(img)
+    assert bool((score <= ps.flatten(1).amax(dim=1)).all())

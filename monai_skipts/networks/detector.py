@@ -17,8 +17,9 @@ in ``state_dict()`` plus one JSON-able :attr:`AnomalyDetector.config`:
 ``config["preprocessing"]`` ``{"modality", "spatial_size": [H, W], "window", "mri_norm"}``
 ``config["calibration"]``   the calibration record (``method``, ``target_fpr``, ``n_normals``, ...)
 ``config["anatomy_mask"]``  anatomy mask settings (:func:`~monai_skipts.networks.anatomy_mask_config`;
-                            ``None``: off): the maps are zero outside the anatomy, the score is the
-                            maximum inside it (:class:`~monai_skipts.networks.AnatomyMaskLayer`)
+                            ``None``: off): the maps are zeroed outside the anatomy before the
+                            Gaussian filter and are zero there after it, the score is the maximum
+                            inside it (:class:`~monai_skipts.networks.AnatomyMaskLayer`)
 ``config["seg_head"]``      the segmentation head's config (``None``: none; :class:`~monai_skipts.networks.SegHead`)
 ``seg_head.*`` (weights)    the head's weights and its ``map_norm`` buffer (only with a head)
 ==========================  ======================================================================
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_skipts.inferers import AnomalyMapHead
+from monai_skipts.inferers import AnomalyMapHead, mask_map_and_score
 from monai_skipts.metrics import normalize_score
 from monai_skipts.networks.anatomy import AnatomyMaskLayer, anatomy_mask_config
 from monai_skipts.networks.seg_head import SegHead
@@ -243,7 +244,11 @@ class AnomalyDetector(nn.Module):
         self, x: torch.Tensor, teacher_feats: Sequence[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly map ``(B, 1, H, W)`` (float32) and score ``(B,)`` (its maximum). With the anatomy
-        mask on, the map is zero outside the anatomy and the score is the maximum inside it.
+        mask on, the summed discrepancy map is zeroed outside the anatomy before the Gaussian filter
+        (so nothing outside reaches the map inside through the filter), the map is zero outside the
+        anatomy, and the score is the maximum inside it (:class:`~monai_skipts.inferers.AnomalyMapHead`).
+        A segmentation head's map (``"map"``, ``"fused"``) is computed from the masked discrepancy map
+        and is zero outside the anatomy too.
 
         Raises:
             ValueError: the input is not of the trained size (the threshold holds at that size only).
@@ -256,15 +261,15 @@ class AnomalyDetector(nn.Module):
                 f'e.g. ckpt_export --input_shape "[1, 3, {size[0]}, {size[1]}]"'
             )
         t, s = self.model(x, teacher_feats)
-        amap, score = self.head(t, s, x.shape[-2:], self.get_level_stats())
+        mask = None if self.anatomy is None else self.anatomy(x)
+        amap, score = self.head(t, s, x.shape[-2:], self.get_level_stats(), mask)
         if self.seg_head is not None and self.seg_head.mode != "discrepancy":
             amap = self.seg_head(t, s, amap)
-            score = amap.flatten(1).amax(dim=1)
-        if self.anatomy is None:
-            return amap, score
-        inside = self.anatomy(x) > 0
-        score = amap.masked_fill(~inside, float("-inf")).flatten(1).amax(dim=1)
-        return amap.masked_fill(~inside, 0.0), score
+            if mask is None:
+                score = amap.flatten(1).amax(dim=1)
+            else:
+                amap, score = mask_map_and_score(amap, mask)
+        return amap, score
 
     # ---- the one decision ---------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from monai_skipts.checkpoint import load_checkpoint, load_detector, save_checkpoint
-from monai_skipts.inferers import AnomalyMapHead, fit_level_stats
+from monai_skipts.inferers import AnomalyMapHead, GaussianBlur2d, fit_level_stats, fuse_anomaly_maps, mask_map_and_score
 from monai_skipts.losses import anomaly_maps
 from monai_skipts.networks import AnatomyMaskLayer, AnomalyDetector, SkipTS, anatomy_mask_config
 from monai_skipts.networks import anatomy as anatomy_module
@@ -95,10 +95,28 @@ def test_maps_are_zero_outside_the_anatomy_and_the_score_is_the_maximum_inside(d
     assert masked.config["anatomy_mask"]["method"] == "nonzero" and plain.config["anatomy_mask"] is None
     assert bool((~inside).any()) and bool(inside.any())
     assert bool((amap[~inside] == 0).all())
-    assert torch.equal(amap[inside], plain_map[inside])
-    want = torch.stack([plain_map[i][inside[i]].max() for i in range(2)])
+    with torch.no_grad():  # the summed map zeroed outside, then blurred, then zeroed outside again
+        raw, _ = AnomalyMapHead(0.0)(*plain.features(x), (SIZE, SIZE))
+        want_map = GaussianBlur2d(4.0)(raw * inside) * inside
+    torch.testing.assert_close(amap, want_map, rtol=0, atol=1e-6)
+    want = torch.stack([amap[i][inside[i]].max() for i in range(2)])
     assert torch.equal(score, want)
-    assert bool((plain_score >= score).all())
+    assert not torch.equal(amap[inside], plain_map[inside])  # plain: outside leaks in through the blur
+
+
+def test_a_hot_spot_outside_the_anatomy_does_not_reach_the_map_inside_through_the_blur():
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 16:48, 16:48] = 1
+    cold = torch.rand(1, 1, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(0))
+    hot = cold.clone()
+    hot[..., 2, 4:8] = 50.0  # a caption just outside the anatomy (rows 6-13 after the up-sampling)
+    head = AnomalyMapHead(4.0)
+    fuse = [fuse_anomaly_maps([m], (SIZE, SIZE), head.blur, mask) for m in (cold, hot)]
+    assert torch.equal(fuse[0][mask > 0], fuse[1][mask > 0])
+    (a, sa), (b, sb) = (mask_map_and_score(f, mask) for f in fuse)
+    assert torch.equal(a, b) and torch.equal(sa, sb) and bool((a[mask <= 0] == 0).all())
+    leak = fuse_anomaly_maps([hot], (SIZE, SIZE), head.blur)  # masked after the blur only: it leaks in
+    assert float(leak[mask > 0].max()) > 2 * float(sa)
 
 
 def test_without_a_mask_the_detector_is_the_plain_head(detectors):
