@@ -251,8 +251,9 @@ class SegHeadTrainer:
         return head
 
     def _fit_map_norm(self, model: torch.nn.Module, device: torch.device) -> tuple[float, float]:
-        """``(offset, scale)``: the mean discrepancy pixel of the clean training normals, and their mean
-        image maximum minus it."""
+        """``(offset, scale)``: the mean discrepancy pixel of the clean training normals (inside the
+        anatomy when the detector has the mask), and their mean image maximum minus it, from the map the
+        detector serves."""
         det = self.network
         pix, peaks, n_pix, n_img = 0.0, 0.0, 0, 0
         with torch.no_grad():
@@ -261,9 +262,10 @@ class SegHeadTrainer:
                 x = prepared[0]
                 kwargs = prepared[3] if len(prepared) > 3 else {}
                 t, s = model(x, kwargs.get("teacher_feats"))
-                amap, score = det.head(t, s, x.shape[-2:], det.get_level_stats())
-                pix += float(amap.double().sum())
-                n_pix += amap.numel()
+                mask = det.anatomy_mask(x)
+                amap, score = det.head(t, s, x.shape[-2:], det.get_level_stats(), mask)
+                pix += float(amap.double().sum())  # zero outside the anatomy
+                n_pix += amap.numel() if mask is None else int(mask.expand_as(amap).count_nonzero())
                 peaks += float(score.double().sum())
                 n_img += int(score.numel())
         if n_img == 0:

@@ -81,6 +81,28 @@ def test_head_trained_on_synthetic_lesions_localises_held_out_ones_better_than_t
     assert _pixel_auroc(det, x, masks) == base
 
 
+def test_fused_normalisation_is_fitted_on_the_served_map_inside_the_anatomy(trained):
+    """With the anatomy mask on, the ``"fused"`` offset is the mean discrepancy pixel inside the anatomy
+    of the clean training normals, not a mean diluted by the zeros outside it."""
+    det, loader, cache, _, _ = trained
+    masked = AnomalyDetector(det.model, preprocessing=det.config["preprocessing"], anatomy_mask=True)
+    LevelStatsFitter(masked, loader, prepare_batch=cache)()
+    SegHeadTrainer(masked, loader, {"mode": "fused", "epochs": 1}, cache, seed=0)()
+    inside, everywhere = [], []
+    masked.eval()
+    with torch.no_grad():
+        for batch in loader:
+            x, _, _, kwargs = cache(batch, torch.device("cpu"))
+            t, s = masked.model(x, kwargs["teacher_feats"])
+            mask = masked.anatomy_mask(x)
+            amap, _ = masked.head(t, s, x.shape[-2:], masked.get_level_stats(), mask)
+            inside.append(amap[mask.expand_as(amap) > 0])
+            everywhere.append(amap.flatten())
+    offset = float(masked.seg_head.map_norm[0])
+    assert offset == pytest.approx(float(torch.cat(inside).double().mean()), rel=1e-5)
+    assert abs(float(torch.cat(everywhere).double().mean())) < 0.8 * abs(offset)  # the background: a large share
+
+
 def test_focal_l1_loss_trains_the_head_too(trained):
     """DeSTSeg's loss (focal, gamma 4, + L1), the stage's default: measured pixel AUROC 0.88."""
     det, loader, cache, x, masks = trained
