@@ -122,8 +122,10 @@ def test_patchcore_scores_an_obviously_different_image_higher():
     assert len(cache.store) == 8 and torch.allclose(alone(odd[None])[1], model(odd[None])[1])
 
 
-def test_quality_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path, capsys, monkeypatch):
-    """benchmarks/quality.py on a BrainMRI-layout folder of 20 phantom images: every kind of method."""
+@pytest.fixture
+def quality_on_tiny_brainmri(tmp_path):
+    """``benchmarks/quality.py`` (the module) and a BrainMRI-layout folder of 20 phantom images in
+    ``tmp_path / "data"``."""
     from monai_skipts.apps.phantom import make_phantom_image
 
     rng = np.random.default_rng(0)
@@ -137,6 +139,12 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path, capsys, m
         import quality
     finally:
         sys.path.remove(str(BENCH))
+    return quality
+
+
+def test_quality_benchmark_runs_end_to_end_on_a_tiny_dataset(quality_on_tiny_brainmri, tmp_path, capsys, monkeypatch):
+    """benchmarks/quality.py on a BrainMRI-layout folder of 20 phantom images: every kind of method."""
+    quality = quality_on_tiny_brainmri
     rc = quality.main(
         [
             "--data-root",
@@ -230,22 +238,10 @@ def test_rd4ad_checkpoint_round_trip(tmp_path):
             torch.testing.assert_close(got, want)
 
 
-def test_quality_benchmark_scores_inside_the_anatomy_with_anatomy_mask(tmp_path):
+def test_quality_benchmark_scores_inside_the_anatomy_with_anatomy_mask(quality_on_tiny_brainmri, tmp_path):
     """``--anatomy-mask``: every method scores inside the anatomy mask; recorded in quality.json, and
     ``--resume`` without the flag does not take those runs."""
-    from monai_skipts.apps.phantom import make_phantom_image
-
-    rng = np.random.default_rng(0)
-    for folder, anomalous, n in (("no", False, 12), ("yes", True, 8)):
-        (tmp_path / "data" / "brainmri" / folder).mkdir(parents=True)
-        for i in range(n):
-            img, _ = make_phantom_image(48, anomalous, rng)
-            Image.fromarray(img).save(tmp_path / "data" / "brainmri" / folder / f"{i}.png")
-    sys.path.insert(0, str(BENCH))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(BENCH))
+    quality = quality_on_tiny_brainmri
     args = ["--data-root", str(tmp_path / "data"), "--steps", "1", "--size", "32", "--seeds", "0"]
     args += ["--work-dir", str(tmp_path / "out"), "--no-tune-malloc"]
     assert quality.main(args + ["--methods", "skipts+std", "patchcore", "--anatomy-mask"]) == 0
