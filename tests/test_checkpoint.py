@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from monai_skipts.networks import AnomalyDetector, SkipTS
 
 DATA = Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(DATA))
-from make_v1_scores import payload_sha  # noqa: E402
+from make_v1_scores import cpu_name, payload_sha  # noqa: E402
 from v1_checkpoint import fixed_files, v1_payload  # noqa: E402
 
 
@@ -36,23 +37,38 @@ def _map_sha(amap) -> str:
 
 def test_version1_checkpoint_scores_bit_identically_after_upgrade(tmp_path):
     """A version-1 checkpoint saved before the detector existed gives the same scores (float.hex), maps
-    (sha256) and decisions through today's serving path as the code that wrote it did."""
-    ref = json.loads((DATA / "v1_scores.json").read_text())
+    (sha256) and decisions through today's serving path as the code that wrote it did on a CPU of the
+    same kind (``v1_scores*.json``: one record per kind of CPU, whose float kernels differ in the last
+    bits; a record's ``cpu`` begins the model name). On a CPU of no recorded kind the scores must agree
+    with every record to 1e-5 and decide alike."""
+    refs = [json.loads(p.read_text()) for p in sorted(DATA.glob("v1_scores*.json"))]
+    assert len(refs) >= 2
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         payload = v1_payload()
-        assert payload_sha(payload) == ref["student_sha256"]
+        assert all(payload_sha(payload) == ref["student_sha256"] for ref in refs)
         path = tmp_path / "model.pt"
         torch.save(payload, path)
         predictor = AnomalyPredictor(path, device="cpu")
+        got = {"scores": {}, "map_sha256": {}, "decisions": {}}
         for name, file in fixed_files(tmp_path).items():
             r = predictor.score_file(file, maps=True)
-            assert float(r["score"]).hex() == ref["scores"][name], name
-            assert _map_sha(r["map"]) == ref["map_sha256"][name], name
-            assert {k: r[k] for k in ("anomalous", "normalized_score", "threshold")} == ref["decisions"][name]
+            got["scores"][name] = float(r["score"]).hex()
+            got["map_sha256"][name] = _map_sha(r["map"])
+            got["decisions"][name] = {k: r[k] for k in ("anomalous", "normalized_score", "threshold")}
     finally:
         torch.set_num_threads(n)
+    same_kind = [ref for ref in refs if cpu_name().startswith(ref["cpu"])]
+    if same_kind:
+        ref = same_kind[0]
+        assert got == {k: ref[k] for k in got}, (ref["recorded_on"], got["scores"], ref["scores"])
+        return
+    for name, score in got["scores"].items():  # a CPU of a kind not recorded
+        for ref in refs:
+            assert float.fromhex(score) == pytest.approx(float.fromhex(ref["scores"][name]), rel=1e-5), name
+            assert got["decisions"][name]["anomalous"] == ref["decisions"][name]["anomalous"], name
+    warnings.warn(f"no v1_scores*.json recorded on this kind of CPU; scores agree to 1e-5: {got['scores']}")
 
 
 def test_version1_upgrade_moves_every_piece_into_the_detector_state():
