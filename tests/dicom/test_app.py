@@ -228,7 +228,7 @@ def test_calibrated_volume_and_pixel_thresholds_decide_volumes_and_draw_the_seg(
 def test_ctrl_c_keeps_the_series_scored_marks_the_summary_interrupted_and_exits_130_with_one_line(
     dicom_checkpoint, tmp_path
 ):
-    """``python -m monai_skipts.dicom_app`` on a study of 60 one-slice CT series (pydicom's ``CT_small.dcm``
+    """``python -m monai_skipts.dicom_app`` on a study of 200 one-slice CT series (pydicom's ``CT_small.dcm``
     with new SeriesInstanceUIDs), SIGINT once the progress bar (forced on) has counted 3 series: the series
     scored keep their SC and SR (whole DICOM files, no temp file, no half-written series folder),
     ``dicom_results.json`` lists them with status ``interrupted``, the exit status is 130 and stderr ends
@@ -240,10 +240,11 @@ def test_ctrl_c_keeps_the_series_scored_marks_the_summary_interrupted_and_exits_
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
+    N_SERIES = 200  # ~5 series/s: the SIGINT lands mid-run even when the test's reader is starved a while
     study = tmp_path / "study"
     study.mkdir()
     study_uid = generate_uid()
-    for k in range(60):
+    for k in range(N_SERIES):
         ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, generate_uid(), generate_uid()
         ds.SeriesNumber = k + 1
@@ -254,7 +255,8 @@ def test_ctrl_c_keeps_the_series_scored_marks_the_summary_interrupted_and_exits_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MONAI_SKIPTS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        before = read_until(proc.stderr, r"scoring series:.*\b([3-9]|[1-5]\d)/60\b", timeout=300)
+        before = read_until(proc.stderr, rf"scoring series:.*\b([3-9]|[1-9]\d)/{N_SERIES}\b", timeout=300)
+        assert proc.poll() is None, "the app finished before the test could interrupt it (a starved reader)"
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=120)
     finally:
@@ -265,9 +267,11 @@ def test_ctrl_c_keeps_the_series_scored_marks_the_summary_interrupted_and_exits_
     last = stderr.strip().splitlines()[-1]
     summary = json.loads((out / "dicom_results.json").read_text())
     n = len(summary["series"])
-    assert last.startswith(f"interrupted: {n} of 60 series scored") and str(out / "dicom_results.json") in last, last
+    assert (
+        last.startswith(f"interrupted: {n} of {N_SERIES} series scored") and str(out / "dicom_results.json") in last
+    ), last
     assert (summary["status"], summary["complete"]) == ("interrupted", False)
-    assert 3 <= n < 60, n
+    assert 3 <= n < N_SERIES, n
     names = {s["series"] for s in summary["series"]}
     assert {p.name for p in out.iterdir() if p.is_dir()} == names  # no folder of a series half written
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
