@@ -152,8 +152,9 @@ class AnomalyPredictor:
         modality, spatial_size, window, mri_norm: override the checkpoint's preprocessing options.
         sigma: Gaussian sigma of the map; default the checkpoint's.
         backend: the network's runtime: ``"torch"`` (eager PyTorch, any device; the default),
-            ``"onnxruntime"`` or ``"openvino"`` (the exported graph, standardisation, blur and score
-            included, on the CPU; extras ``onnxruntime`` / ``openvino``). The preprocessing stays
+            ``"onnxruntime"`` or ``"openvino"`` (the exported graph: the detector's whole forward, so
+            standardisation, anatomy mask, blur, segmentation head and score included, on the CPU;
+            extras ``onnxruntime`` / ``openvino``). The preprocessing stays
             the same Python chain; only the forward pass is swapped. The export is made once, checked
             against the eager model (1e-4) and cached next to the checkpoint
             (:func:`~monai_skipts.export_cache.backend_cache_paths`: keyed by the checkpoint's SHA-256, the
