@@ -5,8 +5,8 @@ the evaluator, bundle inference, MONAI Label, the MLflow model and the TorchScri
 filter sigma = 4), image score ``S = max M_ano``. With an anatomy mask ``A`` (in {0, 1}), the sum is
 zeroed outside the anatomy before the filter and the filtered map again after it:
 ``M_ano = A * G_sigma * (A * sum_l Upsample(M_l))``, ``S = max`` over ``A = 1``; so nothing outside the
-anatomy (a burned-in caption, a ruler) reaches the map inside it through the filter. The Gaussian filter is a separable convolution
-in torch with scipy's defaults (``truncate=4``, boundary mode ``reflect`` = half-sample symmetric),
+anatomy (a burned-in caption, a ruler) reaches the map inside it through the filter. The Gaussian
+filter is a separable convolution in torch with scipy's defaults (``truncate=4``, boundary mode ``reflect`` = half-sample symmetric),
 so it matches ``scipy.ndimage.gaussian_filter`` and exports to TorchScript and ONNX.
 
 Optional per-level standardisation: the levels' maps differ in scale, so the sum is dominated by the
@@ -178,15 +178,14 @@ class AnomalyMapHead(nn.Module):
         maps = anomaly_maps(t_feats, s_feats, self.similarity, self.layers)
         if level_stats is not None:
             maps = standardize_level_maps(maps, level_stats, self.layers)
-        amap = fuse_anomaly_maps(maps, size, self.blur, mask)
-        if mask is None:
-            return amap, amap.flatten(1).amax(dim=1)
-        return mask_map_and_score(amap, mask)
+        return mask_map_and_score(fuse_anomaly_maps(maps, size, self.blur, mask), mask)
 
 
-def mask_map_and_score(amap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_map_and_score(amap: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(map, score)``: ``amap`` ``(B, 1, H, W)`` set to zero where ``mask <= 0``, and its maximum over
-    ``mask > 0`` ``(B,)`` (``-inf`` for an empty mask)."""
+    ``mask > 0`` ``(B,)`` (``-inf`` for an empty mask); with ``mask=None``, ``amap`` and its maximum."""
+    if mask is None:
+        return amap, amap.flatten(1).amax(dim=1)
     outside = mask <= 0
     score = amap.masked_fill(outside, float("-inf")).flatten(1).amax(dim=1)
     return amap.masked_fill(outside, 0.0), score

@@ -15,16 +15,16 @@
 
 - :func:`check_seg_head`: refuse a bad ``seg_head`` option, or a head with cross-fitted calibration,
   and warn when the head's ``"map"`` would be calibrated with a parametric fit, before the student
-  trains (:class:`SegHeadCalibrationWarning`).
+  trains (:class:`~monai_skipts.engines.SegHeadCalibrationWarning`).
 
 - :func:`expression_share`: how much of a bundle config file is Python in ``$`` expressions (the
   bundles keep it under 10 %: logic lives in :mod:`monai_skipts.bundle`'s functions, JSON keeps the
   wiring); ``python bundles/expression_share.py [FILE...]`` prints it.
 
 The bundles (``bundles/common/{train,evaluate,inference}.json``) call :func:`check_command_line` as the
-first step of ``initialize``; ``train.json`` calls :func:`check_seg_head` after the flag check. It does nothing when the bundle is run from Python
-(``monai.bundle.run(...)``, ``ConfigWorkflow``): the overrides are then the caller's keyword arguments,
-which are not visible from here.
+first step of ``initialize``; it does nothing when the bundle is run from Python (``monai.bundle.run(...)``,
+``ConfigWorkflow``): the overrides are then the caller's keyword arguments, which are not visible from
+here. ``train.json`` calls :func:`check_seg_head` after the flag check, however the bundle is run.
 """
 
 from __future__ import annotations

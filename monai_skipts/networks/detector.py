@@ -261,14 +261,10 @@ class AnomalyDetector(nn.Module):
                 f'e.g. ckpt_export --input_shape "[1, 3, {size[0]}, {size[1]}]"'
             )
         t, s = self.model(x, teacher_feats)
-        mask = None if self.anatomy is None else self.anatomy(x)
+        mask = self.anatomy_mask(x)
         amap, score = self.head(t, s, x.shape[-2:], self.get_level_stats(), mask)
         if self.seg_head is not None and self.seg_head.mode != "discrepancy":
-            amap = self.seg_head(t, s, amap)
-            if mask is None:
-                score = amap.flatten(1).amax(dim=1)
-            else:
-                amap, score = mask_map_and_score(amap, mask)
+            amap, score = mask_map_and_score(self.seg_head(t, s, amap), mask)
         return amap, score
 
     # ---- the one decision ---------------------------------------------------------------------------
